@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Installs what the tests, the demo and the benchmarks need on a fresh Debian bookworm machine.
+# Idempotent: a second run only checks.
+set -euo pipefail
+
+need_pkgs=(libvirt-daemon libvirt-daemon-driver-qemu
+           libvirt-clients python3-libvirt qemu-system-x86 libvirt-dev pkg-config socat)
+missing=()
+for p in "${need_pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+
+# Debian's qemu driver refuses to start without this user; create it before the packages'
+# postinst scripts or our own daemon run.
+getent group libvirt-qemu >/dev/null || groupadd --system libvirt-qemu
+getent passwd libvirt-qemu >/dev/null || \
+  useradd --system --gid libvirt-qemu --home-dir /var/lib/libvirt --no-create-home \
+          --shell /usr/sbin/nologin libvirt-qemu
+# An unprivileged user for identity tests (a client that is not root).
+getent passwd vpdtest >/dev/null || useradd --create-home --shell /bin/sh vpdtest
+
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "installing: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  # policy-rc.d: packages must not start system services here; tests run private daemons.
+  printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  rm -f /usr/sbin/policy-rc.d
+fi
+echo "deps ok: $(libvirtd --version)"

@@ -1,0 +1,408 @@
+//! The pre-open phase as a sans-IO state machine: client frames and daemon frames in, actions
+//! out. See `relay/LIFECYCLE.md` for where it sits in a connection's life.
+//!
+//! Before CONNECT_OPEN the proxy answers the client itself the way virtproxyd does
+//! (libvirt-rpc.md §3.4). On CONNECT_OPEN it connects to the driver daemon, performs the
+//! downstream handshake (AUTH_LIST, AUTH_POLKIT if asked, SUPPORTS_FEATURE(10) if the client
+//! asked for keepalive, the client's CONNECT_OPEN, CONNECT_SET_IDENTITY), consumes every reply
+//! it caused, and only then releases the open reply and hands the connection to the relay
+//! (pitfalls 1–3).
+
+use std::path::PathBuf;
+
+use crate::identity::Identity;
+use crate::proto::msg::{self, err_code, err_domain, OpenArgs, RemoteError};
+use crate::proto::{
+    auth_type, feature, keepalive_proc, program, remote_proc, Header, MsgStatus, MsgType,
+};
+use crate::route::{RouteTable, Target};
+
+/// Something the I/O layer must do.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Queue bytes to the client.
+    ToClient(Vec<u8>),
+    /// Queue bytes to the daemon.
+    ToDaemon(Vec<u8>),
+    /// Connect to this daemon socket, then call `on_connected` or `on_connect_failed`.
+    Connect(PathBuf),
+    /// Drop the downstream connection (the open failed); the client stays in pre-open.
+    Disconnect,
+    /// Handshake complete: relay from now on.
+    StartRelay,
+    /// Close the client once queued bytes are flushed.
+    Close(String),
+}
+
+/// Highest procedure number known per program in libvirt 9.0.0 (appendix A).
+fn proc_known(prog: u32, proc_: i32) -> bool {
+    let max = match prog {
+        program::REMOTE => 443,
+        program::QEMU => 7,
+        program::LXC => 1,
+        _ => 0,
+    };
+    (1..=max).contains(&proc_)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    Connecting,
+    AuthList,
+    AuthPolkit,
+    Feature,
+    Open,
+    Identity,
+}
+
+#[derive(Debug)]
+struct Pending {
+    open_header: Header,
+    target: Target,
+    step: Step,
+    /// Serial of the call we are waiting on downstream.
+    serial: u32,
+    open_reply: Option<Vec<u8>>,
+}
+
+/// Phase of the pre-open machine.
+#[derive(Debug)]
+enum Phase {
+    PreOpen,
+    Downstream(Box<Pending>),
+    Done,
+}
+
+/// Pre-open state of one client connection.
+#[derive(Debug)]
+pub struct Handshake {
+    readonly_listener: bool,
+    keepalive_asked: bool,
+    identity: Identity,
+    phase: Phase,
+    next_serial: u32,
+}
+
+fn rpc_error(detail: impl Into<String>) -> RemoteError {
+    RemoteError::new(err_code::RPC, err_domain::RPC, detail)
+}
+
+impl Handshake {
+    pub fn new(readonly_listener: bool, identity: Identity) -> Self {
+        Self {
+            readonly_listener,
+            keepalive_asked: false,
+            identity,
+            phase: Phase::PreOpen,
+            next_serial: 0,
+        }
+    }
+
+    /// The client is only read before open; once the downstream handshake runs, the client is
+    /// blocked on its open reply and is not read until the relay starts.
+    pub fn wants_client_input(&self) -> bool {
+        matches!(self.phase, Phase::PreOpen)
+    }
+
+    /// Whether a downstream connection is being set up (a deadline applies).
+    pub fn in_downstream(&self) -> bool {
+        matches!(self.phase, Phase::Downstream(_))
+    }
+
+    /// The URI being opened, for logs.
+    pub fn target(&self) -> Option<&Target> {
+        match &self.phase {
+            Phase::Downstream(p) => Some(&p.target),
+            _ => None,
+        }
+    }
+
+    /// Handles one complete client frame.
+    pub fn on_client_frame(
+        &mut self,
+        h: &Header,
+        body: &[u8],
+        routes: &RouteTable,
+        exists: &dyn Fn(&std::path::Path) -> bool,
+        out: &mut Vec<Action>,
+    ) {
+        if !matches!(self.phase, Phase::PreOpen) {
+            out.push(Action::Close(
+                "client sent a frame while its open was in progress".into(),
+            ));
+            return;
+        }
+        if h.prog == program::KEEPALIVE {
+            if h.mtype == MsgType::Message && h.proc_ == keepalive_proc::PING {
+                out.push(Action::ToClient(msg::pong()));
+            }
+            return;
+        }
+        match h.mtype {
+            MsgType::Call => {}
+            MsgType::CallWithFds => {
+                // Its carrier bytes would follow; nothing before open takes fds.
+                out.push(Action::Close("fd passing before CONNECT_OPEN".into()));
+                return;
+            }
+            // libvirt drops every other type from a client silently (§1.7).
+            _ => return,
+        }
+        let reply_err = |out: &mut Vec<Action>, e: RemoteError| {
+            out.push(Action::ToClient(msg::error_reply(h, &e)))
+        };
+        if !matches!(h.prog, program::REMOTE | program::QEMU | program::LXC) || h.vers != 1 {
+            return reply_err(
+                out,
+                rpc_error(format!("Cannot find program {} version {}", h.prog, h.vers)),
+            );
+        }
+        if !proc_known(h.prog, h.proc_) {
+            return reply_err(out, rpc_error(format!("unknown procedure: {}", h.proc_)));
+        }
+        if h.status != MsgStatus::Ok {
+            return reply_err(
+                out,
+                rpc_error(format!("Unexpected message status {}", h.status.to_wire())),
+            );
+        }
+        if h.prog != program::REMOTE {
+            return reply_err(out, RemoteError::not_open());
+        }
+        match h.proc_ {
+            remote_proc::AUTH_LIST => out.push(Action::ToClient(msg::ok_reply(
+                h,
+                &msg::auth_list_body(&[auth_type::NONE]),
+            ))),
+            // SASL init/start/step and polkit on a listener whose auth is "none".
+            67..=70 => reply_err(
+                out,
+                RemoteError::new(
+                    err_code::AUTH_FAILED,
+                    err_domain::RPC,
+                    "unsupported authentication type",
+                ),
+            ),
+            remote_proc::CONNECT_SUPPORTS_FEATURE => match msg::decode_i32(body) {
+                Ok(feature::PROGRAM_KEEPALIVE) => {
+                    self.keepalive_asked = true;
+                    out.push(Action::ToClient(msg::ok_reply(h, &msg::i32_body(1))));
+                }
+                Ok(_) => reply_err(out, RemoteError::not_open()),
+                Err(_) => reply_err(out, rpc_error("Unable to decode message payload")),
+            },
+            remote_proc::CONNECT_CLOSE => {
+                out.push(Action::ToClient(msg::ok_reply(h, &[])));
+                out.push(Action::Close(
+                    "client closed before opening a connection".into(),
+                ));
+            }
+            remote_proc::CONNECT_OPEN => self.start_open(h, body, routes, exists, out),
+            _ => reply_err(out, RemoteError::not_open()),
+        }
+    }
+
+    fn start_open(
+        &mut self,
+        h: &Header,
+        body: &[u8],
+        routes: &RouteTable,
+        exists: &dyn Fn(&std::path::Path) -> bool,
+        out: &mut Vec<Action>,
+    ) {
+        let args = match OpenArgs::decode(body) {
+            Ok(a) => a,
+            Err(_) => {
+                out.push(Action::ToClient(msg::error_reply(
+                    h,
+                    &rpc_error("Unable to decode message payload"),
+                )));
+                return;
+            }
+        };
+        // Only the read-only bit means anything to the daemon (§3.2); it is forced on the ro
+        // listener, where the daemon socket is the -ro one as well (trap 5).
+        let readonly = self.readonly_listener || args.flags & 1 != 0;
+        match routes.resolve(args.name.as_deref(), readonly, exists) {
+            Err(e) => out.push(Action::ToClient(msg::error_reply(h, &e.to_remote()))),
+            Ok(target) => {
+                out.push(Action::Connect(target.socket.clone()));
+                self.phase = Phase::Downstream(Box::new(Pending {
+                    open_header: *h,
+                    target,
+                    step: Step::Connecting,
+                    serial: 0,
+                    open_reply: None,
+                }));
+            }
+        }
+    }
+
+    fn call(&mut self, proc_: i32, body: &[u8]) -> (u32, Vec<u8>) {
+        let serial = self.next_serial;
+        self.next_serial = self.next_serial.wrapping_add(1);
+        (serial, msg::call(program::REMOTE, proc_, serial, body))
+    }
+
+    /// The downstream socket is connected.
+    pub fn on_connected(&mut self, out: &mut Vec<Action>) {
+        let (serial, frame) = self.call(remote_proc::AUTH_LIST, &[]);
+        if let Phase::Downstream(p) = &mut self.phase {
+            p.step = Step::AuthList;
+            p.serial = serial;
+            out.push(Action::ToDaemon(frame));
+        }
+    }
+
+    /// Connecting downstream failed with `errno`.
+    pub fn on_connect_failed(&mut self, errno: i32, out: &mut Vec<Action>) {
+        if let Phase::Downstream(p) = &self.phase {
+            let e = RemoteError::connect_failed(&p.target.socket, errno);
+            self.fail(e, out);
+        }
+    }
+
+    /// The downstream handshake did not finish in time, or the daemon went away.
+    pub fn on_daemon_lost(&mut self, why: &str, out: &mut Vec<Action>) {
+        if let Phase::Downstream(p) = &self.phase {
+            let e = RemoteError::new(
+                err_code::INTERNAL_ERROR,
+                err_domain::RPC,
+                format!("driver daemon at '{}' {}", p.target.socket.display(), why),
+            );
+            self.fail(e, out);
+        }
+    }
+
+    /// Fails the pending open: error to the client as the open's reply, daemon dropped.
+    fn fail(&mut self, e: RemoteError, out: &mut Vec<Action>) {
+        if let Phase::Downstream(p) = std::mem::replace(&mut self.phase, Phase::PreOpen) {
+            out.push(Action::Disconnect);
+            out.push(Action::ToClient(msg::error_reply(&p.open_header, &e)));
+        }
+    }
+
+    /// Handles one complete daemon frame during the downstream handshake.
+    pub fn on_daemon_frame(&mut self, h: &Header, body: &[u8], out: &mut Vec<Action>) {
+        let Phase::Downstream(p) = &mut self.phase else {
+            return;
+        };
+        if h.prog == program::KEEPALIVE {
+            if h.mtype == MsgType::Message && h.proc_ == keepalive_proc::PING {
+                out.push(Action::ToDaemon(msg::pong()));
+            }
+            return;
+        }
+        if h.mtype != MsgType::Reply || h.serial != p.serial || h.prog != program::REMOTE {
+            // Events cannot be registered yet; anything else is a daemon we do not understand.
+            if h.mtype == MsgType::Message {
+                return;
+            }
+            return self.fail(
+                rpc_error("unexpected message from the driver daemon during open"),
+                out,
+            );
+        }
+        if h.status == MsgStatus::Error && p.step == Step::Open {
+            // The daemon's own refusal of the client's open goes back verbatim.
+            let frame = msg::build_frame(h, body);
+            if let Phase::Downstream(_) = std::mem::replace(&mut self.phase, Phase::PreOpen) {
+                out.push(Action::Disconnect);
+                out.push(Action::ToClient(frame));
+            }
+            return;
+        }
+        if h.status != MsgStatus::Ok {
+            let e = RemoteError::decode(&mut crate::proto::xdr::Decoder::new(body))
+                .unwrap_or_else(|_| rpc_error("driver daemon sent an undecodable error"));
+            return self.fail(e, out);
+        }
+        match p.step {
+            Step::Connecting => {}
+            Step::AuthList => match msg::decode_auth_list(body) {
+                Ok(types) if types.is_empty() || types.contains(&auth_type::NONE) => self.after_auth(out),
+                Ok(types) if types.contains(&auth_type::POLKIT) => {
+                    let (serial, frame) = self.call(remote_proc::AUTH_POLKIT, &[]);
+                    if let Phase::Downstream(p) = &mut self.phase {
+                        p.step = Step::AuthPolkit;
+                        p.serial = serial;
+                    }
+                    out.push(Action::ToDaemon(frame));
+                }
+                _ => self.fail(
+                    RemoteError::new(
+                        err_code::AUTH_FAILED,
+                        err_domain::RPC,
+                        "the driver daemon requires SASL, which virtproxyd cannot perform downstream",
+                    ),
+                    out,
+                ),
+            },
+            Step::AuthPolkit => match msg::decode_i32(body) {
+                Ok(1) => self.after_auth(out),
+                _ => self.fail(
+                    RemoteError::new(err_code::AUTH_FAILED, err_domain::RPC, "polkit authentication of virtproxyd failed"),
+                    out,
+                ),
+            },
+            Step::Feature => self.send_open(out),
+            Step::Open => {
+                p.open_reply = Some(msg::build_frame(h, body));
+                let params = self.identity.params();
+                let (serial, frame) = self.call(remote_proc::CONNECT_SET_IDENTITY, &msg::set_identity_body(&params));
+                if let Phase::Downstream(p) = &mut self.phase {
+                    p.step = Step::Identity;
+                    p.serial = serial;
+                }
+                out.push(Action::ToDaemon(frame));
+            }
+            Step::Identity => {
+                if let Phase::Downstream(p) = std::mem::replace(&mut self.phase, Phase::Done) {
+                    if let Some(reply) = p.open_reply {
+                        out.push(Action::ToClient(reply));
+                    }
+                    out.push(Action::StartRelay);
+                }
+            }
+        }
+    }
+
+    fn after_auth(&mut self, out: &mut Vec<Action>) {
+        if self.keepalive_asked {
+            // Keepalive becomes end-to-end after hand-over (trap 9): the daemon must know the
+            // client speaks it.
+            let (serial, frame) = self.call(
+                remote_proc::CONNECT_SUPPORTS_FEATURE,
+                &msg::i32_body(feature::PROGRAM_KEEPALIVE),
+            );
+            if let Phase::Downstream(p) = &mut self.phase {
+                p.step = Step::Feature;
+                p.serial = serial;
+            }
+            out.push(Action::ToDaemon(frame));
+        } else {
+            self.send_open(out);
+        }
+    }
+
+    fn send_open(&mut self, out: &mut Vec<Action>) {
+        if let Phase::Downstream(p) = &mut self.phase {
+            let args = OpenArgs {
+                name: Some(p.target.uri.clone()),
+                flags: u32::from(p.target.readonly),
+            };
+            // The client's own serial, so the daemon's reply is the one the client waits for.
+            p.serial = p.open_header.serial;
+            p.step = Step::Open;
+            out.push(Action::ToDaemon(msg::call(
+                program::REMOTE,
+                remote_proc::CONNECT_OPEN,
+                p.serial,
+                &args.encode(),
+            )));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,294 @@
+use super::*;
+use crate::proto::frame::build;
+use crate::proto::xdr::Decoder;
+use std::path::Path;
+
+fn hdr(prog: u32, proc_: i32, mtype: MsgType, serial: u32, status: MsgStatus) -> Header {
+    Header {
+        len: 0,
+        prog,
+        vers: 1,
+        proc_,
+        mtype,
+        serial,
+        status,
+    }
+}
+fn call(proc_: i32, serial: u32) -> Header {
+    hdr(program::REMOTE, proc_, MsgType::Call, serial, MsgStatus::Ok)
+}
+fn reply_to(frame: &[u8], status: MsgStatus) -> Header {
+    let h = Header::check(frame).unwrap();
+    hdr(h.prog, h.proc_, MsgType::Reply, h.serial, status)
+}
+fn routes() -> RouteTable {
+    RouteTable::new(
+        "/run/libvirt".into(),
+        vec![("test".into(), "/d/sock".into())],
+        false,
+    )
+}
+fn no_files(_: &Path) -> bool {
+    false
+}
+fn client(hs: &mut Handshake, h: Header, body: &[u8]) -> Vec<Action> {
+    let mut out = vec![];
+    hs.on_client_frame(&h, body, &routes(), &no_files, &mut out);
+    out
+}
+fn daemon(hs: &mut Handshake, h: Header, body: &[u8]) -> Vec<Action> {
+    let mut out = vec![];
+    hs.on_daemon_frame(&h, body, &mut out);
+    out
+}
+fn only_daemon_frame(out: Vec<Action>) -> Vec<u8> {
+    match out.as_slice() {
+        [Action::ToDaemon(f)] => f.clone(),
+        other => panic!("expected one daemon frame, got {other:?}"),
+    }
+}
+fn error_of(frame: &[u8]) -> RemoteError {
+    assert_eq!(Header::check(frame).unwrap().status, MsgStatus::Error);
+    RemoteError::decode(&mut Decoder::new(&frame[28..])).unwrap()
+}
+fn open_body(name: Option<&str>, flags: u32) -> Vec<u8> {
+    OpenArgs {
+        name: name.map(Into::into),
+        flags,
+    }
+    .encode()
+}
+
+#[test]
+fn auth_list_and_keepalive_feature_are_answered_locally() {
+    let mut hs = Handshake::new(false, Identity::default());
+    let out = client(&mut hs, call(remote_proc::AUTH_LIST, 0), &[]);
+    assert_eq!(
+        out,
+        vec![Action::ToClient(msg::ok_reply(
+            &call(66, 0),
+            &[0, 0, 0, 1, 0, 0, 0, 0]
+        ))]
+    );
+    let out = client(&mut hs, call(60, 1), &msg::i32_body(10));
+    assert_eq!(
+        out,
+        vec![Action::ToClient(msg::ok_reply(
+            &call(60, 1),
+            &msg::i32_body(1)
+        ))]
+    );
+}
+
+#[test]
+fn calls_before_open_get_libvirts_errors() {
+    let mut hs = Handshake::new(false, Identity::default());
+    let out = client(&mut hs, call(3, 7), &[]);
+    let [Action::ToClient(f)] = out.as_slice() else {
+        panic!("{out:?}")
+    };
+    assert_eq!(error_of(f), RemoteError::not_open());
+    let out = client(&mut hs, call(60, 2), &msg::i32_body(14));
+    let [Action::ToClient(f)] = out.as_slice() else {
+        panic!()
+    };
+    assert_eq!(
+        error_of(f).message,
+        "internal error: hypervisor connection not open"
+    );
+    let out = client(&mut hs, call(9999, 3), &[]);
+    let [Action::ToClient(f)] = out.as_slice() else {
+        panic!()
+    };
+    assert_eq!(error_of(f).message, "unknown procedure: 9999");
+    let out = client(
+        &mut hs,
+        hdr(0x1234, 1, MsgType::Call, 4, MsgStatus::Ok),
+        &[],
+    );
+    let [Action::ToClient(f)] = out.as_slice() else {
+        panic!()
+    };
+    assert_eq!(error_of(f).message, "Cannot find program 4660 version 1");
+    // Non-call types are dropped without a word.
+    assert!(client(
+        &mut hs,
+        hdr(program::REMOTE, 3, MsgType::Reply, 5, MsgStatus::Ok),
+        &[]
+    )
+    .is_empty());
+}
+
+#[test]
+fn keepalive_ping_is_answered_before_open() {
+    let mut hs = Handshake::new(false, Identity::default());
+    let out = client(
+        &mut hs,
+        hdr(program::KEEPALIVE, 1, MsgType::Message, 0, MsgStatus::Ok),
+        &[],
+    );
+    assert_eq!(out, vec![Action::ToClient(msg::pong())]);
+}
+
+#[test]
+fn full_open_forwards_ro_bit_identity_and_releases_reply_last() {
+    let id = Identity {
+        unix: Some(crate::identity::UnixPeer {
+            uid: 1000,
+            gid: 100,
+            pid: 42,
+            user_name: Some("u".into()),
+            group_name: None,
+            process_time: 9,
+        }),
+        ..Default::default()
+    };
+    let mut hs = Handshake::new(true, id.clone());
+    client(&mut hs, call(60, 1), &msg::i32_body(10));
+    let out = client(&mut hs, call(1, 2), &open_body(Some("test:///default"), 0));
+    assert_eq!(out, vec![Action::Connect("/d/sock-ro".into())]);
+    assert!(!hs.wants_client_input());
+
+    let mut out = vec![];
+    hs.on_connected(&mut out);
+    let auth = only_daemon_frame(out);
+    assert_eq!(Header::check(&auth).unwrap().proc_, remote_proc::AUTH_LIST);
+
+    let feat = only_daemon_frame(daemon(
+        &mut hs,
+        reply_to(&auth, MsgStatus::Ok),
+        &msg::auth_list_body(&[0]),
+    ));
+    assert_eq!(&feat[28..], &msg::i32_body(10));
+
+    let open = only_daemon_frame(daemon(
+        &mut hs,
+        reply_to(&feat, MsgStatus::Ok),
+        &msg::i32_body(1),
+    ));
+    let oh = Header::check(&open).unwrap();
+    assert_eq!((oh.proc_, oh.serial), (1, 2));
+    assert_eq!(
+        OpenArgs::decode(&open[28..]).unwrap(),
+        OpenArgs {
+            name: Some("test:///default".into()),
+            flags: 1
+        }
+    );
+
+    let open_reply = build(reply_to(&open, MsgStatus::Ok), &[]);
+    let ident = only_daemon_frame(daemon(&mut hs, reply_to(&open, MsgStatus::Ok), &[]));
+    assert_eq!(&ident[28..], &msg::set_identity_body(&id.params()));
+
+    let out = daemon(&mut hs, reply_to(&ident, MsgStatus::Ok), &[]);
+    assert_eq!(out, vec![Action::ToClient(open_reply), Action::StartRelay]);
+}
+
+#[test]
+fn daemon_refusing_open_is_passed_back_and_client_may_retry() {
+    let mut hs = Handshake::new(false, Identity::default());
+    client(&mut hs, call(1, 0), &open_body(Some("qemu:///system"), 0));
+    let mut out = vec![];
+    hs.on_connected(&mut out);
+    let auth = only_daemon_frame(out);
+    let open = only_daemon_frame(daemon(
+        &mut hs,
+        reply_to(&auth, MsgStatus::Ok),
+        &msg::auth_list_body(&[0]),
+    ));
+    let mut e = crate::proto::xdr::Encoder::new();
+    RemoteError::new(1, 10, "nope").encode(&mut e);
+    let body = e.finish();
+    let out = daemon(&mut hs, reply_to(&open, MsgStatus::Error), &body);
+    assert_eq!(out[0], Action::Disconnect);
+    let Action::ToClient(f) = &out[1] else {
+        panic!()
+    };
+    assert_eq!(error_of(f).message, "internal error: nope");
+    assert!(hs.wants_client_input());
+}
+
+#[test]
+fn identity_refusal_fails_the_open() {
+    let mut hs = Handshake::new(false, Identity::default());
+    client(&mut hs, call(1, 5), &open_body(Some("qemu:///system"), 0));
+    let mut out = vec![];
+    hs.on_connected(&mut out);
+    let auth = only_daemon_frame(out);
+    let open = only_daemon_frame(daemon(
+        &mut hs,
+        reply_to(&auth, MsgStatus::Ok),
+        &msg::auth_list_body(&[0]),
+    ));
+    let ident = only_daemon_frame(daemon(&mut hs, reply_to(&open, MsgStatus::Ok), &[]));
+    let mut e = crate::proto::xdr::Encoder::new();
+    RemoteError::new(74, 53, "parameter 'x' not supported").encode(&mut e);
+    let out = daemon(&mut hs, reply_to(&ident, MsgStatus::Error), &e.finish());
+    assert_eq!(out[0], Action::Disconnect);
+    let Action::ToClient(f) = &out[1] else {
+        panic!()
+    };
+    let h = Header::check(f).unwrap();
+    assert_eq!(
+        (h.proc_, h.serial),
+        (1, 5),
+        "error must answer the client's open"
+    );
+}
+
+#[test]
+fn missing_daemon_names_the_socket() {
+    let mut hs = Handshake::new(false, Identity::default());
+    client(&mut hs, call(1, 2), &open_body(Some("qemu:///system"), 0));
+    let mut out = vec![];
+    hs.on_connect_failed(libc::ENOENT, &mut out);
+    let Action::ToClient(f) = &out[1] else {
+        panic!()
+    };
+    assert_eq!(
+        error_of(f).message,
+        "Failed to connect socket to '/run/libvirt/virtqemud-sock': No such file or directory"
+    );
+}
+
+#[test]
+fn unroutable_names_are_refused_without_connecting() {
+    let mut hs = Handshake::new(false, Identity::default());
+    for name in [
+        "qemu+ssh://h/system",
+        "foo:///system",
+        "qemu:///system?socket=/x",
+    ] {
+        let out = client(&mut hs, call(1, 2), &open_body(Some(name), 0));
+        assert!(
+            matches!(out.as_slice(), [Action::ToClient(_)]),
+            "{name}: {out:?}"
+        );
+    }
+    let out = client(&mut hs, call(1, 2), &open_body(Some(""), 0));
+    let [Action::ToClient(f)] = out.as_slice() else {
+        panic!()
+    };
+    assert_eq!(error_of(f).message, "internal error: connection not open");
+}
+
+#[test]
+fn polkit_downstream_is_performed() {
+    let mut hs = Handshake::new(false, Identity::default());
+    client(&mut hs, call(1, 0), &open_body(Some("qemu:///system"), 0));
+    let mut out = vec![];
+    hs.on_connected(&mut out);
+    let auth = only_daemon_frame(out);
+    let pk = only_daemon_frame(daemon(
+        &mut hs,
+        reply_to(&auth, MsgStatus::Ok),
+        &msg::auth_list_body(&[2]),
+    ));
+    assert_eq!(Header::check(&pk).unwrap().proc_, remote_proc::AUTH_POLKIT);
+    let open = only_daemon_frame(daemon(
+        &mut hs,
+        reply_to(&pk, MsgStatus::Ok),
+        &msg::i32_body(1),
+    ));
+    assert_eq!(Header::check(&open).unwrap().proc_, 1);
+}

@@ -1,0 +1,20 @@
+//! virtproxyd-rs: a drop-in replacement for libvirt's virtproxyd.
+//!
+//! Where things are:
+//! - a frame is parsed: [`proto::frame`] (header) and [`relay::tracker`] (boundaries in a stream);
+//! - the pre-open exchange: [`handshake`] (sans-IO), routing in [`route`], identity in [`identity`];
+//! - bytes are spliced: [`relay::pump`], driven by [`reactor`] (io_uring or epoll) in [`worker`];
+//! - listeners and accept: [`listen`], [`server`]; process lifecycle: [`daemon`]; config: [`config`].
+
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod handshake;
+pub mod identity;
+pub mod listen;
+pub mod proto;
+pub mod reactor;
+pub mod relay;
+pub mod route;
+pub mod server;
+pub mod worker;

@@ -1,0 +1,128 @@
+//! Listening sockets: `libvirt-sock` (rw) and `libvirt-sock-ro` with libvirt's permissions.
+
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+
+use nix::sys::socket::{
+    bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType, UnixAddr,
+};
+
+use crate::worker::ListenerKind;
+
+/// A socket we accept clients on.
+#[derive(Debug)]
+pub struct Listener {
+    pub fd: OwnedFd,
+    pub kind: ListenerKind,
+    /// Set when we created the socket file (and so must unlink it on exit).
+    pub path: Option<PathBuf>,
+}
+
+/// Why a listener could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum ListenError {
+    #[error("another daemon is already listening on '{0}'")]
+    InUse(PathBuf),
+    #[error("cannot create socket '{path}': {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("unknown group '{0}' in unix_sock_group")]
+    UnknownGroup(String),
+}
+
+fn io_err(path: &Path) -> impl Fn(io::Error) -> ListenError + '_ {
+    move |source| ListenError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Creates a UNIX listener at `path` with `mode`, owned by `group` when given.
+/// A stale socket file is replaced; one with a live daemon behind it is an error.
+pub fn bind_unix(
+    path: &Path,
+    mode: u32,
+    group: Option<&str>,
+    backlog: u32,
+    kind: ListenerKind,
+) -> Result<Listener, ListenError> {
+    if let Some(dir) = path.parent() {
+        if !dir.exists() {
+            std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+        }
+    }
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if meta.file_type().is_socket() && UnixStream::connect(path).is_ok() {
+            return Err(ListenError::InUse(path.to_path_buf()));
+        }
+        std::fs::remove_file(path).map_err(io_err(path))?;
+    }
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(|e| io_err(path)(e.into()))?;
+    let addr = UnixAddr::new(path).map_err(|e| io_err(path)(e.into()))?;
+    // The umask keeps the socket from ever being more open than `mode`, even briefly.
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(!mode & 0o777));
+    let bound = bind(fd.as_raw_fd(), &addr);
+    nix::sys::stat::umask(old);
+    bound.map_err(|e| io_err(path)(e.into()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io_err(path))?;
+    if let Some(g) = group {
+        let grp = nix::unistd::Group::from_name(g)
+            .ok()
+            .flatten()
+            .ok_or_else(|| ListenError::UnknownGroup(g.to_string()))?;
+        if grp.gid.as_raw() != 0 {
+            nix::unistd::chown(path, None, Some(grp.gid)).map_err(|e| io_err(path)(e.into()))?;
+        }
+    }
+    let backlog =
+        Backlog::new(backlog.clamp(1, i32::MAX as u32) as i32).unwrap_or(Backlog::MAXCONN);
+    listen(&fd, backlog).map_err(|e| io_err(path)(e.into()))?;
+    Ok(Listener {
+        fd,
+        kind,
+        path: Some(path.to_path_buf()),
+    })
+}
+
+impl Listener {
+    /// Removes the socket file if we created it.
+    pub fn unlink(&self) {
+        if let Some(p) = &self.path {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stale_socket_is_replaced_and_live_one_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("libvirt-sock");
+        let first = bind_unix(&path, 0o700, None, 16, ListenerKind::UnixRw).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
+        assert!(matches!(
+            bind_unix(&path, 0o700, None, 16, ListenerKind::UnixRw),
+            Err(ListenError::InUse(_))
+        ));
+        drop(first); // socket file stays behind, now stale
+        let again = bind_unix(&path, 0o666, None, 16, ListenerKind::UnixRw).unwrap();
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o666
+        );
+        again.unlink();
+        assert!(!path.exists());
+    }
+}

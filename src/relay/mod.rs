@@ -1,0 +1,8 @@
+//! The data path after CONNECT_OPEN: two frame-aware pumps per connection (client→daemon and
+//! daemon→client). See LIFECYCLE.md beside this file.
+
+pub mod pump;
+pub mod sys;
+pub mod tracker;
+
+pub use pump::{Drive, Pools, Pump, PumpError};

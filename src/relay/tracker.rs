@@ -1,0 +1,321 @@
+//! Frame-boundary tracking over a byte stream, sans-IO.
+//!
+//! The relay moves bytes without parsing bodies, but it must always know where it is: at a
+//! header (to validate the length word before anything is forwarded), inside a body (to splice
+//! it), or on an fd carrier byte (which must be moved with `recvmsg`/`sendmsg`, never spliced;
+//! libvirt-rpc.md §5.4).
+
+use crate::proto::{limits, FrameError, Header};
+
+/// Where the next byte of the stream falls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Collecting a header; `got` bytes of it so far.
+    Header { got: usize },
+    /// Inside the body of a frame that announces fds: collecting the 4-byte fd count first.
+    FdCount { got: usize, body_left: usize },
+    /// Inside a body; `left` bytes to go, then `carriers` carrier bytes.
+    Body { left: usize, carriers: u32 },
+    /// `left` fd carrier bytes (one fd each) follow the frame.
+    Carriers { left: u32 },
+}
+
+/// Why the stream must be closed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TrackError {
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    #[error("frame announces {0} fds, more than {max}", max = limits::NUM_FDS_MAX)]
+    TooManyFds(u32),
+    #[error("frame announces fds but is too short to hold their count")]
+    FdCountMissing,
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// What the owner wants done with a frame whose header was just seen.
+pub enum Verdict {
+    Forward,
+    /// Stop the connection: the frame (and everything after it) is not forwarded.
+    Refuse(String),
+}
+
+/// Tracks frame boundaries for one direction.
+#[derive(Debug, Clone)]
+pub struct Tracker {
+    toward_daemon: bool,
+    state: State,
+    hdr: [u8; Header::SIZE],
+    fd_count: [u8; 4],
+    /// Whether the last body was large: the next header is then read on its own so the body
+    /// after it is not pulled into userspace (see `Pump`).
+    last_body_large: bool,
+    large_threshold: usize,
+}
+
+impl Tracker {
+    pub fn new(toward_daemon: bool, large_threshold: usize) -> Self {
+        Self {
+            toward_daemon,
+            state: State::Header { got: 0 },
+            hdr: [0; Header::SIZE],
+            fd_count: [0; 4],
+            last_body_large: false,
+            large_threshold,
+        }
+    }
+
+    /// True between frames (the only place a clean EOF may happen).
+    pub fn at_boundary(&self) -> bool {
+        self.state == State::Header { got: 0 }
+    }
+
+    /// Body bytes left in the current frame when positioned inside a body that may be spliced
+    /// (no fd count pending, and only for bodies at or above the threshold).
+    pub fn spliceable_body(&self) -> Option<usize> {
+        match self.state {
+            State::Body { left, carriers: 0 } if left >= self.large_threshold => Some(left),
+            _ => None,
+        }
+    }
+
+    /// How many bytes the next read may take so that it never runs past a position the pump
+    /// must handle on its own: a carrier byte, the end of an fd frame's body, or (after a large
+    /// body) the end of the next header.
+    pub fn read_limit(&self, room: usize) -> usize {
+        match self.state {
+            State::Header { got } if self.last_body_large => room.min(Header::SIZE - got),
+            State::FdCount { got, .. } => room.min(4 - got),
+            State::Body { left, carriers } if carriers > 0 => room.min(left),
+            State::Carriers { .. } => room.min(1),
+            _ => room,
+        }
+    }
+
+    /// Whether the next byte is an fd carrier.
+    pub fn at_carrier(&self) -> bool {
+        matches!(self.state, State::Carriers { .. })
+    }
+
+    /// Consumes bytes that were just read. `on_header` sees each completed header.
+    /// Returns the offset within `bytes` of the last carrier byte consumed, if any.
+    pub fn consume(
+        &mut self,
+        mut bytes: &[u8],
+        mut on_header: impl FnMut(&Header) -> Verdict,
+    ) -> Result<Option<usize>, TrackError> {
+        let total = bytes.len();
+        let mut last_carrier = None;
+        while !bytes.is_empty() {
+            match self.state {
+                State::Header { got } => {
+                    let n = bytes.len().min(Header::SIZE - got);
+                    self.hdr[got..got + n].copy_from_slice(&bytes[..n]);
+                    bytes = &bytes[n..];
+                    let got = got + n;
+                    match Header::check(&self.hdr[..got]) {
+                        Err(FrameError::Incomplete) => self.state = State::Header { got },
+                        Err(e) => return Err(e.into()),
+                        Ok(h) => {
+                            if let Verdict::Refuse(why) = on_header(&h) {
+                                return Err(TrackError::Refused(why));
+                            }
+                            let body = h.body_len();
+                            self.last_body_large = body >= self.large_threshold;
+                            self.state = if h.carries_fds(self.toward_daemon) {
+                                if body < 4 {
+                                    return Err(TrackError::FdCountMissing);
+                                }
+                                State::FdCount {
+                                    got: 0,
+                                    body_left: body,
+                                }
+                            } else if body == 0 {
+                                State::Header { got: 0 }
+                            } else {
+                                State::Body {
+                                    left: body,
+                                    carriers: 0,
+                                }
+                            };
+                        }
+                    }
+                }
+                State::FdCount { got, body_left } => {
+                    let n = bytes.len().min(4 - got);
+                    self.fd_count[got..got + n].copy_from_slice(&bytes[..n]);
+                    bytes = &bytes[n..];
+                    let (got, body_left) = (got + n, body_left - n);
+                    if got < 4 {
+                        self.state = State::FdCount { got, body_left };
+                        continue;
+                    }
+                    let nfds = u32::from_be_bytes(self.fd_count);
+                    if nfds > limits::NUM_FDS_MAX {
+                        return Err(TrackError::TooManyFds(nfds));
+                    }
+                    self.state = match (body_left, nfds) {
+                        (0, 0) => State::Header { got: 0 },
+                        (0, n) => State::Carriers { left: n },
+                        (left, carriers) => State::Body { left, carriers },
+                    };
+                }
+                State::Body { left, carriers } => {
+                    let n = bytes.len().min(left);
+                    bytes = &bytes[n..];
+                    let left = left - n;
+                    self.state = match (left, carriers) {
+                        (0, 0) => State::Header { got: 0 },
+                        (0, c) => State::Carriers { left: c },
+                        (l, c) => State::Body {
+                            left: l,
+                            carriers: c,
+                        },
+                    };
+                }
+                State::Carriers { left } => {
+                    last_carrier = Some(total - bytes.len());
+                    bytes = &bytes[1..];
+                    self.state = if left == 1 {
+                        State::Header { got: 0 }
+                    } else {
+                        State::Carriers { left: left - 1 }
+                    };
+                }
+            }
+        }
+        Ok(last_carrier)
+    }
+
+    /// Records that `n` body bytes were moved without passing through `consume` (spliced).
+    pub fn skip_body(&mut self, n: usize) {
+        if let State::Body { left, carriers } = self.state {
+            let left = left.saturating_sub(n);
+            self.state = match (left, carriers) {
+                (0, 0) => State::Header { got: 0 },
+                (0, c) => State::Carriers { left: c },
+                (l, c) => State::Body {
+                    left: l,
+                    carriers: c,
+                },
+            };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::frame::build;
+    use crate::proto::{MsgStatus, MsgType};
+
+    fn frame(mtype: MsgType, body: &[u8]) -> Vec<u8> {
+        build(
+            Header {
+                len: 0,
+                prog: crate::proto::program::REMOTE,
+                vers: 1,
+                proc_: 443,
+                mtype,
+                serial: 9,
+                status: MsgStatus::Ok,
+            },
+            body,
+        )
+    }
+
+    fn fwd(_: &Header) -> Verdict {
+        Verdict::Forward
+    }
+
+    #[test]
+    fn headers_split_across_reads_are_seen_once() {
+        let f = frame(MsgType::Call, &[1, 2, 3, 4]);
+        let mut t = Tracker::new(true, 4096);
+        let mut seen = 0;
+        for b in f.chunks(3) {
+            t.consume(b, |_| {
+                seen += 1;
+                Verdict::Forward
+            })
+            .unwrap();
+        }
+        assert_eq!(seen, 1);
+        assert!(t.at_boundary());
+    }
+
+    #[test]
+    fn carriers_follow_call_with_fds_toward_daemon_only() {
+        let mut f = frame(MsgType::CallWithFds, &[0, 0, 0, 2, 7, 7, 7, 7]);
+        f.extend_from_slice(&[0, 0]); // two carrier bytes
+        let mut t = Tracker::new(true, 4096);
+        assert_eq!(t.consume(&f[..f.len() - 2], fwd).unwrap(), None);
+        assert!(t.at_carrier());
+        assert_eq!(t.read_limit(100), 1);
+        assert_eq!(
+            t.consume(&f[f.len() - 2..f.len() - 1], fwd).unwrap(),
+            Some(0)
+        );
+        assert_eq!(t.consume(&f[f.len() - 1..], fwd).unwrap(), Some(0));
+        assert!(t.at_boundary());
+
+        // The same frame coming from the daemon has no carriers (libvirt ignores them).
+        let mut t = Tracker::new(false, 4096);
+        t.consume(&frame(MsgType::CallWithFds, &[0, 0, 0, 2]), fwd)
+            .unwrap();
+        assert!(t.at_boundary());
+    }
+
+    #[test]
+    fn fd_frame_body_reads_stop_before_carriers() {
+        let f = frame(MsgType::ReplyWithFds, &[0, 0, 0, 1, 5, 5, 5, 5, 5, 5]);
+        let mut t = Tracker::new(false, 4096);
+        t.consume(&f[..30], fwd).unwrap();
+        assert_eq!(t.read_limit(1000), 2); // rest of the fd count
+        t.consume(&f[30..32], fwd).unwrap();
+        assert_eq!(t.read_limit(1000), 6); // rest of the body, not a byte more
+        t.consume(&f[32..], fwd).unwrap();
+        assert!(t.at_carrier());
+    }
+
+    #[test]
+    fn too_many_fds_and_bad_lengths_close_the_stream() {
+        let f = frame(MsgType::CallWithFds, &33u32.to_be_bytes());
+        assert_eq!(
+            Tracker::new(true, 4096).consume(&f, fwd),
+            Err(TrackError::TooManyFds(33))
+        );
+        let f = frame(MsgType::CallWithFds, &[]);
+        assert_eq!(
+            Tracker::new(true, 4096).consume(&f, fwd),
+            Err(TrackError::FdCountMissing)
+        );
+        for len in [0u32, 27, u32::MAX] {
+            assert!(matches!(
+                Tracker::new(true, 4096).consume(&len.to_be_bytes(), fwd),
+                Err(TrackError::Frame(FrameError::BadLength(l))) if l == len
+            ));
+        }
+    }
+
+    #[test]
+    fn large_bodies_are_spliceable_and_the_next_header_is_read_alone() {
+        let mut t = Tracker::new(false, 4096);
+        let f = frame(MsgType::Stream, &vec![0u8; 10_000]);
+        t.consume(&f[..28], fwd).unwrap();
+        assert_eq!(t.spliceable_body(), Some(10_000));
+        t.skip_body(10_000);
+        assert!(t.at_boundary());
+        assert_eq!(t.read_limit(65536), 28);
+        // A small frame resets the policy.
+        t.consume(&frame(MsgType::Reply, &[0; 8]), fwd).unwrap();
+        assert_eq!(t.read_limit(65536), 65536);
+    }
+
+    #[test]
+    fn refusal_stops_the_stream() {
+        let f = frame(MsgType::Call, &[]);
+        let r = Tracker::new(true, 4096).consume(&f, |_| Verdict::Refuse("no".into()));
+        assert_eq!(r, Err(TrackError::Refused("no".into())));
+    }
+}

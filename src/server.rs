@@ -1,0 +1,244 @@
+//! The acceptor (main thread) and the relay workers it feeds.
+//!
+//! The acceptor owns the listeners, reads signals from a signalfd, captures each client's
+//! credentials at accept time, and hands the socket to a worker round-robin. Workers never
+//! share a connection, so the per-message path has no lock (design.md "Reactor and threads").
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{channel, Sender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+
+use crate::identity::Identity;
+use crate::listen::Listener;
+use crate::reactor::{self, Reactor};
+use crate::worker::{NewConn, Shared, Worker};
+
+/// How the server is to run.
+pub struct ServerOpts {
+    pub listeners: Vec<Listener>,
+    pub workers: usize,
+    pub backend: reactor::Kind,
+    /// 0 = unlimited.
+    pub max_clients: usize,
+    /// Exit when no client has been connected for this long.
+    pub idle_timeout: Option<Duration>,
+    pub shared: Arc<Shared>,
+}
+
+/// Why the server stopped.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Stopped {
+    Signal(i32),
+    IdleTimeout,
+}
+
+struct WorkerHandle {
+    tx: Sender<NewConn>,
+    waker: OwnedFd,
+    thread: JoinHandle<()>,
+}
+
+fn eventfd() -> io::Result<OwnedFd> {
+    // SAFETY: plain syscall.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fresh descriptor.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn wake(fd: &OwnedFd) {
+    let one: u64 = 1;
+    // SAFETY: writing 8 bytes to an eventfd.
+    unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+}
+
+/// Signals the acceptor handles; blocked in every thread so only the signalfd sees them.
+pub fn handled_signals() -> SigSet {
+    let mut set = SigSet::empty();
+    for s in [
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGQUIT,
+        Signal::SIGHUP,
+    ] {
+        set.add(s);
+    }
+    set
+}
+
+/// Runs until a terminating signal or the idle timeout.
+pub fn run(opts: ServerOpts) -> io::Result<Stopped> {
+    let signals = handled_signals();
+    signals.thread_block().map_err(io::Error::from)?;
+    let sigfd = SignalFd::with_flags(&signals, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
+        .map_err(io::Error::from)?;
+
+    let mut workers = Vec::with_capacity(opts.workers);
+    let mut backend_name = "";
+    for index in 0..opts.workers.max(1) {
+        let reactor = Reactor::new(opts.backend)?;
+        backend_name = reactor.name();
+        let (tx, rx) = channel();
+        let waker = eventfd()?;
+        let worker = Worker::new(index, reactor, rx, waker.try_clone()?, opts.shared.clone())?;
+        let thread = std::thread::Builder::new()
+            .name(format!("relay-{index}"))
+            .spawn(move || worker.run())?;
+        workers.push(WorkerHandle { tx, waker, thread });
+    }
+    tracing::info!(
+        workers = workers.len(),
+        backend = backend_name,
+        "relay workers started"
+    );
+
+    let shared = &opts.shared;
+    let mut next_worker = 0usize;
+    let mut next_id = 1u64;
+    let mut idle_since = Some(Instant::now());
+    let mut accept_backoff: Option<Instant> = None;
+    let stopped = loop {
+        let clients = shared.clients.load(Ordering::Acquire);
+        if clients == 0 {
+            idle_since.get_or_insert_with(Instant::now);
+        } else {
+            idle_since = None;
+        }
+        if let (Some(limit), Some(since)) = (opts.idle_timeout, idle_since) {
+            if since.elapsed() >= limit {
+                break Stopped::IdleTimeout;
+            }
+        }
+        let at_limit = opts.max_clients != 0 && clients >= opts.max_clients;
+        let backing_off = accept_backoff.is_some_and(|t| t > Instant::now());
+        let accepting = !at_limit && !backing_off;
+        let mut fds = vec![PollFd::new(sigfd.as_fd(), PollFlags::POLLIN)];
+        if accepting {
+            fds.extend(
+                opts.listeners
+                    .iter()
+                    .map(|l| PollFd::new(l.fd.as_fd(), PollFlags::POLLIN)),
+            );
+        }
+        // Wake periodically while we cannot accept (a client may have left) or to check the
+        // idle timer.
+        let timeout = if !accepting || opts.idle_timeout.is_some() {
+            200u16
+        } else {
+            1000u16
+        };
+        match poll(&mut fds, PollTimeout::from(timeout)) {
+            Ok(_) => {}
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+        let ready: Vec<bool> = fds
+            .iter()
+            .map(|f| f.revents().is_some_and(|r| !r.is_empty()))
+            .collect();
+        drop(fds);
+        if ready[0] {
+            if let Ok(Some(info)) = sigfd.read_signal() {
+                let signo = info.ssi_signo as i32;
+                if signo == libc::SIGHUP {
+                    tracing::warn!(
+                        "SIGHUP received: configuration reload is not supported yet; ignoring"
+                    );
+                } else {
+                    tracing::info!(signal = signo, "shutting down on signal");
+                    break Stopped::Signal(signo);
+                }
+            }
+        }
+        if !accepting {
+            continue;
+        }
+        for (i, l) in opts.listeners.iter().enumerate() {
+            if !ready[i + 1] {
+                continue;
+            }
+            loop {
+                if opts.max_clients != 0
+                    && shared.clients.load(Ordering::Acquire) >= opts.max_clients
+                {
+                    break;
+                }
+                match nix::sys::socket::accept4(
+                    l.fd.as_raw_fd(),
+                    nix::sys::socket::SockFlag::SOCK_NONBLOCK
+                        | nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+                ) {
+                    Ok(raw) => {
+                        // SAFETY: accept4 returned a fresh descriptor.
+                        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+                        let identity = match Identity::of_unix_peer(fd.as_fd()) {
+                            Ok(id) => id,
+                            Err(e) => {
+                                tracing::info!(
+                                    "dropping client whose credentials cannot be read: {e}"
+                                );
+                                continue;
+                            }
+                        };
+                        let id = next_id;
+                        next_id += 1;
+                        if let Some(u) = &identity.unix {
+                            tracing::info!(conn = id, uid = u.uid, pid = u.pid, listener = ?l.kind, "client connected");
+                        }
+                        shared.clients.fetch_add(1, Ordering::AcqRel);
+                        let w = &workers[next_worker % workers.len()];
+                        next_worker = next_worker.wrapping_add(1);
+                        if w.tx
+                            .send(NewConn {
+                                id,
+                                fd,
+                                kind: l.kind,
+                                identity,
+                            })
+                            .is_err()
+                        {
+                            shared.clients.fetch_sub(1, Ordering::AcqRel);
+                            tracing::error!("relay worker is gone; dropping client");
+                        } else {
+                            wake(&w.waker);
+                        }
+                    }
+                    Err(nix::errno::Errno::EAGAIN) | Err(nix::errno::Errno::EINTR) => break,
+                    Err(e @ (nix::errno::Errno::EMFILE | nix::errno::Errno::ENFILE)) => {
+                        // Out of descriptors: pause accepting instead of spinning on the backlog.
+                        tracing::warn!("accept failed: {e}; pausing accepts for 100 ms");
+                        accept_backoff = Some(Instant::now() + Duration::from_millis(100));
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!("accept failed: {e}");
+                        break;
+                    }
+                }
+            }
+        }
+    };
+
+    shared.shutdown.store(true, Ordering::Release);
+    for l in &opts.listeners {
+        l.unlink();
+    }
+    for w in &workers {
+        wake(&w.waker);
+    }
+    for w in workers {
+        drop(w.tx);
+        let _ = w.thread.join();
+    }
+    Ok(stopped)
+}

@@ -1,0 +1,586 @@
+//! A relay worker thread: its own reactor, its own connections, its own buffer and pipe pools.
+//! A connection lives on one worker for its whole life; nothing here takes a lock.
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use slab::Slab;
+
+use crate::handshake::{Action, Handshake};
+use crate::identity::Identity;
+use crate::proto::{program, remote_proc, Header, MsgType};
+use crate::reactor::{Event, Reactor};
+use crate::relay::tracker::Verdict;
+use crate::relay::{sys, Drive, Pools, Pump};
+use crate::route::RouteTable;
+
+/// The kind of listener a client arrived on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListenerKind {
+    UnixRw,
+    UnixRo,
+}
+
+/// A freshly accepted client, handed from the acceptor to a worker.
+pub struct NewConn {
+    pub id: u64,
+    pub fd: OwnedFd,
+    pub kind: ListenerKind,
+    pub identity: Identity,
+}
+
+/// State shared by the acceptor and all workers (read-mostly; counters are atomics).
+pub struct Shared {
+    pub routes: RouteTable,
+    /// Connected clients on all listeners.
+    pub clients: AtomicUsize,
+    pub shutdown: AtomicBool,
+    pub splice_threshold: usize,
+}
+
+/// How long the downstream handshake may take before the client gets an error.
+const DOWNSTREAM_DEADLINE: Duration = Duration::from_secs(30);
+/// Largest frame accepted before CONNECT_OPEN; real opens are tiny.
+const PREOPEN_FRAME_MAX: usize = 1 << 20;
+const WAKER_TOKEN: u64 = u64::MAX - 1;
+
+struct PreOpen {
+    hs: Handshake,
+    c_rx: Vec<u8>,
+    c_tx: Vec<u8>,
+    d_rx: Vec<u8>,
+    d_tx: Vec<u8>,
+    deadline: Option<Instant>,
+    closing: Option<String>,
+}
+
+// Relay is the long-lived state of nearly every connection, so it stays inline; the short
+// pre-open state is boxed.
+#[allow(clippy::large_enum_variant)]
+enum State {
+    Pre(Box<PreOpen>),
+    Relay {
+        c2d: Pump,
+        d2c: Pump,
+        daemon_shut: bool,
+    },
+}
+
+struct Conn {
+    id: u64,
+    gen: u32,
+    client: OwnedFd,
+    daemon: Option<OwnedFd>,
+    state: State,
+    uri: Option<String>,
+    since: Instant,
+}
+
+enum Outcome {
+    Keep,
+    Yield,
+    Close(String),
+}
+
+fn token(slot: usize, gen: u32, daemon_side: bool) -> u64 {
+    (u64::from(gen) << 32) | ((slot as u64) << 1) | u64::from(daemon_side)
+}
+
+/// One worker's loop.
+pub struct Worker {
+    index: usize,
+    reactor: Reactor,
+    rx: Receiver<NewConn>,
+    waker: OwnedFd,
+    shared: Arc<Shared>,
+    conns: Slab<Conn>,
+    pools: Pools,
+    next_gen: u32,
+    runnable: VecDeque<(usize, u32)>,
+}
+
+impl Worker {
+    pub fn new(
+        index: usize,
+        reactor: Reactor,
+        rx: Receiver<NewConn>,
+        waker: OwnedFd,
+        shared: Arc<Shared>,
+    ) -> io::Result<Worker> {
+        let mut w = Worker {
+            index,
+            reactor,
+            rx,
+            waker,
+            pools: Pools::new(64 * 1024, 1 << 20, shared.splice_threshold),
+            shared,
+            conns: Slab::new(),
+            next_gen: 1,
+            runnable: VecDeque::new(),
+        };
+        let raw = w.waker.as_raw_fd();
+        w.reactor.add(raw, WAKER_TOKEN)?;
+        Ok(w)
+    }
+
+    pub fn run(mut self) {
+        tracing::debug!(
+            worker = self.index,
+            backend = self.reactor.name(),
+            "worker started"
+        );
+        let mut events: Vec<Event> = Vec::with_capacity(256);
+        loop {
+            let timeout = if !self.runnable.is_empty() {
+                Some(Duration::ZERO)
+            } else {
+                Some(Duration::from_millis(500))
+            };
+            events.clear();
+            if let Err(e) = self.reactor.wait(&mut events, timeout) {
+                tracing::error!(worker = self.index, "reactor wait failed: {e}");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            for ev in &events {
+                if ev.token == WAKER_TOKEN {
+                    self.drain_waker();
+                    self.accept_new();
+                    continue;
+                }
+                let slot = ((ev.token & 0xffff_ffff) >> 1) as usize;
+                let gen = (ev.token >> 32) as u32;
+                self.service(slot, gen);
+            }
+            for _ in 0..self.runnable.len() {
+                if let Some((slot, gen)) = self.runnable.pop_front() {
+                    self.service(slot, gen);
+                }
+            }
+            self.check_deadlines();
+            if self.shared.shutdown.load(Ordering::Relaxed) {
+                let slots: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
+                for s in slots {
+                    self.close(s, "proxy shutting down");
+                }
+                return;
+            }
+        }
+    }
+
+    fn drain_waker(&mut self) {
+        let mut b = [0u8; 8];
+        // SAFETY: reading an eventfd counter into an 8-byte buffer.
+        unsafe { libc::read(self.waker.as_raw_fd(), b.as_mut_ptr().cast(), 8) };
+    }
+
+    fn accept_new(&mut self) {
+        loop {
+            match self.rx.try_recv() {
+                Ok(nc) => self.adopt(nc),
+                Err(TryRecvError::Empty) | Err(TryRecvError::Disconnected) => return,
+            }
+        }
+    }
+
+    fn adopt(&mut self, nc: NewConn) {
+        let gen = self.next_gen;
+        self.next_gen = self.next_gen.wrapping_add(1).max(1);
+        let readonly = nc.kind == ListenerKind::UnixRo;
+        let raw = nc.fd.as_raw_fd();
+        let entry = self.conns.vacant_entry();
+        let slot = entry.key();
+        entry.insert(Conn {
+            id: nc.id,
+            gen,
+            client: nc.fd,
+            daemon: None,
+            state: State::Pre(Box::new(PreOpen {
+                hs: Handshake::new(readonly, nc.identity),
+                c_rx: Vec::new(),
+                c_tx: Vec::new(),
+                d_rx: Vec::new(),
+                d_tx: Vec::new(),
+                deadline: None,
+                closing: None,
+            })),
+            uri: None,
+            since: Instant::now(),
+        });
+        if let Err(e) = self.reactor.add(raw, token(slot, gen, false)) {
+            tracing::warn!(conn = nc.id, "cannot watch client socket: {e}");
+            self.close(slot, "reactor registration failed");
+        }
+    }
+
+    fn service(&mut self, slot: usize, gen: u32) {
+        match self.conns.get(slot) {
+            Some(c) if c.gen == gen => {}
+            _ => return, // stale event for a closed connection
+        }
+        match self.drive(slot) {
+            Outcome::Keep => {}
+            Outcome::Yield => self.runnable.push_back((slot, gen)),
+            Outcome::Close(why) => self.close(slot, &why),
+        }
+    }
+
+    fn drive(&mut self, slot: usize) -> Outcome {
+        let is_pre = matches!(self.conns.get(slot).map(|c| &c.state), Some(State::Pre(_)));
+        if is_pre {
+            match self.drive_preopen(slot) {
+                Ok(true) => {} // became a relay: fall through and drive it
+                Ok(false) => return Outcome::Keep,
+                Err(why) => return Outcome::Close(why),
+            }
+        }
+        let Self { conns, pools, .. } = self;
+        let Some(conn) = conns.get_mut(slot) else {
+            return Outcome::Keep;
+        };
+        let Some(daemon) = conn.daemon.as_ref() else {
+            return Outcome::Close("relay without a daemon socket".into());
+        };
+        let State::Relay {
+            c2d,
+            d2c,
+            daemon_shut,
+        } = &mut conn.state
+        else {
+            return Outcome::Keep;
+        };
+        let mut refuse_reopen = |h: &Header| {
+            if h.prog == program::REMOTE
+                && h.proc_ == remote_proc::CONNECT_OPEN
+                && h.mtype == MsgType::Call
+            {
+                // libvirt 9.0.0 would tear the connection down on a second open (trap 5).
+                Verdict::Refuse("client sent a second CONNECT_OPEN".into())
+            } else {
+                Verdict::Forward
+            }
+        };
+        let up = match c2d.drive(
+            conn.client.as_fd(),
+            daemon.as_fd(),
+            pools,
+            &mut refuse_reopen,
+        ) {
+            Err(e) => return Outcome::Close(format!("client side: {e}")),
+            Ok(d) => d,
+        };
+        if up == Drive::Finished && !*daemon_shut {
+            // Half-close downstream; the daemon answers EOF by closing, which ends d2c.
+            sys::shutdown_write(daemon.as_fd());
+            *daemon_shut = true;
+        }
+        let down = match d2c.drive(daemon.as_fd(), conn.client.as_fd(), pools, &mut |_| {
+            Verdict::Forward
+        }) {
+            Err(e) => return Outcome::Close(format!("daemon side: {e}")),
+            Ok(d) => d,
+        };
+        if down == Drive::Finished {
+            return Outcome::Close(if up == Drive::Finished {
+                "client closed".into()
+            } else {
+                "daemon closed the connection".into()
+            });
+        }
+        if up == Drive::Yield || down == Drive::Yield {
+            Outcome::Yield
+        } else {
+            Outcome::Keep
+        }
+    }
+
+    /// Runs the pre-open exchange. Ok(true) when the connection just switched to relaying.
+    fn drive_preopen(&mut self, slot: usize) -> Result<bool, String> {
+        let mut actions = Vec::new();
+        loop {
+            let mut progress = false;
+            let conn = self.conns.get_mut(slot).ok_or("gone")?;
+            let State::Pre(p) = &mut conn.state else {
+                return Ok(true);
+            };
+
+            flush(&conn.client, &mut p.c_tx).map_err(|e| format!("client write: {e}"))?;
+            if p.c_tx.is_empty() {
+                if let Some(why) = p.closing.take() {
+                    return Err(why);
+                }
+            }
+            if let Some(d) = &conn.daemon {
+                flush(d, &mut p.d_tx).map_err(|e| format!("daemon write: {e}"))?;
+            }
+            if p.hs.wants_client_input() && p.closing.is_none() {
+                match read_some(&conn.client, &mut p.c_rx) {
+                    Ok(0) => return Err("client closed before open".into()),
+                    Ok(_) => progress = true,
+                    Err(e) if sys::would_block(&e) => {}
+                    Err(e) => return Err(format!("client read: {e}")),
+                }
+                // One frame per pass: handling it may change the phase.
+                if p.closing.is_none() {
+                    match take_frame(&mut p.c_rx) {
+                        Ok(Some((h, frame))) => {
+                            progress = true;
+                            p.hs.on_client_frame(
+                                &h,
+                                &frame[Header::SIZE..],
+                                &self.shared.routes,
+                                &|path: &Path| path.exists(),
+                                &mut actions,
+                            )
+                        }
+                        Ok(None) => {}
+                        Err(e) => return Err(format!("client sent a bad frame: {e}")),
+                    }
+                    self.apply(slot, &mut actions)?;
+                }
+            }
+            let conn = self.conns.get_mut(slot).ok_or("gone")?;
+            let State::Pre(p) = &mut conn.state else {
+                return Ok(true);
+            };
+            if let Some(d) = &conn.daemon {
+                match read_some(d, &mut p.d_rx) {
+                    Ok(0) => {
+                        p.hs.on_daemon_lost("closed the connection during open", &mut actions)
+                    }
+                    Ok(_) => progress = true,
+                    Err(e) if sys::would_block(&e) => {}
+                    Err(e) => p.hs.on_daemon_lost(&format!("failed: {e}"), &mut actions),
+                }
+                while p.hs.in_downstream() {
+                    match take_frame(&mut p.d_rx) {
+                        Ok(Some((h, frame))) => {
+                            p.hs.on_daemon_frame(&h, &frame[Header::SIZE..], &mut actions)
+                        }
+                        Ok(None) => break,
+                        Err(e) => {
+                            p.hs.on_daemon_lost(&format!("sent a bad frame: {e}"), &mut actions)
+                        }
+                    }
+                }
+            }
+            if !actions.is_empty() {
+                progress = true;
+                self.apply(slot, &mut actions)?;
+            }
+            let conn = self.conns.get_mut(slot).ok_or("gone")?;
+            if !matches!(conn.state, State::Pre(_)) {
+                return Ok(true);
+            }
+            if !progress {
+                return Ok(false);
+            }
+        }
+    }
+
+    fn apply(&mut self, slot: usize, actions: &mut Vec<Action>) -> Result<(), String> {
+        let mut queue: VecDeque<Action> = actions.drain(..).collect();
+        while let Some(action) = queue.pop_front() {
+            let conn = self.conns.get_mut(slot).ok_or("gone")?;
+            let gen = conn.gen;
+            let State::Pre(p) = &mut conn.state else {
+                return Ok(());
+            };
+            match action {
+                Action::ToClient(b) => p.c_tx.extend_from_slice(&b),
+                Action::ToDaemon(b) => p.d_tx.extend_from_slice(&b),
+                Action::Close(why) => p.closing = Some(why),
+                Action::Connect(path) => {
+                    let mut out = Vec::new();
+                    match connect_nonblocking(&path) {
+                        Ok(sock) => {
+                            let raw = sock.as_raw_fd();
+                            conn.daemon = Some(sock);
+                            conn.uri = p.hs.target().map(|t| t.uri.clone());
+                            p.deadline = Some(Instant::now() + DOWNSTREAM_DEADLINE);
+                            p.hs.on_connected(&mut out);
+                            self.reactor
+                                .add(raw, token(slot, gen, true))
+                                .map_err(|e| e.to_string())?;
+                        }
+                        Err(e) => {
+                            tracing::info!(conn = conn.id, "cannot reach {}: {e}", path.display());
+                            p.hs.on_connect_failed(e.raw_os_error().unwrap_or(libc::EIO), &mut out);
+                        }
+                    }
+                    // What the handshake says next happens before the rest of this batch.
+                    for a in out.into_iter().rev() {
+                        queue.push_front(a);
+                    }
+                }
+                Action::Disconnect => {
+                    p.deadline = None;
+                    p.d_rx.clear();
+                    p.d_tx.clear();
+                    if let Some(d) = conn.daemon.take() {
+                        self.reactor.remove(d.as_raw_fd(), token(slot, gen, true));
+                    }
+                    conn.uri = None;
+                }
+                Action::StartRelay => {
+                    let State::Pre(p) = std::mem::replace(
+                        &mut conn.state,
+                        State::Relay {
+                            c2d: Pump::new(true, &self.pools),
+                            d2c: Pump::new(false, &self.pools),
+                            daemon_shut: false,
+                        },
+                    ) else {
+                        return Ok(());
+                    };
+                    let State::Relay { c2d, d2c, .. } = &mut conn.state else {
+                        return Ok(());
+                    };
+                    // The open reply still queued for the client goes first, then anything
+                    // either side already sent past the handshake.
+                    let mut down = p.c_tx;
+                    down.extend_from_slice(&p.d_rx);
+                    let fwd = &mut |_: &Header| Verdict::Forward;
+                    d2c.preload(&down, &mut self.pools, fwd)
+                        .map_err(|e| e.to_string())?;
+                    c2d.preload(&p.c_rx, &mut self.pools, fwd)
+                        .map_err(|e| e.to_string())?;
+                    tracing::info!(
+                        conn = conn.id,
+                        uri = conn.uri.as_deref().unwrap_or(""),
+                        "connection opened and handed to the relay"
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn check_deadlines(&mut self) {
+        let now = Instant::now();
+        let expired: Vec<usize> = self
+            .conns
+            .iter()
+            .filter_map(|(k, c)| match &c.state {
+                State::Pre(p) if p.deadline.is_some_and(|d| d <= now) => Some(k),
+                _ => None,
+            })
+            .collect();
+        for slot in expired {
+            let mut out = Vec::new();
+            if let Some(Conn {
+                state: State::Pre(p),
+                ..
+            }) = self.conns.get_mut(slot)
+            {
+                p.deadline = None;
+                p.hs.on_daemon_lost("did not answer in time", &mut out);
+            }
+            let r = self.apply(slot, &mut out);
+            let gen = self.conns.get(slot).map(|c| c.gen).unwrap_or(0);
+            match r {
+                Ok(()) => self.service(slot, gen),
+                Err(why) => self.close(slot, &why),
+            }
+        }
+    }
+
+    fn close(&mut self, slot: usize, why: &str) {
+        if !self.conns.contains(slot) {
+            return;
+        }
+        let mut conn = self.conns.remove(slot);
+        self.reactor
+            .remove(conn.client.as_raw_fd(), token(slot, conn.gen, false));
+        if let Some(d) = &conn.daemon {
+            self.reactor
+                .remove(d.as_raw_fd(), token(slot, conn.gen, true));
+        }
+        let mut moved = (0, 0);
+        if let State::Relay { c2d, d2c, .. } = &mut conn.state {
+            moved = (c2d.moved, d2c.moved);
+            c2d.release(&mut self.pools);
+            d2c.release(&mut self.pools);
+        }
+        tracing::info!(
+            conn = conn.id,
+            uri = conn.uri.as_deref().unwrap_or(""),
+            secs = conn.since.elapsed().as_secs_f32(),
+            to_daemon = moved.0,
+            to_client = moved.1,
+            "connection closed: {why}"
+        );
+        drop(conn);
+        self.shared.clients.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Writes as much of `buf` as the socket takes now.
+fn flush(fd: &OwnedFd, buf: &mut Vec<u8>) -> io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        match sys::send(fd.as_fd(), &buf[done..]) {
+            Ok(n) => done += n,
+            Err(e) if sys::would_block(&e) => break,
+            Err(e) => return Err(e),
+        }
+    }
+    buf.drain(..done);
+    Ok(())
+}
+
+/// Reads whatever is available into `buf` (fds sent before open are dropped, i.e. closed).
+fn read_some(fd: &OwnedFd, buf: &mut Vec<u8>) -> io::Result<usize> {
+    let mut chunk = [0u8; 16 * 1024];
+    let mut total = 0;
+    loop {
+        match sys::recv_with_fd(fd.as_fd(), &mut chunk) {
+            Ok((0, _)) if total == 0 => return Ok(0),
+            Ok((0, _)) => return Ok(total),
+            Ok((n, _)) => {
+                buf.extend_from_slice(&chunk[..n]);
+                total += n;
+                if buf.len() > PREOPEN_FRAME_MAX + Header::SIZE {
+                    return Ok(total);
+                }
+            }
+            Err(e) if sys::would_block(&e) && total > 0 => return Ok(total),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Splits one complete frame off the front of `buf`.
+fn take_frame(buf: &mut Vec<u8>) -> Result<Option<(Header, Vec<u8>)>, String> {
+    match Header::check(buf) {
+        Err(crate::proto::FrameError::Incomplete) => Ok(None),
+        Err(e) => Err(e.to_string()),
+        Ok(h) if h.len as usize > PREOPEN_FRAME_MAX => {
+            Err(format!("frame of {} bytes before CONNECT_OPEN", h.len))
+        }
+        Ok(h) if buf.len() < h.len as usize => Ok(None),
+        Ok(h) => {
+            let frame: Vec<u8> = buf.drain(..h.len as usize).collect();
+            Ok(Some((h, frame)))
+        }
+    }
+}
+
+/// Connects to a daemon socket without blocking the worker. A UNIX connect either completes
+/// at once or fails (EAGAIN when the daemon's backlog is full).
+fn connect_nonblocking(path: &Path) -> io::Result<OwnedFd> {
+    use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    connect(fd.as_raw_fd(), &UnixAddr::new(path)?)?;
+    Ok(fd)
+}
