@@ -107,7 +107,7 @@ pub struct Pump {
     fds: VecDeque<(usize, OwnedFd)>,
     splicing: Option<Splicing>,
     finished: bool,
-    /// Bytes moved in total (for the close log line).
+    /// Bytes delivered to the destination so far.
     pub moved: u64,
 }
 
@@ -220,7 +220,6 @@ impl Pump {
                     self.start = 0;
                     self.end = n;
                     budget = budget.saturating_sub(n);
-                    self.moved += n as u64;
                 }
             }
         }
@@ -250,6 +249,7 @@ impl Pump {
                         self.fds.pop_front();
                     }
                     self.start += n;
+                    self.moved += n as u64;
                 }
                 Err(e) if sys::would_block(&e) => return Ok(false),
                 Err(e) => return Err(PumpError::Write(e)),

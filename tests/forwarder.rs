@@ -1,0 +1,489 @@
+//! End-to-end tests: real Debian libvirtd behind the proxy, real virsh and python3-libvirt in
+//! front. Every test runs against both relay backends (io_uring and epoll).
+
+mod support;
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::{daemon, open_fds, py, virsh, wait_for, Proxy};
+
+const BACKENDS: [&str; 2] = ["io_uring", "epoll"];
+
+fn proxies(extra: &str) -> Vec<(&'static str, Proxy)> {
+    BACKENDS
+        .iter()
+        .map(|b| {
+            (
+                *b,
+                Proxy::start(daemon(), &format!("io_backend = \"{b}\"\n{extra}"), &[]),
+            )
+        })
+        .collect()
+}
+
+fn stdout(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+#[track_caller]
+fn assert_ok(o: &std::process::Output, what: &str) {
+    assert!(
+        o.status.success(),
+        "{what} failed:\nstdout: {}\nstderr: {}",
+        stdout(o),
+        stderr(o)
+    );
+}
+
+#[test]
+fn virsh_lists_defines_and_runs_test_domains() {
+    for (backend, p) in proxies("") {
+        let uri = p.uri("test:///default");
+        let o = virsh(&uri, &["list", "--all"]);
+        assert_ok(&o, backend);
+        assert!(stdout(&o).contains("test"), "{backend}: {}", stdout(&o));
+        let o = virsh(&uri, &["version"]);
+        assert_ok(&o, backend);
+        assert!(
+            stdout(&o).contains("Running hypervisor: TEST"),
+            "{backend}: {}",
+            stdout(&o)
+        );
+        let o = virsh(&uri, &["capabilities"]);
+        assert!(stdout(&o).contains("<capabilities>"), "{backend}");
+
+        // The test driver's state lives as long as a connection: one virsh session.
+        let xml = p.dir().join("dom.xml");
+        std::fs::write(&xml, "<domain type='test'><name>vpd-life</name><memory>1024</memory><os><type>hvm</type></os></domain>").unwrap();
+        let script = format!(
+            "define {x}; start vpd-life; domstate vpd-life; destroy vpd-life; domstate vpd-life; undefine vpd-life",
+            x = xml.display()
+        );
+        let o = virsh(&uri, &[&script]);
+        assert_ok(&o, backend);
+        let out = stdout(&o);
+        assert!(
+            out.contains("running") && out.contains("shut off"),
+            "{backend}: {out}"
+        );
+    }
+}
+
+#[test]
+fn qemu_system_version_goes_to_the_qemu_daemon() {
+    for (backend, p) in proxies("") {
+        let o = virsh(&p.uri("qemu:///system"), &["version"]);
+        assert_ok(&o, backend);
+        assert!(
+            stdout(&o).contains("Running hypervisor: QEMU"),
+            "{backend}: {}",
+            stdout(&o)
+        );
+    }
+}
+
+#[test]
+fn lifecycle_events_reach_python_through_the_proxy() {
+    for (backend, p) in proxies("") {
+        let o = py("events.py", &[&p.uri("test:///default")]);
+        assert_ok(&o, backend);
+    }
+}
+
+#[test]
+fn volume_streams_of_256_mib_round_trip() {
+    for (backend, p) in proxies("") {
+        let pool = p.dir().join("pool");
+        std::fs::create_dir_all(&pool).unwrap();
+        let o = py(
+            "stream_volume.py",
+            &[&p.uri("qemu:///system"), pool.to_str().unwrap(), "256"],
+        );
+        assert_ok(&o, backend);
+
+        // virsh's own vol-upload / vol-download, compared by sha256.
+        let uri = p.uri("qemu:///system");
+        let name = format!("vpdv-{backend}");
+        let data = p.dir().join("up.bin");
+        let back = p.dir().join("down.bin");
+        let o = Command::new("head")
+            .args(["-c", "268435456", "/dev/urandom"])
+            .output()
+            .unwrap();
+        std::fs::write(&data, &o.stdout).unwrap();
+        let setup = format!(
+            "pool-create-as {name} dir --target {}; vol-create-as {name} v 256M --format raw",
+            pool.display()
+        );
+        assert_ok(&virsh(&uri, &[&setup]), backend);
+        assert_ok(
+            &virsh(
+                &uri,
+                &["vol-upload", "--pool", &name, "v", data.to_str().unwrap()],
+            ),
+            backend,
+        );
+        assert_ok(
+            &virsh(
+                &uri,
+                &["vol-download", "--pool", &name, "v", back.to_str().unwrap()],
+            ),
+            backend,
+        );
+        let _ = virsh(
+            &uri,
+            &[&format!("vol-delete --pool {name} v; pool-destroy {name}")],
+        );
+        let sum = |f: &std::path::Path| {
+            stdout(&Command::new("sha256sum").arg(f).output().unwrap())
+                .split(' ')
+                .next()
+                .unwrap()
+                .to_string()
+        };
+        assert_eq!(
+            sum(&data),
+            sum(&back),
+            "{backend}: downloaded volume differs"
+        );
+    }
+}
+
+#[test]
+fn screenshot_stream_from_the_test_driver() {
+    for (backend, p) in proxies("") {
+        let file = p.dir().join("shot.png");
+        let o = virsh(
+            &p.uri("test:///default"),
+            &["screenshot", "test", file.to_str().unwrap()],
+        );
+        assert_ok(&o, backend);
+        let png = std::fs::read(&file).unwrap();
+        assert!(
+            png.len() > 1000 && png.starts_with(b"\x89PNG"),
+            "{backend}: {} bytes",
+            png.len()
+        );
+    }
+}
+
+#[test]
+fn fds_reach_the_daemon_with_fd_associate() {
+    for (backend, p) in proxies("") {
+        let o = py(
+            "fd_associate.py",
+            &[&p.uri("qemu:///system"), &daemon().pid.to_string()],
+        );
+        assert_ok(&o, backend);
+    }
+}
+
+#[test]
+fn read_only_socket_reads_but_refuses_writes() {
+    for (backend, p) in proxies("") {
+        let uri = p.uri_ro("test:///default");
+        let o = virsh(&uri, &["list", "--all"]);
+        assert_ok(&o, backend);
+        let xml = p.dir().join("ro.xml");
+        std::fs::write(&xml, "<domain type='test'><name>vpd-ro</name><memory>1024</memory><os><type>hvm</type></os></domain>").unwrap();
+        let o = virsh(&uri, &["define", xml.to_str().unwrap()]);
+        assert!(
+            !o.status.success(),
+            "{backend}: define on ro socket succeeded"
+        );
+        assert!(
+            stderr(&o).contains("read only access prevents virDomainDefineXML"),
+            "{backend}: {}",
+            stderr(&o)
+        );
+    }
+}
+
+#[test]
+fn non_root_client_identity_reaches_the_daemon() {
+    let uid = stdout(&Command::new("id").args(["-u", "vpdtest"]).output().unwrap())
+        .trim()
+        .to_string();
+    for (backend, p) in proxies("") {
+        let mut child =
+            support::py_command_as("vpdtest", "identity.py", &[&p.uri("test:///default")])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap();
+        let mut lines = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        use std::io::BufRead;
+        lines.read_line(&mut line).unwrap();
+        let pid = line
+            .trim()
+            .strip_prefix("pid ")
+            .expect("identity.py prints its pid")
+            .to_string();
+        line.clear();
+        lines.read_line(&mut line).unwrap();
+        assert!(
+            line.starts_with("open uid="),
+            "{backend}: identity.py did not open: {line}"
+        );
+        // The daemon's client for that connection carries the client's uid and pid, not root's.
+        let clients = support::admin_clients(daemon());
+        let seen = clients.iter().any(|(_, info)| {
+            support::info_field(info, "unix_user_id") == Some(uid.as_str())
+                && support::info_field(info, "unix_process_id") == Some(pid.as_str())
+        });
+        drop(child.stdin.take());
+        let _ = child.wait();
+        assert!(
+            seen,
+            "{backend}: no daemon client with uid {uid} pid {pid}: {clients:?}"
+        );
+    }
+}
+
+#[test]
+fn routing_probes_empty_names_and_names_unknown_or_missing_daemons() {
+    let drvdir = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(&daemon().rw_sock, drvdir.path().join("virtqemud-sock")).unwrap();
+    let extra = format!("driver_socket_dir = \"{}\"", drvdir.path().display());
+    for (backend, p) in proxies(&extra) {
+        // An empty name is probed to the first daemon socket present (virtqemud-sock here),
+        // and the probed URI is what goes downstream.
+        let o = virsh(
+            &format!("qemu+unix:///system?socket={}&name=", p.rw_sock.display()),
+            &["version"],
+        );
+        assert_ok(&o, backend);
+        assert!(
+            stdout(&o).contains("Running hypervisor: QEMU"),
+            "{backend}: {}",
+            stdout(&o)
+        );
+        assert!(
+            p.log_text().contains("uri=\"qemu:///system\""),
+            "{backend}: {}",
+            p.log_text()
+        );
+
+        let o = virsh(&p.uri("foo:///system"), &["list"]);
+        assert!(
+            stderr(&o).contains("no connection driver available for foo:///system"),
+            "{backend}: {}",
+            stderr(&o)
+        );
+
+        let o = virsh(&p.uri("lxc:///system"), &["list"]);
+        let want = format!(
+            "Failed to connect socket to '{}/virtlxcd-sock': No such file or directory",
+            drvdir.path().display()
+        );
+        assert!(stderr(&o).contains(&want), "{backend}: {}", stderr(&o));
+
+        let o = virsh(
+            &format!(
+                "qemu+unix:///system?socket={}&name=qemu%2Bssh://h/system",
+                p.rw_sock.display()
+            ),
+            &["list"],
+        );
+        assert!(
+            stderr(&o).contains("only forwards to local driver daemons"),
+            "{backend}: {}",
+            stderr(&o)
+        );
+    }
+}
+
+#[test]
+fn two_hundred_concurrent_clients() {
+    for (backend, p) in proxies("") {
+        let o = py("concurrent.py", &[&p.uri("test:///default"), "200", "20"]);
+        assert_ok(&o, backend);
+    }
+}
+
+// ---- abuse: a raw client speaking bad protocol -------------------------------------------
+
+fn raw(p: &Proxy) -> UnixStream {
+    let s = UnixStream::connect(&p.rw_sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s
+}
+
+fn frame(proc_: i32, mtype: u32, serial: u32, body: &[u8]) -> Vec<u8> {
+    let mut f = Vec::new();
+    for v in [
+        (28 + body.len()) as u32,
+        0x2000_8086,
+        1,
+        proc_ as u32,
+        mtype,
+        serial,
+        0,
+    ] {
+        f.extend_from_slice(&v.to_be_bytes());
+    }
+    f.extend_from_slice(body);
+    f
+}
+
+fn read_frame(s: &mut UnixStream) -> Option<Vec<u8>> {
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len).ok()?;
+    let n = u32::from_be_bytes(len) as usize;
+    let mut rest = vec![0u8; n - 4];
+    s.read_exact(&mut rest).ok()?;
+    let mut f = len.to_vec();
+    f.extend(rest);
+    Some(f)
+}
+
+/// True when the proxy closed the connection (EOF, or reset).
+fn closed_by_proxy(s: &mut UnixStream) -> bool {
+    let mut b = [0u8; 4096];
+    loop {
+        match s.read(&mut b) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+            Err(_) => return false,
+        }
+    }
+}
+
+fn open_test_default(s: &mut UnixStream) {
+    let mut body = vec![0, 0, 0, 1, 0, 0, 0, 15];
+    body.extend_from_slice(b"test:///default\0");
+    body.extend_from_slice(&[0, 0, 0, 0]);
+    s.write_all(&frame(1, 0, 1, &body)).unwrap();
+    let reply = read_frame(s).expect("open reply");
+    assert_eq!(&reply[24..28], &[0, 0, 0, 0], "open failed");
+}
+
+#[test]
+fn malformed_input_is_closed_cleanly_without_leaks() {
+    for (backend, p) in proxies("") {
+        // Warm up one full connection so lazily created resources are in the baseline.
+        assert_ok(&virsh(&p.uri("test:///default"), &["list"]), backend);
+        let baseline = open_fds(p.pid());
+        let bystander_uri = p.uri("test:///default");
+
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("garbage", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec()),
+            ("len 0", 0u32.to_be_bytes().to_vec()),
+            ("len 27", 27u32.to_be_bytes().to_vec()),
+            ("len 0xffffffff", u32::MAX.to_be_bytes().to_vec()),
+        ];
+        for (what, bytes) in cases {
+            let mut s = raw(&p);
+            s.write_all(&bytes).unwrap();
+            assert!(closed_by_proxy(&mut s), "{backend}: {what} not closed");
+        }
+        // Truncated frame, then the client goes away.
+        {
+            let mut s = raw(&p);
+            let f = frame(66, 0, 0, &[]);
+            s.write_all(&f[..20]).unwrap();
+        }
+        // A call before open gets libvirt's error reply, and the connection stays usable.
+        {
+            let mut s = raw(&p);
+            s.write_all(&frame(3, 0, 7, &[])).unwrap();
+            let r = read_frame(&mut s).unwrap();
+            assert_eq!(&r[24..28], &[0, 0, 0, 1], "{backend}: status must be ERROR");
+            assert!(String::from_utf8_lossy(&r).contains("hypervisor connection not open"));
+            s.write_all(&frame(66, 0, 8, &[])).unwrap();
+            let r = read_frame(&mut s).unwrap();
+            assert_eq!(
+                &r[28..],
+                &[0, 0, 0, 1, 0, 0, 0, 0],
+                "{backend}: AUTH_LIST reply"
+            );
+        }
+        // A second CONNECT_OPEN after relay started ends the connection.
+        {
+            let mut s = raw(&p);
+            open_test_default(&mut s);
+            let mut body = vec![0, 0, 0, 1, 0, 0, 0, 15];
+            body.extend_from_slice(b"test:///default\0\0\0\0\0");
+            s.write_all(&frame(1, 0, 2, &body)).unwrap();
+            assert!(
+                closed_by_proxy(&mut s),
+                "{backend}: second open not refused"
+            );
+        }
+        // An oversized length after open is refused too (validated in the relay).
+        {
+            let mut s = raw(&p);
+            open_test_default(&mut s);
+            s.write_all(&u32::MAX.to_be_bytes()).unwrap();
+            assert!(
+                closed_by_proxy(&mut s),
+                "{backend}: bad length after open not closed"
+            );
+        }
+        // Other clients never noticed.
+        assert_ok(&virsh(&bystander_uri, &["list"]), backend);
+        let settled = wait_for(Duration::from_secs(10), || open_fds(p.pid()) == baseline);
+        assert!(
+            settled,
+            "{backend}: fds {} after abuse, {baseline} before",
+            open_fds(p.pid())
+        );
+    }
+}
+
+#[test]
+fn stalled_stream_reader_does_not_slow_others() {
+    for (backend, p) in proxies("") {
+        let uri = p.uri("qemu:///system");
+        let pool = p.dir().join("slowpool");
+        std::fs::create_dir_all(&pool).unwrap();
+        let name = format!("vpds-{backend}");
+        let setup = format!(
+            "pool-create-as {name} dir --target {}; vol-create-as {name} v 256M --format raw",
+            pool.display()
+        );
+        assert_ok(&virsh(&uri, &[&setup]), backend);
+        let baseline = open_fds(p.pid());
+        // virsh writes the download to a pipe nobody reads: it stops reading its socket.
+        let mut slow = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "virsh -c '{uri}' vol-download --pool {name} v /dev/stdout | sleep 60"
+            ))
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        for _ in 0..5 {
+            let t = Instant::now();
+            assert_ok(&virsh(&p.uri("test:///default"), &["list"]), backend);
+            assert!(
+                t.elapsed() < Duration::from_secs(3),
+                "{backend}: bystander took {:?}",
+                t.elapsed()
+            );
+        }
+        let _ = Command::new("pkill")
+            .args(["-f", &format!("vol-download --pool {name}")])
+            .status();
+        let _ = slow.kill();
+        let _ = slow.wait();
+        let _ = virsh(
+            &uri,
+            &[&format!("vol-delete --pool {name} v; pool-destroy {name}")],
+        );
+        let settled = wait_for(Duration::from_secs(10), || open_fds(p.pid()) <= baseline);
+        assert!(
+            settled,
+            "{backend}: fds {} after the stalled stream, {baseline} before",
+            open_fds(p.pid())
+        );
+    }
+}

@@ -1,0 +1,100 @@
+"""Shared helpers for the client scripts in tests/py (run with Debian's /usr/bin/python3).
+
+Every script: exit 0 only when its assertions hold; on failure print one line
+"FAIL <script>: <reason>" to stderr (and stdout) and exit 1. A watchdog kills a
+hung script (exit 3) so a broken proxy can never hang the Rust test.
+"""
+import faulthandler
+import os
+import sys
+import time
+import uuid
+
+try:
+    import libvirt
+except ImportError:  # pyenv's python3 on PATH has no bindings
+    sys.stderr.write("FAIL: python3-libvirt missing; run with /usr/bin/python3\n")
+    sys.exit(2)
+
+SCRIPT = os.path.basename(sys.argv[0])
+
+
+class Failure(Exception):
+    pass
+
+
+def fail(reason):
+    """Abort the check (main thread only): finally-blocks still clean up, run() reports."""
+    raise Failure(reason)
+
+
+def _report_fail(reason):
+    msg = "FAIL %s: %s" % (SCRIPT, reason)
+    print(msg, flush=True)
+    sys.stderr.write(msg + "\n")
+    sys.stderr.flush()
+    os._exit(1)
+
+
+def usage(text):
+    sys.stderr.write("usage: %s %s\n" % (SCRIPT, text))
+    sys.exit(2)
+
+
+def setup(watchdog_s):
+    """Silence libvirt's default stderr error printer and arm a hard watchdog."""
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+    # dump_traceback_later runs in its own C thread, so it fires even while the main
+    # thread is blocked inside a libvirt call.
+    faulthandler.dump_traceback_later(watchdog_s, exit=True)
+
+
+def unique(prefix):
+    return "vpd-%s-%d-%s" % (prefix, os.getpid(), uuid.uuid4().hex[:8])
+
+
+def qemu_domain_xml(name):
+    """Minimal KVM-less qemu domain: no disks, no network, nothing to start."""
+    return """<domain type='qemu'>
+  <name>%s</name>
+  <memory unit='MiB'>64</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='pc'>hvm</type></os>
+  <devices><emulator>/usr/bin/qemu-system-x86_64</emulator></devices>
+</domain>""" % name
+
+
+def test_domain_xml(name):
+    """Domain for the test driver (test:///default)."""
+    return """<domain type='test'>
+  <name>%s</name>
+  <memory unit='MiB'>8</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64'>hvm</type></os>
+</domain>""" % name
+
+
+def wait_for(deadline_s, pred, interval=0.02):
+    end = time.monotonic() + deadline_s
+    while True:
+        if pred():
+            return True
+        if time.monotonic() >= end:
+            return False
+        time.sleep(interval)
+
+
+def run(main):
+    """Run main(), turning any exception into a FAIL line."""
+    try:
+        main()
+    except Failure as e:
+        _report_fail(str(e))
+    except libvirt.libvirtError as e:
+        _report_fail("libvirt error: %s" % (e.get_error_message() or e))
+    except SystemExit:
+        raise
+    except BaseException as e:  # noqa: BLE001 - report anything
+        _report_fail("%s: %s" % (type(e).__name__, e))
+    sys.stdout.flush()
+    os._exit(0)   # do not wait for the event-loop thread
