@@ -487,3 +487,112 @@ fn stalled_stream_reader_does_not_slow_others() {
         );
     }
 }
+
+fn iou_workers(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| {
+            d.flatten()
+                .filter(|t| {
+                    std::fs::read_to_string(t.path().join("comm"))
+                        .is_ok_and(|c| c.starts_with("iou-wrk"))
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+fn pipes(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.flatten()
+                .filter(|f| {
+                    std::fs::read_link(f.path())
+                        .is_ok_and(|l| l.to_string_lossy().starts_with("pipe:"))
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn idle_connections_hold_two_fds_no_pipe_and_no_kernel_thread() {
+    for (backend, p) in proxies("") {
+        let before = open_fds(p.pid());
+        let threads_before = support::threads(p.pid());
+        // (The proxy may inherit a pipe from the test runner, e.g. cargo's jobserver.)
+        let pipes_before = pipes(p.pid());
+        let mut conns: Vec<UnixStream> = (0..100)
+            .map(|_| {
+                let mut s = raw(&p);
+                open_test_default(&mut s);
+                s
+            })
+            .collect();
+        // Each relayed connection: the client socket and the daemon socket, nothing more.
+        let after = open_fds(p.pid());
+        assert_eq!(
+            after - before,
+            200,
+            "{backend}: {before} fds before, {after} with 100 idle"
+        );
+        assert_eq!(
+            pipes(p.pid()),
+            pipes_before,
+            "{backend}: idle connections hold pipes"
+        );
+        assert_eq!(
+            iou_workers(p.pid()),
+            0,
+            "{backend}: io-wq workers exist while idle"
+        );
+        assert_eq!(
+            support::threads(p.pid()),
+            threads_before,
+            "{backend}: threads grew with connections"
+        );
+        // They still work.
+        for s in conns.iter_mut().take(3) {
+            s.write_all(&frame(157, 0, 9, &[])).unwrap(); // CONNECT_GET_LIB_VERSION
+            let r = read_frame(s).unwrap();
+            assert_eq!(
+                &r[20..28],
+                &[0, 0, 0, 9, 0, 0, 0, 0],
+                "{backend}: reply serial/status"
+            );
+        }
+        drop(conns);
+        assert!(
+            wait_for(Duration::from_secs(10), || open_fds(p.pid()) == before),
+            "{backend}: fds not released"
+        );
+    }
+}
+
+#[test]
+fn max_clients_pauses_accepting_until_a_client_leaves() {
+    for (backend, p) in proxies("max_clients = 2") {
+        let mut a = raw(&p);
+        let _b = raw(&p);
+        a.write_all(&frame(66, 0, 0, &[])).unwrap();
+        assert!(
+            read_frame(&mut a).is_some(),
+            "{backend}: first client not served"
+        );
+        // The third connection waits in the backlog: no answer while two are connected.
+        let mut c = raw(&p);
+        c.set_read_timeout(Some(Duration::from_millis(700)))
+            .unwrap();
+        c.write_all(&frame(66, 0, 0, &[])).unwrap();
+        let mut byte = [0u8; 1];
+        assert!(
+            c.read(&mut byte).is_err(),
+            "{backend}: third client served over max_clients"
+        );
+        drop(a);
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        assert!(
+            read_frame(&mut c).is_some(),
+            "{backend}: third client not served after one left"
+        );
+    }
+}

@@ -1,0 +1,43 @@
+#![no_main]
+//! Arbitrary client bytes, cut into frames, fed to the pre-open machine, with arbitrary daemon
+//! replies: it must never panic, and every reply it emits must be a well-formed frame.
+use libfuzzer_sys::fuzz_target;
+use virtproxyd::handshake::{Action, Handshake};
+use virtproxyd::identity::Identity;
+use virtproxyd::proto::Header;
+use virtproxyd::route::RouteTable;
+
+fuzz_target!(|data: &[u8]| {
+    let routes = RouteTable::new("/nonexistent".into(), vec![("test".into(), "/nonexistent/s".into())], false);
+    let mut hs = Handshake::new(data.first().is_some_and(|b| b & 1 == 1), Identity::default());
+    let mut rest = data;
+    let mut out = Vec::new();
+    let mut to_daemon = false;
+    while let Ok(h) = Header::check(rest) {
+        let len = (h.len as usize).min(rest.len());
+        let body = &rest[Header::SIZE..len];
+        if to_daemon {
+            hs.on_daemon_frame(&h, body, &mut out);
+        } else {
+            hs.on_client_frame(&h, body, &routes, &|_| true, &mut out);
+        }
+        let mut pending: Vec<Action> = out.drain(..).collect();
+        while !pending.is_empty() {
+            let a = pending.remove(0);
+            match a {
+                Action::ToClient(f) | Action::ToDaemon(f) => {
+                    let fh = Header::check(&f).expect("emitted frame has a valid header");
+                    assert_eq!(fh.len as usize, f.len());
+                }
+                Action::Connect(_) => {
+                    let mut more = Vec::new();
+                    hs.on_connected(&mut more);
+                    to_daemon = true;
+                    pending.extend(more);
+                }
+                Action::Disconnect | Action::StartRelay | Action::Close(_) => to_daemon = false,
+            }
+        }
+        rest = &rest[len..];
+    }
+});
