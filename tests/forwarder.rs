@@ -607,3 +607,37 @@ fn max_clients_pauses_accepting_until_a_client_leaves() {
         );
     }
 }
+
+#[test]
+fn keepalive_is_end_to_end_after_hand_over() {
+    for (backend, p) in proxies("") {
+        let mut s = raw(&p);
+        s.write_all(&frame(66, 0, 0, &[])).unwrap();
+        read_frame(&mut s).unwrap();
+        // SUPPORTS_FEATURE(PROGRAM_KEEPALIVE) before open: the proxy must pass it downstream.
+        s.write_all(&frame(60, 0, 1, &10u32.to_be_bytes())).unwrap();
+        let r = read_frame(&mut s).unwrap();
+        assert_eq!(
+            &r[28..],
+            &[0, 0, 0, 1],
+            "{backend}: feature 10 not supported"
+        );
+        open_test_default(&mut s);
+        // The daemon pings an idle client after keepalive_interval (5 s); the ping arrives
+        // through the relay, and our pong goes back to the daemon.
+        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        let ping = read_frame(&mut s).expect("no keepalive PING from the daemon");
+        assert_eq!(
+            &ping[4..20],
+            &[0x6b, 0x65, 0x65, 0x70, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 2],
+            "{backend}"
+        );
+        let mut pong = ping.clone();
+        pong[15] = 2;
+        s.write_all(&pong).unwrap();
+        // Still alive afterwards.
+        s.write_all(&frame(157, 0, 5, &[])).unwrap();
+        let r = read_frame(&mut s).unwrap();
+        assert_eq!(&r[20..28], &[0, 0, 0, 5, 0, 0, 0, 0], "{backend}");
+    }
+}
