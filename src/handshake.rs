@@ -11,6 +11,7 @@
 use std::path::PathBuf;
 
 use crate::identity::Identity;
+use crate::listen::ListenerKind;
 use crate::proto::msg::{self, err_code, err_domain, OpenArgs, RemoteError};
 use crate::proto::{
     auth_type, feature, keepalive_proc, program, remote_proc, Header, MsgStatus, MsgType,
@@ -76,7 +77,7 @@ enum Phase {
 /// Pre-open state of one client connection.
 #[derive(Debug)]
 pub struct Handshake {
-    readonly_listener: bool,
+    listener: ListenerKind,
     keepalive_asked: bool,
     identity: Identity,
     phase: Phase,
@@ -88,9 +89,9 @@ fn rpc_error(detail: impl Into<String>) -> RemoteError {
 }
 
 impl Handshake {
-    pub fn new(readonly_listener: bool, identity: Identity) -> Self {
+    pub fn new(listener: ListenerKind, identity: Identity) -> Self {
         Self {
-            readonly_listener,
+            listener,
             keepalive_asked: false,
             identity,
             phase: Phase::PreOpen,
@@ -135,6 +136,26 @@ impl Handshake {
         if h.prog == program::KEEPALIVE {
             if h.mtype == MsgType::Message && h.proc_ == keepalive_proc::PING {
                 out.push(Action::ToClient(msg::pong()));
+            }
+            return;
+        }
+        if self.listener == ListenerKind::UnixAdmin {
+            // Every admin call is refused, but the connection stays up until the client's own
+            // CONNECT_CLOSE: virt-admin sends one after a failed open and dies of SIGPIPE if
+            // the socket is already gone.
+            const ADMIN_CONNECT_CLOSE: i32 = 2;
+            if h.mtype == MsgType::Call && h.proc_ == ADMIN_CONNECT_CLOSE {
+                out.push(Action::ToClient(msg::ok_reply(h, &[])));
+                out.push(Action::Close("admin client closed".into()));
+            } else if h.mtype == MsgType::Call {
+                let e = RemoteError::new(
+                    err_code::NO_SUPPORT,
+                    err_domain::ADMIN,
+                    "the admin interface is not available in this virtproxyd",
+                );
+                out.push(Action::ToClient(msg::error_reply(h, &e)));
+            } else if h.mtype == MsgType::CallWithFds {
+                out.push(Action::Close("fd passing on the admin socket".into()));
             }
             return;
         }
@@ -222,7 +243,7 @@ impl Handshake {
         };
         // Only the read-only bit means anything to the daemon (§3.2); it is forced on the ro
         // listener, where the daemon socket is the -ro one as well (trap 5).
-        let readonly = self.readonly_listener || args.flags & 1 != 0;
+        let readonly = self.listener == ListenerKind::UnixRo || args.flags & 1 != 0;
         match routes.resolve(args.name.as_deref(), readonly, exists) {
             Err(e) => out.push(Action::ToClient(msg::error_reply(h, &e.to_remote()))),
             Ok(target) => {

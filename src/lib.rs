@@ -6,6 +6,7 @@
 //! - bytes are spliced: [`relay::pump`], driven by [`reactor`] (io_uring or epoll) in [`worker`];
 //! - listeners and accept: [`listen`], [`server`]; process lifecycle: [`daemon`]; config: [`config`].
 
+pub mod activation;
 pub mod cli;
 pub mod config;
 pub mod daemon;

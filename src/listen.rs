@@ -10,7 +10,25 @@ use nix::sys::socket::{
     bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType, UnixAddr,
 };
 
-use crate::worker::ListenerKind;
+/// The kind of listener a client arrived on; it decides what the client may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListenerKind {
+    /// `libvirt-sock`: read-write.
+    UnixRw,
+    /// `libvirt-sock-ro`: read-only, routed to the daemons' `-ro` sockets.
+    UnixRo,
+    /// `libvirt-admin-sock`: the admin protocol (not served yet: clients get an error).
+    UnixAdmin,
+    /// Plain TCP: no fd passing, empty identity (auth "none").
+    Tcp,
+}
+
+impl ListenerKind {
+    /// Whether clients arrive with UNIX credentials and may pass fds.
+    pub fn is_unix(self) -> bool {
+        !matches!(self, ListenerKind::Tcp)
+    }
+}
 
 /// A socket we accept clients on.
 #[derive(Debug)]

@@ -1,17 +1,20 @@
 //! `virtproxyd`: CLI → config → listeners → relay workers.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use virtproxyd::activation;
 use virtproxyd::cli::{self, Command};
 use virtproxyd::config::{Config, Env, IoBackend};
 use virtproxyd::daemon::{self, PidFile};
 use virtproxyd::listen;
+use virtproxyd::listen::ListenerKind;
 use virtproxyd::reactor;
 use virtproxyd::route::RouteTable;
 use virtproxyd::server::{self, ServerOpts, Stopped};
-use virtproxyd::worker::{ListenerKind, Shared};
+use virtproxyd::worker::Shared;
 
 /// Exit statuses used by libvirt daemons (libvirt-rpc.md §8.6).
 const EXIT_CONFIG: i32 = 1;
@@ -21,6 +24,9 @@ const EXIT_NETWORK: i32 = 6;
 /// copy wins up to 4 KiB bodies, splice from 16 KiB (throughput and CPU). Overridable for
 /// benchmarking with VIRTPROXYD_SPLICE_THRESHOLD.
 const SPLICE_THRESHOLD: usize = 16 * 1024;
+
+/// How long frames in flight may take to finish after SIGTERM.
+const DRAIN_GRACE: Duration = Duration::from_secs(5);
 
 fn main() {
     let mut args = std::env::args_os();
@@ -50,23 +56,133 @@ fn main() {
     std::process::exit(run(&argv0, cli));
 }
 
-fn init_logging(cfg: &Config, verbose: bool) {
-    // log_level: 1 debug, 2 info, 3 warning, 4 error; 0 = library default (warnings).
-    let level = match (cfg.log_level, verbose) {
+type LogHandle =
+    tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, tracing_subscriber::Registry>;
+
+/// log_level: 1 debug, 2 info, 3 warning, 4 error; 0 = library default (warnings); -v = info.
+fn log_directive(cfg: &Config, verbose: bool) -> &'static str {
+    match (cfg.log_level, verbose) {
         (1, _) => "debug",
         (2, _) => "info",
         (_, true) => "info",
         (4, _) => "error",
         _ => "warn",
-    };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("VIRTPROXYD_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    }
+}
+
+/// Installs the logger; returns a handle for SIGHUP to change the level, unless the level is
+/// pinned by VIRTPROXYD_LOG.
+fn init_logging(cfg: &Config, verbose: bool) -> Option<LogHandle> {
     use std::io::IsTerminal;
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let pinned = tracing_subscriber::EnvFilter::try_from_env("VIRTPROXYD_LOG").ok();
+    let is_pinned = pinned.is_some();
+    let filter =
+        pinned.unwrap_or_else(|| tracing_subscriber::EnvFilter::new(log_directive(cfg, verbose)));
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_ansi(std::io::stderr().is_terminal())
+                .with_writer(std::io::stderr),
+        )
         .init();
+    (!is_pinned).then_some(handle)
+}
+
+fn route_table(cfg: &Config, env: &Env) -> RouteTable {
+    RouteTable::new(
+        cfg.driver_socket_dir.clone(),
+        cfg.driver_sockets.clone(),
+        !env.privileged,
+    )
+}
+
+/// SIGHUP: re-read the config file and apply what can change without dropping connections.
+struct Reloader {
+    path: Option<PathBuf>,
+    env: Env,
+    verbose: bool,
+    current: Config,
+    log: Option<LogHandle>,
+}
+
+impl Reloader {
+    fn reload(&mut self, shared: &Shared) {
+        let new = match Config::load(self.path.as_deref(), &self.env)
+            .and_then(|c| c.validate_supported().map(|_| c))
+        {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!("reload failed, keeping the running configuration: {e}");
+                return;
+            }
+        };
+        let old = std::mem::replace(&mut self.current, new);
+        let new = &self.current;
+        let mut applied = Vec::new();
+        if (old.max_clients, old.max_anonymous_clients)
+            != (new.max_clients, new.max_anonymous_clients)
+        {
+            shared
+                .max_clients
+                .store(new.max_clients as usize, Ordering::Release);
+            applied.push(format!(
+                "max_clients {} -> {}",
+                old.max_clients, new.max_clients
+            ));
+        }
+        if (&old.driver_socket_dir, &old.driver_sockets)
+            != (&new.driver_socket_dir, &new.driver_sockets)
+        {
+            shared.routes.store(Arc::new(route_table(new, &self.env)));
+            applied.push("driver sockets (for new connections)".into());
+        }
+        if old.log_level != new.log_level {
+            if let Some(h) = &self.log {
+                let _ = h.modify(|f| {
+                    *f = tracing_subscriber::EnvFilter::new(log_directive(new, self.verbose))
+                });
+                applied.push(format!("log_level {} -> {}", old.log_level, new.log_level));
+            }
+        }
+        let mut restart = Vec::new();
+        macro_rules! needs_restart {
+            ($($field:ident),*) => { $( if old.$field != new.$field { restart.push(stringify!($field)); } )* };
+        }
+        needs_restart!(
+            unix_sock_dir,
+            unix_sock_group,
+            unix_sock_rw_perms,
+            unix_sock_ro_perms,
+            unix_sock_admin_perms,
+            auth_unix_rw,
+            auth_unix_ro,
+            auth_tcp,
+            auth_tls,
+            listen_tcp,
+            listen_tls,
+            listen_addr,
+            tcp_port,
+            tls_port,
+            max_queued_clients,
+            io_backend,
+            worker_threads
+        );
+        if applied.is_empty() && restart.is_empty() {
+            tracing::info!("configuration reloaded: nothing changed");
+        }
+        for a in applied {
+            tracing::info!("configuration reloaded: applied {a}");
+        }
+        for r in restart {
+            tracing::warn!(
+                "configuration reloaded: '{r}' changed; it takes effect after a restart"
+            );
+        }
+    }
 }
 
 fn run(argv0: &str, cli: cli::Cli) -> i32 {
@@ -80,7 +196,7 @@ fn run(argv0: &str, cli: cli::Cli) -> i32 {
             return EXIT_CONFIG;
         }
     };
-    init_logging(&cfg, cli.verbose);
+    let log = init_logging(&cfg, cli.verbose);
     for key in &cfg.unknown_keys {
         tracing::debug!("ignoring unknown config key '{key}'");
     }
@@ -97,13 +213,16 @@ fn run(argv0: &str, cli: cli::Cli) -> i32 {
     } else {
         None
     };
-    let fail = |ready: Option<daemon::ReadyPipe>, code: i32| {
+    let fail = |ready: Option<daemon::ReadyPipe>, code: i32, msg: &str| {
+        tracing::error!("{msg}");
+        eprintln!("{argv0}: error: {msg}");
         if let Some(r) = ready {
             r.report(code as u8);
         }
         code
     };
 
+    // Taken before any socket is created, as libvirt does.
     let pid_path = cli.pid_file.clone().unwrap_or_else(|| {
         daemon::default_pid_file(
             env.privileged,
@@ -113,61 +232,35 @@ fn run(argv0: &str, cli: cli::Cli) -> i32 {
     });
     let _pid_file = match PidFile::acquire(&pid_path) {
         Ok(p) => p,
-        Err(e) => {
-            tracing::error!("{e}");
-            eprintln!("{argv0}: error: {e}");
-            return fail(ready, EXIT_CONFIG);
-        }
+        Err(e) => return fail(ready, EXIT_CONFIG, &e.to_string()),
     };
 
-    let backlog = if cfg.max_queued_clients == 0 {
-        30
-    } else {
-        cfg.max_queued_clients
-    };
-    let mut listeners = Vec::new();
-    let mut specs = vec![(
-        cfg.unix_sock_dir.join("libvirt-sock"),
-        cfg.unix_sock_rw_perms,
-        ListenerKind::UnixRw,
-    )];
-    // An unprivileged daemon has no read-only socket (libvirt-rpc.md §8.1).
-    if env.privileged {
-        specs.push((
-            cfg.unix_sock_dir.join("libvirt-sock-ro"),
-            cfg.unix_sock_ro_perms,
-            ListenerKind::UnixRo,
-        ));
-    }
-    for (path, mode, kind) in specs {
-        match listen::bind_unix(&path, mode, cfg.unix_sock_group.as_deref(), backlog, kind) {
-            Ok(l) => {
-                tracing::info!("listening on {}", path.display());
-                listeners.push(l);
-            }
-            Err(e) => {
-                tracing::error!("{e}");
-                eprintln!("{argv0}: error: {e}");
-                for l in &listeners {
-                    l.unlink();
+    let listeners = match activation::take_listeners(&activation::ActivationEnv::from_process()) {
+        Err(e) => return fail(ready, EXIT_NETWORK, &e.to_string()),
+        Ok(Some(l)) => {
+            for key in activation::IGNORED_KEYS {
+                if cfg.origin.line_of(key).is_some() {
+                    tracing::info!("'{key}' is ignored under socket activation");
                 }
-                return fail(ready, EXIT_NETWORK);
             }
+            l
         }
-    }
+        Ok(None) => match create_listeners(&cfg, &env) {
+            Ok(l) => l,
+            Err(e) => return fail(ready, EXIT_NETWORK, &e.to_string()),
+        },
+    };
 
     let splice_threshold = std::env::var("VIRTPROXYD_SPLICE_THRESHOLD")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(SPLICE_THRESHOLD);
     let shared = Arc::new(Shared {
-        routes: RouteTable::new(
-            cfg.driver_socket_dir.clone(),
-            cfg.driver_sockets.clone(),
-            !env.privileged,
-        ),
+        routes: arc_swap::ArcSwap::from_pointee(route_table(&cfg, &env)),
         clients: AtomicUsize::new(0),
+        max_clients: AtomicUsize::new(cfg.max_clients as usize),
         shutdown: AtomicBool::new(false),
+        drain_grace: DRAIN_GRACE,
         splice_threshold,
     });
     let workers = match cfg.worker_threads {
@@ -188,13 +281,20 @@ fn run(argv0: &str, cli: cli::Cli) -> i32 {
     if let Some(r) = ready {
         r.report(0);
     }
+    let mut reloader = Reloader {
+        path: cli.config.clone(),
+        env: env.clone(),
+        verbose: cli.verbose,
+        current: cfg,
+        log,
+    };
     let opts = ServerOpts {
         listeners,
         workers,
         backend,
-        max_clients: cfg.max_clients as usize,
         idle_timeout: (cli.timeout > 0).then(|| Duration::from_secs(cli.timeout.into())),
         shared,
+        on_reload: Box::new(move |shared| reloader.reload(shared)),
     };
     match server::run(opts) {
         Ok(Stopped::IdleTimeout) => {
@@ -207,4 +307,42 @@ fn run(argv0: &str, cli: cli::Cli) -> i32 {
             EXIT_NETWORK
         }
     }
+}
+
+/// Creates the UNIX sockets from the config (no socket activation).
+fn create_listeners(cfg: &Config, env: &Env) -> Result<Vec<listen::Listener>, listen::ListenError> {
+    let backlog = if cfg.max_queued_clients == 0 {
+        30
+    } else {
+        cfg.max_queued_clients
+    };
+    let mut specs = vec![(
+        cfg.unix_sock_dir.join("libvirt-sock"),
+        cfg.unix_sock_rw_perms,
+        ListenerKind::UnixRw,
+    )];
+    // An unprivileged daemon has no read-only socket (libvirt-rpc.md §8.1).
+    if env.privileged {
+        specs.push((
+            cfg.unix_sock_dir.join("libvirt-sock-ro"),
+            cfg.unix_sock_ro_perms,
+            ListenerKind::UnixRo,
+        ));
+    }
+    let mut listeners: Vec<listen::Listener> = Vec::new();
+    for (path, mode, kind) in specs {
+        match listen::bind_unix(&path, mode, cfg.unix_sock_group.as_deref(), backlog, kind) {
+            Ok(l) => {
+                tracing::info!("listening on {}", path.display());
+                listeners.push(l);
+            }
+            Err(e) => {
+                for l in &listeners {
+                    l.unlink();
+                }
+                return Err(e);
+            }
+        }
+    }
+    Ok(listeners)
 }

@@ -17,7 +17,7 @@ use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 
 use crate::identity::Identity;
-use crate::listen::Listener;
+use crate::listen::{Listener, ListenerKind};
 use crate::reactor::{self, Reactor};
 use crate::worker::{NewConn, Shared, Worker};
 
@@ -26,11 +26,18 @@ pub struct ServerOpts {
     pub listeners: Vec<Listener>,
     pub workers: usize,
     pub backend: reactor::Kind,
-    /// 0 = unlimited.
-    pub max_clients: usize,
     /// Exit when no client has been connected for this long.
     pub idle_timeout: Option<Duration>,
     pub shared: Arc<Shared>,
+    /// Called on SIGHUP (config reload).
+    pub on_reload: Box<dyn FnMut(&Shared)>,
+}
+
+/// Tells systemd (Type=notify) about our state; a no-op without NOTIFY_SOCKET.
+fn notify(state: &[sd_notify::NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(false, state) {
+        tracing::debug!("sd_notify failed: {e}");
+    }
 }
 
 /// Why the server stopped.
@@ -62,6 +69,22 @@ fn wake(fd: &OwnedFd) {
     unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
 }
 
+/// Who the client is, captured at accept time. `None`: drop the client.
+fn client_identity(kind: ListenerKind, fd: &OwnedFd) -> Option<Identity> {
+    if !kind.is_unix() {
+        // TCP without auth: libvirt sends such clients downstream with an empty identity.
+        let _ = nix::sys::socket::setsockopt(fd, nix::sys::socket::sockopt::TcpNoDelay, &true);
+        return Some(Identity::default());
+    }
+    match Identity::of_unix_peer(fd.as_fd()) {
+        Ok(id) => Some(id),
+        Err(e) => {
+            tracing::info!("dropping client whose credentials cannot be read: {e}");
+            None
+        }
+    }
+}
+
 /// Signals the acceptor handles; blocked in every thread so only the signalfd sees them.
 pub fn handled_signals() -> SigSet {
     let mut set = SigSet::empty();
@@ -77,7 +100,7 @@ pub fn handled_signals() -> SigSet {
 }
 
 /// Runs until a terminating signal or the idle timeout.
-pub fn run(opts: ServerOpts) -> io::Result<Stopped> {
+pub fn run(mut opts: ServerOpts) -> io::Result<Stopped> {
     let signals = handled_signals();
     signals.thread_block().map_err(io::Error::from)?;
     let sigfd = SignalFd::with_flags(&signals, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
@@ -101,6 +124,12 @@ pub fn run(opts: ServerOpts) -> io::Result<Stopped> {
         backend = backend_name,
         "relay workers started"
     );
+    // Every listener is live (bound and listening) before this point.
+    notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status("0 clients"),
+    ]);
+    let mut last_status = (0usize, Instant::now());
 
     let shared = &opts.shared;
     let mut next_worker = 0usize;
@@ -109,6 +138,13 @@ pub fn run(opts: ServerOpts) -> io::Result<Stopped> {
     let mut accept_backoff: Option<Instant> = None;
     let stopped = loop {
         let clients = shared.clients.load(Ordering::Acquire);
+        if clients != last_status.0 && last_status.1.elapsed() >= Duration::from_secs(1) {
+            notify(&[sd_notify::NotifyState::Status(&format!(
+                "{clients} clients"
+            ))]);
+            last_status = (clients, Instant::now());
+        }
+        let max_clients = shared.max_clients.load(Ordering::Acquire);
         if clients == 0 {
             idle_since.get_or_insert_with(Instant::now);
         } else {
@@ -119,7 +155,7 @@ pub fn run(opts: ServerOpts) -> io::Result<Stopped> {
                 break Stopped::IdleTimeout;
             }
         }
-        let at_limit = opts.max_clients != 0 && clients >= opts.max_clients;
+        let at_limit = max_clients != 0 && clients >= max_clients;
         let backing_off = accept_backoff.is_some_and(|t| t > Instant::now());
         let accepting = !at_limit && !backing_off;
         let mut fds = vec![PollFd::new(sigfd.as_fd(), PollFlags::POLLIN)];
@@ -151,9 +187,10 @@ pub fn run(opts: ServerOpts) -> io::Result<Stopped> {
             if let Ok(Some(info)) = sigfd.read_signal() {
                 let signo = info.ssi_signo as i32;
                 if signo == libc::SIGHUP {
-                    tracing::warn!(
-                        "SIGHUP received: configuration reload is not supported yet; ignoring"
-                    );
+                    tracing::info!("Reloading configuration on SIGHUP");
+                    notify(&[sd_notify::NotifyState::Reloading]);
+                    (opts.on_reload)(shared);
+                    notify(&[sd_notify::NotifyState::Ready]);
                 } else {
                     tracing::info!(signal = signo, "shutting down on signal");
                     break Stopped::Signal(signo);
@@ -168,9 +205,7 @@ pub fn run(opts: ServerOpts) -> io::Result<Stopped> {
                 continue;
             }
             loop {
-                if opts.max_clients != 0
-                    && shared.clients.load(Ordering::Acquire) >= opts.max_clients
-                {
+                if max_clients != 0 && shared.clients.load(Ordering::Acquire) >= max_clients {
                     break;
                 }
                 match nix::sys::socket::accept4(
@@ -181,19 +216,18 @@ pub fn run(opts: ServerOpts) -> io::Result<Stopped> {
                     Ok(raw) => {
                         // SAFETY: accept4 returned a fresh descriptor.
                         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-                        let identity = match Identity::of_unix_peer(fd.as_fd()) {
-                            Ok(id) => id,
-                            Err(e) => {
-                                tracing::info!(
-                                    "dropping client whose credentials cannot be read: {e}"
-                                );
-                                continue;
-                            }
+                        let Some(identity) = client_identity(l.kind, &fd) else {
+                            continue;
                         };
                         let id = next_id;
                         next_id += 1;
-                        if let Some(u) = &identity.unix {
-                            tracing::info!(conn = id, uid = u.uid, pid = u.pid, listener = ?l.kind, "client connected");
+                        match &identity.unix {
+                            Some(u) => {
+                                tracing::info!(conn = id, uid = u.uid, pid = u.pid, listener = ?l.kind, "client connected")
+                            }
+                            None => {
+                                tracing::info!(conn = id, listener = ?l.kind, "client connected")
+                            }
                         }
                         shared.clients.fetch_add(1, Ordering::AcqRel);
                         let w = &workers[next_worker % workers.len()];
@@ -229,10 +263,12 @@ pub fn run(opts: ServerOpts) -> io::Result<Stopped> {
         }
     };
 
-    shared.shutdown.store(true, Ordering::Release);
-    for l in &opts.listeners {
+    notify(&[sd_notify::NotifyState::Stopping]);
+    // Stop accepting first: close the listeners (unlinking only the sockets we created).
+    for l in opts.listeners.drain(..) {
         l.unlink();
     }
+    shared.shutdown.store(true, Ordering::Release);
     for w in &workers {
         wake(&w.waker);
     }

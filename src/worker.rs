@@ -14,18 +14,12 @@ use slab::Slab;
 
 use crate::handshake::{Action, Handshake};
 use crate::identity::Identity;
+pub use crate::listen::ListenerKind;
 use crate::proto::{program, remote_proc, Header, MsgType};
 use crate::reactor::{Event, Reactor};
 use crate::relay::tracker::Verdict;
 use crate::relay::{sys, Drive, Pools, Pump};
 use crate::route::RouteTable;
-
-/// The kind of listener a client arrived on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ListenerKind {
-    UnixRw,
-    UnixRo,
-}
 
 /// A freshly accepted client, handed from the acceptor to a worker.
 pub struct NewConn {
@@ -37,10 +31,15 @@ pub struct NewConn {
 
 /// State shared by the acceptor and all workers (read-mostly; counters are atomics).
 pub struct Shared {
-    pub routes: RouteTable,
+    /// Swapped whole on SIGHUP; read once per CONNECT_OPEN, never per message.
+    pub routes: arc_swap::ArcSwap<RouteTable>,
     /// Connected clients on all listeners.
     pub clients: AtomicUsize,
+    /// 0 = unlimited; changed by SIGHUP.
+    pub max_clients: AtomicUsize,
     pub shutdown: AtomicBool,
+    /// How long in-flight frames may take to finish once shutdown starts.
+    pub drain_grace: Duration,
     pub splice_threshold: usize,
 }
 
@@ -75,11 +74,22 @@ enum State {
 struct Conn {
     id: u64,
     gen: u32,
+    kind: ListenerKind,
     client: OwnedFd,
     daemon: Option<OwnedFd>,
     state: State,
     uri: Option<String>,
     since: Instant,
+}
+
+impl Conn {
+    /// Between frames in both directions with nothing buffered: closing loses nothing.
+    fn at_rest(&self) -> bool {
+        match &self.state {
+            State::Pre(p) => !p.hs.in_downstream(),
+            State::Relay { c2d, d2c, .. } => c2d.at_rest() && d2c.at_rest(),
+        }
+    }
 }
 
 enum Outcome {
@@ -136,9 +146,12 @@ impl Worker {
             "worker started"
         );
         let mut events: Vec<Event> = Vec::with_capacity(256);
+        let mut drain_until: Option<Instant> = None;
         loop {
             let timeout = if !self.runnable.is_empty() {
                 Some(Duration::ZERO)
+            } else if drain_until.is_some() {
+                Some(Duration::from_millis(20))
             } else {
                 Some(Duration::from_millis(500))
             };
@@ -164,11 +177,29 @@ impl Worker {
             }
             self.check_deadlines();
             if self.shared.shutdown.load(Ordering::Relaxed) {
-                let slots: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
+                let deadline =
+                    *drain_until.get_or_insert_with(|| Instant::now() + self.shared.drain_grace);
+                let expired = Instant::now() >= deadline;
+                // Connections between frames close now; those mid-frame get until the deadline.
+                let slots: Vec<usize> = self
+                    .conns
+                    .iter()
+                    .filter(|(_, c)| expired || c.at_rest())
+                    .map(|(k, _)| k)
+                    .collect();
                 for s in slots {
-                    self.close(s, "proxy shutting down");
+                    self.close(
+                        s,
+                        if expired {
+                            "proxy shut down (grace period over)"
+                        } else {
+                            "proxy shutting down"
+                        },
+                    );
                 }
-                return;
+                if self.conns.is_empty() {
+                    return;
+                }
             }
         }
     }
@@ -191,17 +222,17 @@ impl Worker {
     fn adopt(&mut self, nc: NewConn) {
         let gen = self.next_gen;
         self.next_gen = self.next_gen.wrapping_add(1).max(1);
-        let readonly = nc.kind == ListenerKind::UnixRo;
         let raw = nc.fd.as_raw_fd();
         let entry = self.conns.vacant_entry();
         let slot = entry.key();
         entry.insert(Conn {
             id: nc.id,
             gen,
+            kind: nc.kind,
             client: nc.fd,
             daemon: None,
             state: State::Pre(Box::new(PreOpen {
-                hs: Handshake::new(readonly, nc.identity),
+                hs: Handshake::new(nc.kind, nc.identity),
                 c_rx: Vec::new(),
                 c_tx: Vec::new(),
                 d_rx: Vec::new(),
@@ -254,6 +285,7 @@ impl Worker {
         else {
             return Outcome::Keep;
         };
+        let fds_allowed = conn.kind.is_unix();
         let mut refuse_reopen = |h: &Header| {
             if h.prog == program::REMOTE
                 && h.proc_ == remote_proc::CONNECT_OPEN
@@ -261,6 +293,9 @@ impl Worker {
             {
                 // libvirt 9.0.0 would tear the connection down on a second open (trap 5).
                 Verdict::Refuse("client sent a second CONNECT_OPEN".into())
+            } else if !fds_allowed && h.mtype == MsgType::CallWithFds {
+                // libvirt closes IP clients that try to pass fds.
+                Verdict::Refuse("fd passing is not possible over TCP".into())
             } else {
                 Verdict::Forward
             }
@@ -333,7 +368,7 @@ impl Worker {
                             p.hs.on_client_frame(
                                 &h,
                                 &frame[Header::SIZE..],
-                                &self.shared.routes,
+                                &self.shared.routes.load(),
                                 &|path: &Path| path.exists(),
                                 &mut actions,
                             )

@@ -61,7 +61,7 @@ fn open_body(name: Option<&str>, flags: u32) -> Vec<u8> {
 
 #[test]
 fn auth_list_and_keepalive_feature_are_answered_locally() {
-    let mut hs = Handshake::new(false, Identity::default());
+    let mut hs = Handshake::new(ListenerKind::UnixRw, Identity::default());
     let out = client(&mut hs, call(remote_proc::AUTH_LIST, 0), &[]);
     assert_eq!(
         out,
@@ -82,7 +82,7 @@ fn auth_list_and_keepalive_feature_are_answered_locally() {
 
 #[test]
 fn calls_before_open_get_libvirts_errors() {
-    let mut hs = Handshake::new(false, Identity::default());
+    let mut hs = Handshake::new(ListenerKind::UnixRw, Identity::default());
     let out = client(&mut hs, call(3, 7), &[]);
     let [Action::ToClient(f)] = out.as_slice() else {
         panic!("{out:?}")
@@ -121,7 +121,7 @@ fn calls_before_open_get_libvirts_errors() {
 
 #[test]
 fn keepalive_ping_is_answered_before_open() {
-    let mut hs = Handshake::new(false, Identity::default());
+    let mut hs = Handshake::new(ListenerKind::UnixRw, Identity::default());
     let out = client(
         &mut hs,
         hdr(program::KEEPALIVE, 1, MsgType::Message, 0, MsgStatus::Ok),
@@ -143,7 +143,7 @@ fn full_open_forwards_ro_bit_identity_and_releases_reply_last() {
         }),
         ..Default::default()
     };
-    let mut hs = Handshake::new(true, id.clone());
+    let mut hs = Handshake::new(ListenerKind::UnixRo, id.clone());
     client(&mut hs, call(60, 1), &msg::i32_body(10));
     let out = client(&mut hs, call(1, 2), &open_body(Some("test:///default"), 0));
     assert_eq!(out, vec![Action::Connect("/d/sock-ro".into())]);
@@ -186,7 +186,7 @@ fn full_open_forwards_ro_bit_identity_and_releases_reply_last() {
 
 #[test]
 fn daemon_refusing_open_is_passed_back_and_client_may_retry() {
-    let mut hs = Handshake::new(false, Identity::default());
+    let mut hs = Handshake::new(ListenerKind::UnixRw, Identity::default());
     client(&mut hs, call(1, 0), &open_body(Some("qemu:///system"), 0));
     let mut out = vec![];
     hs.on_connected(&mut out);
@@ -210,7 +210,7 @@ fn daemon_refusing_open_is_passed_back_and_client_may_retry() {
 
 #[test]
 fn identity_refusal_fails_the_open() {
-    let mut hs = Handshake::new(false, Identity::default());
+    let mut hs = Handshake::new(ListenerKind::UnixRw, Identity::default());
     client(&mut hs, call(1, 5), &open_body(Some("qemu:///system"), 0));
     let mut out = vec![];
     hs.on_connected(&mut out);
@@ -238,7 +238,7 @@ fn identity_refusal_fails_the_open() {
 
 #[test]
 fn missing_daemon_names_the_socket() {
-    let mut hs = Handshake::new(false, Identity::default());
+    let mut hs = Handshake::new(ListenerKind::UnixRw, Identity::default());
     client(&mut hs, call(1, 2), &open_body(Some("qemu:///system"), 0));
     let mut out = vec![];
     hs.on_connect_failed(libc::ENOENT, &mut out);
@@ -253,7 +253,7 @@ fn missing_daemon_names_the_socket() {
 
 #[test]
 fn unroutable_names_are_refused_without_connecting() {
-    let mut hs = Handshake::new(false, Identity::default());
+    let mut hs = Handshake::new(ListenerKind::UnixRw, Identity::default());
     for name in [
         "qemu+ssh://h/system",
         "foo:///system",
@@ -274,7 +274,7 @@ fn unroutable_names_are_refused_without_connecting() {
 
 #[test]
 fn polkit_downstream_is_performed() {
-    let mut hs = Handshake::new(false, Identity::default());
+    let mut hs = Handshake::new(ListenerKind::UnixRw, Identity::default());
     client(&mut hs, call(1, 0), &open_body(Some("qemu:///system"), 0));
     let mut out = vec![];
     hs.on_connected(&mut out);
@@ -291,4 +291,22 @@ fn polkit_downstream_is_performed() {
         &msg::i32_body(1),
     ));
     assert_eq!(Header::check(&open).unwrap().proc_, 1);
+}
+
+#[test]
+fn admin_listener_refuses_calls_and_closes_on_connect_close() {
+    let mut hs = Handshake::new(ListenerKind::UnixAdmin, Identity::default());
+    let h = hdr(program::ADMIN, 1, MsgType::Call, 0, MsgStatus::Ok);
+    let out = client(&mut hs, h, &[0, 0, 0, 0]);
+    let [Action::ToClient(f)] = out.as_slice() else {
+        panic!("{out:?}")
+    };
+    assert_eq!(error_of(f).code, err_code::NO_SUPPORT);
+    assert_eq!(Header::check(f).unwrap().prog, program::ADMIN);
+    let close = hdr(program::ADMIN, 2, MsgType::Call, 1, MsgStatus::Ok);
+    let out = client(&mut hs, close, &[]);
+    assert!(
+        matches!(out.as_slice(), [Action::ToClient(_), Action::Close(_)]),
+        "{out:?}"
+    );
 }

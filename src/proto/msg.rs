@@ -21,6 +21,7 @@ pub mod err_domain {
     pub const NONE: i32 = 0;
     pub const RPC: i32 = 7;
     pub const REMOTE: i32 = 13;
+    pub const ADMIN: i32 = 62;
 }
 
 /// `remote_error` (libvirt-rpc.md §2.3).

@@ -150,6 +150,15 @@ impl Pump {
         Ok(())
     }
 
+    /// At a frame boundary with nothing buffered or in a pipe.
+    pub fn at_rest(&self) -> bool {
+        self.finished
+            || (self.tracker.at_boundary()
+                && self.start == self.end
+                && self.splicing.is_none()
+                && self.fds.is_empty())
+    }
+
     pub fn is_finished(&self) -> bool {
         self.finished
     }

@@ -1,0 +1,210 @@
+//! systemd socket activation (libvirt-rpc.md §8.4): listeners passed as fds 3.. with
+//! `LISTEN_FDS`/`LISTEN_PID`/`LISTEN_FDNAMES`, mapped by the unit names libvirt's units use.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+use crate::listen::{Listener, ListenerKind};
+
+/// Why activation fds cannot be used.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ActivationError {
+    #[error("Some activation file descriptors are unclaimed: {0}")]
+    Unclaimed(String),
+    #[error("activation socket '{0}' is for TLS, which this virtproxyd does not serve yet")]
+    TlsUnsupported(String),
+}
+
+/// The activation environment, read once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ActivationEnv {
+    pub listen_pid: Option<String>,
+    pub listen_fds: Option<String>,
+    pub listen_fdnames: Option<String>,
+}
+
+impl ActivationEnv {
+    pub fn from_process() -> Self {
+        let get = |k| std::env::var(k).ok();
+        Self {
+            listen_pid: get("LISTEN_PID"),
+            listen_fds: get("LISTEN_FDS"),
+            listen_fdnames: get("LISTEN_FDNAMES"),
+        }
+    }
+}
+
+/// What the environment says: no activation, fds to use with their names, or fds to close
+/// (names missing or miscounted: libvirt then logs and falls back to creating its sockets).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Plan {
+    None,
+    Use(Vec<(RawFd, String)>),
+    Fallback { close: Vec<RawFd>, why: String },
+}
+
+/// First fd systemd passes.
+const SD_LISTEN_FDS_START: RawFd = 3;
+
+/// Decides from the environment alone (pure, so it is testable).
+pub fn plan(env: &ActivationEnv, our_pid: u32) -> Plan {
+    let (Some(pid), Some(n)) = (&env.listen_pid, &env.listen_fds) else {
+        return Plan::None;
+    };
+    if pid.trim().parse::<u32>().ok() != Some(our_pid) {
+        return Plan::None;
+    }
+    let n: i32 = match n.trim().parse() {
+        Ok(n) if n > 0 => n,
+        _ => return Plan::None,
+    };
+    let fds: Vec<RawFd> = (0..n).map(|i| SD_LISTEN_FDS_START + i).collect();
+    match &env.listen_fdnames {
+        None => Plan::Fallback {
+            close: vec![],
+            why: "LISTEN_FDNAMES is not set".into(),
+        },
+        Some(names) => {
+            let names: Vec<String> = names.split(':').map(str::to_string).collect();
+            if names.len() != fds.len() {
+                return Plan::Fallback {
+                    close: fds,
+                    why: format!("LISTEN_FDNAMES has {} names for {} fds", names.len(), n),
+                };
+            }
+            Plan::Use(fds.into_iter().zip(names).collect())
+        }
+    }
+}
+
+/// The listener kind systemd's unit name stands for.
+pub fn kind_for(name: &str) -> Result<ListenerKind, ActivationError> {
+    match name {
+        "virtproxyd.socket" => Ok(ListenerKind::UnixRw),
+        "virtproxyd-ro.socket" => Ok(ListenerKind::UnixRo),
+        "virtproxyd-admin.socket" => Ok(ListenerKind::UnixAdmin),
+        "virtproxyd-tcp.socket" => Ok(ListenerKind::Tcp),
+        "virtproxyd-tls.socket" => Err(ActivationError::TlsUnsupported(name.into())),
+        other => Err(ActivationError::Unclaimed(other.into())),
+    }
+}
+
+/// Takes ownership of the activation fds as listeners. Returns `Ok(None)` without
+/// activation (or after falling back, which is logged), and clears the variables so children
+/// do not inherit them.
+pub fn take_listeners(env: &ActivationEnv) -> Result<Option<Vec<Listener>>, ActivationError> {
+    let plan = plan(env, std::process::id());
+    for k in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
+        std::env::remove_var(k);
+    }
+    match plan {
+        Plan::None => Ok(None),
+        Plan::Fallback { close, why } => {
+            tracing::error!("ignoring socket activation: {why}; creating sockets from the config");
+            for fd in close {
+                // SAFETY: systemd passed these fds to us; nobody else owns them.
+                drop(unsafe { OwnedFd::from_raw_fd(fd) });
+            }
+            Ok(None)
+        }
+        Plan::Use(fds) => {
+            // Validate every name before taking any fd, so an error leaves nothing half-done.
+            let kinds: Vec<ListenerKind> = fds
+                .iter()
+                .map(|(_, name)| kind_for(name))
+                .collect::<Result<_, _>>()?;
+            let mut out = Vec::new();
+            for ((raw, name), kind) in fds.into_iter().zip(kinds) {
+                // SAFETY: as above.
+                let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+                // SAFETY: fcntl on our own fd; activation fds arrive without CLOEXEC/O_NONBLOCK.
+                unsafe {
+                    libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC);
+                    let fl = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
+                    libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK);
+                }
+                tracing::info!(fd = raw, name = %name, ?kind, "using activated listener");
+                out.push(Listener {
+                    fd,
+                    kind,
+                    path: None,
+                });
+            }
+            Ok(Some(out))
+        }
+    }
+}
+
+/// Config keys the real daemon ignores under socket activation (logged when set).
+pub const IGNORED_KEYS: &[&str] = &[
+    "listen_tcp",
+    "listen_tls",
+    "tcp_port",
+    "tls_port",
+    "listen_addr",
+    "unix_sock_group",
+    "unix_sock_ro_perms",
+    "unix_sock_rw_perms",
+    "unix_sock_admin_perms",
+    "unix_sock_dir",
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pid: &str, n: &str, names: Option<&str>) -> ActivationEnv {
+        ActivationEnv {
+            listen_pid: Some(pid.into()),
+            listen_fds: Some(n.into()),
+            listen_fdnames: names.map(Into::into),
+        }
+    }
+
+    #[test]
+    fn activation_needs_our_pid_and_fds() {
+        assert_eq!(plan(&env("1", "2", Some("a:b")), 42), Plan::None);
+        assert_eq!(plan(&env("42", "0", Some("")), 42), Plan::None);
+        let none = ActivationEnv {
+            listen_pid: None,
+            listen_fds: None,
+            listen_fdnames: None,
+        };
+        assert_eq!(plan(&none, 42), Plan::None);
+        assert_eq!(
+            plan(
+                &env("42", "2", Some("virtproxyd.socket:virtproxyd-ro.socket")),
+                42
+            ),
+            Plan::Use(vec![
+                (3, "virtproxyd.socket".into()),
+                (4, "virtproxyd-ro.socket".into())
+            ])
+        );
+    }
+
+    #[test]
+    fn missing_or_miscounted_names_fall_back_like_libvirt() {
+        assert!(
+            matches!(plan(&env("42", "2", None), 42), Plan::Fallback { close, .. } if close.is_empty())
+        );
+        assert!(matches!(
+            plan(&env("42", "2", Some("virtproxyd.socket")), 42),
+            Plan::Fallback { close, .. } if close == vec![3, 4]
+        ));
+    }
+
+    #[test]
+    fn unit_names_map_to_listeners_and_unknown_names_are_errors() {
+        assert_eq!(kind_for("virtproxyd.socket"), Ok(ListenerKind::UnixRw));
+        assert_eq!(kind_for("virtproxyd-ro.socket"), Ok(ListenerKind::UnixRo));
+        assert_eq!(
+            kind_for("virtproxyd-admin.socket"),
+            Ok(ListenerKind::UnixAdmin)
+        );
+        assert_eq!(kind_for("virtproxyd-tcp.socket"), Ok(ListenerKind::Tcp));
+        assert_eq!(
+            kind_for("libvirtd.socket"),
+            Err(ActivationError::Unclaimed("libvirtd.socket".into()))
+        );
+    }
+}

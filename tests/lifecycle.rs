@@ -1,0 +1,486 @@
+//! virtproxyd.service drop-in behaviour: socket activation, readiness, idle exit, reload,
+//! daemon mode, and the shipped units.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixDatagram, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::{daemon, virsh, wait_for};
+
+const BIN: &str = env!("CARGO_BIN_EXE_virtproxyd");
+
+fn conf_for(dir: &Path, extra: &str) -> PathBuf {
+    let d = &daemon().rw_sock;
+    let conf = dir.join("virtproxyd.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "{extra}\nunix_sock_dir = \"{}\"\nunix_sock_rw_perms = \"0777\"\ndriver_sockets = [ \"test={}\", \"qemu={}\" ]\n",
+            dir.join("s").display(),
+            d.display(),
+            d.display()
+        ),
+    )
+    .unwrap();
+    conf
+}
+
+fn spawn(args: &[&str], dir: &Path, envs: &[(&str, &str)]) -> Child {
+    let log = std::fs::File::create(dir.join("proxy.log")).unwrap();
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    cmd.spawn().unwrap()
+}
+
+fn wait_exit(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let t = Instant::now();
+    while t.elapsed() < limit {
+        if let Ok(Some(st)) = child.try_wait() {
+            return Some(st);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+fn sigterm(pid: u32) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
+}
+
+fn tempdir() -> tempfile::TempDir {
+    let d = tempfile::Builder::new()
+        .prefix("vpd-life-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    d
+}
+
+fn raw_open(sock: &Path) -> UnixStream {
+    let mut s = UnixStream::connect(sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut body = vec![0, 0, 0, 1, 0, 0, 0, 15];
+    body.extend_from_slice(b"test:///default\0\0\0\0\0");
+    s.write_all(&frame(1, 1, &body)).unwrap();
+    let r = read_frame(&mut s).expect("open reply");
+    assert_eq!(&r[24..28], &[0, 0, 0, 0], "open failed");
+    s
+}
+
+fn frame(proc_: i32, serial: u32, body: &[u8]) -> Vec<u8> {
+    let mut f = Vec::new();
+    for v in [
+        (28 + body.len()) as u32,
+        0x2000_8086,
+        1,
+        proc_ as u32,
+        0,
+        serial,
+        0,
+    ] {
+        f.extend_from_slice(&v.to_be_bytes());
+    }
+    f.extend_from_slice(body);
+    f
+}
+
+fn read_frame(s: &mut UnixStream) -> Option<Vec<u8>> {
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len).ok()?;
+    let mut rest = vec![0u8; u32::from_be_bytes(len) as usize - 4];
+    s.read_exact(&mut rest).ok()?;
+    Some([len.to_vec(), rest].concat())
+}
+
+fn lib_version_works(s: &mut UnixStream, serial: u32) -> bool {
+    s.write_all(&frame(157, serial, &[])).is_ok()
+        && read_frame(s)
+            .is_some_and(|r| r[20..24] == serial.to_be_bytes() && r[24..28] == [0, 0, 0, 0])
+}
+
+#[test]
+fn socket_activation_serves_passed_fds_and_never_unlinks_them() {
+    let dir = tempdir();
+    let conf = conf_for(dir.path(), "");
+    let (rw, ro, admin) = (
+        dir.path().join("act-rw"),
+        dir.path().join("act-ro"),
+        dir.path().join("act-admin"),
+    );
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let tcp = format!("127.0.0.1:{port}");
+    let log = std::fs::File::create(dir.path().join("proxy.log")).unwrap();
+    // systemd-socket-activate binds, then execs the proxy on the first connection.
+    let mut act = Command::new("systemd-socket-activate")
+        .arg("-l")
+        .arg(&rw)
+        .arg("-l")
+        .arg(&ro)
+        .arg("-l")
+        .arg(&admin)
+        .arg("-l")
+        .arg(&tcp)
+        .arg("--fdname=virtproxyd.socket:virtproxyd-ro.socket:virtproxyd-admin.socket:virtproxyd-tcp.socket")
+        .args([
+            BIN,
+            "-v",
+            "-f",
+            conf.to_str().unwrap(),
+            "-p",
+            dir.path().join("pid").to_str().unwrap(),
+        ])
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    assert!(wait_for(Duration::from_secs(10), || rw.exists() && ro.exists()));
+    let uri = format!("test+unix:///default?socket={}", rw.display());
+    let o = virsh(&uri, &["list", "--all"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = virsh(
+        &format!("test+unix:///default?socket={}", ro.display()),
+        &["list"],
+    );
+    assert!(
+        o.status.success(),
+        "ro: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // Plain TCP with auth none, as `qemu+tcp://` clients use it.
+    let o = virsh(&format!("test+tcp://{tcp}/default"), &["list", "--all"]);
+    assert!(
+        o.status.success(),
+        "tcp: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // The admin socket answers with a libvirt error instead of hanging.
+    let o = support::virt_admin_sock(&admin, &["srv-list"]);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("admin interface is not available"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // The config's unix_sock_dir was ignored: no socket created there.
+    assert!(!dir.path().join("s/libvirt-sock").exists());
+    sigterm(act.id());
+    let st = wait_exit(&mut act, Duration::from_secs(10)).expect("proxy did not exit on SIGTERM");
+    assert!(st.success(), "exit {st:?}");
+    assert!(
+        rw.exists() && ro.exists(),
+        "activated sockets were unlinked"
+    );
+}
+
+#[test]
+fn socket_activation_refuses_an_unknown_fd_name() {
+    let dir = tempdir();
+    let conf = conf_for(dir.path(), "");
+    let sock = dir.path().join("act-x");
+    let log = std::fs::File::create(dir.path().join("proxy.log")).unwrap();
+    let mut act = Command::new("systemd-socket-activate")
+        .arg("-l")
+        .arg(&sock)
+        .arg("--fdname=libvirtd.socket")
+        .args([
+            BIN,
+            "-f",
+            conf.to_str().unwrap(),
+            "-p",
+            dir.path().join("pid").to_str().unwrap(),
+        ])
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    assert!(wait_for(Duration::from_secs(10), || sock.exists()));
+    let _trigger = UnixStream::connect(&sock).unwrap();
+    let st = wait_exit(&mut act, Duration::from_secs(10))
+        .expect("proxy kept running with an unknown fd");
+    assert_eq!(st.code(), Some(6));
+    let log = std::fs::read_to_string(dir.path().join("proxy.log")).unwrap();
+    assert!(log.contains("unclaimed: libvirtd.socket"), "{log}");
+}
+
+#[test]
+fn notify_socket_gets_ready_after_listeners_and_stopping_on_sigterm() {
+    let dir = tempdir();
+    let conf = conf_for(dir.path(), "");
+    let notify_path = dir.path().join("notify");
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut p = spawn(
+        &[
+            "-f",
+            conf.to_str().unwrap(),
+            "-p",
+            dir.path().join("pid").to_str().unwrap(),
+        ],
+        dir.path(),
+        &[("NOTIFY_SOCKET", notify_path.to_str().unwrap())],
+    );
+    let mut buf = [0u8; 512];
+    let n = notify.recv(&mut buf).expect("no READY=1");
+    let msg = String::from_utf8_lossy(&buf[..n]).to_string();
+    assert!(msg.lines().any(|l| l == "READY=1"), "{msg}");
+    // When READY=1 arrives, the sockets already accept clients.
+    assert!(UnixStream::connect(dir.path().join("s/libvirt-sock")).is_ok());
+    assert!(UnixStream::connect(dir.path().join("s/libvirt-sock-ro")).is_ok());
+    sigterm(p.id());
+    let mut stopping = false;
+    while let Ok(n) = notify.recv(&mut buf) {
+        if String::from_utf8_lossy(&buf[..n])
+            .lines()
+            .any(|l| l == "STOPPING=1")
+        {
+            stopping = true;
+            break;
+        }
+    }
+    assert!(stopping, "no STOPPING=1");
+    assert!(wait_exit(&mut p, Duration::from_secs(10)).is_some_and(|s| s.success()));
+    assert!(
+        !dir.path().join("s/libvirt-sock").exists(),
+        "own socket not unlinked"
+    );
+}
+
+#[test]
+fn idle_timeout_exits_only_when_no_client_is_connected() {
+    let dir = tempdir();
+    let conf = conf_for(dir.path(), "");
+    let mut p = spawn(
+        &[
+            "-t",
+            "2",
+            "-f",
+            conf.to_str().unwrap(),
+            "-p",
+            dir.path().join("pid").to_str().unwrap(),
+        ],
+        dir.path(),
+        &[],
+    );
+    let sock = dir.path().join("s/libvirt-sock");
+    assert!(wait_for(Duration::from_secs(10), || sock.exists()));
+    let mut c = raw_open(&sock);
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        p.try_wait().unwrap().is_none(),
+        "exited while a client was connected"
+    );
+    assert!(lib_version_works(&mut c, 2));
+    let closed_at = Instant::now();
+    drop(c);
+    let st = wait_exit(&mut p, Duration::from_secs(10)).expect("did not exit when idle");
+    assert!(st.success(), "{st:?}");
+    let idle = closed_at.elapsed();
+    assert!(
+        idle >= Duration::from_millis(1800),
+        "exited after only {idle:?} idle"
+    );
+}
+
+#[test]
+fn sighup_applies_a_new_client_limit_without_dropping_clients() {
+    let dir = tempdir();
+    let conf = conf_for(dir.path(), "max_clients = 1");
+    let mut p = spawn(
+        &[
+            "-v",
+            "-f",
+            conf.to_str().unwrap(),
+            "-p",
+            dir.path().join("pid").to_str().unwrap(),
+        ],
+        dir.path(),
+        &[],
+    );
+    let sock = dir.path().join("s/libvirt-sock");
+    assert!(wait_for(Duration::from_secs(10), || sock.exists()));
+    let mut a = raw_open(&sock);
+    // A second client waits in the backlog while the limit is 1.
+    let mut b = UnixStream::connect(&sock).unwrap();
+    b.set_read_timeout(Some(Duration::from_millis(600)))
+        .unwrap();
+    b.write_all(&frame(66, 0, &[])).unwrap();
+    assert!(
+        read_frame(&mut b).is_none(),
+        "second client served over max_clients = 1"
+    );
+
+    conf_for(dir.path(), "max_clients = 5");
+    let _ = Command::new("kill")
+        .args(["-HUP", &p.id().to_string()])
+        .status();
+    b.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    assert!(
+        read_frame(&mut b).is_some(),
+        "second client not served after reload"
+    );
+    assert!(
+        lib_version_works(&mut a, 3),
+        "first client dropped by reload"
+    );
+    let log = std::fs::read_to_string(dir.path().join("proxy.log")).unwrap();
+    assert!(log.contains("applied max_clients 1 -> 5"), "{log}");
+    sigterm(p.id());
+    assert!(wait_exit(&mut p, Duration::from_secs(10)).is_some());
+}
+
+#[test]
+fn daemon_mode_writes_a_locked_pid_file_and_removes_it() {
+    let dir = tempdir();
+    let conf = conf_for(dir.path(), "");
+    let pidf = dir.path().join("virtproxyd.pid");
+    let args = [
+        "-d",
+        "-f",
+        conf.to_str().unwrap(),
+        "-p",
+        pidf.to_str().unwrap(),
+    ];
+    let o = Command::new(BIN).args(args).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let pid: u32 = std::fs::read_to_string(&pidf)
+        .unwrap()
+        .parse()
+        .expect("pid without newline");
+    assert!(support::process_alive(pid));
+    assert!(dir.path().join("s/libvirt-sock").exists());
+
+    // A second instance with the same pid file refuses to start and leaves the file alone.
+    let second_dir = tempdir();
+    let conf2 = conf_for(second_dir.path(), "");
+    let o = Command::new(BIN)
+        .args(["-f", conf2.to_str().unwrap(), "-p", pidf.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("Failed to acquire pid file"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(std::fs::read_to_string(&pidf).unwrap(), pid.to_string());
+
+    sigterm(pid);
+    assert!(
+        wait_for(Duration::from_secs(10), || !pidf.exists()),
+        "pid file not removed"
+    );
+    assert!(wait_for(Duration::from_secs(10), || {
+        !support::process_alive(pid)
+    }));
+}
+
+#[test]
+fn shipped_units_pass_systemd_analyze_verify() {
+    let dir = tempdir();
+    let units = dir.path().join("units");
+    let man = dir.path().join("man/man8");
+    std::fs::create_dir_all(&units).unwrap();
+    std::fs::create_dir_all(&man).unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    std::fs::copy(root.join("doc/virtproxyd.8"), man.join("virtproxyd.8")).unwrap();
+    let mut files = Vec::new();
+    for e in std::fs::read_dir(root.join("systemd")).unwrap().flatten() {
+        // ExecStart must point at an existing binary for verify.
+        let text = std::fs::read_to_string(e.path())
+            .unwrap()
+            .replace("/usr/sbin/virtproxyd", BIN);
+        let dst = units.join(e.file_name());
+        std::fs::write(&dst, text).unwrap();
+        files.push(dst);
+    }
+    assert_eq!(files.len(), 6, "service plus five sockets");
+    let o = Command::new("systemd-analyze")
+        .arg("verify")
+        .args(&files)
+        .env("MANPATH", dir.path().join("man"))
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success() && o.stderr.is_empty(),
+        "verify: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+#[test]
+fn make_install_puts_binary_units_conf_and_man_page_in_place() {
+    let dir = tempdir();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let staged = dir.path().join("stage");
+    // CARGO=true: the binary under test is already built; install that one.
+    let o = Command::new("make")
+        .current_dir(root)
+        .args([
+            "install",
+            "CARGO=true",
+            &format!("BIN={BIN}"),
+            &format!("DESTDIR={}", staged.display()),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(staged.join("usr/sbin/virtproxyd").exists());
+    for u in [
+        "virtproxyd.service",
+        "virtproxyd.socket",
+        "virtproxyd-ro.socket",
+        "virtproxyd-admin.socket",
+        "virtproxyd-tcp.socket",
+        "virtproxyd-tls.socket",
+    ] {
+        assert!(staged.join("lib/systemd/system").join(u).exists(), "{u}");
+    }
+    assert!(staged.join("etc/libvirt/virtproxyd.conf").exists());
+    assert!(staged.join("usr/share/man/man8/virtproxyd.8").exists());
+    // A second install keeps the operator's edited configuration.
+    std::fs::write(
+        staged.join("etc/libvirt/virtproxyd.conf"),
+        "max_clients = 7\n",
+    )
+    .unwrap();
+    let o = Command::new("make")
+        .current_dir(root)
+        .args([
+            "install",
+            "CARGO=true",
+            &format!("BIN={BIN}"),
+            &format!("DESTDIR={}", staged.display()),
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    assert_eq!(
+        std::fs::read_to_string(staged.join("etc/libvirt/virtproxyd.conf")).unwrap(),
+        "max_clients = 7\n"
+    );
+}
