@@ -1,9 +1,12 @@
 # Installs virtproxyd-rs in place of libvirt's virtproxyd.
-#   make install [PREFIX=/usr] [DESTDIR=/staging] [BIN=path]   binary, units, conf (kept if present), man page
-#   make uninstall [PREFIX=/usr] [DESTDIR=...]
-PREFIX ?= /usr
+#   make install [PREFIX=/usr/local] [DESTDIR=/staging] [BIN=path]
+#       binary, units, conf (kept if present), man page
+#   make uninstall [PREFIX=/usr/local] [DESTDIR=...]
+# Units go to /etc/systemd/system, where they take precedence over a distribution's units of
+# the same name; `make uninstall` and `systemctl daemon-reload` bring those back.
+PREFIX ?= /usr/local
 SYSCONFDIR ?= /etc
-UNITDIR ?= /lib/systemd/system
+UNITDIR ?= /etc/systemd/system
 CARGO ?= cargo
 BIN ?= target/release/virtproxyd
 
@@ -17,8 +20,8 @@ all:
 install: all
 	install -D -m 0755 $(BIN) $(DESTDIR)$(PREFIX)/sbin/virtproxyd
 	for u in $(UNITS); do \
-	  sed 's|/usr/sbin/virtproxyd|$(PREFIX)/sbin/virtproxyd|' systemd/$$u > systemd/$$u.tmp && \
-	  install -D -m 0644 systemd/$$u.tmp $(DESTDIR)$(UNITDIR)/$$u && rm -f systemd/$$u.tmp; \
+	  sed 's|/usr/sbin/virtproxyd|$(PREFIX)/sbin/virtproxyd|' systemd/$$u | \
+	    install -D -m 0644 /dev/stdin $(DESTDIR)$(UNITDIR)/$$u || exit 1; \
 	done
 	# An existing configuration is the operator's: never overwrite it.
 	test -e $(DESTDIR)$(SYSCONFDIR)/libvirt/virtproxyd.conf || \

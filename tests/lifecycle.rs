@@ -449,7 +449,7 @@ fn make_install_puts_binary_units_conf_and_man_page_in_place() {
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
     );
-    assert!(staged.join("usr/sbin/virtproxyd").exists());
+    assert!(staged.join("usr/local/sbin/virtproxyd").exists());
     for u in [
         "virtproxyd.service",
         "virtproxyd.socket",
@@ -458,10 +458,12 @@ fn make_install_puts_binary_units_conf_and_man_page_in_place() {
         "virtproxyd-tcp.socket",
         "virtproxyd-tls.socket",
     ] {
-        assert!(staged.join("lib/systemd/system").join(u).exists(), "{u}");
+        assert!(staged.join("etc/systemd/system").join(u).exists(), "{u}");
     }
+    let unit = std::fs::read_to_string(staged.join("etc/systemd/system/virtproxyd.service")).unwrap();
+    assert!(unit.contains("ExecStart=/usr/local/sbin/virtproxyd $VIRTPROXYD_ARGS"), "{unit}");
     assert!(staged.join("etc/libvirt/virtproxyd.conf").exists());
-    assert!(staged.join("usr/share/man/man8/virtproxyd.8").exists());
+    assert!(staged.join("usr/local/share/man/man8/virtproxyd.8").exists());
     // A second install keeps the operator's edited configuration.
     std::fs::write(
         staged.join("etc/libvirt/virtproxyd.conf"),
