@@ -16,9 +16,9 @@ use crate::handshake::{Action, Handshake};
 use crate::identity::Identity;
 pub use crate::listen::ListenerKind;
 use crate::proto::{program, remote_proc, Header, MsgType};
-use crate::reactor::{Event, Reactor};
-use crate::relay::tracker::Verdict;
-use crate::relay::{sys, Drive, Pools, Pump};
+use crate::reactor::{Event, Interest, Reactor};
+use crate::relay::tracker::{Tracker, Verdict};
+use crate::relay::{sys, Drive, Pools, Pump, PumpError};
 use crate::route::RouteTable;
 
 /// A freshly accepted client, handed from the acceptor to a worker.
@@ -48,6 +48,31 @@ const DOWNSTREAM_DEADLINE: Duration = Duration::from_secs(30);
 /// Largest frame accepted before CONNECT_OPEN; real opens are tiny.
 const PREOPEN_FRAME_MAX: usize = 1 << 20;
 const WAKER_TOKEN: u64 = u64::MAX - 1;
+/// Replies queued for a pre-open client beyond which it is not read any more.
+const PREOPEN_TX_CAP: usize = 64 * 1024;
+/// Pre-open frames handled per service before other connections get a turn.
+const PREOPEN_FRAMES_PER_DRIVE: usize = 64;
+
+/// Where a pre-open service ended.
+enum Pre {
+    Relay,
+    Keep,
+    Yield,
+}
+
+/// What the relay does with a client frame (also applied to bytes pipelined before hand-over).
+fn client_frame_verdict(kind: ListenerKind, h: &Header) -> Verdict {
+    let is_call = matches!(h.mtype, MsgType::Call | MsgType::CallWithFds);
+    if h.prog == program::REMOTE && h.proc_ == remote_proc::CONNECT_OPEN && is_call {
+        // libvirt 9.0.0 would tear the connection down on a second open (trap 5).
+        Verdict::Refuse("client sent a second CONNECT_OPEN".into())
+    } else if !kind.is_unix() && h.mtype == MsgType::CallWithFds {
+        // libvirt closes IP clients that try to pass fds.
+        Verdict::Refuse("fd passing is not possible over TCP".into())
+    } else {
+        Verdict::Forward
+    }
+}
 
 struct PreOpen {
     hs: Handshake,
@@ -75,6 +100,8 @@ struct Conn {
     id: u64,
     gen: u32,
     kind: ListenerKind,
+    /// Already on the runnable queue (one entry per connection at most).
+    queued: bool,
     client: OwnedFd,
     daemon: Option<OwnedFd>,
     state: State,
@@ -135,7 +162,7 @@ impl Worker {
             runnable: VecDeque::new(),
         };
         let raw = w.waker.as_raw_fd();
-        w.reactor.add(raw, WAKER_TOKEN)?;
+        w.reactor.add(raw, WAKER_TOKEN, Interest::Read)?;
         Ok(w)
     }
 
@@ -172,6 +199,10 @@ impl Worker {
             }
             for _ in 0..self.runnable.len() {
                 if let Some((slot, gen)) = self.runnable.pop_front() {
+                    match self.conns.get_mut(slot) {
+                        Some(c) if c.gen == gen => c.queued = false,
+                        _ => continue,
+                    }
                     self.service(slot, gen);
                 }
             }
@@ -229,6 +260,7 @@ impl Worker {
             id: nc.id,
             gen,
             kind: nc.kind,
+            queued: false,
             client: nc.fd,
             daemon: None,
             state: State::Pre(Box::new(PreOpen {
@@ -243,7 +275,10 @@ impl Worker {
             uri: None,
             since: Instant::now(),
         });
-        if let Err(e) = self.reactor.add(raw, token(slot, gen, false)) {
+        if let Err(e) = self
+            .reactor
+            .add(raw, token(slot, gen, false), Interest::ReadWrite)
+        {
             tracing::warn!(conn = nc.id, "cannot watch client socket: {e}");
             self.close(slot, "reactor registration failed");
         }
@@ -256,7 +291,14 @@ impl Worker {
         }
         match self.drive(slot) {
             Outcome::Keep => {}
-            Outcome::Yield => self.runnable.push_back((slot, gen)),
+            Outcome::Yield => {
+                if let Some(c) = self.conns.get_mut(slot) {
+                    if !c.queued {
+                        c.queued = true;
+                        self.runnable.push_back((slot, gen));
+                    }
+                }
+            }
             Outcome::Close(why) => self.close(slot, &why),
         }
     }
@@ -265,8 +307,9 @@ impl Worker {
         let is_pre = matches!(self.conns.get(slot).map(|c| &c.state), Some(State::Pre(_)));
         if is_pre {
             match self.drive_preopen(slot) {
-                Ok(true) => {} // became a relay: fall through and drive it
-                Ok(false) => return Outcome::Keep,
+                Ok(Pre::Relay) => {} // became a relay: fall through and drive it
+                Ok(Pre::Keep) => return Outcome::Keep,
+                Ok(Pre::Yield) => return Outcome::Yield,
                 Err(why) => return Outcome::Close(why),
             }
         }
@@ -285,27 +328,16 @@ impl Worker {
         else {
             return Outcome::Keep;
         };
-        let fds_allowed = conn.kind.is_unix();
-        let mut refuse_reopen = |h: &Header| {
-            if h.prog == program::REMOTE
-                && h.proc_ == remote_proc::CONNECT_OPEN
-                && h.mtype == MsgType::Call
-            {
-                // libvirt 9.0.0 would tear the connection down on a second open (trap 5).
-                Verdict::Refuse("client sent a second CONNECT_OPEN".into())
-            } else if !fds_allowed && h.mtype == MsgType::CallWithFds {
-                // libvirt closes IP clients that try to pass fds.
-                Verdict::Refuse("fd passing is not possible over TCP".into())
-            } else {
-                Verdict::Forward
+        let kind = conn.kind;
+        let mut upstream_failed = None;
+        let up = match c2d.drive(conn.client.as_fd(), daemon.as_fd(), pools, &mut |h| {
+            client_frame_verdict(kind, h)
+        }) {
+            // The daemon stopped reading (it is closing): still deliver what it already sent.
+            Err(e @ PumpError::Write(_)) => {
+                upstream_failed = Some(format!("daemon side: {e}"));
+                Drive::Finished
             }
-        };
-        let up = match c2d.drive(
-            conn.client.as_fd(),
-            daemon.as_fd(),
-            pools,
-            &mut refuse_reopen,
-        ) {
             Err(e) => return Outcome::Close(format!("client side: {e}")),
             Ok(d) => d,
         };
@@ -320,6 +352,9 @@ impl Worker {
             Err(e) => return Outcome::Close(format!("daemon side: {e}")),
             Ok(d) => d,
         };
+        if let Some(why) = upstream_failed {
+            return Outcome::Close(why);
+        }
         if down == Drive::Finished {
             return Outcome::Close(if up == Drive::Finished {
                 "client closed".into()
@@ -334,14 +369,16 @@ impl Worker {
         }
     }
 
-    /// Runs the pre-open exchange. Ok(true) when the connection just switched to relaying.
-    fn drive_preopen(&mut self, slot: usize) -> Result<bool, String> {
+    /// Runs the pre-open exchange until it blocks, switches to relaying, or uses its budget.
+    fn drive_preopen(&mut self, slot: usize) -> Result<Pre, String> {
         let mut actions = Vec::new();
+        let mut frames_left = PREOPEN_FRAMES_PER_DRIVE;
+        let routes = self.shared.routes.load_full();
         loop {
             let mut progress = false;
             let conn = self.conns.get_mut(slot).ok_or("gone")?;
             let State::Pre(p) = &mut conn.state else {
-                return Ok(true);
+                return Ok(Pre::Relay);
             };
 
             flush(&conn.client, &mut p.c_tx).map_err(|e| format!("client write: {e}"))?;
@@ -353,49 +390,60 @@ impl Worker {
             if let Some(d) = &conn.daemon {
                 flush(d, &mut p.d_tx).map_err(|e| format!("daemon write: {e}"))?;
             }
-            if p.hs.wants_client_input() && p.closing.is_none() {
-                match read_some(&conn.client, &mut p.c_rx) {
-                    Ok(0) => return Err("client closed before open".into()),
-                    Ok(_) => progress = true,
-                    Err(e) if sys::would_block(&e) => {}
-                    Err(e) => return Err(format!("client read: {e}")),
-                }
-                // One frame per pass: handling it may change the phase.
-                if p.closing.is_none() {
-                    match take_frame(&mut p.c_rx) {
-                        Ok(Some((h, frame))) => {
-                            progress = true;
+            // Read the client only while the handshake wants input and our replies are not
+            // piling up (a client that sends without reading must not grow c_tx): past the
+            // cap a flush has hit EAGAIN, so writability will wake us.
+            if p.hs.wants_client_input() && p.closing.is_none() && p.c_tx.len() < PREOPEN_TX_CAP {
+                let read = read_some(&conn.client, &mut p.c_rx)
+                    .map_err(|e| format!("client read: {e}"))?;
+                progress |= read == ReadState::Data;
+                let mut used = 0;
+                while frames_left > 0 && p.hs.wants_client_input() && p.closing.is_none() {
+                    match frame_at(&p.c_rx[used..]) {
+                        Ok(Some(h)) => {
+                            let end = used + h.len as usize;
                             p.hs.on_client_frame(
                                 &h,
-                                &frame[Header::SIZE..],
-                                &self.shared.routes.load(),
+                                &p.c_rx[used + Header::SIZE..end],
+                                &routes,
                                 &|path: &Path| path.exists(),
                                 &mut actions,
-                            )
+                            );
+                            used = end;
+                            frames_left -= 1;
+                            progress = true;
                         }
-                        Ok(None) => {}
+                        Ok(None) => break,
                         Err(e) => return Err(format!("client sent a bad frame: {e}")),
                     }
-                    self.apply(slot, &mut actions)?;
+                }
+                p.c_rx.drain(..used);
+                if read == ReadState::Eof && p.closing.is_none() {
+                    // Answer what arrived before the EOF (a half-closed client still reads).
+                    p.closing = Some("client closed before open".into());
+                    progress = true;
                 }
             }
-            let conn = self.conns.get_mut(slot).ok_or("gone")?;
-            let State::Pre(p) = &mut conn.state else {
-                return Ok(true);
-            };
             if let Some(d) = &conn.daemon {
                 match read_some(d, &mut p.d_rx) {
-                    Ok(0) => {
+                    Ok(ReadState::Eof) => {
                         p.hs.on_daemon_lost("closed the connection during open", &mut actions)
                     }
-                    Ok(_) => progress = true,
-                    Err(e) if sys::would_block(&e) => {}
+                    Ok(ReadState::Data) => progress = true,
+                    Ok(_) => {}
                     Err(e) => p.hs.on_daemon_lost(&format!("failed: {e}"), &mut actions),
                 }
+                let mut used = 0;
                 while p.hs.in_downstream() {
-                    match take_frame(&mut p.d_rx) {
-                        Ok(Some((h, frame))) => {
-                            p.hs.on_daemon_frame(&h, &frame[Header::SIZE..], &mut actions)
+                    match frame_at(&p.d_rx[used..]) {
+                        Ok(Some(h)) => {
+                            let end = used + h.len as usize;
+                            p.hs.on_daemon_frame(
+                                &h,
+                                &p.d_rx[used + Header::SIZE..end],
+                                &mut actions,
+                            );
+                            used = end;
                         }
                         Ok(None) => break,
                         Err(e) => {
@@ -403,6 +451,7 @@ impl Worker {
                         }
                     }
                 }
+                p.d_rx.drain(..used.min(p.d_rx.len()));
             }
             if !actions.is_empty() {
                 progress = true;
@@ -410,10 +459,13 @@ impl Worker {
             }
             let conn = self.conns.get_mut(slot).ok_or("gone")?;
             if !matches!(conn.state, State::Pre(_)) {
-                return Ok(true);
+                return Ok(Pre::Relay);
+            }
+            if frames_left == 0 {
+                return Ok(Pre::Yield);
             }
             if !progress {
-                return Ok(false);
+                return Ok(Pre::Keep);
             }
         }
     }
@@ -440,7 +492,7 @@ impl Worker {
                             p.deadline = Some(Instant::now() + DOWNSTREAM_DEADLINE);
                             p.hs.on_connected(&mut out);
                             self.reactor
-                                .add(raw, token(slot, gen, true))
+                                .add(raw, token(slot, gen, true), Interest::ReadWrite)
                                 .map_err(|e| e.to_string())?;
                         }
                         Err(e) => {
@@ -463,6 +515,14 @@ impl Worker {
                     conn.uri = None;
                 }
                 Action::StartRelay => {
+                    // Bytes the client pipelined behind its open must pass the relay's checks;
+                    // if they do not, the client still gets its open reply, then the close.
+                    let kind = conn.kind;
+                    let mut probe = Tracker::new(true, usize::MAX);
+                    if let Err(e) = probe.consume(&p.c_rx, |h| client_frame_verdict(kind, h)) {
+                        p.closing = Some(format!("client side: {e}"));
+                        continue;
+                    }
                     let State::Pre(p) = std::mem::replace(
                         &mut conn.state,
                         State::Relay {
@@ -480,11 +540,13 @@ impl Worker {
                     // either side already sent past the handshake.
                     let mut down = p.c_tx;
                     down.extend_from_slice(&p.d_rx);
-                    let fwd = &mut |_: &Header| Verdict::Forward;
-                    d2c.preload(&down, &mut self.pools, fwd)
+                    let kind = conn.kind;
+                    d2c.preload(&down, &mut self.pools, &mut |_| Verdict::Forward)
                         .map_err(|e| e.to_string())?;
-                    c2d.preload(&p.c_rx, &mut self.pools, fwd)
-                        .map_err(|e| e.to_string())?;
+                    c2d.preload(&p.c_rx, &mut self.pools, &mut |h| {
+                        client_frame_verdict(kind, h)
+                    })
+                    .map_err(|e| format!("client side: {e}"))?;
                     tracing::info!(
                         conn = conn.id,
                         uri = conn.uri.as_deref().unwrap_or(""),
@@ -569,29 +631,51 @@ fn flush(fd: &OwnedFd, buf: &mut Vec<u8>) -> io::Result<()> {
     Ok(())
 }
 
-/// Reads whatever is available into `buf` (fds sent before open are dropped, i.e. closed).
-fn read_some(fd: &OwnedFd, buf: &mut Vec<u8>) -> io::Result<usize> {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReadState {
+    Data,
+    Eof,
+    /// EAGAIN: readiness will be reported again.
+    Blocked,
+    /// The pre-open buffer limit is reached; the caller must consume before reading more.
+    Full,
+}
+
+/// Reads what is available into `buf`, never past the pre-open limit. fds sent before open
+/// are dropped, i.e. closed.
+fn read_some(fd: &OwnedFd, buf: &mut Vec<u8>) -> io::Result<ReadState> {
+    const LIMIT: usize = PREOPEN_FRAME_MAX + 16 * 1024;
     let mut chunk = [0u8; 16 * 1024];
-    let mut total = 0;
+    let mut got = false;
     loop {
-        match sys::recv_with_fd(fd.as_fd(), &mut chunk) {
-            Ok((0, _)) if total == 0 => return Ok(0),
-            Ok((0, _)) => return Ok(total),
+        let room = LIMIT.saturating_sub(buf.len()).min(chunk.len());
+        if room == 0 {
+            return Ok(if got {
+                ReadState::Data
+            } else {
+                ReadState::Full
+            });
+        }
+        match sys::recv_with_fd(fd.as_fd(), &mut chunk[..room]) {
+            Ok((0, _)) => return Ok(if got { ReadState::Data } else { ReadState::Eof }),
             Ok((n, _)) => {
                 buf.extend_from_slice(&chunk[..n]);
-                total += n;
-                if buf.len() > PREOPEN_FRAME_MAX + Header::SIZE {
-                    return Ok(total);
-                }
+                got = true;
             }
-            Err(e) if sys::would_block(&e) && total > 0 => return Ok(total),
+            Err(e) if sys::would_block(&e) => {
+                return Ok(if got {
+                    ReadState::Data
+                } else {
+                    ReadState::Blocked
+                })
+            }
             Err(e) => return Err(e),
         }
     }
 }
 
-/// Splits one complete frame off the front of `buf`.
-fn take_frame(buf: &mut Vec<u8>) -> Result<Option<(Header, Vec<u8>)>, String> {
+/// The header of the complete frame at the start of `buf`, if one is there.
+fn frame_at(buf: &[u8]) -> Result<Option<Header>, String> {
     match Header::check(buf) {
         Err(crate::proto::FrameError::Incomplete) => Ok(None),
         Err(e) => Err(e.to_string()),
@@ -599,10 +683,7 @@ fn take_frame(buf: &mut Vec<u8>) -> Result<Option<(Header, Vec<u8>)>, String> {
             Err(format!("frame of {} bytes before CONNECT_OPEN", h.len))
         }
         Ok(h) if buf.len() < h.len as usize => Ok(None),
-        Ok(h) => {
-            let frame: Vec<u8> = buf.drain(..h.len as usize).collect();
-            Ok(Some((h, frame)))
-        }
+        Ok(h) => Ok(Some(h)),
     }
 }
 

@@ -641,3 +641,109 @@ fn keepalive_is_end_to_end_after_hand_over() {
         assert_eq!(&r[20..28], &[0, 0, 0, 5, 0, 0, 0, 0], "{backend}");
     }
 }
+
+fn vm_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn preopen_flood_without_reading_neither_grows_memory_nor_stalls_others() {
+    for (backend, p) in proxies("") {
+        let rss_before = vm_rss_kib(p.pid());
+        let ping: Vec<u8> = [28u32, 0x6b65_6570, 1, 1, 2, 0, 0]
+            .iter()
+            .flat_map(|v| v.to_be_bytes())
+            .collect();
+        let burst: Vec<u8> = ping
+            .iter()
+            .cycle()
+            .take(ping.len() * 4096)
+            .copied()
+            .collect();
+        let mut flooder = raw(&p);
+        flooder
+            .set_write_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let t = Instant::now();
+        let mut sent = 0usize;
+        // Write PINGs and never read the PONGs, until the socket pushes back.
+        while t.elapsed() < Duration::from_secs(3) {
+            match flooder.write(&burst) {
+                Ok(n) => sent += n,
+                Err(_) => break,
+            }
+        }
+        let t = Instant::now();
+        assert_ok(&virsh(&p.uri("test:///default"), &["list"]), backend);
+        assert!(
+            t.elapsed() < Duration::from_secs(3),
+            "{backend}: bystander took {:?}",
+            t.elapsed()
+        );
+        let grown = vm_rss_kib(p.pid()).saturating_sub(rss_before);
+        assert!(
+            grown < 16 * 1024,
+            "{backend}: RSS grew {grown} KiB after {sent} bytes of PINGs"
+        );
+    }
+}
+
+#[test]
+fn pipelined_failing_opens_leave_no_daemon_connections_behind() {
+    let count = |d: &support::Daemon| support::admin_clients(d).len();
+    for (backend, p) in proxies("") {
+        let before = count(daemon());
+        let fds_before = open_fds(p.pid());
+        let mut s = raw(&p);
+        let bad_name = "test:///nonexistent/vpd.xml";
+        let mut bad = vec![0, 0, 0, 1];
+        bad.extend_from_slice(&(bad_name.len() as u32).to_be_bytes());
+        bad.extend_from_slice(bad_name.as_bytes());
+        bad.resize(bad.len().next_multiple_of(4), 0);
+        bad.extend_from_slice(&[0, 0, 0, 0]);
+        // Ten opens the daemon refuses, all in one write.
+        let burst: Vec<u8> = (0..10u32).flat_map(|i| frame(1, 0, i, &bad)).collect();
+        s.write_all(&burst).unwrap();
+        for i in 0..10u32 {
+            let r = read_frame(&mut s).expect("error reply");
+            assert_eq!(
+                &r[20..28],
+                &[&i.to_be_bytes()[..], &[0, 0, 0, 1]].concat()[..],
+                "{backend}: reply {i}"
+            );
+        }
+        drop(s);
+        let settled = wait_for(Duration::from_secs(10), || {
+            count(daemon()) <= before && open_fds(p.pid()) <= fds_before
+        });
+        assert!(
+            settled,
+            "{backend}: daemon has {} clients (was {before}), proxy {} fds (was {fds_before})",
+            count(daemon()),
+            open_fds(p.pid())
+        );
+    }
+}
+
+#[test]
+fn second_open_pipelined_behind_the_first_is_refused() {
+    for (backend, p) in proxies("") {
+        let mut s = raw(&p);
+        let mut body = vec![0, 0, 0, 1, 0, 0, 0, 15];
+        body.extend_from_slice(b"test:///default\0\0\0\0\0");
+        let mut two = frame(1, 0, 1, &body);
+        two.extend(frame(1, 0, 2, &body));
+        s.write_all(&two).unwrap();
+        let r = read_frame(&mut s).expect("first open reply");
+        assert_eq!(&r[24..28], &[0, 0, 0, 0], "{backend}: first open failed");
+        assert!(
+            closed_by_proxy(&mut s),
+            "{backend}: pipelined second open not refused"
+        );
+    }
+}

@@ -460,10 +460,16 @@ fn make_install_puts_binary_units_conf_and_man_page_in_place() {
     ] {
         assert!(staged.join("etc/systemd/system").join(u).exists(), "{u}");
     }
-    let unit = std::fs::read_to_string(staged.join("etc/systemd/system/virtproxyd.service")).unwrap();
-    assert!(unit.contains("ExecStart=/usr/local/sbin/virtproxyd $VIRTPROXYD_ARGS"), "{unit}");
+    let unit =
+        std::fs::read_to_string(staged.join("etc/systemd/system/virtproxyd.service")).unwrap();
+    assert!(
+        unit.contains("ExecStart=/usr/local/sbin/virtproxyd $VIRTPROXYD_ARGS"),
+        "{unit}"
+    );
     assert!(staged.join("etc/libvirt/virtproxyd.conf").exists());
-    assert!(staged.join("usr/local/share/man/man8/virtproxyd.8").exists());
+    assert!(staged
+        .join("usr/local/share/man/man8/virtproxyd.8")
+        .exists());
     // A second install keeps the operator's edited configuration.
     std::fs::write(
         staged.join("etc/libvirt/virtproxyd.conf"),

@@ -4,7 +4,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::time::Duration;
 
-use super::Event;
+use super::{Event, Interest};
 
 pub struct Epoll {
     fd: OwnedFd,
@@ -26,9 +26,15 @@ impl Epoll {
         })
     }
 
-    pub fn add(&mut self, fd: RawFd, token: u64) -> io::Result<()> {
+    pub fn add(&mut self, fd: RawFd, token: u64, interest: Interest) -> io::Result<()> {
+        let events = match interest {
+            Interest::Read => libc::EPOLLIN | libc::EPOLLET,
+            Interest::ReadWrite => {
+                libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET
+            }
+        };
         let mut ev = libc::epoll_event {
-            events: (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET) as u32,
+            events: events as u32,
             u64: token,
         };
         // SAFETY: ev is valid for the call.

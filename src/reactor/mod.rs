@@ -23,6 +23,15 @@ pub enum Kind {
     Epoll,
 }
 
+/// What to watch an fd for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Interest {
+    /// Wakers: readable only.
+    Read,
+    /// Sockets: readable, writable, peer closed.
+    ReadWrite,
+}
+
 /// A readiness report.
 #[derive(Debug, Clone, Copy)]
 pub struct Event {
@@ -60,10 +69,10 @@ impl Reactor {
     }
 
     /// Starts watching `fd` for readability and writability.
-    pub fn add(&mut self, fd: RawFd, token: u64) -> io::Result<()> {
+    pub fn add(&mut self, fd: RawFd, token: u64, interest: Interest) -> io::Result<()> {
         match self {
-            Reactor::Uring(u) => u.add(fd, token),
-            Reactor::Epoll(e) => e.add(fd, token),
+            Reactor::Uring(u) => u.add(fd, token, interest),
+            Reactor::Epoll(e) => e.add(fd, token, interest),
         }
     }
 

@@ -68,8 +68,7 @@ pub enum PumpError {
     Read(io::Error),
     #[error("write failed: {0}")]
     Write(io::Error),
-    #[error("no pipe for splice: {0}")]
-    Pipe(io::Error),
+
     #[error("peer closed in the middle of a frame")]
     Truncated,
     #[error("fd carrier byte arrived without exactly one fd")]
@@ -138,7 +137,11 @@ impl Pump {
         if bytes.is_empty() {
             return Ok(());
         }
-        self.tracker.consume(bytes, |h| inspect(h))?;
+        // Bytes read before hand-over went through a plain read: any fds are already gone,
+        // so a carrier here cannot be honoured.
+        if self.tracker.consume(bytes, |h| inspect(h))?.is_some() {
+            return Err(PumpError::CarrierWithoutFd);
+        }
         let mut buf = self.buf.take().unwrap_or_else(|| pools.take_buf());
         if buf.len() < bytes.len() {
             buf = vec![0u8; bytes.len()].into_boxed_slice();
@@ -175,6 +178,7 @@ impl Pump {
             return Ok(Drive::Finished);
         }
         let mut budget = DRIVE_BUDGET;
+        let mut no_pipe = false;
         loop {
             if !self.flush(dst)? {
                 return Ok(Drive::Blocked);
@@ -188,15 +192,23 @@ impl Pump {
             if budget == 0 {
                 return Ok(Drive::Yield);
             }
-            if let Some(left) = self.tracker.spliceable_body() {
+            if let Some(left) = self.tracker.spliceable_body().filter(|_| !no_pipe) {
                 self.release_buf(pools);
-                let pipe = pools.take_pipe().map_err(PumpError::Pipe)?;
-                self.splicing = Some(Splicing {
-                    pipe,
-                    in_pipe: 0,
-                    to_read: left,
-                });
-                continue;
+                match pools.take_pipe() {
+                    Ok(pipe) => {
+                        self.splicing = Some(Splicing {
+                            pipe,
+                            in_pipe: 0,
+                            to_read: left,
+                        });
+                        continue;
+                    }
+                    // Out of fds or pipe quota: copy this body instead of failing the client.
+                    Err(e) => {
+                        tracing::debug!("no pipe for splice ({e}); copying");
+                        no_pipe = true;
+                    }
+                }
             }
             let mut buf = self.buf.take().unwrap_or_else(|| pools.take_buf());
             let limit = self.tracker.read_limit(buf.len());
@@ -311,9 +323,13 @@ impl Pump {
                         self.tracker.skip_body(n);
                     }
                     // Source empty (or pipe slots full): only a real wait when nothing is
-                    // left to write out.
+                    // left to write out. Then the pipe goes back to the pool, so a peer
+                    // stalling mid-body holds none; the tracker remembers the position.
                     Err(e) if sys::would_block(&e) => {
                         if sp.in_pipe == 0 {
+                            if let Some(sp) = self.splicing.take() {
+                                pools.put_pipe(sp.pipe);
+                            }
                             return Ok(Some(Drive::Blocked));
                         }
                     }

@@ -3,11 +3,17 @@
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
-fn cvt(r: isize) -> io::Result<usize> {
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(r as usize)
+/// Runs a syscall, retrying on EINTR (which, unlike EAGAIN, promises no readiness event).
+fn cvt(mut call: impl FnMut() -> isize) -> io::Result<usize> {
+    loop {
+        let r = call();
+        if r >= 0 {
+            return Ok(r as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINTR) {
+            return Err(e);
+        }
     }
 }
 
@@ -31,7 +37,7 @@ pub fn recv_with_fd(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, Op
     msg.msg_control = cmsg.0.as_mut_ptr().cast();
     msg.msg_controllen = SPACE as _;
     // SAFETY: every pointer in msg refers to live buffers of the stated sizes.
-    let n = cvt(unsafe {
+    let n = cvt(|| unsafe {
         libc::recvmsg(
             fd.as_raw_fd(),
             &mut msg,
@@ -82,18 +88,20 @@ pub fn send_with_fd(sock: BorrowedFd<'_>, byte: u8, pass: BorrowedFd<'_>) -> io:
         (*c).cmsg_type = libc::SCM_RIGHTS;
         (*c).cmsg_len = libc::CMSG_LEN(4) as _;
         std::ptr::write_unaligned(libc::CMSG_DATA(c) as *mut RawFd, pass.as_raw_fd());
-        cvt(libc::sendmsg(
-            sock.as_raw_fd(),
-            &msg,
-            libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
-        ))
+        cvt(|| {
+            libc::sendmsg(
+                sock.as_raw_fd(),
+                &msg,
+                libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+            )
+        })
     }
 }
 
 /// Non-blocking send that never raises SIGPIPE.
 pub fn send(fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
     // SAFETY: buf is a valid readable slice.
-    cvt(unsafe {
+    cvt(|| unsafe {
         libc::send(
             fd.as_raw_fd(),
             buf.as_ptr().cast(),
@@ -106,7 +114,7 @@ pub fn send(fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
 /// Non-blocking `splice`, moving pages rather than copying where the kernel can.
 pub fn splice(from: BorrowedFd<'_>, to: BorrowedFd<'_>, len: usize) -> io::Result<usize> {
     // SAFETY: null offsets are valid for pipes and sockets.
-    cvt(unsafe {
+    cvt(|| unsafe {
         libc::splice(
             from.as_raw_fd(),
             std::ptr::null_mut(),
@@ -167,5 +175,5 @@ impl Pipe {
 
 /// Whether an I/O error only means "not now".
 pub fn would_block(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EINTR))
+    e.raw_os_error() == Some(libc::EAGAIN)
 }
