@@ -16,7 +16,10 @@
 #
 # Environment: VPD_LIBVIRTD_LOG_LEVEL (1 debug .. 4 error, default 3),
 #              VPD_LIBVIRTD_LOG_FILTERS (libvirt log_filters string, default none),
-#              VPD_LIBVIRTD_TIMEOUT (readiness deadline in seconds, default 60).
+#              VPD_LIBVIRTD_TIMEOUT (readiness deadline in seconds, default 60),
+#              VPD_LIBVIRTD_EXTRA_CONF (text appended to the generated libvirtd.conf, e.g.
+#                "max_clients = 20000"; libvirt keeps the first occurrence of a key, so use
+#                it only for keys the generated config does not set; default none).
 set -euo pipefail
 export PATH="/usr/sbin:/usr/bin:/sbin:/bin${PATH:+:$PATH}"
 
@@ -168,6 +171,10 @@ EOF
   fi
 
   local level=${VPD_LIBVIRTD_LOG_LEVEL:-3} filters=${VPD_LIBVIRTD_LOG_FILTERS:-}
+  # With filters, the output must pass what they let through (e.g. debug of one source);
+  # log_level keeps every other source at $level.
+  local out_level=$level
+  [ -n "$filters" ] && out_level=1
   cat > "$sd/libvirtd.conf" <<EOF
 # private-libvirtd.sh: generated, overwritten on every start
 unix_sock_dir = "$sd/run"
@@ -176,9 +183,13 @@ unix_sock_ro_perms = "0777"
 unix_sock_admin_perms = "0700"
 auth_unix_rw = "none"
 auth_unix_ro = "none"
-log_outputs = "$level:file:$sd/libvirtd.log"
+log_level = $level
+log_outputs = "$out_level:file:$sd/libvirtd.log"
 log_filters = "$filters"
 EOF
+  if [ -n "${VPD_LIBVIRTD_EXTRA_CONF:-}" ]; then
+    printf '%s\n' "$VPD_LIBVIRTD_EXTRA_CONF" >> "$sd/libvirtd.conf"
+  fi
   : > "$sd/libvirtd.log"
   rm -f "$sd/libvirtd.pid"
 

@@ -10,8 +10,6 @@ use crate::listen::{Listener, ListenerKind};
 pub enum ActivationError {
     #[error("Some activation file descriptors are unclaimed: {0}")]
     Unclaimed(String),
-    #[error("activation socket '{0}' is for TLS, which this virtproxyd does not serve yet")]
-    TlsUnsupported(String),
 }
 
 /// The activation environment, read once.
@@ -83,7 +81,7 @@ pub fn kind_for(name: &str) -> Result<ListenerKind, ActivationError> {
         "virtproxyd-ro.socket" => Ok(ListenerKind::UnixRo),
         "virtproxyd-admin.socket" => Ok(ListenerKind::UnixAdmin),
         "virtproxyd-tcp.socket" => Ok(ListenerKind::Tcp),
-        "virtproxyd-tls.socket" => Err(ActivationError::TlsUnsupported(name.into())),
+        "virtproxyd-tls.socket" => Ok(ListenerKind::Tls),
         other => Err(ActivationError::Unclaimed(other.into())),
     }
 }

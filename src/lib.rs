@@ -18,4 +18,5 @@ pub mod reactor;
 pub mod relay;
 pub mod route;
 pub mod server;
+pub mod tls;
 pub mod worker;

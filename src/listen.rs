@@ -21,12 +21,14 @@ pub enum ListenerKind {
     UnixAdmin,
     /// Plain TCP: no fd passing, empty identity (auth "none").
     Tcp,
+    /// TLS over TCP: no fd passing, the client certificate's DN as identity.
+    Tls,
 }
 
 impl ListenerKind {
     /// Whether clients arrive with UNIX credentials and may pass fds.
     pub fn is_unix(self) -> bool {
-        !matches!(self, ListenerKind::Tcp)
+        !matches!(self, ListenerKind::Tcp | ListenerKind::Tls)
     }
 }
 
@@ -108,6 +110,71 @@ pub fn bind_unix(
         kind,
         path: Some(path.to_path_buf()),
     })
+}
+
+/// Creates TCP listeners on `addrs` (all addresses when empty: one IPv4 and one v6-only IPv6
+/// socket, as libvirt does) at `port`.
+pub fn bind_tcp(
+    addrs: &[String],
+    port: &str,
+    backlog: u32,
+    kind: ListenerKind,
+) -> Result<Vec<Listener>, ListenError> {
+    use nix::sys::socket::{setsockopt, sockopt, SockaddrStorage};
+    use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+    let what = PathBuf::from(format!("port {port}"));
+    let port: u16 = port.parse().map_err(|_| ListenError::Io {
+        path: what.clone(),
+        source: io::Error::new(io::ErrorKind::InvalidInput, "ports must be numbers"),
+    })?;
+    let mut targets: Vec<SocketAddr> = Vec::new();
+    if addrs.is_empty() {
+        targets.push(SocketAddr::new(IpAddr::from([0u8; 4]), port));
+        targets.push(SocketAddr::new(IpAddr::from([0u16; 8]), port));
+    } else {
+        for a in addrs {
+            let resolved = (a.as_str(), port)
+                .to_socket_addrs()
+                .map_err(|e| io_err(&what)(e))?;
+            targets.extend(resolved);
+        }
+    }
+    let mut out = Vec::new();
+    for addr in targets {
+        let family = if addr.is_ipv4() {
+            AddressFamily::Inet
+        } else {
+            AddressFamily::Inet6
+        };
+        let fd = match socket(
+            family,
+            SockType::Stream,
+            SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+            None,
+        ) {
+            Ok(fd) => fd,
+            // A host without IPv6 still serves IPv4 when no address was configured.
+            Err(nix::errno::Errno::EAFNOSUPPORT) if addrs.is_empty() => continue,
+            Err(e) => return Err(io_err(&what)(e.into())),
+        };
+        let _ = setsockopt(&fd, sockopt::ReuseAddr, &true);
+        if addr.is_ipv6() {
+            let _ = setsockopt(&fd, sockopt::Ipv6V6Only, &true);
+        }
+        let sa = SockaddrStorage::from(addr);
+        bind(fd.as_raw_fd(), &sa)
+            .map_err(|e| io_err(&PathBuf::from(addr.to_string()))(e.into()))?;
+        let backlog =
+            Backlog::new(backlog.clamp(1, i32::MAX as u32) as i32).unwrap_or(Backlog::MAXCONN);
+        listen(&fd, backlog).map_err(|e| io_err(&what)(e.into()))?;
+        tracing::info!("listening on {addr} ({kind:?})");
+        out.push(Listener {
+            fd,
+            kind,
+            path: None,
+        });
+    }
+    Ok(out)
 }
 
 impl Listener {

@@ -14,6 +14,7 @@ use virtproxyd::listen::ListenerKind;
 use virtproxyd::reactor;
 use virtproxyd::route::RouteTable;
 use virtproxyd::server::{self, ServerOpts, Stopped};
+use virtproxyd::tls;
 use virtproxyd::worker::Shared;
 
 /// Exit statuses used by libvirt daemons (libvirt-rpc.md §8.6).
@@ -140,6 +141,19 @@ impl Reloader {
             shared.routes.store(Arc::new(route_table(new, &self.env)));
             applied.push("driver sockets (for new connections)".into());
         }
+        // Certificates, key, CA and CRL are re-read on every reload (files change without the
+        // config changing); established connections keep their sessions.
+        if shared.tls.load().is_some() {
+            match tls::TlsSettings::from_config(new) {
+                Ok(t) => {
+                    shared.tls.store(Some(Arc::new(t)));
+                    applied.push("TLS certificates, key, CA and CRL (for new connections)".into());
+                }
+                Err(e) => {
+                    tracing::error!("TLS reload failed, keeping the loaded certificates: {e}")
+                }
+            }
+        }
         if old.log_level != new.log_level {
             if let Some(h) = &self.log {
                 let _ = h.modify(|f| {
@@ -251,6 +265,15 @@ fn run(argv0: &str, cli: cli::Cli) -> i32 {
         },
     };
 
+    // TLS material is loaded (and sanity-checked) only when a TLS listener exists.
+    let tls = if listeners.iter().any(|l| l.kind == ListenerKind::Tls) {
+        match tls::TlsSettings::from_config(&cfg) {
+            Ok(t) => Some(Arc::new(t)),
+            Err(e) => return fail(ready, EXIT_NETWORK, &e.to_string()),
+        }
+    } else {
+        None
+    };
     let splice_threshold = std::env::var("VIRTPROXYD_SPLICE_THRESHOLD")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -262,6 +285,7 @@ fn run(argv0: &str, cli: cli::Cli) -> i32 {
         shutdown: AtomicBool::new(false),
         drain_grace: DRAIN_GRACE,
         splice_threshold,
+        tls: arc_swap::ArcSwapOption::new(tls),
     });
     let workers = match cfg.worker_threads {
         0 => std::thread::available_parallelism()
@@ -330,6 +354,19 @@ fn create_listeners(cfg: &Config, env: &Env) -> Result<Vec<listen::Listener>, li
         ));
     }
     let mut listeners: Vec<listen::Listener> = Vec::new();
+    let addrs: Vec<String> = cfg.listen_addr.iter().cloned().collect();
+    let ip = [
+        (cfg.listen_tcp, &cfg.tcp_port, ListenerKind::Tcp),
+        (cfg.listen_tls, &cfg.tls_port, ListenerKind::Tls),
+    ];
+    for (on, port, kind) in ip {
+        if on {
+            match listen::bind_tcp(&addrs, port, backlog, kind) {
+                Ok(mut l) => listeners.append(&mut l),
+                Err(e) => return Err(e),
+            }
+        }
+    }
     for (path, mode, kind) in specs {
         match listen::bind_unix(&path, mode, cfg.unix_sock_group.as_deref(), backlog, kind) {
             Ok(l) => {

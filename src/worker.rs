@@ -17,9 +17,11 @@ use crate::identity::Identity;
 pub use crate::listen::ListenerKind;
 use crate::proto::{program, remote_proc, Header, MsgType};
 use crate::reactor::{Event, Interest, Reactor};
-use crate::relay::tracker::{Tracker, Verdict};
+use crate::relay::tracker::{FrameCutter, Tracker, Verdict};
 use crate::relay::{sys, Drive, Pools, Pump, PumpError};
 use crate::route::RouteTable;
+use crate::tls::accept::{Established, Step, TlsAccept};
+use crate::tls::shuttle::{Flow, Shuttle};
 
 /// A freshly accepted client, handed from the acceptor to a worker.
 pub struct NewConn {
@@ -41,6 +43,8 @@ pub struct Shared {
     /// How long in-flight frames may take to finish once shutdown starts.
     pub drain_grace: Duration,
     pub splice_threshold: usize,
+    /// Present when a TLS listener exists; swapped on SIGHUP (new connections only).
+    pub tls: arc_swap::ArcSwapOption<crate::tls::TlsSettings>,
 }
 
 /// How long the downstream handshake may take before the client gets an error.
@@ -52,6 +56,23 @@ const WAKER_TOKEN: u64 = u64::MAX - 1;
 const PREOPEN_TX_CAP: usize = 64 * 1024;
 /// Pre-open frames handled per service before other connections get a turn.
 const PREOPEN_FRAMES_PER_DRIVE: usize = 64;
+
+/// The TLS record layer of a TLS client.
+enum TlsSide {
+    Accept(Box<TlsAccept>),
+    Shuttle(Box<Shuttle>),
+}
+
+fn socketpair() -> io::Result<(OwnedFd, OwnedFd)> {
+    use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+    socketpair(
+        AddressFamily::Unix,
+        SockType::Stream,
+        None,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+    )
+    .map_err(io::Error::from)
+}
 
 /// Where a pre-open service ended.
 enum Pre {
@@ -82,6 +103,8 @@ struct PreOpen {
     d_tx: Vec<u8>,
     deadline: Option<Instant>,
     closing: Option<String>,
+    /// kTLS clients: where writes must be cut (see `FrameCutter`).
+    cutter: Option<FrameCutter>,
 }
 
 // Relay is the long-lived state of nearly every connection, so it stays inline; the short
@@ -93,6 +116,10 @@ enum State {
         c2d: Pump,
         d2c: Pump,
         daemon_shut: bool,
+        /// Pre-open replies not yet written to the client (the open reply among them); they go
+        /// out before anything the daemon→client pump moves.
+        head: Vec<u8>,
+        head_cutter: Option<FrameCutter>,
     },
 }
 
@@ -102,6 +129,8 @@ struct Conn {
     kind: ListenerKind,
     /// Already on the runnable queue (one entry per connection at most).
     queued: bool,
+    /// TLS record layer: the handshake, then (without kTLS) the userspace shuttle.
+    tls: Option<TlsSide>,
     client: OwnedFd,
     daemon: Option<OwnedFd>,
     state: State,
@@ -114,7 +143,9 @@ impl Conn {
     fn at_rest(&self) -> bool {
         match &self.state {
             State::Pre(p) => !p.hs.in_downstream(),
-            State::Relay { c2d, d2c, .. } => c2d.at_rest() && d2c.at_rest(),
+            State::Relay { c2d, d2c, head, .. } => {
+                head.is_empty() && c2d.at_rest() && d2c.at_rest()
+            }
         }
     }
 }
@@ -125,8 +156,20 @@ enum Outcome {
     Close(String),
 }
 
-fn token(slot: usize, gen: u32, daemon_side: bool) -> u64 {
-    (u64::from(gen) << 32) | ((slot as u64) << 1) | u64::from(daemon_side)
+/// Which of a connection's sockets a reactor registration is for.
+#[derive(Clone, Copy)]
+enum Side {
+    /// The accepted socket (for a userspace TLS connection: its TCP socket, owned by the shuttle).
+    Accepted = 0,
+    Daemon = 1,
+    /// Userspace TLS: the plaintext end the pre-open and relay read.
+    LocalClient = 2,
+    /// Userspace TLS: the shuttle's end of the socketpair.
+    LocalShuttle = 3,
+}
+
+fn token(slot: usize, gen: u32, side: Side) -> u64 {
+    (u64::from(gen) << 32) | ((slot as u64) << 2) | side as u64
 }
 
 /// One worker's loop.
@@ -193,7 +236,7 @@ impl Worker {
                     self.accept_new();
                     continue;
                 }
-                let slot = ((ev.token & 0xffff_ffff) >> 1) as usize;
+                let slot = ((ev.token & 0xffff_ffff) >> 2) as usize;
                 let gen = (ev.token >> 32) as u32;
                 self.service(slot, gen);
             }
@@ -251,6 +294,24 @@ impl Worker {
     }
 
     fn adopt(&mut self, nc: NewConn) {
+        let tls = if nc.kind == ListenerKind::Tls {
+            let accept = self
+                .shared
+                .tls
+                .load_full()
+                .ok_or_else(|| "TLS is not configured".to_string())
+                .and_then(TlsAccept::new);
+            match accept {
+                Ok(a) => Some(TlsSide::Accept(Box::new(a))),
+                Err(e) => {
+                    tracing::warn!(conn = nc.id, "cannot start TLS: {e}");
+                    self.shared.clients.fetch_sub(1, Ordering::AcqRel);
+                    return;
+                }
+            }
+        } else {
+            None
+        };
         let gen = self.next_gen;
         self.next_gen = self.next_gen.wrapping_add(1).max(1);
         let raw = nc.fd.as_raw_fd();
@@ -261,6 +322,7 @@ impl Worker {
             gen,
             kind: nc.kind,
             queued: false,
+            tls,
             client: nc.fd,
             daemon: None,
             state: State::Pre(Box::new(PreOpen {
@@ -271,13 +333,14 @@ impl Worker {
                 d_tx: Vec::new(),
                 deadline: None,
                 closing: None,
+                cutter: None,
             })),
             uri: None,
             since: Instant::now(),
         });
         if let Err(e) = self
             .reactor
-            .add(raw, token(slot, gen, false), Interest::ReadWrite)
+            .add(raw, token(slot, gen, Side::Accepted), Interest::ReadWrite)
         {
             tracing::warn!(conn = nc.id, "cannot watch client socket: {e}");
             self.close(slot, "reactor registration failed");
@@ -304,6 +367,115 @@ impl Worker {
     }
 
     fn drive(&mut self, slot: usize) -> Outcome {
+        match self.drive_tls(slot) {
+            Ok(true) => {}
+            Ok(false) => return Outcome::Keep,
+            Err(why) => return Outcome::Close(why),
+        }
+        let outcome = self.drive_plain(slot);
+        // What the pre-open or relay just wrote for a userspace TLS client goes out now.
+        if let Some(Conn {
+            tls: Some(TlsSide::Shuttle(sh)),
+            ..
+        }) = self.conns.get_mut(slot)
+        {
+            if let Flow::Closed(why) = sh.drive() {
+                return Outcome::Close(format!("TLS: {why}"));
+            }
+        }
+        outcome
+    }
+
+    /// The TLS layer of a TLS client. Ok(false): the handshake is still waiting.
+    fn drive_tls(&mut self, slot: usize) -> Result<bool, String> {
+        let Some(conn) = self.conns.get_mut(slot) else {
+            return Ok(false);
+        };
+        match conn.tls.as_mut() {
+            None => Ok(true),
+            Some(TlsSide::Shuttle(sh)) => match sh.drive() {
+                Flow::Open => Ok(true),
+                Flow::Closed(why) => Err(format!("TLS: {why}")),
+            },
+            Some(TlsSide::Accept(acc)) => {
+                match acc.drive(conn.client.as_fd()) {
+                    Ok(Step::Blocked) => return Ok(false),
+                    Ok(Step::Done) => {}
+                    Err(e) => return Err(e),
+                }
+                let Some(TlsSide::Accept(acc)) = conn.tls.take() else {
+                    return Ok(false);
+                };
+                let established = acc.finish(&conn.client)?;
+                let gen = conn.gen;
+                let State::Pre(p) = &mut conn.state else {
+                    return Err("TLS after open".into());
+                };
+                let dn = match established {
+                    Established::Kernel { dn } => {
+                        // The confirmation byte is the first plaintext the kernel encrypts, in
+                        // a record of its own as libvirt sends it; a fresh socket takes 1 byte.
+                        match sys::send(conn.client.as_fd(), &[1]) {
+                            Ok(1) => {}
+                            other => {
+                                return Err(format!(
+                                    "cannot send the TLS confirmation byte: {other:?}"
+                                ))
+                            }
+                        }
+                        p.cutter = Some(FrameCutter::default());
+                        tracing::info!(
+                            conn = conn.id,
+                            dn = dn.as_deref().unwrap_or(""),
+                            "TLS established; records in the kernel (kTLS)"
+                        );
+                        dn
+                    }
+                    Established::User {
+                        conn: rustls_conn,
+                        dn,
+                    } => {
+                        let (local_client, local_shuttle) =
+                            socketpair().map_err(|e| format!("socketpair: {e}"))?;
+                        let (rc, rs) = (local_client.as_raw_fd(), local_shuttle.as_raw_fd());
+                        let tcp = std::mem::replace(&mut conn.client, local_client);
+                        conn.tls = Some(TlsSide::Shuttle(Box::new(Shuttle::new(
+                            rustls_conn,
+                            tcp,
+                            local_shuttle,
+                        ))));
+                        self.reactor
+                            .add(rc, token(slot, gen, Side::LocalClient), Interest::ReadWrite)
+                            .map_err(|e| e.to_string())?;
+                        self.reactor
+                            .add(
+                                rs,
+                                token(slot, gen, Side::LocalShuttle),
+                                Interest::ReadWrite,
+                            )
+                            .map_err(|e| e.to_string())?;
+                        tracing::info!(
+                            conn = conn.id,
+                            dn = dn.as_deref().unwrap_or(""),
+                            "TLS established; records in userspace (no kTLS)"
+                        );
+                        dn
+                    }
+                };
+                let conn = self.conns.get_mut(slot).ok_or("gone")?;
+                if let State::Pre(p) = &mut conn.state {
+                    p.hs.set_identity(Identity {
+                        x509_dname: dn,
+                        ..Identity::default()
+                    });
+                }
+                // Deliver the confirmation byte (and anything else) before the pre-open reads.
+                self.drive_tls(slot)
+            }
+        }
+    }
+
+    fn drive_plain(&mut self, slot: usize) -> Outcome {
         let is_pre = matches!(self.conns.get(slot).map(|c| &c.state), Some(State::Pre(_)));
         if is_pre {
             match self.drive_preopen(slot) {
@@ -324,6 +496,8 @@ impl Worker {
             c2d,
             d2c,
             daemon_shut,
+            head,
+            head_cutter,
         } = &mut conn.state
         else {
             return Outcome::Keep;
@@ -346,12 +520,24 @@ impl Worker {
             sys::shutdown_write(daemon.as_fd());
             *daemon_shut = true;
         }
-        let down = match d2c.drive(daemon.as_fd(), conn.client.as_fd(), pools, &mut |_| {
-            Verdict::Forward
-        }) {
-            Err(e) => return Outcome::Close(format!("daemon side: {e}")),
-            Ok(d) => d,
+        if !head.is_empty() {
+            if let Err(e) = flush(&conn.client, head, head_cutter.as_mut()) {
+                return Outcome::Close(format!("client write: {e}"));
+            }
+        }
+        // Until the head is out, the daemon's bytes wait (the client's writability will wake
+        // us: the flush above hit EAGAIN).
+        let down = if !head.is_empty() {
+            Drive::Blocked
+        } else {
+            match d2c.drive(daemon.as_fd(), conn.client.as_fd(), pools, &mut |_| {
+                Verdict::Forward
+            }) {
+                Err(e) => return Outcome::Close(format!("daemon side: {e}")),
+                Ok(d) => d,
+            }
         };
+        tracing::trace!(conn = conn.id, ?up, ?down, "relay driven");
         if let Some(why) = upstream_failed {
             return Outcome::Close(why);
         }
@@ -381,14 +567,15 @@ impl Worker {
                 return Ok(Pre::Relay);
             };
 
-            flush(&conn.client, &mut p.c_tx).map_err(|e| format!("client write: {e}"))?;
+            flush(&conn.client, &mut p.c_tx, p.cutter.as_mut())
+                .map_err(|e| format!("client write: {e}"))?;
             if p.c_tx.is_empty() {
                 if let Some(why) = p.closing.take() {
                     return Err(why);
                 }
             }
             if let Some(d) = &conn.daemon {
-                flush(d, &mut p.d_tx).map_err(|e| format!("daemon write: {e}"))?;
+                flush(d, &mut p.d_tx, None).map_err(|e| format!("daemon write: {e}"))?;
             }
             // Read the client only while the handshake wants input and our replies are not
             // piling up (a client that sends without reading must not grow c_tx): past the
@@ -492,7 +679,7 @@ impl Worker {
                             p.deadline = Some(Instant::now() + DOWNSTREAM_DEADLINE);
                             p.hs.on_connected(&mut out);
                             self.reactor
-                                .add(raw, token(slot, gen, true), Interest::ReadWrite)
+                                .add(raw, token(slot, gen, Side::Daemon), Interest::ReadWrite)
                                 .map_err(|e| e.to_string())?;
                         }
                         Err(e) => {
@@ -510,7 +697,8 @@ impl Worker {
                     p.d_rx.clear();
                     p.d_tx.clear();
                     if let Some(d) = conn.daemon.take() {
-                        self.reactor.remove(d.as_raw_fd(), token(slot, gen, true));
+                        self.reactor
+                            .remove(d.as_raw_fd(), token(slot, gen, Side::Daemon));
                     }
                     conn.uri = None;
                 }
@@ -523,25 +711,38 @@ impl Worker {
                         p.closing = Some(format!("client side: {e}"));
                         continue;
                     }
+                    let ktls_client = p.cutter.is_some();
                     let State::Pre(p) = std::mem::replace(
                         &mut conn.state,
                         State::Relay {
                             c2d: Pump::new(true, &self.pools),
                             d2c: Pump::new(false, &self.pools),
                             daemon_shut: false,
+                            head: Vec::new(),
+                            head_cutter: None,
                         },
                     ) else {
                         return Ok(());
                     };
-                    let State::Relay { c2d, d2c, .. } = &mut conn.state else {
+                    let State::Relay {
+                        c2d,
+                        d2c,
+                        head,
+                        head_cutter,
+                        ..
+                    } = &mut conn.state
+                    else {
                         return Ok(());
                     };
-                    // The open reply still queued for the client goes first, then anything
-                    // either side already sent past the handshake.
-                    let mut down = p.c_tx;
-                    down.extend_from_slice(&p.d_rx);
-                    let kind = conn.kind;
-                    d2c.preload(&down, &mut self.pools, &mut |_| Verdict::Forward)
+                    // Replies still queued for the client (the open reply last) go out first,
+                    // as they are; then what the daemon sent past the handshake, which starts
+                    // at a frame boundary.
+                    *head = p.c_tx;
+                    *head_cutter = p.cutter;
+                    if ktls_client {
+                        d2c.cut_writes_at_frames();
+                    }
+                    d2c.preload(&p.d_rx, &mut self.pools, &mut |_| Verdict::Forward)
                         .map_err(|e| e.to_string())?;
                     c2d.preload(&p.c_rx, &mut self.pools, &mut |h| {
                         client_frame_verdict(kind, h)
@@ -592,11 +793,24 @@ impl Worker {
             return;
         }
         let mut conn = self.conns.remove(slot);
+        let client_side = match &mut conn.tls {
+            Some(TlsSide::Shuttle(sh)) => {
+                sh.close_notify();
+                self.reactor
+                    .remove(sh.tcp.as_raw_fd(), token(slot, conn.gen, Side::Accepted));
+                self.reactor.remove(
+                    sh.local.as_raw_fd(),
+                    token(slot, conn.gen, Side::LocalShuttle),
+                );
+                Side::LocalClient
+            }
+            _ => Side::Accepted,
+        };
         self.reactor
-            .remove(conn.client.as_raw_fd(), token(slot, conn.gen, false));
+            .remove(conn.client.as_raw_fd(), token(slot, conn.gen, client_side));
         if let Some(d) = &conn.daemon {
             self.reactor
-                .remove(d.as_raw_fd(), token(slot, conn.gen, true));
+                .remove(d.as_raw_fd(), token(slot, conn.gen, Side::Daemon));
         }
         let mut moved = (0, 0);
         if let State::Relay { c2d, d2c, .. } = &mut conn.state {
@@ -617,12 +831,22 @@ impl Worker {
     }
 }
 
-/// Writes as much of `buf` as the socket takes now.
-fn flush(fd: &OwnedFd, buf: &mut Vec<u8>) -> io::Result<()> {
+/// Writes as much of `buf` as the socket takes now; with a cutter, each write ends at a frame
+/// end (the destination is a kTLS socket).
+fn flush(fd: &OwnedFd, buf: &mut Vec<u8>, mut cutter: Option<&mut FrameCutter>) -> io::Result<()> {
     let mut done = 0;
     while done < buf.len() {
-        match sys::send(fd.as_fd(), &buf[done..]) {
-            Ok(n) => done += n,
+        let stop = match &cutter {
+            Some(c) => done + c.limit(&buf[done..]),
+            None => buf.len(),
+        };
+        match sys::send(fd.as_fd(), &buf[done..stop]) {
+            Ok(n) => {
+                if let Some(c) = cutter.as_deref_mut() {
+                    c.advance(&buf[done..done + n]);
+                }
+                done += n;
+            }
             Err(e) if sys::would_block(&e) => break,
             Err(e) => return Err(e),
         }
@@ -657,9 +881,22 @@ fn read_some(fd: &OwnedFd, buf: &mut Vec<u8>) -> io::Result<ReadState> {
             });
         }
         match sys::recv_with_fd(fd.as_fd(), &mut chunk[..room]) {
-            Ok((0, _)) => return Ok(if got { ReadState::Data } else { ReadState::Eof }),
-            Ok((n, _)) => {
-                buf.extend_from_slice(&chunk[..n]);
+            Ok(r) if r.tls_record.is_some() => {
+                // Before open only close_notify is acceptable from a kTLS client.
+                let close_notify = r.tls_record == Some(crate::tls::ktls::content_type::ALERT)
+                    && r.n >= 2
+                    && chunk[1] == 0;
+                if close_notify {
+                    return Ok(if got { ReadState::Data } else { ReadState::Eof });
+                }
+                return Err(io::Error::other(format!(
+                    "TLS record of type {:?} before open",
+                    r.tls_record
+                )));
+            }
+            Ok(r) if r.n == 0 => return Ok(if got { ReadState::Data } else { ReadState::Eof }),
+            Ok(r) => {
+                buf.extend_from_slice(&chunk[..r.n]);
                 got = true;
             }
             Err(e) if sys::would_block(&e) => {

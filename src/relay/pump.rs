@@ -11,8 +11,9 @@ use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use super::sys::{self, Pipe};
-use super::tracker::{TrackError, Tracker, Verdict};
+use super::tracker::{FrameCutter, TrackError, Tracker, Verdict};
 use crate::proto::Header;
+use crate::tls::ktls::content_type;
 
 /// Per-worker reusable resources: no pump owns a buffer or pipe while it is idle.
 #[derive(Debug)]
@@ -73,6 +74,10 @@ pub enum PumpError {
     Truncated,
     #[error("fd carrier byte arrived without exactly one fd")]
     CarrierWithoutFd,
+    /// A kTLS socket delivered a record that is not data or close_notify (an alert, or a
+    /// KeyUpdate the kernel cannot follow).
+    #[error("TLS record of type {0} cannot be relayed")]
+    TlsRecord(u8),
     #[error(transparent)]
     Protocol(#[from] TrackError),
 }
@@ -105,6 +110,10 @@ pub struct Pump {
     /// fds received with carrier bytes, keyed by the byte's position in `buf`.
     fds: VecDeque<(usize, OwnedFd)>,
     splicing: Option<Splicing>,
+    /// The source refused a splice (a kTLS non-data record is next): copy once.
+    splice_refused: bool,
+    /// Set when the destination is a kTLS socket: writes end at frame ends.
+    cutter: Option<FrameCutter>,
     finished: bool,
     /// Bytes delivered to the destination so far.
     pub moved: u64,
@@ -122,6 +131,8 @@ impl Pump {
             end: 0,
             fds: VecDeque::new(),
             splicing: None,
+            splice_refused: false,
+            cutter: None,
             finished: false,
             moved: 0,
         }
@@ -151,6 +162,12 @@ impl Pump {
         self.start = 0;
         self.end = bytes.len();
         Ok(())
+    }
+
+    /// Makes every write end at a frame end or inside one frame, for a destination where each
+    /// write becomes a TLS record (see `FrameCutter`).
+    pub fn cut_writes_at_frames(&mut self) {
+        self.cutter = Some(FrameCutter::default());
     }
 
     /// At a frame boundary with nothing buffered or in a pipe.
@@ -192,7 +209,11 @@ impl Pump {
             if budget == 0 {
                 return Ok(Drive::Yield);
             }
-            if let Some(left) = self.tracker.spliceable_body().filter(|_| !no_pipe) {
+            if let Some(left) = self
+                .tracker
+                .spliceable_body()
+                .filter(|_| !no_pipe && !self.splice_refused)
+            {
                 self.release_buf(pools);
                 match pools.take_pipe() {
                     Ok(pipe) => {
@@ -220,7 +241,17 @@ impl Pump {
                     return Ok(Drive::Blocked);
                 }
                 Err(e) => return Err(PumpError::Read(e)),
-                Ok((0, _)) => {
+                Ok(r) if r.n == 0 || r.tls_record.is_some() => {
+                    if let Some(t) = r.tls_record {
+                        let buf = self.buf.as_deref().unwrap_or_default();
+                        // An alert's second byte is its description; 0 is close_notify, the
+                        // TLS way of saying EOF. Anything else cannot be relayed.
+                        let close_notify = t == content_type::ALERT && r.n >= 2 && buf[1] == 0;
+                        if !close_notify {
+                            self.release_buf(pools);
+                            return Err(PumpError::TlsRecord(t));
+                        }
+                    }
                     self.release_buf(pools);
                     if self.tracker.at_boundary() {
                         self.finished = true;
@@ -228,7 +259,7 @@ impl Pump {
                     }
                     return Err(PumpError::Truncated);
                 }
-                Ok((n, fd)) => {
+                Ok(crate::relay::sys::Received { n, fd, .. }) => {
                     let buf = self.buf.as_deref().unwrap_or_default();
                     let carrier = self.tracker.consume(&buf[..n], |h| inspect(h))?;
                     match (carrier, fd) {
@@ -240,6 +271,7 @@ impl Pump {
                     }
                     self.start = 0;
                     self.end = n;
+                    self.splice_refused = false;
                     budget = budget.saturating_sub(n);
                 }
             }
@@ -261,7 +293,13 @@ impl Pump {
                         None => Ok(0),
                     }
                 }
-                _ => sys::send(dst, &buf[self.start..next_fd.unwrap_or(self.end)]),
+                _ => {
+                    let mut stop = next_fd.unwrap_or(self.end);
+                    if let Some(c) = &self.cutter {
+                        stop = self.start + c.limit(&buf[self.start..stop]);
+                    }
+                    sys::send(dst, &buf[self.start..stop])
+                }
             };
             match res {
                 Ok(n) => {
@@ -269,10 +307,16 @@ impl Pump {
                         // The fd is now in flight in the peer's queue; our copy can go.
                         self.fds.pop_front();
                     }
+                    if let Some(c) = &mut self.cutter {
+                        c.advance(&buf[self.start..self.start + n]);
+                    }
                     self.start += n;
                     self.moved += n as u64;
                 }
-                Err(e) if sys::would_block(&e) => return Ok(false),
+                Err(e) if sys::would_block(&e) => {
+                    tracing::trace!(pending = self.end - self.start, "copy: destination full");
+                    return Ok(false);
+                }
                 Err(e) => return Err(PumpError::Write(e)),
             }
         }
@@ -298,9 +342,20 @@ impl Pump {
                     Ok(n) => {
                         sp.in_pipe -= n;
                         self.moved += n as u64;
+                        if let Some(c) = &mut self.cutter {
+                            c.advance_body(n);
+                        }
                         *budget = budget.saturating_sub(n);
                     }
-                    Err(e) if sys::would_block(&e) => return Ok(Some(Drive::Blocked)),
+                    Err(e) if sys::would_block(&e) => {
+                        tracing::trace!(
+                            in_pipe = sp.in_pipe,
+                            in_pipe_kernel = sys::pipe_len(sp.pipe.read.as_fd()),
+                            to_read = sp.to_read,
+                            "splice: destination full"
+                        );
+                        return Ok(Some(Drive::Blocked));
+                    }
                     Err(e) => return Err(PumpError::Write(e)),
                 }
             }
@@ -327,11 +382,21 @@ impl Pump {
                     // stalling mid-body holds none; the tracker remembers the position.
                     Err(e) if sys::would_block(&e) => {
                         if sp.in_pipe == 0 {
+                            tracing::trace!(to_read = sp.to_read, "splice: source empty");
                             if let Some(sp) = self.splicing.take() {
                                 pools.put_pipe(sp.pipe);
                             }
                             return Ok(Some(Drive::Blocked));
                         }
+                    }
+                    // kTLS refuses to splice a record that is not data (an alert, a KeyUpdate):
+                    // read that one with recvmsg, which reports its type.
+                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) && sp.in_pipe == 0 => {
+                        if let Some(sp) = self.splicing.take() {
+                            pools.put_pipe(sp.pipe);
+                        }
+                        self.splice_refused = true;
+                        return Ok(None);
                     }
                     Err(e) => return Err(PumpError::Read(e)),
                 }
@@ -359,5 +424,95 @@ impl Pump {
             }
         }
         self.fds.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::os::fd::AsRawFd;
+    use std::os::unix::net::UnixStream;
+
+    fn stream_frame(body: usize) -> Vec<u8> {
+        let mut f = Vec::new();
+        for v in [(28 + body) as u32, 0x2000_8086, 1, 209, 3, 6, 2] {
+            f.extend_from_slice(&v.to_be_bytes());
+        }
+        f.resize(28 + body, 0x5a);
+        f
+    }
+
+    /// Moves `frames` stream frames through a pump whose reader takes `chunk` bytes at a time;
+    /// returns the bytes the reader got before `deadline` passed.
+    fn relay_with_reader_chunks(frames: usize, chunk: usize) -> (usize, usize) {
+        let (mut src_w, src_r) = UnixStream::pair().unwrap();
+        let (dst_w, mut dst_r) = UnixStream::pair().unwrap();
+        src_r.set_nonblocking(true).unwrap();
+        dst_w.set_nonblocking(true).unwrap();
+        let f = stream_frame(262_120);
+        let total = f.len() * frames;
+        let writer = std::thread::spawn(move || {
+            for _ in 0..frames {
+                src_w.write_all(&f).unwrap();
+            }
+        });
+        dst_r
+            .set_read_timeout(Some(std::time::Duration::from_secs(3)))
+            .unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut buf = vec![0u8; chunk];
+            let mut got = 0;
+            while got < total {
+                match dst_r.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => got += n,
+                }
+            }
+            got
+        });
+        let mut pools = Pools::new(64 * 1024, 1 << 20, 16 * 1024);
+        let mut pump = Pump::new(false, &pools);
+        let start = std::time::Instant::now();
+        while (pump.moved as usize) < total && start.elapsed() < std::time::Duration::from_secs(3) {
+            match pump
+                .drive(src_r.as_fd(), dst_w.as_fd(), &mut pools, &mut |_| {
+                    Verdict::Forward
+                })
+                .unwrap()
+            {
+                Drive::Blocked => {
+                    let mut fds = [
+                        libc::pollfd {
+                            fd: src_r.as_raw_fd(),
+                            events: libc::POLLIN,
+                            revents: 0,
+                        },
+                        libc::pollfd {
+                            fd: dst_w.as_raw_fd(),
+                            events: libc::POLLOUT,
+                            revents: 0,
+                        },
+                    ];
+                    // SAFETY: valid pollfd array.
+                    unsafe { libc::poll(fds.as_mut_ptr(), 2, 100) };
+                }
+                Drive::Yield => {}
+                Drive::Finished => break,
+            }
+        }
+        writer.join().unwrap();
+        (reader.join().unwrap(), total)
+    }
+
+    #[test]
+    fn splice_into_a_socket_read_in_small_chunks_completes() {
+        for chunk in [16 * 1024, 256 * 1024] {
+            let (got, total) = relay_with_reader_chunks(16, chunk);
+            assert_eq!(
+                got, total,
+                "reader with {chunk}-byte reads got {got} of {total}"
+            );
+        }
     }
 }

@@ -17,10 +17,22 @@ fn cvt(mut call: impl FnMut() -> isize) -> io::Result<usize> {
     }
 }
 
-/// `recvmsg` that also collects at most one SCM_RIGHTS fd. AF_UNIX stream reads stop right after
-/// a segment that carried fds, so any fd received belongs to the last byte returned. Extra fds
-/// beyond the first (a hostile sender) are closed here.
-pub fn recv_with_fd(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, Option<OwnedFd>)> {
+/// What one `recvmsg` brought.
+#[derive(Debug)]
+pub struct Received {
+    pub n: usize,
+    /// An fd that arrived with the last byte (AF_UNIX).
+    pub fd: Option<OwnedFd>,
+    /// On a kTLS socket: the content type of a record that is not application data (an
+    /// alert, a KeyUpdate); its plaintext is in the buffer and must not be relayed.
+    pub tls_record: Option<u8>,
+}
+
+/// `recvmsg` that also collects at most one SCM_RIGHTS fd and kTLS's record-type cmsg.
+/// AF_UNIX stream reads stop right after a segment that carried fds, so any fd received
+/// belongs to the last byte returned. Extra fds beyond the first (a hostile sender) are
+/// closed here. kTLS never merges records of different types into one read.
+pub fn recv_with_fd(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Received> {
     // Room for a few fds so an over-full carrier is truncated by us (and closed), not leaked.
     const SPACE: usize = 64;
     #[repr(C, align(8))]
@@ -45,6 +57,7 @@ pub fn recv_with_fd(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, Op
         )
     })?;
     let mut first: Option<OwnedFd> = None;
+    let mut tls_record = None;
     // SAFETY: walking the control buffer the kernel filled, with the libc CMSG macros.
     unsafe {
         let mut c = libc::CMSG_FIRSTHDR(&msg);
@@ -59,11 +72,22 @@ pub fn recv_with_fd(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, Op
                         first = Some(owned);
                     } // else: dropped, i.e. closed
                 }
+            } else if (*c).cmsg_level == crate::tls::ktls::SOL_TLS
+                && (*c).cmsg_type == crate::tls::ktls::TLS_GET_RECORD_TYPE
+            {
+                let t = *libc::CMSG_DATA(c);
+                if t != crate::tls::ktls::content_type::APPLICATION_DATA {
+                    tls_record = Some(t);
+                }
             }
             c = libc::CMSG_NXTHDR(&msg, c);
         }
     }
-    Ok((n, first))
+    Ok(Received {
+        n,
+        fd: first,
+        tls_record,
+    })
 }
 
 /// Sends `byte` with one fd attached (the carrier format of libvirt-rpc.md §5.4).
@@ -176,4 +200,16 @@ impl Pipe {
 /// Whether an I/O error only means "not now".
 pub fn would_block(e: &io::Error) -> bool {
     e.raw_os_error() == Some(libc::EAGAIN)
+}
+
+/// Bytes queued in a pipe (FIONREAD).
+pub fn pipe_len(fd: BorrowedFd<'_>) -> usize {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut n) };
+    if r < 0 {
+        0
+    } else {
+        n as usize
+    }
 }

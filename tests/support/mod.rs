@@ -650,3 +650,4 @@ pub fn daemon_pid_now(d: &Daemon) -> u32 {
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(d.pid)
 }
+pub mod pki;

@@ -1,0 +1,265 @@
+//! Off-node clients: TCP and TLS listeners against the real daemon, with real virsh and
+//! python3-libvirt as TLS clients, and a rustls client for the refusals.
+
+mod support;
+
+use std::io::Read;
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use support::pki::{client_dir, Ca};
+use support::{daemon, py, virsh, Proxy};
+
+const REVOKED_SERIAL: u64 = 666;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Env {
+    _files: tempfile::TempDir,
+    ca: Ca,
+    proxy: Proxy,
+    tls_port: u16,
+    tcp_port: u16,
+    /// pkipath of a client whose certificate passes every check.
+    good: PathBuf,
+}
+
+fn server_files(dir: &Path, ca: &Ca, expired: bool) -> String {
+    let (cert, key) = ca.server(expired);
+    std::fs::write(dir.join("ca.pem"), &ca.cert_pem).unwrap();
+    std::fs::write(dir.join("server.pem"), cert).unwrap();
+    std::fs::write(dir.join("server.key"), key).unwrap();
+    std::fs::write(dir.join("crl.pem"), ca.crl(&[REVOKED_SERIAL])).unwrap();
+    format!(
+        "ca_file = \"{d}/ca.pem\"\ncert_file = \"{d}/server.pem\"\nkey_file = \"{d}/server.key\"\ncrl_file = \"{d}/crl.pem\"\n",
+        d = dir.display()
+    )
+}
+
+/// This binary's daemon logs the identity parameters it receives (libvirt's
+/// `VIR_TYPED_PARAMS_DEBUG` in the CONNECT_SET_IDENTITY handler, source `daemon.remote`).
+fn tls_daemon() -> &'static support::Daemon {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| std::env::set_var("VPD_LIBVIRTD_LOG_FILTERS", "1:daemon.remote"));
+    daemon()
+}
+
+fn start(extra: &str) -> Env {
+    let files = tempfile::tempdir().unwrap();
+    let ca = Ca::new("Test CA");
+    let (tls_port, tcp_port) = (free_port(), free_port());
+    let conf = format!(
+        "{extra}\nlisten_tls = 1\nlisten_tcp = 1\nauth_tcp = \"none\"\nlisten_addr = \"127.0.0.1\"\ntls_port = \"{tls_port}\"\ntcp_port = \"{tcp_port}\"\n{}",
+        server_files(files.path(), &ca, false)
+    );
+    let proxy = Proxy::start(tls_daemon(), &conf, &[]);
+    let good = client_dir(files.path(), "good", &ca, &ca.client("client1", 1001));
+    Env {
+        _files: files,
+        ca,
+        proxy,
+        tls_port,
+        tcp_port,
+        good,
+    }
+}
+
+fn tls_uri(e: &Env, scheme_path: &str, pki: &Path) -> String {
+    let (scheme, path) = scheme_path.split_once(":///").unwrap();
+    format!(
+        "{scheme}+tls://localhost:{}/{path}?pkipath={}",
+        e.tls_port,
+        pki.display()
+    )
+}
+
+fn out(o: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[test]
+fn virsh_over_tls_and_plain_tcp() {
+    let e = start("");
+    let o = virsh(&tls_uri(&e, "test:///default", &e.good), &["list", "--all"]);
+    assert!(
+        o.status.success() && out(&o).contains("test"),
+        "{}",
+        out(&o)
+    );
+    let o = virsh(&tls_uri(&e, "qemu:///system", &e.good), &["version"]);
+    assert!(
+        o.status.success() && out(&o).contains("QEMU"),
+        "{}",
+        out(&o)
+    );
+    let o = virsh(
+        &format!("qemu+tcp://127.0.0.1:{}/system", e.tcp_port),
+        &["list", "--all"],
+    );
+    assert!(o.status.success(), "tcp: {}", out(&o));
+    // On this kernel (no CONFIG_TLS) the userspace fallback carries the session.
+    let log = e.proxy.log_text();
+    assert!(
+        log.contains("records in userspace (no kTLS)")
+            || log.contains("records in the kernel (kTLS)"),
+        "no TLS mode line: {log}"
+    );
+}
+
+/// A rustls client: whether the proxy sent libvirt's 0x01 confirmation byte.
+fn confirmed(port: u16, ca_pem: &str, client: Option<&(String, String)>) -> bool {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap())
+        .unwrap();
+    let b = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+    let cfg = match client {
+        Some((cert, key)) => b
+            .with_client_auth_cert(
+                vec![CertificateDer::from_pem_slice(cert.as_bytes()).unwrap()],
+                PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
+            )
+            .unwrap(),
+        None => b.with_no_client_auth(),
+    };
+    let mut conn =
+        rustls::ClientConnection::new(Arc::new(cfg), "localhost".try_into().unwrap()).unwrap();
+    let mut sock = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut tls = rustls::Stream::new(&mut conn, &mut sock);
+    let mut b = [0u8; 1];
+    matches!(tls.read(&mut b), Ok(1) if b[0] == 1)
+}
+
+#[test]
+fn bad_client_certificates_are_refused_before_any_downstream_connection() {
+    let e = start("tls_allowed_dn_list = [ \"C=GB,ST=London,*,CN=client?\" ]");
+    let before = support::admin_clients(daemon()).len();
+    assert!(
+        confirmed(
+            e.tls_port,
+            &e.ca.cert_pem,
+            Some(&e.ca.client("client1", 1002))
+        ),
+        "good client refused"
+    );
+    let other = Ca::new("Other CA");
+    let cases: Vec<(&str, Option<(String, String)>)> = vec![
+        ("no client certificate", None),
+        (
+            "certificate from another CA",
+            Some(other.client("client1", 1003)),
+        ),
+        (
+            "revoked certificate",
+            Some(e.ca.client("client2", REVOKED_SERIAL)),
+        ),
+        (
+            "DN outside tls_allowed_dn_list",
+            Some(e.ca.client("client12", 1004)),
+        ),
+    ];
+    for (what, cert) in &cases {
+        assert!(
+            !confirmed(e.tls_port, &e.ca.cert_pem, cert.as_ref()),
+            "{what}: confirmation byte sent"
+        );
+    }
+    // None of them got as far as the daemon.
+    assert!(
+        support::admin_clients(daemon()).len() <= before,
+        "a refused client reached the daemon"
+    );
+    assert!(
+        !e.proxy.log_text().contains("handed to the relay"),
+        "{}",
+        e.proxy.log_text()
+    );
+}
+
+#[test]
+fn expired_server_certificate_stops_start_up_unless_sanity_checks_are_off() {
+    let files = tempfile::tempdir().unwrap();
+    let ca = Ca::new("Test CA");
+    let tls = server_files(files.path(), &ca, true);
+    let port = free_port();
+    let conf = files.path().join("p.conf");
+    let write = |extra: &str| {
+        std::fs::write(
+            &conf,
+            format!(
+                "{extra}\nlisten_tls = 1\nlisten_addr = \"127.0.0.1\"\ntls_port = \"{port}\"\nunix_sock_dir = \"{}\"\n{tls}",
+                files.path().join("s").display()
+            ),
+        )
+        .unwrap()
+    };
+    write("");
+    let bin = env!("CARGO_BIN_EXE_virtproxyd");
+    let pid = files.path().join("pid");
+    let o = Command::new(bin)
+        .args(["-f", conf.to_str().unwrap(), "-p", pid.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(6), "{}", out(&o));
+    assert!(out(&o).contains("expired"), "{}", out(&o));
+
+    write("tls_no_sanity_certificate = 1");
+    let mut child = Command::new(bin)
+        .args(["-f", conf.to_str().unwrap(), "-p", pid.to_str().unwrap()])
+        .spawn()
+        .unwrap();
+    let up = support::wait_for(Duration::from_secs(10), || {
+        TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(up, "did not start with tls_no_sanity_certificate = 1");
+}
+
+#[test]
+fn volume_streams_and_events_over_tls() {
+    let e = start("");
+    let uri = tls_uri(&e, "qemu:///system", &e.good);
+    let pool = e.proxy.dir().join("tlspool");
+    std::fs::create_dir_all(&pool).unwrap();
+    let o = py("stream_volume.py", &[&uri, pool.to_str().unwrap(), "256"]);
+    assert!(o.status.success(), "{}", out(&o));
+    let o = py("events.py", &[&tls_uri(&e, "test:///default", &e.good)]);
+    assert!(o.status.success(), "{}", out(&o));
+}
+
+#[test]
+fn daemon_sees_the_client_certificate_dn_as_identity() {
+    let e = start("");
+    let o = virsh(&tls_uri(&e, "test:///default", &e.good), &["list"]);
+    assert!(o.status.success(), "{}", out(&o));
+    // The daemon logged the parameters of our CONNECT_SET_IDENTITY: the DN, and no UNIX ids.
+    let want = "C=GB,ST=London,L=London,O=Test Org,CN=client1";
+    let found = support::wait_for(Duration::from_secs(5), || {
+        let log = std::fs::read_to_string(tls_daemon().log_path()).unwrap_or_default();
+        log.lines()
+            .any(|l| l.contains("x509-distinguished-name") && l.contains(want))
+    });
+    assert!(found, "daemon log has no x509-distinguished-name={want}");
+}
