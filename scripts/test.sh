@@ -9,3 +9,19 @@ cargo fmt --check
 cargo clippy --all-targets -- -D warnings
 # The integration tests each start their own proxies; one test binary shares one libvirtd.
 cargo test --all-targets -- --test-threads="${VPD_TEST_THREADS:-2}"
+
+# Kernel TLS: this host has no CONFIG_TLS, so the same kTLS test binary also runs inside VMs
+# booting Debian's 6.1 and 6.12 kernels (scripts/ktls-vm.sh), where kTLS must engage.
+ktls_bin=$(cargo test --test ktls --no-run --message-format=json 2>/dev/null | python3 -c '
+import json, sys
+for line in sys.stdin:
+    j = json.loads(line)
+    if j.get("reason") == "compiler-artifact" and j.get("executable") and j["target"]["name"] == "ktls":
+        print(j["executable"])')
+[ -x "$ktls_bin" ] || { echo "kTLS test binary not found" >&2; exit 1; }
+bash scripts/ktls-vm.sh prepare --kernel all
+for kernel in 6.1 6.12; do
+  echo "== kTLS test in a VM with Debian's $kernel kernel"
+  bash scripts/ktls-vm.sh run --kernel "$kernel" --timeout 900 --env VPD_EXPECT_KTLS=1 -- \
+    "$ktls_bin" --test-threads=1 --nocapture
+done

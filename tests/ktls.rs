@@ -1,0 +1,264 @@
+//! The TLS listener with kernel TLS: 64 MiB each way through the proxy, byte-identical,
+//! with a rustls client on every kTLS cipher suite. The driver daemon here is a small fake
+//! on a UNIX socket that answers the downstream handshake and then echoes, because this test
+//! also runs inside a minimal VM (`scripts/ktls-vm.sh`) where no libvirtd exists.
+//!
+//! `VPD_EXPECT_KTLS=1` (set by `.ci/run` in the VM): kTLS must engage, or the test fails.
+//! Without it (this host has no CONFIG_TLS) the userspace fallback must carry the traffic.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Once};
+use std::time::{Duration, Instant};
+
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use support::pki::Ca;
+use virtproxyd::config::{Config, Env};
+use virtproxyd::listen::{self, ListenerKind};
+use virtproxyd::reactor;
+use virtproxyd::route::RouteTable;
+use virtproxyd::server::{self, ServerOpts};
+use virtproxyd::tls::{ktls, TlsSettings};
+use virtproxyd::worker::Shared;
+
+fn frame(proc_: i32, mtype: u32, serial: u32, status: u32, body: &[u8]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(28 + body.len());
+    for v in [
+        (28 + body.len()) as u32,
+        0x2000_8086,
+        1,
+        proc_ as u32,
+        mtype,
+        serial,
+        status,
+    ] {
+        f.extend_from_slice(&v.to_be_bytes());
+    }
+    f.extend_from_slice(body);
+    f
+}
+
+fn read_frame(r: &mut impl Read) -> Vec<u8> {
+    let mut len = [0u8; 4];
+    r.read_exact(&mut len).expect("frame length");
+    let mut rest = vec![0u8; u32::from_be_bytes(len) as usize - 4];
+    r.read_exact(&mut rest).expect("frame body");
+    [len.to_vec(), rest].concat()
+}
+
+/// Answers AUTH_LIST, SUPPORTS_FEATURE, CONNECT_OPEN and CONNECT_SET_IDENTITY like a driver
+/// daemon, then echoes every byte.
+fn fake_daemon(listener: UnixListener) {
+    for conn in listener.incoming() {
+        let Ok(mut s) = conn else { continue };
+        std::thread::spawn(move || {
+            loop {
+                let f = read_frame(&mut s);
+                let proc_ = i32::from_be_bytes([f[12], f[13], f[14], f[15]]);
+                let serial = u32::from_be_bytes([f[20], f[21], f[22], f[23]]);
+                let body: &[u8] = match proc_ {
+                    66 => &[0, 0, 0, 1, 0, 0, 0, 0],
+                    60 => &[0, 0, 0, 1],
+                    _ => &[],
+                };
+                s.write_all(&frame(proc_, 1, serial, 0, body)).unwrap();
+                if proc_ == 419 {
+                    break;
+                }
+            }
+            let mut back = s.try_clone().unwrap();
+            let _ = std::io::copy(&mut s, &mut back);
+        });
+    }
+}
+
+struct Proxy {
+    port: u16,
+    ca_pem: String,
+    client: (String, String),
+    _dir: tempfile::TempDir,
+}
+
+/// One in-process proxy for the whole test binary (its threads end with the process).
+fn proxy() -> &'static Proxy {
+    static P: std::sync::OnceLock<Proxy> = std::sync::OnceLock::new();
+    P.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let daemon_sock = dir.path().join("daemon-sock");
+        let l = UnixListener::bind(&daemon_sock).unwrap();
+        std::thread::spawn(move || fake_daemon(l));
+
+        let ca = Ca::new("kTLS CA");
+        let (cert, key) = ca.server(false);
+        for (name, text) in [("ca.pem", &ca.cert_pem), ("server.pem", &cert), ("server.key", &key)] {
+            std::fs::write(dir.path().join(name), text).unwrap();
+        }
+        let d = dir.path().display();
+        let text = format!(
+            "listen_tls = 1\nlisten_addr = \"127.0.0.1\"\ntls_port = \"0\"\nca_file = \"{d}/ca.pem\"\n\
+             cert_file = \"{d}/server.pem\"\nkey_file = \"{d}/server.key\"\n\
+             driver_sockets = [ \"test={}\" ]\n",
+            daemon_sock.display()
+        );
+        let env = Env { privileged: true, home: None, xdg_runtime_dir: None, xdg_config_home: None, io_backend_override: None };
+        let cfg = Config::from_text(&text, &dir.path().join("p.conf"), &env).unwrap();
+        let settings = TlsSettings::from_config(&cfg).unwrap();
+        let listeners = listen::bind_tcp(&["127.0.0.1".into()], "0", 64, ListenerKind::Tls).unwrap();
+        let port = {
+            use std::os::fd::AsRawFd;
+            let addr: nix::sys::socket::SockaddrIn = nix::sys::socket::getsockname(listeners[0].fd.as_raw_fd()).unwrap();
+            addr.port()
+        };
+        let shared = Arc::new(Shared {
+            routes: arc_swap::ArcSwap::from_pointee(RouteTable::new(dir.path().into(), cfg.driver_sockets.clone(), false)),
+            clients: AtomicUsize::new(0),
+            max_clients: AtomicUsize::new(0),
+            shutdown: AtomicBool::new(false),
+            drain_grace: Duration::from_secs(1),
+            splice_threshold: 16 * 1024,
+            tls: arc_swap::ArcSwapOption::new(Some(Arc::new(settings))),
+        });
+        std::thread::spawn(move || {
+            let _ = server::run(ServerOpts {
+                listeners,
+                workers: 2,
+                backend: reactor::Kind::Auto,
+                idle_timeout: None,
+                shared,
+                on_reload: Box::new(|_| {}),
+            });
+        });
+        Proxy { port, ca_pem: ca.cert_pem.clone(), client: ca.client("client1", 7), _dir: dir }
+    })
+}
+
+fn client_config(p: &Proxy, suite: rustls::SupportedCipherSuite) -> Arc<rustls::ClientConfig> {
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider.cipher_suites = vec![suite];
+    let version = match suite {
+        rustls::SupportedCipherSuite::Tls13(_) => &rustls::version::TLS13,
+        rustls::SupportedCipherSuite::Tls12(_) => &rustls::version::TLS12,
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(p.ca_pem.as_bytes()).unwrap())
+        .unwrap();
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+        .with_protocol_versions(&[version])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(
+            vec![CertificateDer::from_pem_slice(p.client.0.as_bytes()).unwrap()],
+            PrivateKeyDer::from_pem_slice(p.client.1.as_bytes()).unwrap(),
+        )
+        .unwrap();
+    Arc::new(cfg)
+}
+
+/// Opens a session through the proxy and moves `mib` MiB each way; returns seconds taken.
+fn round_trip(suite: rustls::SupportedCipherSuite, mib: usize) -> f64 {
+    let p = proxy();
+    let mut conn =
+        rustls::ClientConnection::new(client_config(p, suite), "localhost".try_into().unwrap())
+            .unwrap();
+    let mut sock = TcpStream::connect(("127.0.0.1", p.port)).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let mut tls = rustls::Stream::new(&mut conn, &mut sock);
+    // The first call goes out right behind the handshake, before the confirmation byte is
+    // read: the proxy must not lose it while it moves the session into the kernel.
+    tls.write_all(&frame(66, 0, 0, 0, &[])).unwrap();
+    let mut confirm = [0u8; 1];
+    tls.read_exact(&mut confirm).unwrap();
+    assert_eq!(confirm, [1], "confirmation byte");
+    let auth = read_frame(&mut tls);
+    assert_eq!(&auth[28..], &[0, 0, 0, 1, 0, 0, 0, 0], "AUTH_LIST reply");
+    let mut open = vec![0, 0, 0, 1, 0, 0, 0, 15];
+    open.extend_from_slice(b"test:///default\0\0\0\0\0");
+    tls.write_all(&frame(1, 0, 1, 0, &open)).unwrap();
+    let r = read_frame(&mut tls);
+    assert_eq!(&r[24..28], &[0, 0, 0, 0], "open failed");
+
+    // STREAM frames of 64 KiB, each echoed by the fake daemon; lockstep keeps both
+    // directions' buffers bounded.
+    let t = Instant::now();
+    let mut body = vec![0u8; 64 * 1024];
+    for i in 0..mib * 16 {
+        for (j, b) in body.iter_mut().enumerate() {
+            *b = (i * 31 + j) as u8;
+        }
+        let f = frame(209, 3, 2, 2, &body);
+        tls.write_all(&f).unwrap();
+        let back = read_frame(&mut tls);
+        assert!(back == f, "frame {i} came back different");
+    }
+    t.elapsed().as_secs_f64()
+}
+
+fn expect_ktls() -> bool {
+    std::env::var("VPD_EXPECT_KTLS").is_ok_and(|v| v == "1")
+}
+
+fn log_init() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter("virtproxyd=info")
+            .with_test_writer()
+            .try_init();
+    });
+}
+
+#[test]
+fn sixty_four_mib_each_way_on_every_ktls_suite() {
+    log_init();
+    use rustls::crypto::ring::cipher_suite as cs;
+    let suites = [
+        (cs::TLS13_AES_128_GCM_SHA256, 64),
+        (cs::TLS13_AES_256_GCM_SHA384, 4),
+        (cs::TLS13_CHACHA20_POLY1305_SHA256, 4),
+        (cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256, 4),
+        (cs::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384, 4),
+        (cs::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256, 4),
+    ];
+    for (suite, mib) in suites {
+        let before = (
+            ktls::ENGAGED.load(Ordering::Relaxed),
+            ktls::USERSPACE.load(Ordering::Relaxed),
+        );
+        let secs = round_trip(suite, mib);
+        let after = (
+            ktls::ENGAGED.load(Ordering::Relaxed),
+            ktls::USERSPACE.load(Ordering::Relaxed),
+        );
+        let mode = if after.0 > before.0 {
+            "kTLS"
+        } else {
+            "userspace"
+        };
+        println!(
+            "{:?}: {mib} MiB each way in {secs:.2}s via {mode}",
+            suite.suite()
+        );
+        if expect_ktls() {
+            assert_eq!(
+                after.0,
+                before.0 + 1,
+                "{:?}: kTLS did not engage",
+                suite.suite()
+            );
+        } else {
+            assert_eq!(
+                after.1,
+                before.1 + 1,
+                "{:?}: fallback not used",
+                suite.suite()
+            );
+        }
+    }
+}
