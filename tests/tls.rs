@@ -263,3 +263,125 @@ fn daemon_sees_the_client_certificate_dn_as_identity() {
     });
     assert!(found, "daemon log has no x509-distinguished-name={want}");
 }
+
+fn frame(proc_: i32, mtype: u32, serial: u32, body: &[u8]) -> Vec<u8> {
+    let mut f = Vec::new();
+    for v in [
+        (28 + body.len()) as u32,
+        0x2000_8086,
+        1,
+        proc_ as u32,
+        mtype,
+        serial,
+        0,
+    ] {
+        f.extend_from_slice(&v.to_be_bytes());
+    }
+    f.extend_from_slice(body);
+    f
+}
+
+fn read_frame(r: &mut impl Read) -> Option<Vec<u8>> {
+    let mut len = [0u8; 4];
+    r.read_exact(&mut len).ok()?;
+    let mut rest = vec![0u8; u32::from_be_bytes(len) as usize - 4];
+    r.read_exact(&mut rest).ok()?;
+    Some([len.to_vec(), rest].concat())
+}
+
+#[test]
+fn fd_passing_over_tcp_closes_the_connection() {
+    let e = start("");
+    let mut s = TcpStream::connect(("127.0.0.1", e.tcp_port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut open = vec![0, 0, 0, 1, 0, 0, 0, 15];
+    open.extend_from_slice(b"test:///default\0\0\0\0\0");
+    use std::io::Write;
+    s.write_all(&frame(1, 0, 1, &open)).unwrap();
+    let r = read_frame(&mut s).expect("open reply");
+    assert_eq!(&r[24..28], &[0, 0, 0, 0]);
+    // CALL_WITH_FDS (DOMAIN_FD_ASSOCIATE) with one fd: impossible over TCP.
+    s.write_all(&frame(443, 4, 2, &[0, 0, 0, 1])).unwrap();
+    let mut b = [0u8; 64];
+    assert!(
+        matches!(s.read(&mut b), Ok(0) | Err(_)),
+        "connection stayed open"
+    );
+}
+
+#[test]
+fn sighup_reloads_certificates_for_new_connections_only() {
+    let e = start("");
+    // An established TLS session (pre-open calls are answered by the proxy itself).
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let session = |ca_pem: &str, cert: &(String, String)| {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap())
+            .unwrap();
+        let cfg = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_client_auth_cert(
+                vec![CertificateDer::from_pem_slice(cert.0.as_bytes()).unwrap()],
+                PrivateKeyDer::from_pem_slice(cert.1.as_bytes()).unwrap(),
+            )
+            .unwrap();
+        let conn =
+            rustls::ClientConnection::new(Arc::new(cfg), "localhost".try_into().unwrap()).unwrap();
+        let sock = TcpStream::connect(("127.0.0.1", e.tls_port)).unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        rustls::StreamOwned::new(conn, sock)
+    };
+    let old_client = e.ca.client("client1", 2001);
+    let mut established = session(&e.ca.cert_pem, &old_client);
+    let mut b = [0u8; 1];
+    established.read_exact(&mut b).unwrap();
+    assert_eq!(b, [1]);
+
+    // New CA, server certificate and key on disk, then SIGHUP.
+    let new_ca = Ca::new("Rotated CA");
+    let dir = e._files.path();
+    server_files(dir, &new_ca, false);
+    assert!(
+        !confirmed(
+            e.tls_port,
+            &new_ca.cert_pem,
+            Some(&new_ca.client("client1", 2002))
+        ),
+        "new CA trusted before reload"
+    );
+    e.proxy.signal("HUP");
+    let reloaded = support::wait_for(Duration::from_secs(10), || {
+        e.proxy
+            .log_text()
+            .contains("TLS certificates, key, CA and CRL")
+    });
+    assert!(reloaded, "{}", e.proxy.log_text());
+    assert!(
+        confirmed(
+            e.tls_port,
+            &new_ca.cert_pem,
+            Some(&new_ca.client("client1", 2003))
+        ),
+        "new CA not used after reload"
+    );
+    assert!(
+        !confirmed(
+            e.tls_port,
+            &e.ca.cert_pem,
+            Some(&e.ca.client("client1", 2004))
+        ),
+        "old CA still accepted"
+    );
+
+    // The session from before the reload still works.
+    use std::io::Write;
+    established.write_all(&frame(66, 0, 0, &[])).unwrap();
+    let r = read_frame(&mut established).expect("established session dropped by reload");
+    assert_eq!(&r[28..], &[0, 0, 0, 1, 0, 0, 0, 0]);
+}
