@@ -200,6 +200,35 @@ fn round_trip(suite: rustls::SupportedCipherSuite, mib: usize) -> f64 {
     t.elapsed().as_secs_f64()
 }
 
+/// CPU seconds used so far by the proxy's relay worker threads (named `relay-N`).
+fn relay_cpu_secs() -> f64 {
+    let tick = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64;
+    let mut total = 0.0;
+    for t in std::fs::read_dir("/proc/self/task")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if !comm.starts_with("relay-") {
+            continue;
+        }
+        let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+        let after = &stat[stat.rfind(')').map_or(0, |i| i + 1)..];
+        let f: Vec<&str> = after.split_whitespace().collect();
+        // utime and stime are fields 14 and 15; after ')' the first field is #3.
+        let ticks: f64 = [11, 12]
+            .iter()
+            .filter_map(|&i| f.get(i)?.parse::<f64>().ok())
+            .sum();
+        total += ticks / tick;
+    }
+    total
+}
+
 fn expect_ktls() -> bool {
     std::env::var("VPD_EXPECT_KTLS").is_ok_and(|v| v == "1")
 }
@@ -231,7 +260,9 @@ fn sixty_four_mib_each_way_on_every_ktls_suite() {
             ktls::ENGAGED.load(Ordering::Relaxed),
             ktls::USERSPACE.load(Ordering::Relaxed),
         );
+        let cpu0 = relay_cpu_secs();
         let secs = round_trip(suite, mib);
+        let cpu = relay_cpu_secs() - cpu0;
         let after = (
             ktls::ENGAGED.load(Ordering::Relaxed),
             ktls::USERSPACE.load(Ordering::Relaxed),
@@ -241,9 +272,12 @@ fn sixty_four_mib_each_way_on_every_ktls_suite() {
         } else {
             "userspace"
         };
+        // Both directions count: 2 × mib MiB crossed the proxy.
+        let gib = (2 * mib) as f64 / 1024.0;
         println!(
-            "{:?}: {mib} MiB each way in {secs:.2}s via {mode}",
-            suite.suite()
+            "{:?}: {mib} MiB each way in {secs:.2}s via {mode}; proxy relay CPU {:.2} s/GiB",
+            suite.suite(),
+            cpu / gib
         );
         if expect_ktls() {
             assert_eq!(
