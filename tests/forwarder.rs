@@ -3,6 +3,8 @@
 
 mod support;
 
+use support::{frame, read_frame};
+
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::process::{Command, Stdio};
@@ -325,35 +327,6 @@ fn raw(p: &Proxy) -> UnixStream {
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     s
 }
-
-fn frame(proc_: i32, mtype: u32, serial: u32, body: &[u8]) -> Vec<u8> {
-    let mut f = Vec::new();
-    for v in [
-        (28 + body.len()) as u32,
-        0x2000_8086,
-        1,
-        proc_ as u32,
-        mtype,
-        serial,
-        0,
-    ] {
-        f.extend_from_slice(&v.to_be_bytes());
-    }
-    f.extend_from_slice(body);
-    f
-}
-
-fn read_frame(s: &mut UnixStream) -> Option<Vec<u8>> {
-    let mut len = [0u8; 4];
-    s.read_exact(&mut len).ok()?;
-    let n = u32::from_be_bytes(len) as usize;
-    let mut rest = vec![0u8; n - 4];
-    s.read_exact(&mut rest).ok()?;
-    let mut f = len.to_vec();
-    f.extend(rest);
-    Some(f)
-}
-
 /// True when the proxy closed the connection (EOF, or reset).
 fn closed_by_proxy(s: &mut UnixStream) -> bool {
     let mut b = [0u8; 4096];
@@ -545,6 +518,8 @@ fn fd_links_starting_with(pid: u32, prefix: &str) -> usize {
 #[test]
 fn idle_connections_hold_two_fds_no_pipe_and_no_kernel_thread() {
     for (backend, p) in proxies("") {
+        // Workers create their rings after the sockets appear: settle before counting.
+        assert_ok(&virsh(&p.uri("test:///default"), &["list"]), backend);
         let before = open_fds(p.pid());
         let threads_before = support::threads(p.pid());
         // (The proxy may inherit a pipe from the test runner, e.g. cargo's jobserver.)

@@ -25,32 +25,6 @@ use virtproxyd::route::RouteTable;
 use virtproxyd::server::{self, ServerOpts};
 use virtproxyd::tls::{ktls, TlsSettings};
 use virtproxyd::worker::Shared;
-
-fn frame(proc_: i32, mtype: u32, serial: u32, status: u32, body: &[u8]) -> Vec<u8> {
-    let mut f = Vec::with_capacity(28 + body.len());
-    for v in [
-        (28 + body.len()) as u32,
-        0x2000_8086,
-        1,
-        proc_ as u32,
-        mtype,
-        serial,
-        status,
-    ] {
-        f.extend_from_slice(&v.to_be_bytes());
-    }
-    f.extend_from_slice(body);
-    f
-}
-
-fn read_frame(r: &mut impl Read) -> Vec<u8> {
-    let mut len = [0u8; 4];
-    r.read_exact(&mut len).expect("frame length");
-    let mut rest = vec![0u8; u32::from_be_bytes(len) as usize - 4];
-    r.read_exact(&mut rest).expect("frame body");
-    [len.to_vec(), rest].concat()
-}
-
 /// Answers AUTH_LIST, SUPPORTS_FEATURE, CONNECT_OPEN and CONNECT_SET_IDENTITY like a driver
 /// daemon, then echoes every byte.
 fn fake_daemon(listener: UnixListener) {
@@ -58,7 +32,7 @@ fn fake_daemon(listener: UnixListener) {
         let Ok(mut s) = conn else { continue };
         std::thread::spawn(move || {
             loop {
-                let f = read_frame(&mut s);
+                let f = support::read_frame(&mut s).expect("frame");
                 let proc_ = i32::from_be_bytes([f[12], f[13], f[14], f[15]]);
                 let serial = u32::from_be_bytes([f[20], f[21], f[22], f[23]]);
                 let body: &[u8] = match proc_ {
@@ -66,7 +40,8 @@ fn fake_daemon(listener: UnixListener) {
                     60 => &[0, 0, 0, 1],
                     _ => &[],
                 };
-                s.write_all(&frame(proc_, 1, serial, 0, body)).unwrap();
+                s.write_all(&support::frame_status(proc_, 1, serial, 0, body))
+                    .unwrap();
                 if proc_ == 419 {
                     break;
                 }
@@ -172,16 +147,18 @@ fn round_trip(suite: rustls::SupportedCipherSuite, mib: usize) -> f64 {
     let mut tls = rustls::Stream::new(&mut conn, &mut sock);
     // The first call goes out right behind the handshake, before the confirmation byte is
     // read: the proxy must not lose it while it moves the session into the kernel.
-    tls.write_all(&frame(66, 0, 0, 0, &[])).unwrap();
+    tls.write_all(&support::frame_status(66, 0, 0, 0, &[]))
+        .unwrap();
     let mut confirm = [0u8; 1];
     tls.read_exact(&mut confirm).unwrap();
     assert_eq!(confirm, [1], "confirmation byte");
-    let auth = read_frame(&mut tls);
+    let auth = support::read_frame(&mut tls).expect("frame");
     assert_eq!(&auth[28..], &[0, 0, 0, 1, 0, 0, 0, 0], "AUTH_LIST reply");
     let mut open = vec![0, 0, 0, 1, 0, 0, 0, 15];
     open.extend_from_slice(b"test:///default\0\0\0\0\0");
-    tls.write_all(&frame(1, 0, 1, 0, &open)).unwrap();
-    let r = read_frame(&mut tls);
+    tls.write_all(&support::frame_status(1, 0, 1, 0, &open))
+        .unwrap();
+    let r = support::read_frame(&mut tls).expect("frame");
     assert_eq!(&r[24..28], &[0, 0, 0, 0], "open failed");
 
     // STREAM frames of 64 KiB, each echoed by the fake daemon; lockstep keeps both
@@ -192,9 +169,9 @@ fn round_trip(suite: rustls::SupportedCipherSuite, mib: usize) -> f64 {
         for (j, b) in body.iter_mut().enumerate() {
             *b = (i * 31 + j) as u8;
         }
-        let f = frame(209, 3, 2, 2, &body);
+        let f = support::frame_status(209, 3, 2, 2, &body);
         tls.write_all(&f).unwrap();
-        let back = read_frame(&mut tls);
+        let back = support::read_frame(&mut tls).expect("frame");
         assert!(back == f, "frame {i} came back different");
     }
     t.elapsed().as_secs_f64()

@@ -3,7 +3,7 @@
 
 mod support;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::net::{UnixDatagram, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -74,40 +74,15 @@ fn raw_open(sock: &Path) -> UnixStream {
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let mut body = vec![0, 0, 0, 1, 0, 0, 0, 15];
     body.extend_from_slice(b"test:///default\0\0\0\0\0");
-    s.write_all(&frame(1, 1, &body)).unwrap();
-    let r = read_frame(&mut s).expect("open reply");
+    s.write_all(&support::frame(1, 0, 1, &body)).unwrap();
+    let r = support::read_frame(&mut s).expect("open reply");
     assert_eq!(&r[24..28], &[0, 0, 0, 0], "open failed");
     s
 }
 
-fn frame(proc_: i32, serial: u32, body: &[u8]) -> Vec<u8> {
-    let mut f = Vec::new();
-    for v in [
-        (28 + body.len()) as u32,
-        0x2000_8086,
-        1,
-        proc_ as u32,
-        0,
-        serial,
-        0,
-    ] {
-        f.extend_from_slice(&v.to_be_bytes());
-    }
-    f.extend_from_slice(body);
-    f
-}
-
-fn read_frame(s: &mut UnixStream) -> Option<Vec<u8>> {
-    let mut len = [0u8; 4];
-    s.read_exact(&mut len).ok()?;
-    let mut rest = vec![0u8; u32::from_be_bytes(len) as usize - 4];
-    s.read_exact(&mut rest).ok()?;
-    Some([len.to_vec(), rest].concat())
-}
-
 fn lib_version_works(s: &mut UnixStream, serial: u32) -> bool {
-    s.write_all(&frame(157, serial, &[])).is_ok()
-        && read_frame(s)
+    s.write_all(&support::frame(157, 0, serial, &[])).is_ok()
+        && support::read_frame(s)
             .is_some_and(|r| r[20..24] == serial.to_be_bytes() && r[24..28] == [0, 0, 0, 0])
 }
 
@@ -322,9 +297,9 @@ fn sighup_applies_a_new_client_limit_without_dropping_clients() {
     let mut b = UnixStream::connect(&sock).unwrap();
     b.set_read_timeout(Some(Duration::from_millis(600)))
         .unwrap();
-    b.write_all(&frame(66, 0, &[])).unwrap();
+    b.write_all(&support::frame(66, 0, 0, &[])).unwrap();
     assert!(
-        read_frame(&mut b).is_none(),
+        support::read_frame(&mut b).is_none(),
         "second client served over max_clients = 1"
     );
 
@@ -334,7 +309,7 @@ fn sighup_applies_a_new_client_limit_without_dropping_clients() {
         .status();
     b.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     assert!(
-        read_frame(&mut b).is_some(),
+        support::read_frame(&mut b).is_some(),
         "second client not served after reload"
     );
     assert!(

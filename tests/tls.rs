@@ -3,6 +3,8 @@
 
 mod support;
 
+use support::{frame, read_frame};
+
 use std::io::Read;
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -263,32 +265,6 @@ fn daemon_sees_the_client_certificate_dn_as_identity() {
     });
     assert!(found, "daemon log has no x509-distinguished-name={want}");
 }
-
-fn frame(proc_: i32, mtype: u32, serial: u32, body: &[u8]) -> Vec<u8> {
-    let mut f = Vec::new();
-    for v in [
-        (28 + body.len()) as u32,
-        0x2000_8086,
-        1,
-        proc_ as u32,
-        mtype,
-        serial,
-        0,
-    ] {
-        f.extend_from_slice(&v.to_be_bytes());
-    }
-    f.extend_from_slice(body);
-    f
-}
-
-fn read_frame(r: &mut impl Read) -> Option<Vec<u8>> {
-    let mut len = [0u8; 4];
-    r.read_exact(&mut len).ok()?;
-    let mut rest = vec![0u8; u32::from_be_bytes(len) as usize - 4];
-    r.read_exact(&mut rest).ok()?;
-    Some([len.to_vec(), rest].concat())
-}
-
 #[test]
 fn fd_passing_over_tcp_closes_the_connection() {
     let e = start("");

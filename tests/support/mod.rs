@@ -651,3 +651,39 @@ pub fn daemon_pid_now(d: &Daemon) -> u32 {
         .unwrap_or(d.pid)
 }
 pub mod pki;
+
+/// A REMOTE-program frame, for tests that speak the wire protocol themselves.
+#[allow(dead_code)]
+pub fn frame_status(proc_: i32, mtype: u32, serial: u32, status: u32, body: &[u8]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(28 + body.len());
+    for v in [
+        (28 + body.len()) as u32,
+        0x2000_8086,
+        1,
+        proc_ as u32,
+        mtype,
+        serial,
+        status,
+    ] {
+        f.extend_from_slice(&v.to_be_bytes());
+    }
+    f.extend_from_slice(body);
+    f
+}
+
+/// A REMOTE-program frame with status OK.
+#[allow(dead_code)]
+pub fn frame(proc_: i32, mtype: u32, serial: u32, body: &[u8]) -> Vec<u8> {
+    frame_status(proc_, mtype, serial, 0, body)
+}
+
+/// Reads one whole frame; None on EOF, error or timeout.
+#[allow(dead_code)]
+pub fn read_frame(r: &mut impl std::io::Read) -> Option<Vec<u8>> {
+    let mut len = [0u8; 4];
+    r.read_exact(&mut len).ok()?;
+    let n = (u32::from_be_bytes(len) as usize).checked_sub(4)?;
+    let mut rest = vec![0u8; n];
+    r.read_exact(&mut rest).ok()?;
+    Some([len.to_vec(), rest].concat())
+}
