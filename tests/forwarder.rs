@@ -689,6 +689,8 @@ fn preopen_flood_without_reading_neither_grows_memory_nor_stalls_others() {
 fn pipelined_failing_opens_leave_no_daemon_connections_behind() {
     let count = |d: &support::Daemon| support::admin_clients(d).len();
     for (backend, p) in proxies("") {
+        // Workers create their rings after the sockets appear: settle before counting.
+        assert_ok(&virsh(&p.uri("test:///default"), &["list"]), backend);
         let before = count(daemon());
         let fds_before = open_fds(p.pid());
         let mut s = raw(&p);
