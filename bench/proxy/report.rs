@@ -1,0 +1,435 @@
+//! Turns the raw runs into medians, ratios to direct and target verdicts; prints the table
+//! and returns the JSON document.
+
+use std::collections::BTreeMap;
+
+use serde_json::{json, Value};
+
+/// Median (mean of the two middle values for an even count); NaN for no values.
+pub fn median(v: &[f64]) -> f64 {
+    let mut v: Vec<f64> = v.iter().copied().filter(|x| !x.is_nan()).collect();
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn f(v: &Value, k: &str) -> f64 {
+    v[k].as_f64().unwrap_or(f64::NAN)
+}
+
+/// Median of `key` over runs.
+fn med(runs: &[Value], key: &str) -> f64 {
+    median(&runs.iter().map(|r| f(r, key)).collect::<Vec<_>>())
+}
+
+/// Median over repetitions of `g(x[r], d[r])` (paired: the runs of one repetition ran
+/// back to back).
+fn paired(x: &[Value], d: &[Value], g: impl Fn(&Value, &Value) -> f64) -> f64 {
+    median(&x.iter().zip(d).map(|(a, b)| g(a, b)).collect::<Vec<_>>())
+}
+
+const COLS: [&str; 4] = ["direct", "io_uring", "epoll", "socat"];
+
+struct Table {
+    rows: Vec<(String, [String; 4], String)>,
+    targets: Vec<Value>,
+}
+
+impl Table {
+    fn row(&mut self, what: impl Into<String>, cells: [String; 4], goal: &str) {
+        self.rows.push((what.into(), cells, goal.to_string()));
+    }
+
+    /// Records a target verdict and returns " met" / " MISSED" for the cell.
+    fn target(&mut self, name: String, value: f64, goal: &str, met: bool) -> &'static str {
+        self.targets.push(json!({
+            "target": name,
+            "value": if value.is_finite() { json!(value) } else { Value::Null },
+            "goal": goal,
+            "met": met,
+        }));
+        if met {
+            " met"
+        } else {
+            " MISSED"
+        }
+    }
+
+    fn print(&self) {
+        let head = [
+            "measurement",
+            "direct",
+            "io_uring",
+            "epoll",
+            "socat",
+            "goal",
+        ];
+        let mut w: Vec<usize> = head.iter().map(|h| h.chars().count()).collect();
+        for (what, cells, goal) in &self.rows {
+            w[0] = w[0].max(what.chars().count());
+            for (i, c) in cells.iter().enumerate() {
+                w[i + 1] = w[i + 1].max(c.chars().count());
+            }
+            w[5] = w[5].max(goal.chars().count());
+        }
+        let line = |v: [&str; 6]| {
+            let mut s = String::from("|");
+            for (i, c) in v.iter().enumerate() {
+                let pad = w[i] - c.chars().count();
+                if i == 0 || i == 5 {
+                    s += &format!(" {c}{} |", " ".repeat(pad));
+                } else {
+                    s += &format!(" {}{c} |", " ".repeat(pad));
+                }
+            }
+            s
+        };
+        println!("{}", line(head));
+        let mut sep = String::from("|");
+        for (i, n) in w.iter().enumerate() {
+            if i == 0 || i == 5 {
+                sep += &format!(":{}|", "-".repeat(n + 1));
+            } else {
+                sep += &format!("{}:|", "-".repeat(n + 1));
+            }
+        }
+        println!("{sep}");
+        for (what, c, goal) in &self.rows {
+            println!("{}", line([what, &c[0], &c[1], &c[2], &c[3], goal]));
+        }
+    }
+}
+
+fn dash() -> String {
+    "—".to_string()
+}
+
+/// Builds the JSON document and prints the table.
+#[allow(clippy::too_many_arguments)]
+pub fn build(
+    meta: Value,
+    params: &Value,
+    calls: &BTreeMap<(&str, usize, &str), Vec<Value>>,
+    opens: &BTreeMap<&str, Vec<Value>>,
+    streams: &BTreeMap<(&str, &str), Vec<Value>>,
+    scale: &[Value],
+    stream_bytes: u64,
+) -> Value {
+    let mut t = Table {
+        rows: vec![],
+        targets: vec![],
+    };
+    let backends = ["io_uring", "epoll"];
+    let mut summary = json!({"calls": [], "open": {}, "streams": [], "scale": []});
+
+    // ---- calls --------------------------------------------------------------------------
+    let mut keys: Vec<(&str, usize)> = calls.keys().map(|(p, c, _)| (*p, *c)).collect();
+    keys.dedup();
+    for (proc_, c) in keys {
+        let d = &calls[&(proc_, c, "direct")];
+        let mut rate = [dash(), dash(), dash(), dash()];
+        let mut p50 = rate.clone();
+        let mut p99 = rate.clone();
+        rate[0] = format!("{:.0}", med(d, "rate"));
+        p50[0] = format!("{:.1}", med(d, "p50_us"));
+        p99[0] = format!("{:.1}", med(d, "p99_us"));
+        let mut s = json!({
+            "proc": proc_, "clients": c,
+            "direct": {"rate": med(d, "rate"), "p50_us": med(d, "p50_us"), "p99_us": med(d, "p99_us")},
+            "runs": {"direct": d},
+        });
+        for (i, b) in backends.iter().enumerate() {
+            let Some(x) = calls.get(&(proc_, c, *b)) else {
+                continue;
+            };
+            let rr = paired(x, d, |a, b| f(a, "rate") / f(b, "rate"));
+            let add = paired(x, d, |a, b| f(a, "p50_us") - f(b, "p50_us"));
+            let r99 = paired(x, d, |a, b| f(a, "p99_us") / f(b, "p99_us"));
+            let m = t.target(
+                format!("{proc_} {c} client(s) call rate, {b}"),
+                rr,
+                ">= 0.90x direct",
+                rr >= 0.90,
+            );
+            rate[i + 1] = format!("{:.0} ({rr:.2}×){m}", med(x, "rate"));
+            let m = if c == 1 {
+                t.target(
+                    format!("{proc_} 1 client p50 added, {b}"),
+                    add,
+                    "<= +10 us",
+                    add <= 10.0,
+                )
+            } else {
+                ""
+            };
+            p50[i + 1] = format!("{:.1} ({add:+.1}){m}", med(x, "p50_us"));
+            p99[i + 1] = format!("{:.1} ({r99:.2}×)", med(x, "p99_us"));
+            s[b] = json!({
+                "rate": med(x, "rate"), "rate_ratio": rr,
+                "p50_us": med(x, "p50_us"), "p50_added_us": add,
+                "p99_us": med(x, "p99_us"), "p99_ratio": r99,
+            });
+            s["runs"][b] = json!(x);
+        }
+        let who = if c == 1 {
+            "1 client".to_string()
+        } else {
+            format!("{c} clients")
+        };
+        t.row(format!("{proc_}, {who}: calls/s"), rate, "≥ 0.90×");
+        t.row(
+            format!("{proc_}, {who}: p50 µs (added)"),
+            p50,
+            if c == 1 { "≤ +10 µs" } else { "" },
+        );
+        t.row(format!("{proc_}, {who}: p99 µs"), p99, "");
+        summary["calls"].as_array_mut().unwrap().push(s);
+    }
+
+    // ---- connect-open -------------------------------------------------------------------
+    if let Some(d) = opens.get("direct") {
+        let mut p50 = [format!("{:.0}", med(d, "p50_us")), dash(), dash(), dash()];
+        let mut p99 = [format!("{:.0}", med(d, "p99_us")), dash(), dash(), dash()];
+        summary["open"]["direct"] =
+            json!({"p50_us": med(d, "p50_us"), "p99_us": med(d, "p99_us"), "runs": d});
+        for (i, b) in backends.iter().enumerate() {
+            let Some(x) = opens.get(b) else { continue };
+            let r = paired(x, d, |a, b| f(a, "p50_us") / f(b, "p50_us"));
+            let r99 = paired(x, d, |a, b| f(a, "p99_us") / f(b, "p99_us"));
+            let m = t.target(
+                format!("connect-open p50, {b}"),
+                r,
+                "<= 1.3x direct",
+                r <= 1.3,
+            );
+            p50[i + 1] = format!("{:.0} ({r:.2}×){m}", med(x, "p50_us"));
+            p99[i + 1] = format!("{:.0} ({r99:.2}×)", med(x, "p99_us"));
+            summary["open"][b] = json!({"p50_us": med(x, "p50_us"), "p50_ratio": r,
+                "p99_us": med(x, "p99_us"), "p99_ratio": r99, "runs": x});
+        }
+        t.row("connect-open p50 µs", p50, "≤ 1.3×");
+        t.row("connect-open p99 µs", p99, "");
+    }
+
+    // ---- streams ------------------------------------------------------------------------
+    let size = if stream_bytes >= 1 << 30 {
+        format!("{} GiB", stream_bytes >> 30)
+    } else {
+        format!("{} MiB", stream_bytes >> 20)
+    };
+    for dir in ["download", "upload"] {
+        let Some(d) = streams.get(&(dir, "direct")) else {
+            continue;
+        };
+        let mibps = |r: &Value| f(r, "bytes") / f(r, "secs") / (1u64 << 20) as f64;
+        let cpu = |r: &Value| f(r, "relay_cpu_s") / (f(r, "bytes") / (1u64 << 30) as f64);
+        let dcpu = |r: &Value| f(r, "daemon_cpu_s") / (f(r, "bytes") / (1u64 << 30) as f64);
+        let meds =
+            |x: &[Value], g: &dyn Fn(&Value) -> f64| median(&x.iter().map(g).collect::<Vec<_>>());
+        let mut thr = [format!("{:.0}", meds(d, &mibps)), dash(), dash(), dash()];
+        let mut cp = [dash(), dash(), dash(), dash()];
+        let socat = streams.get(&(dir, "socat"));
+        let mut s = json!({"dir": dir, "bytes": stream_bytes,
+            "direct": {"mib_s": meds(d, &mibps), "daemon_cpu_s_per_gib": meds(d, &dcpu), "runs": d}});
+        for (i, name) in ["io_uring", "epoll", "socat"].iter().enumerate() {
+            let Some(x) = streams.get(&(dir, *name)) else {
+                continue;
+            };
+            let r = paired(x, d, |a, b| mibps(a) / mibps(b));
+            let m = if *name == "socat" {
+                ""
+            } else {
+                t.target(
+                    format!("{dir} throughput, {name}"),
+                    r,
+                    ">= 0.95x direct",
+                    r >= 0.95,
+                )
+            };
+            thr[i + 1] = format!("{:.0} ({r:.2}×){m}", meds(x, &mibps));
+            let c = meds(x, &cpu);
+            s[name] = json!({"mib_s": meds(x, &mibps), "ratio": r, "relay_cpu_s_per_gib": c,
+                "daemon_cpu_s_per_gib": meds(x, &dcpu), "runs": x});
+            if *name == "socat" {
+                cp[i + 1] = format!("{c:.3}");
+            } else if let Some(sx) = socat {
+                let rc = paired(x, sx, |a, b| cpu(a) / cpu(b));
+                let m = t.target(
+                    format!("{dir} relay CPU per GiB, {name}"),
+                    rc,
+                    "<= 0.3x socat",
+                    rc <= 0.3,
+                );
+                cp[i + 1] = format!("{c:.3} ({rc:.2}× socat){m}");
+                s[name]["cpu_ratio_to_socat"] = json!(rc);
+            } else {
+                cp[i + 1] = format!("{c:.3}");
+            }
+        }
+        t.row(format!("{dir} {size}: MiB/s"), thr, "≥ 0.95×");
+        t.row(format!("{dir}: relay CPU s/GiB"), cp, "≤ 0.3× socat");
+        summary["streams"].as_array_mut().unwrap().push(s);
+    }
+
+    // ---- scale --------------------------------------------------------------------------
+    let col = |name: &str| COLS.iter().position(|c| *c == name).unwrap_or(0);
+    let mut counts: Vec<u64> = scale
+        .iter()
+        .flat_map(|e| e["points"].as_array().cloned().unwrap_or_default())
+        .filter_map(|p| p["idle"].as_u64())
+        .collect();
+    counts.sort();
+    counts.dedup();
+    // busy p99 with no idle connections
+    let mut base_row = [dash(), dash(), dash(), dash()];
+    let mut base_p99: BTreeMap<String, f64> = BTreeMap::new();
+    for e in scale {
+        let name = e["endpoint"].as_str().unwrap_or("?").to_string();
+        let b = e["busy_no_idle"].as_array().cloned().unwrap_or_default();
+        let p99 = med(&b, "p99_us");
+        base_row[col(&name)] = format!("{p99:.1}");
+        base_p99.insert(name, p99);
+    }
+    if !scale.is_empty() {
+        t.row("busy client p99 µs, 0 idle", base_row, "");
+    }
+    let mut scale_summary = vec![];
+    for n in counts {
+        let mut fdr = [dash(), dash(), dash(), dash()];
+        let mut rss = fdr.clone();
+        let mut iou = fdr.clone();
+        let mut busy = fdr.clone();
+        let mut vs_direct = fdr.clone();
+        let point = |e: &Value| {
+            e["points"]
+                .as_array()
+                .and_then(|v| v.iter().find(|p| p["idle"].as_u64() == Some(n)))
+                .cloned()
+        };
+        let direct_p99 = scale
+            .iter()
+            .find(|e| e["endpoint"] == json!("direct"))
+            .and_then(point)
+            .map(|p| f(&p["busy"], "p99_us"));
+        for e in scale {
+            let name = e["endpoint"].as_str().unwrap_or("?");
+            let Some(pt) = e["points"]
+                .as_array()
+                .and_then(|v| v.iter().find(|p| p["idle"].as_u64() == Some(n)))
+            else {
+                continue;
+            };
+            let i = col(name);
+            let p99 = f(&pt["busy"], "p99_us");
+            let r = p99 / base_p99.get(name).copied().unwrap_or(f64::NAN);
+            let mut s = json!({"endpoint": name, "idle": n, "busy_p99_us": p99,
+                "busy_p99_ratio": r, "alive_at_end": pt["alive_at_end"], "open_secs": pt["open_secs"]});
+            let dbase = &e["daemon_base"];
+            let didle = &pt["daemon_idle"];
+            s["daemon_rss_kib_per_conn"] =
+                json!((f(didle, "rss_kib") - f(dbase, "rss_kib")) / n as f64);
+            if name == "direct" {
+                busy[i] = format!("{p99:.1} ({r:.2}×)");
+            } else {
+                let base = &e["proxy_base"];
+                let idle = &pt["proxy_idle"];
+                let per_fd = (f(idle, "fds") - f(base, "fds")) / n as f64;
+                let per_rss = (f(idle, "rss_kib") - f(base, "rss_kib")) / n as f64;
+                let wrk = f(idle, "iou_wrk");
+                let wrk_after = f(&pt["proxy_after_busy"], "iou_wrk");
+                let m = t.target(
+                    format!("{n} idle: fds per connection, {name}"),
+                    per_fd,
+                    "<= 2",
+                    per_fd <= 2.0,
+                );
+                fdr[i] = format!("{per_fd:.2}{m}");
+                let m = t.target(
+                    format!("{n} idle: RSS per connection, {name}"),
+                    per_rss,
+                    "<= 4 KiB",
+                    per_rss <= 4.0,
+                );
+                rss[i] = format!("{per_rss:.2}{m}");
+                if name == "io_uring" {
+                    let m = t.target(
+                        format!("{n} idle: iou-wrk threads while idle, {name}"),
+                        wrk,
+                        "0",
+                        wrk == 0.0,
+                    );
+                    iou[i] = format!("{wrk:.0} (after busy: {wrk_after:.0}){m}");
+                } else {
+                    iou[i] = format!("{wrk:.0}");
+                }
+                let m = t.target(
+                    format!("{n} idle: busy client p99 vs 0 idle, {name}"),
+                    r,
+                    "<= 1.2x",
+                    r <= 1.2,
+                );
+                busy[i] = format!("{p99:.1} ({r:.2}×){m}");
+                if let Some(d) = direct_p99 {
+                    vs_direct[i] = format!("{:.2}×", p99 / d);
+                    s["busy_p99_vs_direct_same_idle"] = json!(p99 / d);
+                }
+                s["proxy_fds_per_conn"] = json!(per_fd);
+                s["proxy_rss_kib_per_conn"] = json!(per_rss);
+                s["iou_wrk_idle"] = json!(wrk);
+                s["iou_wrk_after_busy"] = json!(wrk_after);
+                s["proxy_threads_idle"] = idle["threads"].clone();
+            }
+            scale_summary.push(s);
+        }
+        t.row(format!("{n} idle: proxy fds/conn"), fdr, "≤ 2");
+        t.row(format!("{n} idle: proxy RSS KiB/conn"), rss, "≤ 4 KiB");
+        t.row(format!("{n} idle: iou-wrk threads"), iou, "0");
+        t.row(
+            format!("{n} idle: busy client p99 µs (vs 0 idle)"),
+            busy,
+            "≤ 1.2×",
+        );
+        if direct_p99.is_some() {
+            t.row(
+                format!("{n} idle: busy p99 vs direct with {n} idle"),
+                vs_direct,
+                "",
+            );
+        }
+    }
+    summary["scale"] = json!(scale_summary);
+
+    t.print();
+    let met = t.targets.iter().filter(|v| v["met"] == json!(true)).count();
+    println!(
+        "\ntargets met: {met}/{}. Cells: median over repetitions; (x×) = median of per-repetition \
+         ratios to the direct run beside it (CPU: to socat's; busy p99: to the same endpoint \
+         with 0 idle); (+x) = added µs. Relay CPU: proxy threads (schedstat), socat incl. its \
+         forked relay (cutime).",
+        t.targets.len()
+    );
+    let missed: Vec<&str> = t
+        .targets
+        .iter()
+        .filter(|v| v["met"] != json!(true))
+        .filter_map(|v| v["target"].as_str())
+        .collect();
+    if !missed.is_empty() {
+        println!("missed: {}", missed.join("; "));
+    }
+
+    json!({
+        "meta": meta,
+        "params": params,
+        "targets": t.targets,
+        "summary": summary,
+        "raw": {"scale": scale},
+    })
+}
