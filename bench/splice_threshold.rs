@@ -58,9 +58,13 @@ fn run(body: usize, threshold: usize, total: usize) -> (f64, f64) {
     let c0 = thread_cpu();
     while pump.moved < expect as u64 {
         match pump
-            .drive(src_r.as_fd(), dst_w.as_fd(), &mut pools, &mut |_| {
-                Verdict::Forward
-            })
+            .drive(
+                src_r.as_fd(),
+                dst_w.as_fd(),
+                &mut pools,
+                &mut |_| Verdict::Forward,
+                &mut true,
+            )
             .unwrap()
         {
             Drive::Blocked => {

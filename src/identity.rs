@@ -3,6 +3,9 @@
 
 use std::os::fd::{AsRawFd, BorrowedFd};
 
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
 use crate::proto::msg::TypedValue;
 
 /// Who is on the other end of a client socket.
@@ -26,9 +29,67 @@ pub struct UnixPeer {
     pub process_time: u64,
 }
 
+/// User and group names by id, kept briefly: a name lookup goes through NSS (files, LDAP…)
+/// and costs more than the rest of an accept; a renamed user is seen within `NAME_TTL`.
+#[derive(Debug, Default)]
+pub struct NameCache {
+    users: HashMap<u32, (Option<String>, Instant)>,
+    groups: HashMap<u32, (Option<String>, Instant)>,
+}
+
+const NAME_TTL: Duration = Duration::from_secs(30);
+/// Bound on cached ids, so a flood of distinct uids cannot grow memory.
+const NAME_CACHE_MAX: usize = 4096;
+
+fn cached(
+    map: &mut HashMap<u32, (Option<String>, Instant)>,
+    id: u32,
+    look: impl FnOnce() -> Option<String>,
+) -> Option<String> {
+    let now = Instant::now();
+    if let Some((name, at)) = map.get(&id) {
+        if now.duration_since(*at) < NAME_TTL {
+            return name.clone();
+        }
+    }
+    if map.len() >= NAME_CACHE_MAX {
+        map.clear();
+    }
+    let name = look();
+    map.insert(id, (name.clone(), now));
+    name
+}
+
+impl NameCache {
+    pub fn user(&mut self, uid: u32) -> Option<String> {
+        cached(&mut self.users, uid, || {
+            nix::unistd::User::from_uid(uid.into())
+                .ok()
+                .flatten()
+                .map(|u| u.name)
+        })
+    }
+    pub fn group(&mut self, gid: u32) -> Option<String> {
+        cached(&mut self.groups, gid, || {
+            nix::unistd::Group::from_gid(gid.into())
+                .ok()
+                .flatten()
+                .map(|g| g.name)
+        })
+    }
+}
+
 impl Identity {
     /// Reads SO_PEERCRED, /proc start time, names and the security label of a UNIX peer.
     pub fn of_unix_peer(fd: BorrowedFd<'_>) -> std::io::Result<Identity> {
+        Self::of_unix_peer_cached(fd, &mut NameCache::default())
+    }
+
+    /// As `of_unix_peer`, with names from `cache`.
+    pub fn of_unix_peer_cached(
+        fd: BorrowedFd<'_>,
+        cache: &mut NameCache,
+    ) -> std::io::Result<Identity> {
         let cred = nix::sys::socket::getsockopt(&fd, nix::sys::socket::sockopt::PeerCredentials)
             .map_err(std::io::Error::from)?;
         let (uid, gid, pid) = (cred.uid(), cred.gid(), cred.pid());
@@ -40,14 +101,8 @@ impl Identity {
         } else {
             u64::MAX
         };
-        let user_name = nix::unistd::User::from_uid(uid.into())
-            .ok()
-            .flatten()
-            .map(|u| u.name);
-        let group_name = nix::unistd::Group::from_gid(gid.into())
-            .ok()
-            .flatten()
-            .map(|g| g.name);
+        let user_name = cache.user(uid);
+        let group_name = cache.group(gid);
         Ok(Identity {
             unix: Some(UnixPeer {
                 uid,

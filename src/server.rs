@@ -16,7 +16,7 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 
-use crate::identity::Identity;
+use crate::identity::{Identity, NameCache};
 use crate::listen::{Listener, ListenerKind};
 use crate::reactor::{self, Reactor};
 use crate::worker::{NewConn, Shared, Worker};
@@ -70,13 +70,13 @@ fn wake(fd: &OwnedFd) {
 }
 
 /// Who the client is, captured at accept time. `None`: drop the client.
-fn client_identity(kind: ListenerKind, fd: &OwnedFd) -> Option<Identity> {
+fn client_identity(kind: ListenerKind, fd: &OwnedFd, names: &mut NameCache) -> Option<Identity> {
     if !kind.is_unix() {
         // TCP without auth: libvirt sends such clients downstream with an empty identity.
         let _ = nix::sys::socket::setsockopt(fd, nix::sys::socket::sockopt::TcpNoDelay, &true);
         return Some(Identity::default());
     }
-    match Identity::of_unix_peer(fd.as_fd()) {
+    match Identity::of_unix_peer_cached(fd.as_fd(), names) {
         Ok(id) => Some(id),
         Err(e) => {
             tracing::info!("dropping client whose credentials cannot be read: {e}");
@@ -136,6 +136,7 @@ pub fn run(mut opts: ServerOpts) -> io::Result<Stopped> {
     let mut next_id = 1u64;
     let mut idle_since = Some(Instant::now());
     let mut accept_backoff: Option<Instant> = None;
+    let mut names = NameCache::default();
     let stopped = loop {
         let clients = shared.clients.load(Ordering::Acquire);
         if clients != last_status.0 && last_status.1.elapsed() >= Duration::from_secs(1) {
@@ -216,7 +217,7 @@ pub fn run(mut opts: ServerOpts) -> io::Result<Stopped> {
                     Ok(raw) => {
                         // SAFETY: accept4 returned a fresh descriptor.
                         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-                        let Some(identity) = client_identity(l.kind, &fd) else {
+                        let Some(identity) = client_identity(l.kind, &fd, &mut names) else {
                             continue;
                         };
                         let id = next_id;

@@ -131,6 +131,10 @@ struct Conn {
     queued: bool,
     /// TLS record layer: the handshake, then (without kTLS) the userspace shuttle.
     tls: Option<TlsSide>,
+    /// Whether the client / daemon socket may have data: set by readable events, cleared when
+    /// a read finds nothing. Saves the EAGAIN read on the side that did not wake us.
+    client_readable: bool,
+    daemon_readable: bool,
     client: OwnedFd,
     daemon: Option<OwnedFd>,
     state: State,
@@ -238,6 +242,9 @@ impl Worker {
                 }
                 let slot = ((ev.token & 0xffff_ffff) >> 2) as usize;
                 let gen = (ev.token >> 32) as u32;
+                if ev.readable {
+                    self.mark_readable(slot, gen, (ev.token & 3) as u8);
+                }
                 self.service(slot, gen);
             }
             for _ in 0..self.runnable.len() {
@@ -323,6 +330,8 @@ impl Worker {
             kind: nc.kind,
             queued: false,
             tls,
+            client_readable: true,
+            daemon_readable: true,
             client: nc.fd,
             daemon: None,
             state: State::Pre(Box::new(PreOpen {
@@ -344,6 +353,20 @@ impl Worker {
         {
             tracing::warn!(conn = nc.id, "cannot watch client socket: {e}");
             self.close(slot, "reactor registration failed");
+        }
+    }
+
+    /// Records that a socket may have data, so its pump will read it.
+    fn mark_readable(&mut self, slot: usize, gen: u32, side: u8) {
+        let Some(c) = self.conns.get_mut(slot).filter(|c| c.gen == gen) else {
+            return;
+        };
+        let shuttle = matches!(c.tls, Some(TlsSide::Shuttle(_)));
+        match side {
+            s if s == Side::Daemon as u8 => c.daemon_readable = true,
+            s if s == Side::LocalClient as u8 => c.client_readable = true,
+            s if s == Side::Accepted as u8 && !shuttle => c.client_readable = true,
+            _ => {}
         }
     }
 
@@ -504,9 +527,13 @@ impl Worker {
         };
         let kind = conn.kind;
         let mut upstream_failed = None;
-        let up = match c2d.drive(conn.client.as_fd(), daemon.as_fd(), pools, &mut |h| {
-            client_frame_verdict(kind, h)
-        }) {
+        let up = match c2d.drive(
+            conn.client.as_fd(),
+            daemon.as_fd(),
+            pools,
+            &mut |h| client_frame_verdict(kind, h),
+            &mut conn.client_readable,
+        ) {
             // The daemon stopped reading (it is closing): still deliver what it already sent.
             Err(e @ PumpError::Write(_)) => {
                 upstream_failed = Some(format!("daemon side: {e}"));
@@ -530,9 +557,13 @@ impl Worker {
         let down = if !head.is_empty() {
             Drive::Blocked
         } else {
-            match d2c.drive(daemon.as_fd(), conn.client.as_fd(), pools, &mut |_| {
-                Verdict::Forward
-            }) {
+            match d2c.drive(
+                daemon.as_fd(),
+                conn.client.as_fd(),
+                pools,
+                &mut |_| Verdict::Forward,
+                &mut conn.daemon_readable,
+            ) {
                 Err(e) => return Outcome::Close(format!("daemon side: {e}")),
                 Ok(d) => d,
             }
@@ -741,7 +772,10 @@ impl Worker {
                     *head_cutter = p.cutter;
                     if ktls_client {
                         d2c.cut_writes_at_frames();
+                        c2d.distrust_short_reads();
                     }
+                    conn.client_readable = true;
+                    conn.daemon_readable = true;
                     d2c.preload(&p.d_rx, &mut self.pools, &mut |_| Verdict::Forward)
                         .map_err(|e| e.to_string())?;
                     c2d.preload(&p.c_rx, &mut self.pools, &mut |h| {

@@ -75,11 +75,12 @@ impl Epoll {
                 Err(e)
             };
         }
-        out.extend(
-            self.buf[..n as usize]
-                .iter()
-                .map(|e| Event { token: e.u64 }),
-        );
+        out.extend(self.buf[..n as usize].iter().map(|e| Event {
+            token: e.u64,
+            readable: e.events
+                & (libc::EPOLLIN | libc::EPOLLHUP | libc::EPOLLERR | libc::EPOLLRDHUP) as u32
+                != 0,
+        }));
         Ok(())
     }
 }

@@ -36,6 +36,8 @@ pub enum Interest {
 #[derive(Debug, Clone, Copy)]
 pub struct Event {
     pub token: u64,
+    /// Data, EOF or an error may be waiting (so a read is worth a syscall).
+    pub readable: bool,
 }
 
 /// One worker's readiness source.

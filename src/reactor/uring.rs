@@ -183,7 +183,17 @@ impl Uring {
             let Some(r) = self.regs.get(&id) else {
                 continue;
             }; // removed: stale news
-            out.push(Event { token: r.token });
+               // A poll completion's result is the ready mask; an error counts as readable so the
+               // owner's next read reports it.
+            let res = cqe.result();
+            let readable = res < 0
+                || res as u32
+                    & (libc::POLLIN | libc::POLLHUP | libc::POLLERR | libc::POLLRDHUP) as u32
+                    != 0;
+            out.push(Event {
+                token: r.token,
+                readable,
+            });
             if cqueue::more(cqe.flags()) {
                 continue;
             }

@@ -114,6 +114,8 @@ pub struct Pump {
     splice_refused: bool,
     /// Set when the destination is a kTLS socket: writes end at frame ends.
     cutter: Option<FrameCutter>,
+    /// Whether a short read proves the source empty (see `drive`).
+    trust_short_reads: bool,
     finished: bool,
     /// Bytes delivered to the destination so far.
     pub moved: u64,
@@ -133,6 +135,7 @@ impl Pump {
             splicing: None,
             splice_refused: false,
             cutter: None,
+            trust_short_reads: true,
             finished: false,
             moved: 0,
         }
@@ -170,6 +173,11 @@ impl Pump {
         self.cutter = Some(FrameCutter::default());
     }
 
+    /// For a kTLS source: a short read may leave a control record queued.
+    pub fn distrust_short_reads(&mut self) {
+        self.trust_short_reads = false;
+    }
+
     /// At a frame boundary with nothing buffered or in a pipe.
     pub fn at_rest(&self) -> bool {
         self.finished
@@ -190,6 +198,7 @@ impl Pump {
         dst: BorrowedFd<'_>,
         pools: &mut Pools,
         inspect: &mut dyn FnMut(&Header) -> Verdict,
+        src_readable: &mut bool,
     ) -> Result<Drive, PumpError> {
         if self.finished {
             return Ok(Drive::Finished);
@@ -201,7 +210,7 @@ impl Pump {
                 return Ok(Drive::Blocked);
             }
             if self.splicing.is_some() {
-                match self.splice_body(src, dst, pools, &mut budget)? {
+                match self.splice_body(src, dst, pools, &mut budget, src_readable)? {
                     Some(d) => return Ok(d),
                     None => continue,
                 }
@@ -231,12 +240,18 @@ impl Pump {
                     }
                 }
             }
+            if !*src_readable {
+                // Nothing was reported since the last read came up empty: no syscall.
+                self.release_buf(pools);
+                return Ok(Drive::Blocked);
+            }
             let mut buf = self.buf.take().unwrap_or_else(|| pools.take_buf());
             let limit = self.tracker.read_limit(buf.len());
             let res = sys::recv_with_fd(src, &mut buf[..limit]);
             self.buf = Some(buf);
             match res {
                 Err(e) if sys::would_block(&e) => {
+                    *src_readable = false;
                     self.release_buf(pools);
                     return Ok(Drive::Blocked);
                 }
@@ -260,6 +275,7 @@ impl Pump {
                     return Err(PumpError::Truncated);
                 }
                 Ok(crate::relay::sys::Received { n, fd, .. }) => {
+                    let got_fd = fd.is_some();
                     let buf = self.buf.as_deref().unwrap_or_default();
                     let carrier = self.tracker.consume(&buf[..n], |h| inspect(h))?;
                     match (carrier, fd) {
@@ -268,6 +284,13 @@ impl Pump {
                         (None, Some(_stray)) => {}
                         (Some(at), Some(fd)) if at == n - 1 => self.fds.push_back((at, fd)),
                         (Some(_), _) => return Err(PumpError::CarrierWithoutFd),
+                    }
+                    // A short read from an AF_UNIX or TCP socket means its queue was empty
+                    // (the kernel only stops early at an fd-bearing segment, which we would
+                    // have received): the next read would be an EAGAIN, so skip it. Not for
+                    // kTLS, where a queued control record also ends a read early.
+                    if self.trust_short_reads && !got_fd && n < limit {
+                        *src_readable = false;
                     }
                     self.start = 0;
                     self.end = n;
@@ -332,6 +355,7 @@ impl Pump {
         dst: BorrowedFd<'_>,
         pools: &mut Pools,
         budget: &mut usize,
+        src_readable: &mut bool,
     ) -> Result<Option<Drive>, PumpError> {
         let Some(sp) = self.splicing.as_mut() else {
             return Ok(None);
@@ -368,6 +392,16 @@ impl Pump {
             if *budget == 0 {
                 return Ok(Some(Drive::Yield));
             }
+            if sp.to_read > 0 && sp.in_pipe < sp.pipe.capacity && !*src_readable {
+                if sp.in_pipe == 0 {
+                    // Nothing reported on the source since it came up empty.
+                    if let Some(sp) = self.splicing.take() {
+                        pools.put_pipe(sp.pipe);
+                    }
+                    return Ok(Some(Drive::Blocked));
+                }
+                continue; // write out what the pipe holds first
+            }
             if sp.to_read > 0 && sp.in_pipe < sp.pipe.capacity {
                 let want = sp.to_read.min(sp.pipe.capacity - sp.in_pipe);
                 match sys::splice(src, sp.pipe.write.as_fd(), want) {
@@ -381,6 +415,7 @@ impl Pump {
                     // left to write out. Then the pipe goes back to the pool, so a peer
                     // stalling mid-body holds none; the tracker remembers the position.
                     Err(e) if sys::would_block(&e) => {
+                        *src_readable = false;
                         if sp.in_pipe == 0 {
                             tracing::trace!(to_read = sp.to_read, "splice: source empty");
                             if let Some(sp) = self.splicing.take() {
@@ -476,9 +511,13 @@ mod tests {
         let start = std::time::Instant::now();
         while (pump.moved as usize) < total && start.elapsed() < std::time::Duration::from_secs(3) {
             match pump
-                .drive(src_r.as_fd(), dst_w.as_fd(), &mut pools, &mut |_| {
-                    Verdict::Forward
-                })
+                .drive(
+                    src_r.as_fd(),
+                    dst_w.as_fd(),
+                    &mut pools,
+                    &mut |_| Verdict::Forward,
+                    &mut true,
+                )
                 .unwrap()
             {
                 Drive::Blocked => {
