@@ -4,12 +4,15 @@
 use libfuzzer_sys::fuzz_target;
 use virtproxyd::handshake::{Action, Handshake};
 use virtproxyd::identity::Identity;
+use virtproxyd::listen::ListenerKind;
 use virtproxyd::proto::Header;
 use virtproxyd::route::RouteTable;
 
 fuzz_target!(|data: &[u8]| {
     let routes = RouteTable::new("/nonexistent".into(), vec![("test".into(), "/nonexistent/s".into())], false);
-    let mut hs = Handshake::new(data.first().is_some_and(|b| b & 1 == 1), Identity::default());
+    let kinds = [ListenerKind::UnixRw, ListenerKind::UnixRo, ListenerKind::UnixAdmin, ListenerKind::Tcp, ListenerKind::Tls];
+    let kind = kinds[data.first().map_or(0, |b| *b as usize % kinds.len())];
+    let mut hs = Handshake::new(kind, Identity::default());
     let mut rest = data;
     let mut out = Vec::new();
     let mut to_daemon = false;
