@@ -8,7 +8,7 @@ bash scripts/install-deps.sh
 cargo fmt --check
 cargo clippy --all-targets -- -D warnings
 # The fuzz targets (run with cargo-fuzz) must keep compiling against the library.
-cargo check --quiet --manifest-path fuzz/Cargo.toml --binss
+cargo check --quiet --manifest-path fuzz/Cargo.toml --bins
 # The integration tests each start their own proxies; one test binary shares one libvirtd.
 cargo test --all-targets -- --test-threads="${VPD_TEST_THREADS:-2}"
 
