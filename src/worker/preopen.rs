@@ -1,0 +1,376 @@
+//! The pre-open half of a worker: feeding the handshake machine from the client and daemon
+//! sockets, carrying out its actions (connect downstream, hand over to the relay), the
+//! downstream deadline, and bounded reads and writes. Pre-open traffic is small and rare, so
+//! plain buffers are used here; the relay's pumps take over at hand-over.
+
+use super::*;
+use crate::handshake::Action;
+
+/// Pre-open state of one connection (boxed in `State::Pre`).
+pub(super) struct PreOpen {
+    pub(super) hs: Handshake,
+    pub(super) c_rx: Vec<u8>,
+    pub(super) c_tx: Vec<u8>,
+    pub(super) d_rx: Vec<u8>,
+    pub(super) d_tx: Vec<u8>,
+    pub(super) deadline: Option<Instant>,
+    pub(super) closing: Option<String>,
+    /// kTLS clients: where writes must be cut (see `FrameCutter`).
+    pub(super) cutter: Option<FrameCutter>,
+}
+
+/// Where a pre-open service ended.
+pub(super) enum Pre {
+    Relay,
+    Keep,
+    Yield,
+}
+
+impl Worker {
+    /// Runs the pre-open exchange until it blocks, switches to relaying, or uses its budget.
+    pub(super) fn drive_preopen(&mut self, slot: usize) -> Result<Pre, String> {
+        let mut actions = Vec::new();
+        let mut frames_left = PREOPEN_FRAMES_PER_DRIVE;
+        let routes = self.shared.routes.load_full();
+        loop {
+            let mut progress = false;
+            let conn = self.conns.get_mut(slot).ok_or("gone")?;
+            let State::Pre(p) = &mut conn.state else {
+                return Ok(Pre::Relay);
+            };
+
+            flush(&conn.client, &mut p.c_tx, p.cutter.as_mut())
+                .map_err(|e| format!("client write: {e}"))?;
+            if p.c_tx.is_empty() {
+                if let Some(why) = p.closing.take() {
+                    return Err(why);
+                }
+            }
+            if let Some(d) = &conn.daemon {
+                flush(d, &mut p.d_tx, None).map_err(|e| format!("daemon write: {e}"))?;
+            }
+            // Read the client only while the handshake wants input and our replies are not
+            // piling up (a client that sends without reading must not grow c_tx): past the
+            // cap a flush has hit EAGAIN, so writability will wake us.
+            if p.hs.wants_client_input() && p.closing.is_none() && p.c_tx.len() < PREOPEN_TX_CAP {
+                let read = read_some(&conn.client, &mut p.c_rx)
+                    .map_err(|e| format!("client read: {e}"))?;
+                progress |= read == ReadState::Data;
+                let mut used = 0;
+                while frames_left > 0 && p.hs.wants_client_input() && p.closing.is_none() {
+                    match frame_at(&p.c_rx[used..]) {
+                        Ok(Some(h)) => {
+                            let end = used + h.len as usize;
+                            p.hs.on_client_frame(
+                                &h,
+                                &p.c_rx[used + Header::SIZE..end],
+                                &routes,
+                                &|path: &Path| path.exists(),
+                                &mut actions,
+                            );
+                            used = end;
+                            frames_left -= 1;
+                            progress = true;
+                        }
+                        Ok(None) => break,
+                        Err(e) => return Err(format!("client sent a bad frame: {e}")),
+                    }
+                }
+                p.c_rx.drain(..used);
+                if read == ReadState::Eof && p.closing.is_none() {
+                    // Answer what arrived before the EOF (a half-closed client still reads).
+                    p.closing = Some("client closed before open".into());
+                    progress = true;
+                }
+            }
+            if let Some(d) = &conn.daemon {
+                match read_some(d, &mut p.d_rx) {
+                    Ok(ReadState::Eof) => {
+                        p.hs.on_daemon_lost("closed the connection during open", &mut actions)
+                    }
+                    Ok(ReadState::Data) => progress = true,
+                    Ok(_) => {}
+                    Err(e) => p.hs.on_daemon_lost(&format!("failed: {e}"), &mut actions),
+                }
+                let mut used = 0;
+                while p.hs.in_downstream() {
+                    match frame_at(&p.d_rx[used..]) {
+                        Ok(Some(h)) => {
+                            let end = used + h.len as usize;
+                            p.hs.on_daemon_frame(
+                                &h,
+                                &p.d_rx[used + Header::SIZE..end],
+                                &mut actions,
+                            );
+                            used = end;
+                        }
+                        Ok(None) => break,
+                        Err(e) => {
+                            p.hs.on_daemon_lost(&format!("sent a bad frame: {e}"), &mut actions)
+                        }
+                    }
+                }
+                p.d_rx.drain(..used.min(p.d_rx.len()));
+            }
+            if !actions.is_empty() {
+                progress = true;
+                self.apply(slot, &mut actions)?;
+            }
+            let conn = self.conns.get_mut(slot).ok_or("gone")?;
+            if !matches!(conn.state, State::Pre(_)) {
+                return Ok(Pre::Relay);
+            }
+            if frames_left == 0 {
+                return Ok(Pre::Yield);
+            }
+            if !progress {
+                return Ok(Pre::Keep);
+            }
+        }
+    }
+
+    pub(super) fn apply(&mut self, slot: usize, actions: &mut Vec<Action>) -> Result<(), String> {
+        let mut queue: VecDeque<Action> = actions.drain(..).collect();
+        while let Some(action) = queue.pop_front() {
+            let conn = self.conns.get_mut(slot).ok_or("gone")?;
+            let gen = conn.gen;
+            let State::Pre(p) = &mut conn.state else {
+                return Ok(());
+            };
+            match action {
+                Action::ToClient(b) => p.c_tx.extend_from_slice(&b),
+                Action::ToDaemon(b) => p.d_tx.extend_from_slice(&b),
+                Action::Close(why) => p.closing = Some(why),
+                Action::Connect(path) => {
+                    let mut out = Vec::new();
+                    match connect_nonblocking(&path) {
+                        Ok(sock) => {
+                            let raw = sock.as_raw_fd();
+                            conn.daemon = Some(sock);
+                            conn.uri = p.hs.target().map(|t| t.uri.clone());
+                            p.deadline = Some(Instant::now() + DOWNSTREAM_DEADLINE);
+                            p.hs.on_connected(&mut out);
+                            self.reactor
+                                .add(raw, token(slot, gen, Side::Daemon), Interest::ReadWrite)
+                                .map_err(|e| e.to_string())?;
+                        }
+                        Err(e) => {
+                            tracing::info!(conn = conn.id, "cannot reach {}: {e}", path.display());
+                            p.hs.on_connect_failed(e.raw_os_error().unwrap_or(libc::EIO), &mut out);
+                        }
+                    }
+                    // What the handshake says next happens before the rest of this batch.
+                    for a in out.into_iter().rev() {
+                        queue.push_front(a);
+                    }
+                }
+                Action::Disconnect => {
+                    p.deadline = None;
+                    p.d_rx.clear();
+                    p.d_tx.clear();
+                    if let Some(d) = conn.daemon.take() {
+                        self.reactor
+                            .remove(d.as_raw_fd(), token(slot, gen, Side::Daemon));
+                    }
+                    conn.uri = None;
+                }
+                Action::StartRelay => {
+                    // Bytes the client pipelined behind its open must pass the relay's checks;
+                    // if they do not, the client still gets its open reply, then the close.
+                    let kind = conn.kind;
+                    let mut probe = Tracker::new(true, usize::MAX);
+                    if let Err(e) = probe.consume(&p.c_rx, |h| client_frame_verdict(kind, h)) {
+                        p.closing = Some(format!("client side: {e}"));
+                        continue;
+                    }
+                    let ktls_client = p.cutter.is_some();
+                    let State::Pre(p) = std::mem::replace(
+                        &mut conn.state,
+                        State::Relay {
+                            c2d: Pump::new(true, &self.pools),
+                            d2c: Pump::new(false, &self.pools),
+                            daemon_shut: false,
+                            head: Vec::new(),
+                            head_cutter: None,
+                        },
+                    ) else {
+                        return Ok(());
+                    };
+                    let State::Relay {
+                        c2d,
+                        d2c,
+                        head,
+                        head_cutter,
+                        ..
+                    } = &mut conn.state
+                    else {
+                        return Ok(());
+                    };
+                    // Replies still queued for the client (the open reply last) go out first,
+                    // as they are; then what the daemon sent past the handshake, which starts
+                    // at a frame boundary.
+                    *head = p.c_tx;
+                    *head_cutter = p.cutter;
+                    if ktls_client {
+                        d2c.cut_writes_at_frames();
+                        c2d.distrust_short_reads();
+                    }
+                    conn.client_readable = true;
+                    conn.daemon_readable = true;
+                    d2c.preload(&p.d_rx, &mut self.pools, &mut |_| Verdict::Forward)
+                        .map_err(|e| e.to_string())?;
+                    c2d.preload(&p.c_rx, &mut self.pools, &mut |h| {
+                        client_frame_verdict(kind, h)
+                    })
+                    .map_err(|e| format!("client side: {e}"))?;
+                    tracing::info!(
+                        conn = conn.id,
+                        uri = conn.uri.as_deref().unwrap_or(""),
+                        "connection opened and handed to the relay"
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn check_deadlines(&mut self) {
+        let now = Instant::now();
+        let expired: Vec<usize> = self
+            .conns
+            .iter()
+            .filter_map(|(k, c)| match &c.state {
+                State::Pre(p) if p.deadline.is_some_and(|d| d <= now) => Some(k),
+                _ => None,
+            })
+            .collect();
+        for slot in expired {
+            let mut out = Vec::new();
+            if let Some(Conn {
+                state: State::Pre(p),
+                ..
+            }) = self.conns.get_mut(slot)
+            {
+                p.deadline = None;
+                p.hs.on_daemon_lost("did not answer in time", &mut out);
+            }
+            let r = self.apply(slot, &mut out);
+            let gen = self.conns.get(slot).map(|c| c.gen).unwrap_or(0);
+            match r {
+                Ok(()) => self.service(slot, gen),
+                Err(why) => self.close(slot, &why),
+            }
+        }
+    }
+}
+
+/// Writes as much of `buf` as the socket takes now; with a cutter, each write ends at a frame
+/// end (the destination is a kTLS socket).
+pub(super) fn flush(
+    fd: &OwnedFd,
+    buf: &mut Vec<u8>,
+    mut cutter: Option<&mut FrameCutter>,
+) -> io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        let stop = match &cutter {
+            Some(c) => done + c.limit(&buf[done..]),
+            None => buf.len(),
+        };
+        match sys::send(fd.as_fd(), &buf[done..stop]) {
+            Ok(n) => {
+                if let Some(c) = cutter.as_deref_mut() {
+                    c.advance(&buf[done..done + n]);
+                }
+                done += n;
+            }
+            Err(e) if sys::would_block(&e) => break,
+            Err(e) => return Err(e),
+        }
+    }
+    buf.drain(..done);
+    Ok(())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReadState {
+    Data,
+    Eof,
+    /// EAGAIN: readiness will be reported again.
+    Blocked,
+    /// The pre-open buffer limit is reached; the caller must consume before reading more.
+    Full,
+}
+
+/// Reads what is available into `buf`, never past the pre-open limit. fds sent before open
+/// are dropped, i.e. closed.
+fn read_some(fd: &OwnedFd, buf: &mut Vec<u8>) -> io::Result<ReadState> {
+    const LIMIT: usize = PREOPEN_FRAME_MAX + 16 * 1024;
+    let mut chunk = [0u8; 16 * 1024];
+    let mut got = false;
+    loop {
+        let room = LIMIT.saturating_sub(buf.len()).min(chunk.len());
+        if room == 0 {
+            return Ok(if got {
+                ReadState::Data
+            } else {
+                ReadState::Full
+            });
+        }
+        match sys::recv_with_fd(fd.as_fd(), &mut chunk[..room]) {
+            Ok(r) if r.tls_record.is_some() => {
+                // Before open only close_notify is acceptable from a kTLS client.
+                let close_notify = r.tls_record == Some(crate::tls::ktls::content_type::ALERT)
+                    && r.n >= 2
+                    && chunk[1] == 0;
+                if close_notify {
+                    return Ok(if got { ReadState::Data } else { ReadState::Eof });
+                }
+                return Err(io::Error::other(format!(
+                    "TLS record of type {:?} before open",
+                    r.tls_record
+                )));
+            }
+            Ok(r) if r.n == 0 => return Ok(if got { ReadState::Data } else { ReadState::Eof }),
+            Ok(r) => {
+                buf.extend_from_slice(&chunk[..r.n]);
+                got = true;
+            }
+            Err(e) if sys::would_block(&e) => {
+                return Ok(if got {
+                    ReadState::Data
+                } else {
+                    ReadState::Blocked
+                })
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// The header of the complete frame at the start of `buf`, if one is there.
+fn frame_at(buf: &[u8]) -> Result<Option<Header>, String> {
+    match Header::check(buf) {
+        Err(crate::proto::FrameError::Incomplete) => Ok(None),
+        Err(e) => Err(e.to_string()),
+        Ok(h) if h.len as usize > PREOPEN_FRAME_MAX => {
+            Err(format!("frame of {} bytes before CONNECT_OPEN", h.len))
+        }
+        Ok(h) if buf.len() < h.len as usize => Ok(None),
+        Ok(h) => Ok(Some(h)),
+    }
+}
+
+/// Connects to a daemon socket without blocking the worker. A UNIX connect either completes
+/// at once or fails (EAGAIN when the daemon's backlog is full).
+fn connect_nonblocking(path: &Path) -> io::Result<OwnedFd> {
+    use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    connect(fd.as_raw_fd(), &UnixAddr::new(path)?)?;
+    Ok(fd)
+}
