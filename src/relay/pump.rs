@@ -13,7 +13,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use super::sys::{self, Pipe};
 use super::tracker::{FrameCutter, TrackError, Tracker, Verdict};
 use crate::proto::Header;
-use crate::tls::ktls::content_type;
+use crate::tls::ktls;
 
 /// Per-worker reusable resources: no pump owns a buffer or pipe while it is idle.
 #[derive(Debug)]
@@ -187,10 +187,6 @@ impl Pump {
                 && self.fds.is_empty())
     }
 
-    pub fn is_finished(&self) -> bool {
-        self.finished
-    }
-
     /// Moves what can be moved now. Returns on EAGAIN, on budget exhaustion or at EOF.
     pub fn drive(
         &mut self,
@@ -259,10 +255,8 @@ impl Pump {
                 Ok(r) if r.n == 0 || r.tls_record.is_some() => {
                     if let Some(t) = r.tls_record {
                         let buf = self.buf.as_deref().unwrap_or_default();
-                        // An alert's second byte is its description; 0 is close_notify, the
-                        // TLS way of saying EOF. Anything else cannot be relayed.
-                        let close_notify = t == content_type::ALERT && r.n >= 2 && buf[1] == 0;
-                        if !close_notify {
+                        // close_notify is EOF; any other record cannot be relayed.
+                        if !ktls::is_close_notify(t, &buf[..r.n]) {
                             self.release_buf(pools);
                             return Err(PumpError::TlsRecord(t));
                         }
@@ -374,7 +368,6 @@ impl Pump {
                     Err(e) if sys::would_block(&e) => {
                         tracing::trace!(
                             in_pipe = sp.in_pipe,
-                            in_pipe_kernel = sys::pipe_len(sp.pipe.read.as_fd()),
                             to_read = sp.to_read,
                             "splice: destination full"
                         );

@@ -201,15 +201,3 @@ impl Pipe {
 pub fn would_block(e: &io::Error) -> bool {
     e.raw_os_error() == Some(libc::EAGAIN)
 }
-
-/// Bytes queued in a pipe (FIONREAD).
-pub fn pipe_len(fd: BorrowedFd<'_>) -> usize {
-    let mut n: libc::c_int = 0;
-    // SAFETY: FIONREAD writes one int.
-    let r = unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut n) };
-    if r < 0 {
-        0
-    } else {
-        n as usize
-    }
-}

@@ -33,22 +33,32 @@ pub mod content_type {
     pub const APPLICATION_DATA: u8 = 23;
 }
 
+/// Whether a non-data record read from a kTLS socket is close_notify, TLS's EOF: an alert
+/// whose second byte (its description) is 0.
+pub fn is_close_notify(record_type: u8, plaintext: &[u8]) -> bool {
+    record_type == content_type::ALERT && plaintext.get(1) == Some(&0)
+}
+
 /// Connections whose records are handled by the kernel (tests assert on it).
 pub static ENGAGED: AtomicU64 = AtomicU64::new(0);
 /// Connections that stayed in userspace rustls.
 pub static USERSPACE: AtomicU64 = AtomicU64::new(0);
 
-/// Attaches the `tls` ULP. Err(ENOENT) = the kernel has no kTLS; the socket is unchanged.
-pub fn attach_ulp(fd: BorrowedFd<'_>) -> io::Result<()> {
-    let name = b"tls";
-    // SAFETY: setsockopt with a valid buffer.
+/// `setsockopt` with a byte buffer as the option value.
+fn setsockopt_bytes(
+    fd: BorrowedFd<'_>,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: &[u8],
+) -> io::Result<()> {
+    // SAFETY: setsockopt with a valid buffer of the stated length.
     let r = unsafe {
         libc::setsockopt(
             fd.as_raw_fd(),
-            SOL_TCP,
-            TCP_ULP,
-            name.as_ptr().cast(),
-            name.len() as libc::socklen_t,
+            level,
+            name,
+            value.as_ptr().cast(),
+            value.len() as libc::socklen_t,
         )
     };
     if r < 0 {
@@ -56,6 +66,11 @@ pub fn attach_ulp(fd: BorrowedFd<'_>) -> io::Result<()> {
     } else {
         Ok(())
     }
+}
+
+/// Attaches the `tls` ULP. Err(ENOENT) = the kernel has no kTLS; the socket is unchanged.
+pub fn attach_ulp(fd: BorrowedFd<'_>) -> io::Result<()> {
+    setsockopt_bytes(fd, SOL_TCP, TCP_ULP, b"tls")
 }
 
 /// `struct tls12_crypto_info_*` laid out as the kernel expects.
@@ -95,24 +110,6 @@ fn crypto_info(version: u16, seq: u64, secrets: &ConnectionTrafficSecrets) -> io
     Ok(v)
 }
 
-fn set(fd: BorrowedFd<'_>, dir: libc::c_int, info: &[u8]) -> io::Result<()> {
-    // SAFETY: setsockopt with a valid buffer of the stated length.
-    let r = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            SOL_TLS,
-            dir,
-            info.as_ptr().cast(),
-            info.len() as libc::socklen_t,
-        )
-    };
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
-}
-
 /// Whether rustls negotiated a suite the kernel can take.
 pub fn suite_supported(suite: rustls::SupportedCipherSuite) -> bool {
     use rustls::CipherSuite::*;
@@ -139,8 +136,8 @@ pub fn install(fd: BorrowedFd<'_>, tls13: bool, secrets: ExtractedSecrets) -> io
     };
     let (tx_seq, tx) = secrets.tx;
     let (rx_seq, rx) = secrets.rx;
-    set(fd, TLS_TX, &crypto_info(version, tx_seq, &tx)?)?;
-    set(fd, TLS_RX, &crypto_info(version, rx_seq, &rx)?)?;
+    setsockopt_bytes(fd, SOL_TLS, TLS_TX, &crypto_info(version, tx_seq, &tx)?)?;
+    setsockopt_bytes(fd, SOL_TLS, TLS_RX, &crypto_info(version, rx_seq, &rx)?)?;
     ENGAGED.fetch_add(1, Ordering::Relaxed);
     Ok(())
 }
@@ -175,6 +172,14 @@ mod tests {
         )
         .unwrap();
         assert_eq!(v.len(), 56);
+    }
+
+    #[test]
+    fn only_an_alert_with_description_zero_is_close_notify() {
+        assert!(is_close_notify(content_type::ALERT, &[1, 0]));
+        assert!(!is_close_notify(content_type::ALERT, &[2, 40])); // fatal handshake_failure
+        assert!(!is_close_notify(content_type::ALERT, &[1]));
+        assert!(!is_close_notify(content_type::HANDSHAKE, &[24, 0])); // KeyUpdate
     }
 
     #[test]

@@ -320,10 +320,9 @@ fn read_some(fd: &OwnedFd, buf: &mut Vec<u8>) -> io::Result<ReadState> {
         match sys::recv_with_fd(fd.as_fd(), &mut chunk[..room]) {
             Ok(r) if r.tls_record.is_some() => {
                 // Before open only close_notify is acceptable from a kTLS client.
-                let close_notify = r.tls_record == Some(crate::tls::ktls::content_type::ALERT)
-                    && r.n >= 2
-                    && chunk[1] == 0;
-                if close_notify {
+                if r.tls_record
+                    .is_some_and(|t| crate::tls::ktls::is_close_notify(t, &chunk[..r.n]))
+                {
                     return Ok(if got { ReadState::Data } else { ReadState::Eof });
                 }
                 return Err(io::Error::other(format!(
