@@ -106,9 +106,9 @@ impl RemoteError {
         let domain = d.i32()?;
         let message = d.opt_string()?.unwrap_or_default();
         let _level = d.i32()?;
-        if d.u32()? != 0 {
+        if d.bool()? {
             // A domain reference is never sent by libvirt; do not try to decode one.
-            return Err(XdrError::BadOptional(1));
+            return Err(XdrError::UnexpectedDomain);
         }
         let str1 = d.opt_string()?;
         let str2 = d.opt_string()?;

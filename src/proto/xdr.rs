@@ -9,8 +9,8 @@ pub enum XdrError {
     TooLong(usize),
     #[error("XDR string is not UTF-8")]
     NotUtf8,
-    #[error("bad XDR optional discriminant {0}")]
-    BadOptional(u32),
+    #[error("error reply carries a domain reference")]
+    UnexpectedDomain,
 }
 
 /// Largest XDR string libvirt accepts (REMOTE_STRING_MAX).
@@ -93,11 +93,17 @@ impl<'a> Decoder<'a> {
         self.take((4 - len % 4) % 4)?;
         String::from_utf8(bytes.to_vec()).map_err(|_| XdrError::NotUtf8)
     }
+    /// An XDR boolean as libtirpc's `xdr_bool` reads it: zero is false, any other word is
+    /// true. go-libvirt, for one, writes true as `01 00 00 00`.
+    pub fn bool(&mut self) -> Result<bool, XdrError> {
+        Ok(self.u32()? != 0)
+    }
+    /// An optional pointer (`xdr_pointer`): its "present" word is read as a boolean.
     pub fn opt_string(&mut self) -> Result<Option<String>, XdrError> {
-        match self.u32()? {
-            0 => Ok(None),
-            1 => Ok(Some(self.string()?)),
-            other => Err(XdrError::BadOptional(other)),
+        if self.bool()? {
+            Ok(Some(self.string()?))
+        } else {
+            Ok(None)
         }
     }
     /// Bytes not consumed yet.
@@ -136,9 +142,22 @@ mod tests {
             Decoder::new(&[0xff, 0xff, 0xff, 0xff]).string(),
             Err(XdrError::TooLong(STRING_MAX))
         );
+    }
+
+    #[test]
+    fn any_nonzero_boolean_word_is_true_as_in_libtirpc() {
+        // go-libvirt encodes "name present" as 01 00 00 00.
+        let mut bytes = vec![1, 0, 0, 0];
+        bytes.extend_from_slice(&[0, 0, 0, 1, b'x', 0, 0, 0]);
         assert_eq!(
-            Decoder::new(&[0, 0, 0, 2]).opt_string(),
-            Err(XdrError::BadOptional(2))
+            Decoder::new(&bytes).opt_string().unwrap().as_deref(),
+            Some("x")
         );
+        assert_eq!(
+            Decoder::new(&[0, 0, 0, 2, 0, 0, 0, 0]).opt_string(),
+            Ok(Some(String::new()))
+        );
+        assert!(Decoder::new(&[0x80, 0, 0, 0]).bool().unwrap());
+        assert!(!Decoder::new(&[0, 0, 0, 0]).bool().unwrap());
     }
 }
