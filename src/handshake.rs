@@ -84,6 +84,19 @@ pub struct Handshake {
     next_serial: u32,
 }
 
+/// Every pre-open call the proxy refuses is logged with the reason the client is given.
+fn refused(h: &Header, e: &RemoteError) {
+    tracing::debug!(
+        prog = format_args!("{:#x}", h.prog),
+        proc_ = h.proc_,
+        serial = h.serial,
+        code = e.code,
+        domain = e.domain,
+        "pre-open call refused: {}",
+        e.message
+    );
+}
+
 fn rpc_error(detail: impl Into<String>) -> RemoteError {
     RemoteError::new(err_code::RPC, err_domain::RPC, detail)
 }
@@ -175,6 +188,7 @@ impl Handshake {
             _ => return,
         }
         let reply_err = |out: &mut Vec<Action>, e: RemoteError| {
+            refused(h, &e);
             out.push(Action::ToClient(msg::error_reply(h, &e)))
         };
         if !matches!(h.prog, program::REMOTE | program::QEMU | program::LXC) || h.vers != 1 {
@@ -238,11 +252,11 @@ impl Handshake {
     ) {
         let args = match OpenArgs::decode(body) {
             Ok(a) => a,
-            Err(_) => {
-                out.push(Action::ToClient(msg::error_reply(
-                    h,
-                    &rpc_error("Unable to decode message payload"),
-                )));
+            Err(why) => {
+                let e = rpc_error("Unable to decode message payload");
+                tracing::debug!(serial = h.serial, "CONNECT_OPEN arguments: {why}");
+                refused(h, &e);
+                out.push(Action::ToClient(msg::error_reply(h, &e)));
                 return;
             }
         };
@@ -250,7 +264,11 @@ impl Handshake {
         // listener, where the daemon socket is the -ro one as well (trap 5).
         let readonly = self.listener == ListenerKind::UnixRo || args.flags & 1 != 0;
         match routes.resolve(args.name.as_deref(), readonly, exists) {
-            Err(e) => out.push(Action::ToClient(msg::error_reply(h, &e.to_remote()))),
+            Err(e) => {
+                let e = e.to_remote();
+                refused(h, &e);
+                out.push(Action::ToClient(msg::error_reply(h, &e)))
+            }
             Ok(target) => {
                 out.push(Action::Connect(target.socket.clone()));
                 self.phase = Phase::Downstream(Box::new(Pending {

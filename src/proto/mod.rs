@@ -4,6 +4,7 @@
 
 pub mod frame;
 pub mod msg;
+pub mod set_identity;
 pub mod xdr;
 
 pub use frame::{FrameError, Header, MsgStatus, MsgType};

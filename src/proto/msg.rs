@@ -10,10 +10,12 @@ pub mod err_code {
     pub const INTERNAL_ERROR: i32 = 1;
     pub const NO_SUPPORT: i32 = 3;
     pub const NO_CONNECT: i32 = 5;
+    pub const INVALID_ARG: i32 = 8;
     pub const OPERATION_DENIED: i32 = 29;
     pub const SYSTEM_ERROR: i32 = 38;
     pub const RPC: i32 = 39;
     pub const AUTH_FAILED: i32 = 45;
+    pub const ARGUMENT_UNSUPPORTED: i32 = 74;
 }
 
 /// `virErrorDomain` values used in replies we generate.
@@ -45,6 +47,8 @@ impl RemoteError {
             err_code::NO_CONNECT => Some("no connection driver available for"),
             err_code::OPERATION_DENIED => Some("operation forbidden"),
             err_code::AUTH_FAILED => Some("authentication failed"),
+            err_code::INVALID_ARG => Some("invalid argument"),
+            err_code::ARGUMENT_UNSUPPORTED => Some("argument unsupported"),
             _ => None,
         };
         let (message, str1) = match prefix {

@@ -84,6 +84,12 @@ impl<'a> Decoder<'a> {
     pub fn i32(&mut self) -> Result<i32, XdrError> {
         Ok(self.u32()? as i32)
     }
+    pub fn u64(&mut self) -> Result<u64, XdrError> {
+        Ok((u64::from(self.u32()?) << 32) | u64::from(self.u32()?))
+    }
+    pub fn i64(&mut self) -> Result<i64, XdrError> {
+        Ok(self.u64()? as i64)
+    }
     pub fn string(&mut self) -> Result<String, XdrError> {
         let len = self.u32()? as usize;
         if len > STRING_MAX {

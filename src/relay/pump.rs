@@ -107,6 +107,9 @@ pub struct Pump {
     buf: Option<Box<[u8]>>,
     start: usize,
     end: usize,
+    /// The last `hold` bytes before `end` are a header not yet complete: they wait until its
+    /// verdict is known (a captured frame must not leave in part).
+    hold: usize,
     /// fds received with carrier bytes, keyed by the byte's position in `buf`.
     fds: VecDeque<(usize, OwnedFd)>,
     splicing: Option<Splicing>,
@@ -131,6 +134,7 @@ impl Pump {
             buf: None,
             start: 0,
             end: 0,
+            hold: 0,
             fds: VecDeque::new(),
             splicing: None,
             splice_refused: false,
@@ -164,6 +168,8 @@ impl Pump {
         self.buf = Some(buf);
         self.start = 0;
         self.end = bytes.len();
+        self.apply_cuts(0);
+        self.hold = self.tracker.partial_header_len();
         Ok(())
     }
 
@@ -242,8 +248,10 @@ impl Pump {
                 return Ok(Drive::Blocked);
             }
             let mut buf = self.buf.take().unwrap_or_else(|| pools.take_buf());
-            let limit = self.tracker.read_limit(buf.len());
-            let res = sys::recv_with_fd(src, &mut buf[..limit]);
+            // After a held-back partial header (at the buffer's start, see `flush`).
+            let at = self.end;
+            let limit = self.tracker.read_limit(buf.len() - at);
+            let res = sys::recv_with_fd(src, &mut buf[at..at + limit]);
             self.buf = Some(buf);
             match res {
                 Err(e) if sys::would_block(&e) => {
@@ -271,12 +279,12 @@ impl Pump {
                 Ok(crate::relay::sys::Received { n, fd, .. }) => {
                     let got_fd = fd.is_some();
                     let buf = self.buf.as_deref().unwrap_or_default();
-                    let carrier = self.tracker.consume(&buf[..n], |h| inspect(h))?;
+                    let carrier = self.tracker.consume(&buf[at..at + n], |h| inspect(h))?;
                     match (carrier, fd) {
                         (None, None) => {}
                         // Not on a carrier byte: libvirt would silently close it; so do we.
                         (None, Some(_stray)) => {}
-                        (Some(at), Some(fd)) if at == n - 1 => self.fds.push_back((at, fd)),
+                        (Some(c), Some(fd)) if c == n - 1 => self.fds.push_back((at + c, fd)),
                         (Some(_), _) => return Err(PumpError::CarrierWithoutFd),
                     }
                     // A short read from an AF_UNIX or TCP socket means its queue was empty
@@ -286,8 +294,9 @@ impl Pump {
                     if self.trust_short_reads && !got_fd && n < limit {
                         *src_readable = false;
                     }
-                    self.start = 0;
-                    self.end = n;
+                    self.end = at + n;
+                    self.apply_cuts(at);
+                    self.hold = self.tracker.partial_header_len();
                     self.splice_refused = false;
                     budget = budget.saturating_sub(n);
                 }
@@ -300,7 +309,8 @@ impl Pump {
         let Some(buf) = self.buf.as_deref() else {
             return Ok(true);
         };
-        while self.start < self.end {
+        let flushable = self.end - self.hold;
+        while self.start < flushable {
             let next_fd = self.fds.front().map(|(at, _)| *at);
             let res = match next_fd {
                 Some(at) if at == self.start => {
@@ -311,7 +321,7 @@ impl Pump {
                     }
                 }
                 _ => {
-                    let mut stop = next_fd.unwrap_or(self.end);
+                    let mut stop = next_fd.unwrap_or(flushable);
                     if let Some(c) = &self.cutter {
                         stop = self.start + c.limit(&buf[self.start..stop]);
                     }
@@ -337,9 +347,41 @@ impl Pump {
                 Err(e) => return Err(PumpError::Write(e)),
             }
         }
+        // A held-back header moves to the front; the next read appends to it.
+        if self.hold > 0 {
+            if let Some(buf) = self.buf.as_deref_mut() {
+                buf.copy_within(self.start..self.end, 0);
+            }
+        }
         self.start = 0;
-        self.end = 0;
+        self.end = self.hold;
         Ok(true)
+    }
+
+    /// Takes the bytes of captured frames out of what was just read (`buf[at..end]`, plus a
+    /// held-back header before it), so they are never forwarded.
+    fn apply_cuts(&mut self, at: usize) {
+        let cuts = self.tracker.take_cuts();
+        let Some(buf) = self.buf.as_deref_mut() else {
+            return;
+        };
+        for &(rel_start, rel_end) in cuts.iter().rev() {
+            let start = (at as isize + rel_start).max(self.start as isize) as usize;
+            let end = at + rel_end;
+            buf.copy_within(end..self.end, start);
+            let len = end - start;
+            self.end -= len;
+            for (pos, _) in self.fds.iter_mut() {
+                if *pos >= end {
+                    *pos -= len;
+                }
+            }
+        }
+    }
+
+    /// Frames taken out of the stream for the owner to answer (`Verdict::Capture`).
+    pub fn take_captured(&mut self) -> Vec<Vec<u8>> {
+        self.tracker.take_captured()
     }
 
     /// Drives an in-progress body splice. `None` means the body is done and the pipe returned.
@@ -539,6 +581,72 @@ mod tests {
         }
         writer.join().unwrap();
         (reader.join().unwrap(), total)
+    }
+
+    fn call_frame(proc_: i32, body: &[u8]) -> Vec<u8> {
+        let mut f = Vec::new();
+        for v in [
+            (28 + body.len()) as u32,
+            0x2000_8086,
+            1,
+            proc_ as u32,
+            0,
+            5,
+            0,
+        ] {
+            f.extend_from_slice(&v.to_be_bytes());
+        }
+        f.extend_from_slice(body);
+        f
+    }
+
+    /// A captured frame leaves the stream whole, however the reads split it, and the frames
+    /// around it pass unchanged.
+    #[test]
+    fn captured_frames_are_taken_out_of_the_stream_whole() {
+        let a = call_frame(4, &[1; 40]);
+        let b = call_frame(419, &[2; 64]);
+        let c = call_frame(5, &[3; 8]);
+        let d = call_frame(419, &[]);
+        let stream = [a.clone(), b.clone(), c.clone(), d.clone(), a.clone()].concat();
+        let want = [a.clone(), c.clone(), a.clone()].concat();
+        for chunk in [1, 3, 5, 27, 28, 29, 100, stream.len()] {
+            let (mut src_w, src_r) = UnixStream::pair().unwrap();
+            let (dst_w, mut dst_r) = UnixStream::pair().unwrap();
+            src_r.set_nonblocking(true).unwrap();
+            dst_w.set_nonblocking(true).unwrap();
+            dst_r.set_nonblocking(true).unwrap();
+            let mut pools = Pools::new(64 * 1024, 1 << 20, 16 * 1024);
+            let mut pump = Pump::new(true, &pools);
+            let mut got = Vec::new();
+            let mut captured = Vec::new();
+            let mut buf = vec![0u8; 4096];
+            for piece in stream.chunks(chunk) {
+                src_w.write_all(piece).unwrap();
+                let mut readable = true;
+                pump.drive(
+                    src_r.as_fd(),
+                    dst_w.as_fd(),
+                    &mut pools,
+                    &mut |h| {
+                        if h.proc_ == 419 {
+                            Verdict::Capture
+                        } else {
+                            Verdict::Forward
+                        }
+                    },
+                    &mut readable,
+                )
+                .unwrap();
+                captured.extend(pump.take_captured());
+                while let Ok(n) = dst_r.read(&mut buf) {
+                    got.extend_from_slice(&buf[..n]);
+                }
+            }
+            assert_eq!(got, want, "chunk {chunk}");
+            assert_eq!(captured, vec![b.clone(), d.clone()], "chunk {chunk}");
+            assert!(pump.at_rest());
+        }
     }
 
     /// Deterministic form of the stall: a one-slot pipe holding the rest of a short write

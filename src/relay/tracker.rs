@@ -18,7 +18,12 @@ enum State {
     Body { left: usize, carriers: u32 },
     /// `left` fd carrier bytes (one fd each) follow the frame.
     Carriers { left: u32 },
+    /// Inside the body of a frame the proxy takes out of the stream (`Verdict::Capture`).
+    Capture { left: usize },
 }
+
+/// Largest frame the relay takes out of the stream to answer itself.
+pub const CAPTURE_MAX: usize = 1 << 20;
 
 /// Why the stream must be closed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -31,6 +36,8 @@ pub enum TrackError {
     FdCountMissing,
     #[error("{0}")]
     Refused(String),
+    #[error("frame of {0} bytes is too large to be answered by the proxy")]
+    CaptureTooLarge(usize),
 }
 
 /// What the owner wants done with a frame whose header was just seen.
@@ -38,6 +45,8 @@ pub enum Verdict {
     Forward,
     /// Stop the connection: the frame (and everything after it) is not forwarded.
     Refuse(String),
+    /// Take the whole frame out of the stream: the proxy answers it (see `take_captured`).
+    Capture,
 }
 
 /// Tracks frame boundaries for one direction.
@@ -51,6 +60,14 @@ pub struct Tracker {
     /// after it is not pulled into userspace (see `Pump`).
     last_body_large: bool,
     large_threshold: usize,
+    /// The frame being captured, header first.
+    capturing: Vec<u8>,
+    /// Captured frames, complete, for the owner to answer.
+    captured: Vec<Vec<u8>>,
+    /// Byte ranges of the last `consume` input that belong to captured frames and must not be
+    /// forwarded, relative to that input's start. A start may be negative: the header began
+    /// in bytes the owner held back (see `partial_header_len`).
+    cuts: Vec<(isize, usize)>,
 }
 
 impl Tracker {
@@ -62,7 +79,29 @@ impl Tracker {
             fd_count: [0; 4],
             last_body_large: false,
             large_threshold,
+            capturing: Vec::new(),
+            captured: Vec::new(),
+            cuts: Vec::new(),
         }
+    }
+
+    /// Bytes of a header seen so far but not complete: the owner holds them back, since a
+    /// header's verdict is known only once it is whole.
+    pub fn partial_header_len(&self) -> usize {
+        match self.state {
+            State::Header { got } => got,
+            _ => 0,
+        }
+    }
+
+    /// Ranges of the last `consume` input not to forward (captured frames), in order.
+    pub fn take_cuts(&mut self) -> Vec<(isize, usize)> {
+        std::mem::take(&mut self.cuts)
+    }
+
+    /// Frames captured so far, complete.
+    pub fn take_captured(&mut self) -> Vec<Vec<u8>> {
+        std::mem::take(&mut self.captured)
     }
 
     /// True between frames (the only place a clean EOF may happen).
@@ -106,6 +145,11 @@ impl Tracker {
     ) -> Result<Option<usize>, TrackError> {
         let total = bytes.len();
         let mut last_carrier = None;
+        // Start of the captured bytes in this input, while a capture is open.
+        let mut cut_open: Option<isize> = match self.state {
+            State::Capture { .. } => Some(0),
+            _ => None,
+        };
         while !bytes.is_empty() {
             match self.state {
                 State::Header { got } => {
@@ -117,10 +161,28 @@ impl Tracker {
                         Err(FrameError::Incomplete) => self.state = State::Header { got },
                         Err(e) => return Err(e.into()),
                         Ok(h) => {
-                            if let Verdict::Refuse(why) = on_header(&h) {
-                                return Err(TrackError::Refused(why));
-                            }
                             let body = h.body_len();
+                            match on_header(&h) {
+                                Verdict::Forward => {}
+                                Verdict::Refuse(why) => return Err(TrackError::Refused(why)),
+                                Verdict::Capture => {
+                                    if h.len as usize > CAPTURE_MAX {
+                                        return Err(TrackError::CaptureTooLarge(h.len as usize));
+                                    }
+                                    let end = total - bytes.len();
+                                    cut_open = Some(end as isize - Header::SIZE as isize);
+                                    self.capturing = self.hdr.to_vec();
+                                    self.last_body_large = false;
+                                    if body == 0 {
+                                        self.captured.push(std::mem::take(&mut self.capturing));
+                                        self.cuts.push((cut_open.take().unwrap_or(0), end));
+                                        self.state = State::Header { got: 0 };
+                                    } else {
+                                        self.state = State::Capture { left: body };
+                                    }
+                                    continue;
+                                }
+                            }
                             self.last_body_large = body >= self.large_threshold;
                             self.state = if h.carries_fds(self.toward_daemon) {
                                 if body < 4 {
@@ -173,6 +235,19 @@ impl Tracker {
                         },
                     };
                 }
+                State::Capture { left } => {
+                    let n = bytes.len().min(left);
+                    self.capturing.extend_from_slice(&bytes[..n]);
+                    bytes = &bytes[n..];
+                    if left == n {
+                        self.captured.push(std::mem::take(&mut self.capturing));
+                        self.cuts
+                            .push((cut_open.take().unwrap_or(0), total - bytes.len()));
+                        self.state = State::Header { got: 0 };
+                    } else {
+                        self.state = State::Capture { left: left - n };
+                    }
+                }
                 State::Carriers { left } => {
                     last_carrier = Some(total - bytes.len());
                     bytes = &bytes[1..];
@@ -183,6 +258,9 @@ impl Tracker {
                     };
                 }
             }
+        }
+        if let Some(start) = cut_open {
+            self.cuts.push((start, total));
         }
         Ok(last_carrier)
     }

@@ -83,6 +83,14 @@ fn client_frame_verdict(kind: ListenerKind, h: &Header) -> Verdict {
     if h.prog == program::REMOTE && h.proc_ == remote_proc::CONNECT_OPEN && is_call {
         // libvirt 9.0.0 would tear the connection down on a second open (trap 5).
         Verdict::Refuse("client sent a second CONNECT_OPEN".into())
+    } else if h.prog == program::REMOTE && h.proc_ == remote_proc::CONNECT_SET_IDENTITY && is_call {
+        // Never relayed: the daemon would take the claimed identity for the client's own
+        // (proto::set_identity). It takes no fds, and libvirt closes a client that sends some.
+        if h.mtype == MsgType::Call {
+            Verdict::Capture
+        } else {
+            Verdict::Refuse("CONNECT_SET_IDENTITY with fds".into())
+        }
     } else if !kind.is_unix() && h.mtype == MsgType::CallWithFds {
         // libvirt closes IP clients that try to pass fds.
         Verdict::Refuse("fd passing is not possible over TCP".into())
@@ -104,6 +112,9 @@ enum State {
         /// out before anything the daemon→client pump moves.
         head: Vec<u8>,
         head_cutter: Option<FrameCutter>,
+        /// The proxy's own replies to captured calls, waiting for the daemon→client stream to
+        /// reach a frame boundary; then they join `head`.
+        answers: Vec<u8>,
     },
 }
 
@@ -124,6 +135,9 @@ struct Conn {
     state: State,
     uri: Option<String>,
     since: Instant,
+    /// The identity the client last set with its own CONNECT_SET_IDENTITY (kept by the proxy,
+    /// never sent downstream).
+    claimed_identity: Option<Vec<crate::proto::set_identity::TypedParam>>,
 }
 
 impl Conn {
@@ -330,6 +344,7 @@ impl Worker {
             })),
             uri: None,
             since: Instant::now(),
+            claimed_identity: None,
         });
         if let Err(e) = self
             .reactor
@@ -505,6 +520,7 @@ impl Worker {
             daemon_shut,
             head,
             head_cutter,
+            answers,
         } = &mut conn.state
         else {
             return Outcome::Keep;
@@ -526,10 +542,28 @@ impl Worker {
             Err(e) => return Outcome::Close(format!("client side: {e}")),
             Ok(d) => d,
         };
+        for frame in c2d.take_captured() {
+            let Ok(h) = Header::check(&frame) else {
+                continue;
+            };
+            let answer = crate::proto::set_identity::answer(&h, &frame[Header::SIZE..]);
+            tracing::debug!(
+                conn = conn.id,
+                accepted = answer.identity.is_some(),
+                "client's own CONNECT_SET_IDENTITY answered by the proxy, not relayed"
+            );
+            if answer.identity.is_some() {
+                conn.claimed_identity = answer.identity;
+            }
+            answers.extend_from_slice(&answer.reply);
+        }
         if up == Drive::Finished && !*daemon_shut {
             // Half-close downstream; the daemon answers EOF by closing, which ends d2c.
             sys::shutdown_write(daemon.as_fd());
             *daemon_shut = true;
+        }
+        if !answers.is_empty() && d2c.at_rest() {
+            head.append(answers);
         }
         if !head.is_empty() {
             if let Err(e) = flush(&conn.client, head, head_cutter.as_mut()) {
@@ -552,6 +586,13 @@ impl Worker {
                 Ok(d) => d,
             }
         };
+        if !answers.is_empty() && head.is_empty() && d2c.at_rest() {
+            // The daemon's stream reached a frame boundary: the proxy's replies go in there.
+            head.append(answers);
+            if let Err(e) = flush(&conn.client, head, head_cutter.as_mut()) {
+                return Outcome::Close(format!("client write: {e}"));
+            }
+        }
         tracing::trace!(conn = conn.id, ?up, ?down, "relay driven");
         if let Some(why) = upstream_failed {
             return Outcome::Close(why);

@@ -192,6 +192,7 @@ impl Worker {
                             daemon_shut: false,
                             head: Vec::new(),
                             head_cutter: None,
+                            answers: Vec::new(),
                         },
                     ) else {
                         return Ok(());
