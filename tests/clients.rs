@@ -148,6 +148,11 @@ struct Proxy {
 
 impl Proxy {
     fn start(backend: &str) -> Proxy {
+        Self::start_with(backend, "")
+    }
+
+    /// As `start`, with `extra` config lines.
+    fn start_with(backend: &str, extra: &str) -> Proxy {
         let tb = testbed();
         let dir = tempfile::Builder::new()
             .prefix("vpd-cl-")
@@ -158,7 +163,7 @@ impl Proxy {
         std::fs::write(
             &conf,
             format!(
-                "unix_sock_dir = \"{}\"\ndriver_socket_dir = \"{}\"\n",
+                "unix_sock_dir = \"{}\"\ndriver_socket_dir = \"{}\"\n{extra}\n",
                 sockdir.display(),
                 tb.run.join("libvirt").display()
             ),
@@ -428,4 +433,74 @@ fn virsh_over_ssh_netcat_through_proxy_io_uring() {
 #[test]
 fn virsh_over_ssh_netcat_through_proxy_epoll() {
     virsh_over_ssh("epoll");
+}
+
+// ---------------------------------------------------------------------------------------
+// An abstract driver socket (`driver_sockets = [ "qemu=@name" ]`)
+
+/// Listens on the abstract name `name` and joins every connection to `target`, counting
+/// them: a stand-in for a daemon that listens on an abstract socket.
+fn abstract_bridge(name: &str, target: PathBuf) -> std::sync::Arc<std::sync::atomic::AtomicUsize> {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixListener};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let addr = SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
+    let listener = UnixListener::bind_addr(&addr).unwrap();
+    let count = std::sync::Arc::new(AtomicUsize::new(0));
+    let c = count.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(a) = conn else { return };
+            let Ok(b) = UnixStream::connect(&target) else {
+                return;
+            };
+            c.fetch_add(1, Ordering::SeqCst);
+            let (mut a2, mut b2) = (a.try_clone().unwrap(), b.try_clone().unwrap());
+            let (mut a, mut b) = (a, b);
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut a2, &mut b2);
+                let _ = b2.shutdown(std::net::Shutdown::Write);
+            });
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut b, &mut a);
+                let _ = a.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    count
+}
+
+fn abstract_driver_socket(backend: &str) {
+    let _g = serial();
+    let tb = testbed();
+    let name = format!("vpd-cl-{}-{backend}", std::process::id());
+    let count = abstract_bridge(&name, tb.sock("virtqemud-sock"));
+    let proxy = Proxy::start_with(backend, &format!("driver_sockets = [ \"qemu=@{name}\" ]"));
+    let o = virsh(
+        &format!("qemu+unix:///system?socket={}", proxy.sock.display()),
+        &["version", "--daemon"],
+    );
+    assert!(
+        o.status.success(),
+        "{}\nproxy log:\n{}",
+        text(&o),
+        proxy.log_text()
+    );
+    assert!(String::from_utf8_lossy(&o.stdout).contains("Running against daemon: 9.0.0"));
+    assert_eq!(
+        count.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "abstract listener unused"
+    );
+    assert_eq!(proxy.relayed("qemu:///system"), 1, "{}", proxy.log_text());
+}
+
+#[test]
+fn abstract_driver_socket_through_proxy_io_uring() {
+    abstract_driver_socket("io_uring");
+}
+
+#[test]
+fn abstract_driver_socket_through_proxy_epoll() {
+    abstract_driver_socket("epoll");
 }
