@@ -5,6 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 bash scripts/install-deps.sh
+# tests/clients.rs runs against libvirt's modular daemons: built once per machine into a cache.
+bash scripts/modular-testbed.sh build >/dev/null
 cargo fmt --check
 cargo clippy --all-targets -- -D warnings
 # The fuzz targets (run with cargo-fuzz) must keep compiling against the library.

@@ -154,26 +154,56 @@ pub fn start_time_from_stat(stat: &str) -> Option<u64> {
 
 /// `getpeercon()` equivalent: the peer's LSM label, absent when no LSM provides one.
 fn peer_security_label(fd: BorrowedFd<'_>) -> Option<String> {
-    let mut buf = vec![0u8; 256];
-    let mut len = buf.len() as libc::socklen_t;
-    // SAFETY: buf/len describe a writable buffer.
-    let r = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERSEC,
-            buf.as_mut_ptr().cast(),
-            &mut len,
-        )
-    };
-    if r < 0 {
-        return None;
-    }
-    buf.truncate(len as usize);
+    let raw = label_with_retry(|buf, len| {
+        // SAFETY: buf/len describe a writable buffer of `*len` bytes.
+        let r = unsafe {
+            libc::getsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PEERSEC,
+                buf.as_mut_ptr().cast(),
+                len,
+            )
+        };
+        if r < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    })?;
+    let mut buf = raw;
     while buf.last() == Some(&0) {
         buf.pop();
     }
     String::from_utf8(buf).ok().filter(|s| !s.is_empty())
+}
+
+/// Labels are usually short, but SELinux MLS ranges and stacked LSMs can exceed any fixed
+/// buffer (libvirt's getpeercon grows it too).
+const LABEL_FIRST: usize = 256;
+/// A label longer than this is not a label we can forward (XDR strings have a cap too).
+const LABEL_MAX: usize = 64 * 1024;
+
+/// Calls `get(buf, len)` as getsockopt is called; on ERANGE grows the buffer to the length
+/// the kernel asked for (at least double) and tries again. `None` on any other error.
+fn label_with_retry(
+    mut get: impl FnMut(&mut [u8], &mut libc::socklen_t) -> std::io::Result<()>,
+) -> Option<Vec<u8>> {
+    let mut size = LABEL_FIRST;
+    loop {
+        let mut buf = vec![0u8; size];
+        let mut len = size as libc::socklen_t;
+        match get(&mut buf, &mut len) {
+            Ok(()) => {
+                buf.truncate((len as usize).min(size));
+                return Some(buf);
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ERANGE) && size < LABEL_MAX => {
+                size = (len as usize).max(size * 2).min(LABEL_MAX);
+            }
+            Err(_) => return None,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -228,5 +258,59 @@ mod tests {
         assert_eq!(u.pid as u32, std::process::id());
         assert_eq!(u.uid, nix::unistd::geteuid().as_raw());
         assert!(u.process_time > 0);
+    }
+
+    /// A fake getsockopt holding `label`: ERANGE with the needed length when the buffer is
+    /// short, as the kernel's SO_PEERSEC does.
+    fn fake(
+        label: &[u8],
+    ) -> impl FnMut(&mut [u8], &mut libc::socklen_t) -> std::io::Result<()> + '_ {
+        move |buf, len| {
+            if (*len as usize) < label.len() {
+                *len = label.len() as libc::socklen_t;
+                return Err(std::io::Error::from_raw_os_error(libc::ERANGE));
+            }
+            buf[..label.len()].copy_from_slice(label);
+            *len = label.len() as libc::socklen_t;
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn long_labels_are_read_whole() {
+        let short = b"system_u:system_r:unconfined_t:s0\0".to_vec();
+        assert_eq!(label_with_retry(fake(&short)), Some(short.clone()));
+        // Over 256 bytes: an MLS range with many categories.
+        let mut long = b"unconfined_u:unconfined_r:unconfined_t:s0-s0:".to_vec();
+        long.extend(
+            (0..200)
+                .map(|i| format!("c{i},"))
+                .collect::<String>()
+                .bytes(),
+        );
+        assert!(long.len() > 256);
+        assert_eq!(label_with_retry(fake(&long)), Some(long.clone()));
+        // A kernel that reports no size still gets a bigger buffer each time.
+        let mut calls = 0;
+        let got = label_with_retry(|buf, len| {
+            calls += 1;
+            if (*len as usize) < 1000 {
+                return Err(std::io::Error::from_raw_os_error(libc::ERANGE));
+            }
+            buf[0] = b'x';
+            *len = 1;
+            Ok(())
+        });
+        assert_eq!(got, Some(b"x".to_vec()));
+        assert_eq!(calls, 3); // 256, 512, then 1024 fits
+    }
+
+    #[test]
+    fn absurd_or_failing_labels_give_none() {
+        let huge = vec![b'a'; LABEL_MAX + 1];
+        assert_eq!(label_with_retry(fake(&huge)), None);
+        let none =
+            label_with_retry(|_, _| Err(std::io::Error::from_raw_os_error(libc::ENOPROTOOPT)));
+        assert_eq!(none, None);
     }
 }

@@ -4,9 +4,19 @@
 //! `socket=` parameter are refused, so a local client cannot make the proxy connect anywhere
 //! the operator did not configure (pitfall 11).
 
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
+use nix::sys::socket::UnixAddr;
+
 use crate::proto::msg::{err_code, err_domain, RemoteError};
+
+/// Where libvirt's client side looks for system daemons (`LOCALSTATEDIR/run/libvirt`; it
+/// avoids RUNSTATEDIR on purpose, and `/var/run` links to `/run`). A session proxy sends
+/// every non-`/session` name there, as libvirt's remote driver does.
+pub const SYSTEM_SOCKET_DIR: &str = "/var/run/libvirt";
 
 /// Schemes with a per-driver daemon named `virt<scheme>d`.
 const KNOWN_DRIVERS: &[&str] = &[
@@ -81,8 +91,10 @@ impl RouteError {
 pub struct RouteTable {
     socket_dir: PathBuf,
     overrides: Vec<(String, PathBuf)>,
-    /// An unprivileged daemon: `/session` URIs, no read-only sockets.
+    /// An unprivileged daemon: `/session` URIs go to `socket_dir`, other names to the
+    /// system daemons in `system_dir`; no read-only listener.
     session: bool,
+    system_dir: PathBuf,
 }
 
 impl RouteTable {
@@ -95,21 +107,41 @@ impl RouteTable {
             socket_dir,
             overrides,
             session,
+            system_dir: PathBuf::from(SYSTEM_SOCKET_DIR),
         }
+    }
+
+    /// Where a session proxy finds the system daemons (tests point it elsewhere).
+    pub fn with_system_dir(mut self, dir: PathBuf) -> Self {
+        self.system_dir = dir;
+        self
     }
 
     /// The rw socket serving `scheme`, if any daemon is configured or conventional for it.
     pub fn socket_for(&self, scheme: &str) -> Option<PathBuf> {
+        self.socket_in(scheme, &self.socket_dir)
+    }
+
+    /// As `socket_for`, with conventional sockets looked up in `dir`. An explicit
+    /// `driver_sockets` entry is the operator's choice for the scheme and wins everywhere.
+    fn socket_in(&self, scheme: &str, dir: &Path) -> Option<PathBuf> {
         if let Some((_, p)) = self.overrides.iter().find(|(s, _)| s == scheme) {
             return Some(p.clone());
         }
         KNOWN_DRIVERS
             .contains(&scheme)
-            .then(|| self.socket_dir.join(format!("virt{scheme}d-sock")))
+            .then(|| dir.join(format!("virt{scheme}d-sock")))
     }
 
-    fn with_ro(&self, rw: &Path, readonly: bool) -> PathBuf {
-        if readonly && !self.session {
+    /// libvirt (`remoteGetURIDaemonInfo`) uses the per-user daemon only for a `/session`
+    /// path when unprivileged; `/system` and everything else reach the system daemons.
+    fn uses_user_daemon(&self, path: &str) -> bool {
+        self.session && path == "/session"
+    }
+
+    fn with_ro(&self, rw: &Path, readonly: bool, user: bool) -> PathBuf {
+        // Per-user daemons have no read-only socket.
+        if readonly && !user {
             let mut s = rw.as_os_str().to_owned();
             s.push("-ro");
             PathBuf::from(s)
@@ -151,11 +183,16 @@ impl RouteTable {
             Some((b, q)) => (b, Some(q)),
             None => (rest, None),
         };
+        let mut path = before_query;
         if let Some(authority_and_path) = before_query.strip_prefix("//") {
-            let authority = authority_and_path.split('/').next().unwrap_or("");
+            let (authority, p) = match authority_and_path.find('/') {
+                Some(i) => authority_and_path.split_at(i),
+                None => (authority_and_path, ""),
+            };
             if !authority.is_empty() {
                 return Err(RouteError::RemoteHost(name.into()));
             }
+            path = p;
         }
         if let Some(q) = query {
             let has_socket = q.split('&').any(|kv| {
@@ -167,12 +204,18 @@ impl RouteTable {
                 return Err(RouteError::SocketParam(name.into()));
             }
         }
+        let user = self.uses_user_daemon(path);
+        let dir = if self.session && !user {
+            &self.system_dir
+        } else {
+            &self.socket_dir
+        };
         let rw = self
-            .socket_for(&scheme_lc)
+            .socket_in(&scheme_lc, dir)
             .ok_or_else(|| RouteError::UnknownScheme(name.into()))?;
         Ok(Target {
             uri: name.into(),
-            socket: self.with_ro(&rw, readonly),
+            socket: self.with_ro(&rw, readonly, user),
             readonly,
         })
     }
@@ -185,7 +228,7 @@ impl RouteTable {
         };
         for drv in order {
             if let Some(rw) = self.socket_for(drv) {
-                let sock = self.with_ro(&rw, readonly);
+                let sock = self.with_ro(&rw, readonly, self.session);
                 if exists(&sock) {
                     return Ok(Target {
                         uri: format!("{drv}:///{path}"),
@@ -197,6 +240,41 @@ impl RouteTable {
         }
         Err(RouteError::NothingProbed)
     }
+}
+
+/// The address of a driver socket: a path, or with a leading `@` a Linux abstract socket
+/// (the name after the `@`, as `ss` and systemd spell it), which has no file to connect by.
+pub fn driver_addr(path: &Path) -> io::Result<UnixAddr> {
+    match path.as_os_str().as_bytes().strip_prefix(b"@") {
+        Some(name) if !name.is_empty() => Ok(UnixAddr::new_abstract(name)?),
+        _ => Ok(UnixAddr::new(path)?),
+    }
+}
+
+/// Connects to a driver socket without blocking the worker. A UNIX connect either completes
+/// at once or fails (EAGAIN when the daemon's backlog is full).
+pub fn connect_nonblocking(path: &Path) -> io::Result<OwnedFd> {
+    use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType};
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    connect(fd.as_raw_fd(), &driver_addr(path)?)?;
+    Ok(fd)
+}
+
+/// Whether a driver socket is there, for probing an empty name. An abstract name has no file
+/// to stat, so it counts as there when something listens on it (a full backlog included).
+pub fn driver_socket_exists(path: &Path) -> bool {
+    if path.as_os_str().as_bytes().starts_with(b"@") {
+        return match connect_nonblocking(path) {
+            Ok(_) => true,
+            Err(e) => e.kind() == io::ErrorKind::WouldBlock,
+        };
+    }
+    path.exists()
 }
 
 #[cfg(test)]
@@ -284,5 +362,92 @@ mod tests {
             .unwrap();
         assert_eq!(t.uri, "qemu:///session");
         assert_eq!(t.socket, Path::new("/run/user/1000/libvirt/virtqemud-sock"));
+    }
+
+    #[test]
+    fn session_proxy_sends_only_session_paths_to_the_user_dir() {
+        let t = RouteTable::new("/run/user/1000/libvirt".into(), vec![], true)
+            .with_system_dir("/sysdir".into());
+        let r = t.resolve(Some("qemu:///system"), false, none).unwrap();
+        assert_eq!(r.socket, Path::new("/sysdir/virtqemud-sock"));
+        let r = t.resolve(Some("qemu:///session"), false, none).unwrap();
+        assert_eq!(r.socket, Path::new("/run/user/1000/libvirt/virtqemud-sock"));
+        let r = t
+            .resolve(Some("network:///session?x=1"), false, none)
+            .unwrap();
+        assert_eq!(
+            r.socket,
+            Path::new("/run/user/1000/libvirt/virtnetworkd-sock")
+        );
+        // Anything but exactly "/session" is not a per-user name for libvirt either.
+        let r = t.resolve(Some("qemu:///sessionx"), false, none).unwrap();
+        assert_eq!(r.socket, Path::new("/sysdir/virtqemud-sock"));
+        let r = t.resolve(Some("qemu:/session"), false, none).unwrap();
+        assert_eq!(r.socket, Path::new("/run/user/1000/libvirt/virtqemud-sock"));
+        // System daemons keep their read-only sockets; per-user daemons have none.
+        let r = t.resolve(Some("qemu:///system"), true, none).unwrap();
+        assert_eq!(r.socket, Path::new("/sysdir/virtqemud-sock-ro"));
+        let r = t.resolve(Some("qemu:///session"), true, none).unwrap();
+        assert_eq!(r.socket, Path::new("/run/user/1000/libvirt/virtqemud-sock"));
+        let default = RouteTable::new("/run/user/1000/libvirt".into(), vec![], true);
+        let r = default
+            .resolve(Some("qemu:///system"), false, none)
+            .unwrap();
+        assert_eq!(r.socket, Path::new("/var/run/libvirt/virtqemud-sock"));
+    }
+
+    #[test]
+    fn privileged_proxy_ignores_the_session_distinction() {
+        let r = table()
+            .resolve(Some("qemu:///session"), false, none)
+            .unwrap();
+        assert_eq!(r.socket, Path::new("/run/libvirt/virtqemud-sock"));
+    }
+
+    #[test]
+    fn at_paths_are_abstract_addresses() {
+        let a = driver_addr(Path::new("@vpd/qemu-sock")).unwrap();
+        assert_eq!(a.as_abstract(), Some(&b"vpd/qemu-sock"[..]));
+        assert_eq!(a.path(), None);
+        let a = driver_addr(Path::new("/run/libvirt/virtqemud-sock")).unwrap();
+        assert_eq!(a.as_abstract(), None);
+        assert_eq!(a.path(), Some(Path::new("/run/libvirt/virtqemud-sock")));
+        // An abstract driver_socket_dir gives abstract names for every daemon.
+        let t = RouteTable::new("@vpd".into(), vec![], false);
+        let r = t.resolve(Some("qemu:///system"), true, none).unwrap();
+        let a = driver_addr(&r.socket).unwrap();
+        assert_eq!(a.as_abstract(), Some(&b"vpd/virtqemud-sock-ro"[..]));
+    }
+
+    #[test]
+    fn abstract_listener_is_reached_and_probed() {
+        use std::os::linux::net::SocketAddrExt;
+        use std::os::unix::net::{SocketAddr, UnixListener};
+        let name = format!("vpd-route-test-{}", std::process::id());
+        let addr = SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
+        let listener = UnixListener::bind_addr(&addr).unwrap();
+        let at = PathBuf::from(format!("@{name}"));
+        assert!(driver_socket_exists(&at));
+        let fd = connect_nonblocking(&at).unwrap();
+        let (_conn, peer) = listener.accept().unwrap();
+        // The peer of an unbound client is unnamed; what matters is that it arrived here.
+        assert!(peer.is_unnamed());
+        drop(fd);
+        drop(listener);
+        assert!(!driver_socket_exists(&at));
+        let e = connect_nonblocking(&at).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused);
+
+        // And through routing: an empty name probes the abstract override.
+        let listener = UnixListener::bind_addr(&addr).unwrap();
+        let t = RouteTable::new(
+            "/nonexistent".into(),
+            vec![("qemu".into(), at.clone())],
+            false,
+        );
+        let r = t.resolve(None, false, driver_socket_exists).unwrap();
+        assert_eq!(r.uri, "qemu:///system");
+        assert_eq!(r.socket, at);
+        drop(listener);
     }
 }

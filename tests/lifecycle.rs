@@ -467,3 +467,86 @@ fn make_install_puts_binary_units_conf_and_man_page_in_place() {
         "max_clients = 7\n"
     );
 }
+
+#[test]
+fn service_reads_debian_and_fedora_environment_files() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let unit = std::fs::read_to_string(root.join("systemd/virtproxyd.service")).unwrap();
+    let files: Vec<&str> = unit
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("EnvironmentFile="))
+        .collect();
+    // "-": a missing file is not an error, as in libvirt's units.
+    assert_eq!(
+        files,
+        ["-/etc/default/virtproxyd", "-/etc/sysconfig/virtproxyd"],
+        "{unit}"
+    );
+}
+
+/// `make install` onto a host (no DESTDIR) with files under `dir`, the modular-daemon check
+/// looking at `probe_root`.
+fn make_install_into(dir: &Path, probe_root: &Path, extra: &[&str]) -> std::process::Output {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut args = vec![
+        "install".to_string(),
+        "CARGO=true".into(),
+        format!("BIN={BIN}"),
+        format!("PREFIX={}", dir.join("usr").display()),
+        format!("UNITDIR={}", dir.join("units").display()),
+        format!("SYSCONFDIR={}", dir.join("etc").display()),
+        format!("MODULAR_ROOT={}", probe_root.display()),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    Command::new("make")
+        .current_dir(root)
+        .args(&args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn make_install_refuses_a_host_without_modular_daemons() {
+    let dir = tempdir();
+    let bare = dir.path().join("bare-root");
+    std::fs::create_dir_all(bare.join("usr/sbin")).unwrap();
+    std::fs::write(bare.join("usr/sbin/libvirtd"), "").unwrap();
+    let target = dir.path().join("t1");
+    let o = make_install_into(&target, &bare, &[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "installed without modular daemons");
+    assert!(
+        err.contains("none of libvirt's modular driver daemons")
+            && err.contains("FORCE_NO_MODULAR=1"),
+        "{err}"
+    );
+    assert!(!target.exists(), "files were installed before the refusal");
+
+    // The explicit opt-in installs anyway.
+    let target = dir.path().join("t2");
+    let o = make_install_into(&target, &bare, &["FORCE_NO_MODULAR=1"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(target.join("usr/sbin/virtproxyd").exists());
+    assert!(target.join("units/virtproxyd.service").exists());
+
+    // A host with a driver daemon's socket unit (or binary) is what the install is for.
+    for marker in [
+        "usr/lib/systemd/system/virtqemud.socket",
+        "usr/sbin/virtnetworkd",
+    ] {
+        let modular = dir
+            .path()
+            .join(format!("root-{}", marker.replace('/', "_")));
+        let m = modular.join(marker);
+        std::fs::create_dir_all(m.parent().unwrap()).unwrap();
+        std::fs::write(&m, "").unwrap();
+        let target = dir.path().join(format!("t-{}", marker.replace('/', "_")));
+        let o = make_install_into(&target, &modular, &[]);
+        assert!(
+            o.status.success(),
+            "{marker}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(target.join("usr/sbin/virtproxyd").exists(), "{marker}");
+    }
+}

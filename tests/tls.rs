@@ -278,11 +278,49 @@ fn fd_passing_over_tcp_closes_the_connection() {
     assert_eq!(&r[24..28], &[0, 0, 0, 0]);
     // CALL_WITH_FDS (DOMAIN_FD_ASSOCIATE) with one fd: impossible over TCP.
     s.write_all(&frame(443, 4, 2, &[0, 0, 0, 1])).unwrap();
-    let mut b = [0u8; 64];
-    assert!(
-        matches!(s.read(&mut b), Ok(0) | Err(_)),
-        "connection stayed open"
+    assert_closed_within(&mut s, Duration::from_secs(10));
+}
+
+/// Reads until the peer closes (EOF or ECONNRESET) and fails if `limit` passes first: a
+/// read timeout is the connection staying open, not a close.
+fn assert_closed_within(s: &mut TcpStream, limit: Duration) {
+    let deadline = std::time::Instant::now() + limit;
+    let mut b = [0u8; 4096];
+    let mut extra = 0usize;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        assert!(
+            !left.is_zero(),
+            "connection still open after {limit:?} ({extra} bytes read)"
+        );
+        s.set_read_timeout(Some(left)).unwrap();
+        match s.read(&mut b) {
+            Ok(0) => return,
+            Ok(n) => extra += n,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => panic!("connection not closed within {limit:?}: {e} ({extra} bytes read)"),
+        }
+    }
+}
+
+#[test]
+fn closed_check_fails_on_an_open_connection() {
+    // The check above must not count a timeout as a close.
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+    let (_held_open, _) = l.accept().unwrap();
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        assert_closed_within(&mut c, Duration::from_millis(300))
+    }));
+    assert!(r.is_err(), "an open connection passed as closed");
+    let (c2, s2) = (
+        TcpStream::connect(l.local_addr().unwrap()).unwrap(),
+        l.accept().unwrap().0,
     );
+    drop(s2);
+    let mut c2 = c2;
+    assert_closed_within(&mut c2, Duration::from_secs(5));
 }
 
 #[test]

@@ -65,7 +65,7 @@ impl Worker {
                                 &h,
                                 &p.c_rx[used + Header::SIZE..end],
                                 &routes,
-                                &|path: &Path| path.exists(),
+                                &|path: &Path| crate::route::driver_socket_exists(path),
                                 &mut actions,
                             );
                             used = end;
@@ -143,7 +143,7 @@ impl Worker {
                 Action::Close(why) => p.closing = Some(why),
                 Action::Connect(path) => {
                     let mut out = Vec::new();
-                    match connect_nonblocking(&path) {
+                    match crate::route::connect_nonblocking(&path) {
                         Ok(sock) => {
                             let raw = sock.as_raw_fd();
                             conn.daemon = Some(sock);
@@ -359,18 +359,4 @@ fn frame_at(buf: &[u8]) -> Result<Option<Header>, String> {
         Ok(h) if buf.len() < h.len as usize => Ok(None),
         Ok(h) => Ok(Some(h)),
     }
-}
-
-/// Connects to a daemon socket without blocking the worker. A UNIX connect either completes
-/// at once or fails (EAGAIN when the daemon's backlog is full).
-fn connect_nonblocking(path: &Path) -> io::Result<OwnedFd> {
-    use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
-    let fd = socket(
-        AddressFamily::Unix,
-        SockType::Stream,
-        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
-        None,
-    )?;
-    connect(fd.as_raw_fd(), &UnixAddr::new(path)?)?;
-    Ok(fd)
 }
