@@ -134,6 +134,8 @@ struct Conn {
     daemon: Option<OwnedFd>,
     state: State,
     uri: Option<String>,
+    /// The driver daemon socket the open went to.
+    daemon_path: Option<std::path::PathBuf>,
     since: Instant,
     /// The identity the client last set with its own CONNECT_SET_IDENTITY (kept by the proxy,
     /// never sent downstream).
@@ -343,6 +345,7 @@ impl Worker {
                 cutter: None,
             })),
             uri: None,
+            daemon_path: None,
             since: Instant::now(),
             claimed_identity: None,
         });

@@ -148,6 +148,7 @@ impl Worker {
                             let raw = sock.as_raw_fd();
                             conn.daemon = Some(sock);
                             conn.uri = p.hs.target().map(|t| t.uri.clone());
+                            conn.daemon_path = Some(path.clone());
                             p.deadline = Some(Instant::now() + DOWNSTREAM_DEADLINE);
                             p.hs.on_connected(&mut out);
                             self.reactor
@@ -227,6 +228,7 @@ impl Worker {
                     tracing::info!(
                         conn = conn.id,
                         uri = conn.uri.as_deref().unwrap_or(""),
+                        daemon = %conn.daemon_path.as_deref().unwrap_or(Path::new("")).display(),
                         "connection opened and handed to the relay"
                     );
                 }

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
-const MANIFEST_DIR: &str = env!("CARGO_MANIFEST_DIR");
+pub(crate) const MANIFEST_DIR: &str = env!("CARGO_MANIFEST_DIR");
 const TARGET_TMPDIR: &str = env!("CARGO_TARGET_TMPDIR");
 /// Debian's interpreter: it has python3-libvirt (the `python3` on PATH may not).
 pub const PYTHON: &str = "/usr/bin/python3";
@@ -650,6 +650,7 @@ pub fn daemon_pid_now(d: &Daemon) -> u32 {
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(d.pid)
 }
+pub mod modular;
 pub mod pki;
 
 /// A REMOTE-program frame, for tests that speak the wire protocol themselves.

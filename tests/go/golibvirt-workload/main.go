@@ -19,6 +19,7 @@ import (
 	"time"
 
 	libvirt "github.com/digitalocean/go-libvirt"
+	"github.com/digitalocean/go-libvirt/socket"
 	"github.com/digitalocean/go-libvirt/socket/dialers"
 )
 
@@ -42,6 +43,7 @@ type result struct {
 
 func main() {
 	sock := flag.String("socket", "/var/run/libvirt/libvirt-sock", "libvirt UNIX socket")
+	tcpPort := flag.String("tcp-port", "", "dial 127.0.0.1 on this TCP port instead of -socket")
 	uri := flag.String("uri", "qemu:///system", "name sent in CONNECT_OPEN")
 	poolDir := flag.String("pool-dir", "", "directory for a transient dir pool (stream test)")
 	mib := flag.Int("mib", 10, "MiB uploaded and downloaded back")
@@ -56,7 +58,7 @@ func main() {
 		res.Errors = append(res.Errors, fmt.Sprintf("deadline of %s exceeded", *timeout))
 		finish(res, start)
 	})
-	run(res, *sock, *uri, *poolDir, *mib)
+	run(res, *sock, *tcpPort, *uri, *poolDir, *mib)
 	timer.Stop()
 	finish(res, start)
 }
@@ -76,11 +78,16 @@ func finish(res *result, start time.Time) {
 	})
 }
 
-func run(res *result, sock, uri, poolDir string, mib int) {
+func run(res *result, sock, tcpPort, uri, poolDir string, mib int) {
 	fail := func(step string, err error) { res.Errors = append(res.Errors, step+": "+err.Error()) }
 
-	l := libvirt.NewWithDialer(dialers.NewLocal(dialers.WithSocket(sock),
-		dialers.WithLocalTimeout(10*time.Second)))
+	var dialer socket.Dialer = dialers.NewLocal(dialers.WithSocket(sock),
+		dialers.WithLocalTimeout(10*time.Second))
+	if tcpPort != "" {
+		dialer = dialers.NewRemote("127.0.0.1", dialers.UsePort(tcpPort),
+			dialers.WithRemoteTimeout(10*time.Second))
+	}
+	l := libvirt.NewWithDialer(dialer)
 	if err := l.ConnectToURI(libvirt.ConnectURI(uri)); err != nil {
 		fail("connect", err)
 		return
