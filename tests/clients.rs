@@ -365,6 +365,59 @@ fn golibvirt_workload_through_proxy_epoll() {
     golibvirt_through_proxy("epoll");
 }
 
+/// go-libvirt over the proxy's plain TCP listener: its 4 MiB stream frames leave a 4 KiB
+/// write buffer, so they arrive as many small TCP segments (the shape that stalled the
+/// splice relay when full pipe slots were taken for a drained socket), and go-libvirt has no
+/// keepalive to wake a stalled relay. 64 MiB each way must arrive intact.
+fn golibvirt_over_tcp(backend: &str) {
+    let _g = serial();
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let proxy = Proxy::start_with(
+        backend,
+        &format!("listen_tcp = 1\nlisten_addr = \"127.0.0.1\"\ntcp_port = \"{port}\"\nauth_tcp = \"none\""),
+    );
+    let up = wait_for(Duration::from_secs(10), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    assert!(up, "{backend}: no TCP listener: {}", proxy.log_text());
+    let pool = tempfile::Builder::new()
+        .prefix("vpd-cl-pool-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let o = run_with_deadline(
+        Command::new(golibvirt_bin())
+            .args(["-tcp-port", &port.to_string(), "-pool-dir"])
+            .arg(pool.path())
+            .args(["-mib", "64", "-timeout", "120s"]),
+        Duration::from_secs(150),
+    );
+    let line = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    let v: serde_json::Value = serde_json::from_str(&line)
+        .unwrap_or_else(|e| panic!("no JSON from golibvirt-workload ({e}): {}", text(&o)));
+    assert!(
+        o.status.success() && v["ok"] == true,
+        "{backend}: {}\nproxy log:\n{}",
+        text(&o),
+        proxy.log_text()
+    );
+    assert_eq!(v["stream_bytes"], 64 << 20, "{v}");
+    assert_eq!(v["stream_match"], true, "{v}");
+    assert_eq!(v["pipelined_ok"], 8, "{v}");
+}
+
+#[test]
+fn golibvirt_over_tcp_streams_4_mib_frames_io_uring() {
+    golibvirt_over_tcp("io_uring");
+}
+
+#[test]
+fn golibvirt_over_tcp_streams_4_mib_frames_epoll() {
+    golibvirt_over_tcp("epoll");
+}
+
 // ---------------------------------------------------------------------------------------
 // virsh over qemu+ssh with proxy=netcat
 
