@@ -32,7 +32,7 @@ DAEMONS=(virtsecretd virtstoraged virtnetworkd virtqemud virtproxyd)
 
 die() { echo "modular-testbed: $*" >&2; exit 1; }
 
-build_deps=(dpkg-dev meson ninja-build pkg-config gcc perl python3 libxml2-utils xsltproc
+build_deps=(dpkg-dev patch xz-utils meson ninja-build pkg-config gcc perl python3 libxml2-utils xsltproc
   python3-docutils libglib2.0-dev libxml2-dev libgnutls28-dev libtirpc-dev libyajl-dev
   libnl-3-dev libnl-route-3-dev libcap-ng-dev libudev-dev libpciaccess-dev libdevmapper-dev
   libacl1-dev libattr1-dev libselinux1-dev libapparmor-dev libblkid-dev libsasl2-dev
