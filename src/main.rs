@@ -11,6 +11,7 @@ use virtproxyd::config::{Config, Env, IoBackend};
 use virtproxyd::daemon::{self, PidFile};
 use virtproxyd::listen;
 use virtproxyd::listen::ListenerKind;
+use virtproxyd::logging;
 use virtproxyd::reactor;
 use virtproxyd::route::RouteTable;
 use virtproxyd::server::{self, ServerOpts, Stopped};
@@ -57,40 +58,17 @@ fn main() {
     std::process::exit(run(&argv0, cli));
 }
 
-type LogHandle =
-    tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, tracing_subscriber::Registry>;
-
-/// log_level: 1 debug, 2 info, 3 warning, 4 error; 0 = library default (warnings); -v = info.
-fn log_directive(cfg: &Config, verbose: bool) -> &'static str {
-    match (cfg.log_level, verbose) {
-        (1, _) => "debug",
-        (2, _) => "info",
-        (_, true) => "info",
-        (4, _) => "error",
-        _ => "warn",
+/// The logging settings of a config and command line (libvirt's `virDaemonSetupLogging`).
+fn log_settings(cfg: &Config, env: &Env, verbose: bool, daemon: bool) -> logging::Settings {
+    logging::Settings {
+        level: cfg.log_level,
+        filters: cfg.log_filters.clone(),
+        outputs: cfg.log_outputs.clone(),
+        verbose,
+        daemon,
+        privileged: env.privileged,
+        cache_dir: env.home.as_ref().map(|h| h.join(".cache/libvirt")),
     }
-}
-
-/// Installs the logger; returns a handle for SIGHUP to change the level, unless the level is
-/// pinned by VIRTPROXYD_LOG.
-fn init_logging(cfg: &Config, verbose: bool) -> Option<LogHandle> {
-    use std::io::IsTerminal;
-    use tracing_subscriber::layer::SubscriberExt;
-    use tracing_subscriber::util::SubscriberInitExt;
-    let pinned = tracing_subscriber::EnvFilter::try_from_env("VIRTPROXYD_LOG").ok();
-    let is_pinned = pinned.is_some();
-    let filter =
-        pinned.unwrap_or_else(|| tracing_subscriber::EnvFilter::new(log_directive(cfg, verbose)));
-    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
-    tracing_subscriber::registry()
-        .with(filter)
-        .with(
-            tracing_subscriber::fmt::layer()
-                .with_ansi(std::io::stderr().is_terminal())
-                .with_writer(std::io::stderr),
-        )
-        .init();
-    (!is_pinned).then_some(handle)
 }
 
 fn route_table(cfg: &Config, env: &Env) -> RouteTable {
@@ -106,8 +84,9 @@ struct Reloader {
     path: Option<PathBuf>,
     env: Env,
     verbose: bool,
+    daemon: bool,
     current: Config,
-    log: Option<LogHandle>,
+    log: logging::LogControl,
 }
 
 impl Reloader {
@@ -154,12 +133,14 @@ impl Reloader {
                 }
             }
         }
-        if old.log_level != new.log_level {
-            if let Some(h) = &self.log {
-                let _ = h.modify(|f| {
-                    *f = tracing_subscriber::EnvFilter::new(log_directive(new, self.verbose))
-                });
-                applied.push(format!("log_level {} -> {}", old.log_level, new.log_level));
+        if (old.log_level, &old.log_filters, &old.log_outputs)
+            != (new.log_level, &new.log_filters, &new.log_outputs)
+        {
+            let settings = log_settings(new, &self.env, self.verbose, self.daemon);
+            let resolved = logging::resolve(&settings, &|k| std::env::var(k).ok(), false);
+            match resolved.and_then(|r| self.log.apply(&r)) {
+                Ok(()) => applied.push("log_level, log_filters and log_outputs".into()),
+                Err(e) => tracing::error!("logging settings not changed: {e}"),
             }
         }
         let mut restart = Vec::new();
@@ -210,7 +191,13 @@ fn run(argv0: &str, cli: cli::Cli) -> i32 {
             return EXIT_CONFIG;
         }
     };
-    let log = init_logging(&cfg, cli.verbose);
+    let log = match logging::install(&log_settings(&cfg, &env, cli.verbose, cli.daemon)) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("{argv0}: error: {e}");
+            return EXIT_CONFIG;
+        }
+    };
     for key in &cfg.unknown_keys {
         tracing::debug!("ignoring unknown config key '{key}'");
     }
@@ -309,6 +296,7 @@ fn run(argv0: &str, cli: cli::Cli) -> i32 {
         path: cli.config.clone(),
         env: env.clone(),
         verbose: cli.verbose,
+        daemon: cli.daemon,
         current: cfg,
         log,
     };

@@ -78,28 +78,7 @@ pub fn subject_dn(cert_der: &[u8]) -> Option<String> {
     Some(rdns.join(","))
 }
 
-/// glib's `g_pattern_match_simple`.
-pub fn glob_match(pattern: &str, text: &str) -> bool {
-    let (p, t): (Vec<char>, Vec<char>) = (pattern.chars().collect(), text.chars().collect());
-    let (mut pi, mut ti) = (0, 0);
-    let mut star: Option<(usize, usize)> = None;
-    while ti < t.len() {
-        if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
-            pi += 1;
-            ti += 1;
-        } else if pi < p.len() && p[pi] == '*' {
-            star = Some((pi, ti));
-            pi += 1;
-        } else if let Some((sp, st)) = star {
-            pi = sp + 1;
-            ti = st + 1;
-            star = Some((sp, st + 1));
-        } else {
-            return false;
-        }
-    }
-    p[pi..].iter().all(|&c| c == '*')
-}
+pub use crate::glob::glob_match;
 
 /// Whether `dn` passes the allowlist: unset allows everyone, an empty list no one.
 pub fn dn_allowed(list: Option<&[String]>, dn: &str) -> bool {

@@ -1,0 +1,531 @@
+//! Logging as libvirt's daemons do it: `log_level`, `log_filters`, `log_outputs`, the
+//! `LIBVIRT_DEBUG` / `LIBVIRT_LOG_FILTERS` / `LIBVIRT_LOG_OUTPUTS` environment, `-v`, and the
+//! default output (journald under systemd without a tty, else stderr; a file when daemonized
+//! without journald). The settings as text live in `spec` (sans-IO); this module turns them
+//! into one `tracing` layer whose state is swapped whole when SIGHUP or an admin call
+//! changes it, so the hot path reads it without a lock and callsites that nothing wants stay
+//! disabled (tracing's interest cache is rebuilt on every change).
+
+pub mod spec;
+
+use std::ffi::CString;
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::path::Path;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use tracing::field::{Field, Visit};
+use tracing::{Event, Metadata, Subscriber};
+use tracing_subscriber::layer::{Context, Layer};
+
+pub use spec::{Dest, Filter, Output, Priority, SpecError};
+
+/// Where libvirt's default outputs and its journald check look.
+const JOURNALD_SOCKET: &str = "/run/systemd/journal/socket";
+
+/// The settings a daemon starts from, before the environment and `-v` are applied.
+#[derive(Debug, Clone, Default)]
+pub struct Settings {
+    /// `log_level`; 0 keeps the default (warning).
+    pub level: u32,
+    pub filters: Option<String>,
+    pub outputs: Option<String>,
+    pub verbose: bool,
+    /// Whether the process daemonizes (`-d`): a file is then the fallback output.
+    pub daemon: bool,
+    pub privileged: bool,
+    /// The user's cache directory for an unprivileged daemon's log file.
+    pub cache_dir: Option<std::path::PathBuf>,
+}
+
+/// The resolved configuration: what `virDaemonSetupLogging` ends with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resolved {
+    pub default: Priority,
+    pub filters: Vec<Filter>,
+    pub outputs: Vec<Output>,
+}
+
+/// An environment lookup (the process environment, or a map in tests).
+pub type EnvLookup<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+/// Applies config, then environment, then `-v`, then the default output, in libvirt's order
+/// (`virDaemonSetupLogging`). An error names the setting and libvirt's reason.
+pub fn resolve(s: &Settings, env: EnvLookup<'_>, stdin_tty: bool) -> Result<Resolved, String> {
+    let mut default = match s.level {
+        0 => Priority::Warn,
+        n => Priority::from_number(n).ok_or_else(|| format!("log_level: invalid value {n}"))?,
+    };
+    let mut filters = spec::parse_filters(s.filters.as_deref().unwrap_or(""))
+        .map_err(|e| format!("log_filters: {e}"))?;
+    let mut outputs = spec::parse_outputs(s.outputs.as_deref().unwrap_or(""))
+        .map_err(|e| format!("log_outputs: {e}"))?;
+    let set = |k: &str| env(k).filter(|v| !v.is_empty());
+    if let Some(v) = set("LIBVIRT_DEBUG") {
+        default = spec::parse_level(&v).map_err(|e| format!("LIBVIRT_DEBUG: {e}"))?;
+    }
+    if let Some(v) = set("LIBVIRT_LOG_FILTERS") {
+        filters = spec::parse_filters(&v).map_err(|e| format!("LIBVIRT_LOG_FILTERS: {e}"))?;
+    }
+    if let Some(v) = set("LIBVIRT_LOG_OUTPUTS") {
+        outputs = spec::parse_outputs(&v).map_err(|e| format!("LIBVIRT_LOG_OUTPUTS: {e}"))?;
+    }
+    if s.verbose && default > Priority::Info {
+        default = Priority::Info;
+    }
+    if outputs.is_empty() {
+        outputs = default_outputs(s, default, stdin_tty, journald_available());
+    }
+    Ok(Resolved {
+        default,
+        filters,
+        outputs,
+    })
+}
+
+fn journald_available() -> bool {
+    nix::unistd::access(JOURNALD_SOCKET, nix::unistd::AccessFlags::W_OK).is_ok()
+}
+
+/// `virLogSetDefaultOutput`: journald keeps debug out (it rate-limits), so it gets info.
+fn default_outputs(
+    s: &Settings,
+    default: Priority,
+    stdin_tty: bool,
+    journald: bool,
+) -> Vec<Output> {
+    let journald_out = Output {
+        priority: default.max(Priority::Info),
+        dest: Dest::Journald,
+    };
+    if s.daemon {
+        if journald {
+            return vec![journald_out];
+        }
+        let file = if s.privileged {
+            std::path::PathBuf::from("/var/log/libvirt/virtproxyd.log")
+        } else {
+            s.cache_dir
+                .clone()
+                .unwrap_or_else(|| std::path::PathBuf::from("."))
+                .join("virtproxyd.log")
+        };
+        return vec![Output {
+            priority: default,
+            dest: Dest::File(file),
+        }];
+    }
+    if !stdin_tty && journald {
+        vec![journald_out]
+    } else {
+        vec![Output {
+            priority: default,
+            dest: Dest::Stderr,
+        }]
+    }
+}
+
+/// An output ready to write.
+enum Sink {
+    Stderr,
+    Journald,
+    /// syslog keeps a pointer to the identity given to `openlog`: it lives here.
+    Syslog(#[allow(dead_code)] CString),
+    File(std::fs::File),
+}
+
+struct Active {
+    default: Priority,
+    filters: Vec<Filter>,
+    outputs: Vec<(Output, Sink)>,
+}
+
+impl Active {
+    fn threshold(&self, target: &str) -> Priority {
+        if self.filters.is_empty() {
+            return self.default;
+        }
+        let name = spec::source_name(target);
+        self.filters
+            .iter()
+            .find(|f| crate::glob::glob_match(&f.pattern, &name))
+            .map_or(self.default, |f| f.priority)
+    }
+
+    fn wants(&self, meta: &Metadata<'_>) -> bool {
+        let p = Priority::of(meta.level());
+        p >= self.threshold(meta.target()) && self.outputs.iter().any(|(o, _)| p >= o.priority)
+    }
+}
+
+fn open_sinks(outputs: &[Output]) -> Result<Vec<(Output, Sink)>, String> {
+    let mut syslog_open = false;
+    outputs
+        .iter()
+        .map(|o| {
+            let sink = match &o.dest {
+                Dest::Stderr => Sink::Stderr,
+                Dest::Journald => Sink::Journald,
+                Dest::Syslog(ident) => {
+                    let id = CString::new(ident.as_str())
+                        .map_err(|_| format!("syslog identity '{ident}' contains NUL"))?;
+                    if !syslog_open {
+                        // SAFETY: `id` is kept alive in the sink for as long as syslog uses it
+                        // (the previous identity stays alive until the next openlog).
+                        unsafe { libc::openlog(id.as_ptr(), libc::LOG_PID, libc::LOG_DAEMON) };
+                        syslog_open = true;
+                    }
+                    Sink::Syslog(id)
+                }
+                Dest::File(path) => {
+                    if let Some(dir) = path.parent() {
+                        let _ = std::fs::create_dir_all(dir);
+                    }
+                    let f = std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(path)
+                        .map_err(|e| format!("cannot open log file '{}': {e}", path.display()))?;
+                    Sink::File(f)
+                }
+            };
+            Ok((o.clone(), sink))
+        })
+        .collect()
+}
+
+/// Changes logging at run time (SIGHUP, admin calls). Cheap to clone.
+#[derive(Clone)]
+pub struct LogControl {
+    active: Arc<ArcSwap<Active>>,
+}
+
+impl LogControl {
+    fn swap(
+        &self,
+        default: Priority,
+        filters: Vec<Filter>,
+        outputs: &[Output],
+    ) -> Result<(), String> {
+        let outputs = open_sinks(outputs)?;
+        self.active.store(Arc::new(Active {
+            default,
+            filters,
+            outputs,
+        }));
+        tracing::callsite::rebuild_interest_cache();
+        Ok(())
+    }
+
+    /// The current filters as `virLogGetFilters` prints them.
+    pub fn filters(&self) -> String {
+        spec::format_filters(&self.active.load().filters)
+    }
+
+    /// The current outputs as `virLogGetOutputs` prints them.
+    pub fn outputs(&self) -> String {
+        let a = self.active.load();
+        let outs: Vec<Output> = a.outputs.iter().map(|(o, _)| o.clone()).collect();
+        spec::format_outputs(&outs)
+    }
+
+    pub fn default_priority(&self) -> Priority {
+        self.active.load().default
+    }
+
+    /// Replaces the filters (an admin call); empty text clears them.
+    pub fn set_filters(&self, text: &str) -> Result<(), SpecError> {
+        let filters = spec::parse_filters(text)?;
+        let a = self.active.load();
+        let outs: Vec<Output> = a.outputs.iter().map(|(o, _)| o.clone()).collect();
+        self.swap(a.default, filters, &outs).map_err(SpecError)
+    }
+
+    /// Replaces the outputs (an admin call); empty text restores the default output.
+    pub fn set_outputs(&self, text: &str, settings: &Settings) -> Result<(), SpecError> {
+        let mut outs = spec::parse_outputs(text)?;
+        let a = self.active.load();
+        if outs.is_empty() {
+            outs = default_outputs(settings, a.default, stdin_is_tty(), journald_available());
+        }
+        self.swap(a.default, a.filters.clone(), &outs)
+            .map_err(SpecError)
+    }
+
+    /// Applies a whole new resolution (SIGHUP).
+    pub fn apply(&self, r: &Resolved) -> Result<(), String> {
+        self.swap(r.default, r.filters.clone(), &r.outputs)
+    }
+}
+
+fn stdin_is_tty() -> bool {
+    use std::io::IsTerminal;
+    std::io::stdin().is_terminal()
+}
+
+/// Resolves the settings against the process environment and installs the global logger.
+pub fn install(settings: &Settings) -> Result<LogControl, String> {
+    let r = resolve(settings, &|k| std::env::var(k).ok(), stdin_is_tty())?;
+    let active = Arc::new(ArcSwap::from_pointee(Active {
+        default: r.default,
+        filters: r.filters,
+        outputs: open_sinks(&r.outputs)?,
+    }));
+    let control = LogControl {
+        active: active.clone(),
+    };
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    tracing_subscriber::registry()
+        .with(LibvirtLayer { active })
+        .try_init()
+        .map_err(|e| format!("cannot install the logger: {e}"))?;
+    Ok(control)
+}
+
+struct LibvirtLayer {
+    active: Arc<ArcSwap<Active>>,
+}
+
+impl<S: Subscriber> Layer<S> for LibvirtLayer {
+    fn register_callsite(&self, meta: &'static Metadata<'static>) -> tracing::subscriber::Interest {
+        if self.active.load().wants(meta) {
+            tracing::subscriber::Interest::always()
+        } else {
+            tracing::subscriber::Interest::never()
+        }
+    }
+
+    fn enabled(&self, meta: &Metadata<'_>, _: Context<'_, S>) -> bool {
+        self.active.load().wants(meta)
+    }
+
+    fn on_event(&self, event: &Event<'_>, _: Context<'_, S>) {
+        let a = self.active.load();
+        let meta = event.metadata();
+        let prio = Priority::of(meta.level());
+        if prio < a.threshold(meta.target()) {
+            return;
+        }
+        let mut text = Message::default();
+        event.record(&mut text);
+        let msg = text.0;
+        let mut line: Option<String> = None;
+        for (out, sink) in a.outputs.iter() {
+            if prio < out.priority {
+                continue;
+            }
+            match sink {
+                Sink::Stderr | Sink::File(_) => {
+                    let l = line.get_or_insert_with(|| file_line(meta, prio, &msg));
+                    let _ = match sink {
+                        Sink::File(f) => (&*f).write_all(l.as_bytes()),
+                        _ => std::io::stderr().write_all(l.as_bytes()),
+                    };
+                }
+                Sink::Journald => journald(meta, prio, &msg),
+                Sink::Syslog(_) => {
+                    if let Ok(c) = CString::new(msg.replace('\0', " ")) {
+                        // SAFETY: a constant format and a NUL-terminated argument.
+                        unsafe {
+                            libc::syslog(
+                                libc::LOG_DAEMON | i32::from(prio.syslog()),
+                                c"%s".as_ptr(),
+                                c.as_ptr(),
+                            )
+                        };
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The event's message followed by its other fields as `key=value`.
+#[derive(Default)]
+struct Message(String);
+
+impl Visit for Message {
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "message" {
+            let rest = std::mem::take(&mut self.0);
+            let _ = write!(self.0, "{value:?}");
+            if !rest.is_empty() {
+                self.0.push(' ');
+                self.0.push_str(&rest);
+            }
+        } else {
+            if !self.0.is_empty() {
+                self.0.push(' ');
+            }
+            let _ = write!(self.0, "{}={value:?}", field.name());
+        }
+    }
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if field.name() == "message" {
+            self.record_debug(field, &format_args!("{value}"));
+        } else {
+            if !self.0.is_empty() {
+                self.0.push(' ');
+            }
+            let _ = write!(self.0, "{}={value:?}", field.name());
+        }
+    }
+}
+
+/// libvirt's line: `<timestamp>: <thread id>: <priority> : <source>:<line> : <message>`.
+fn file_line(meta: &Metadata<'_>, prio: Priority, msg: &str) -> String {
+    // SAFETY: gettid has no failure mode.
+    let tid = unsafe { libc::gettid() };
+    format!(
+        "{}: {tid}: {} : {}:{} : {msg}\n",
+        timestamp(std::time::SystemTime::now()),
+        prio.word(),
+        meta.target(),
+        meta.line().unwrap_or(0)
+    )
+}
+
+/// `2026-11-27 04:58:01.123+0000`, UTC, as `virTimeStringNowRaw` prints it.
+fn timestamp(t: std::time::SystemTime) -> String {
+    let d = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}.{:03}+0000",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60,
+        d.subsec_millis()
+    )
+}
+
+/// One journald entry with libvirt's fields (`virLogOutputToJournald`).
+fn journald(meta: &Metadata<'_>, prio: Priority, msg: &str) {
+    use libsystemd::logging::{journal_send, Priority as JP};
+    let p = match prio {
+        Priority::Debug => JP::Debug,
+        Priority::Info => JP::Info,
+        Priority::Warn => JP::Warning,
+        Priority::Error => JP::Error,
+    };
+    let line = meta.line().unwrap_or(0).to_string();
+    let vars = [
+        ("SYSLOG_FACILITY", "3"),
+        ("SYSLOG_IDENTIFIER", "virtproxyd"),
+        ("LIBVIRT_SOURCE", meta.target()),
+        ("CODE_FILE", meta.file().unwrap_or("")),
+        ("CODE_LINE", line.as_str()),
+        ("CODE_FUNC", meta.module_path().unwrap_or("")),
+    ];
+    let _ = journal_send(p, msg, vars.into_iter());
+}
+
+/// Whether `path` is where journald listens (for tests that replace the socket).
+pub fn journald_socket() -> &'static Path {
+    Path::new(JOURNALD_SOCKET)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env<'a>(pairs: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
+        move |k| {
+            pairs
+                .iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.to_string())
+        }
+    }
+
+    #[test]
+    fn config_then_environment_then_verbose() {
+        let s = Settings {
+            level: 3,
+            filters: Some("1:rpc".into()),
+            outputs: Some("3:stderr".into()),
+            verbose: true,
+            ..Settings::default()
+        };
+        let r = resolve(&s, &env(&[]), true).unwrap();
+        assert_eq!(r.default, Priority::Info);
+        assert_eq!(spec::format_filters(&r.filters), "1:*rpc* ");
+        let r = resolve(
+            &s,
+            &env(&[
+                ("LIBVIRT_DEBUG", "error"),
+                ("LIBVIRT_LOG_FILTERS", "4:util"),
+                ("LIBVIRT_LOG_OUTPUTS", "1:file:/tmp/x.log"),
+            ]),
+            true,
+        )
+        .unwrap();
+        // -v still raises the level above the environment's.
+        assert_eq!(r.default, Priority::Info);
+        assert_eq!(spec::format_filters(&r.filters), "4:*util* ");
+        assert_eq!(spec::format_outputs(&r.outputs), "1:file:/tmp/x.log");
+    }
+
+    #[test]
+    fn malformed_settings_name_the_key() {
+        let s = Settings {
+            outputs: Some("9:bogus".into()),
+            ..Settings::default()
+        };
+        assert_eq!(
+            resolve(&s, &env(&[]), true).unwrap_err(),
+            "log_outputs: Invalid log priority '9' for log output '9:bogus'"
+        );
+        let s = Settings::default();
+        let e = resolve(&s, &env(&[("LIBVIRT_LOG_FILTERS", "x")]), true).unwrap_err();
+        assert_eq!(e, "LIBVIRT_LOG_FILTERS: Malformed format for filter 'x'");
+    }
+
+    #[test]
+    fn default_output_follows_libvirts_choice() {
+        let s = Settings::default();
+        let d = |tty, journald| default_outputs(&s, Priority::Debug, tty, journald);
+        assert_eq!(spec::format_outputs(&d(false, true)), "2:journald");
+        assert_eq!(spec::format_outputs(&d(true, true)), "1:stderr");
+        assert_eq!(spec::format_outputs(&d(false, false)), "1:stderr");
+        let s = Settings {
+            daemon: true,
+            privileged: true,
+            ..Settings::default()
+        };
+        assert_eq!(
+            spec::format_outputs(&default_outputs(&s, Priority::Warn, false, false)),
+            "3:file:/var/log/libvirt/virtproxyd.log"
+        );
+    }
+
+    #[test]
+    fn first_matching_filter_wins() {
+        let a = Active {
+            default: Priority::Warn,
+            filters: spec::parse_filters("4:rpc.relay 1:rpc").unwrap(),
+            outputs: vec![],
+        };
+        assert_eq!(a.threshold("virtproxyd::relay::pump"), Priority::Error);
+        assert_eq!(a.threshold("virtproxyd::worker"), Priority::Debug);
+        assert_eq!(a.threshold("virtproxyd::handshake"), Priority::Warn);
+    }
+
+    #[test]
+    fn timestamps_are_utc_civil_dates() {
+        let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(1_795_755_481_123);
+        assert_eq!(timestamp(t), "2026-11-27 04:58:01.123+0000");
+    }
+}
