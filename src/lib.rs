@@ -13,6 +13,7 @@ pub mod daemon;
 pub mod handshake;
 pub mod identity;
 pub mod listen;
+pub mod polkit;
 pub mod proto;
 pub mod reactor;
 pub mod relay;
