@@ -396,3 +396,80 @@ fn listen_tcp_without_auth_tcp_refuses_to_start() {
     );
     assert!(!dir.path().join("libvirt-sock").exists(), "sockets created");
 }
+
+fn polkitd_pid() -> Option<String> {
+    let o = Command::new("pgrep")
+        .args(["-x", "polkitd"])
+        .output()
+        .ok()?;
+    stdout(&o).lines().next().map(str::to_string)
+}
+
+#[test]
+fn a_stalled_polkitd_does_not_hold_up_other_clients_on_the_same_worker() {
+    let _b = bed();
+    let _pk = polkitd_lock().write().unwrap_or_else(|e| e.into_inner());
+    let _d = support::modular::daemons_shared();
+    let tb = bed().tb;
+    for backend in ["io_uring", "epoll"] {
+        // One relay worker: if the polkit check blocked it, every client would stall.
+        let p = Proxy::start_with(
+            &format!(
+                "{DEFAULT_AUTH}\nworker_threads = 1\ndriver_socket_dir = \"{}\"\n",
+                tb.sock_dir.display()
+            ),
+            &[("VIRTPROXYD_IO_BACKEND", backend)],
+        );
+        let mut held = Held::open("vpdpk", &p.rw_sock);
+        let pid = polkitd_pid().expect("polkitd running");
+        assert!(Command::new("kill")
+            .args(["-STOP", &pid])
+            .status()
+            .unwrap()
+            .success());
+        let mut waiting = client_cmd("vpdpk", &p.rw_sock, "rw");
+        waiting
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        let mut waiting = waiting.spawn().unwrap();
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            // Give the new client time to reach AUTH_POLKIT and wait on polkitd.
+            assert!(
+                wait_for(Duration::from_secs(10), || p
+                    .log_text()
+                    .contains("Checking PID")),
+                "{}",
+                p.log_text()
+            );
+            for _ in 0..5 {
+                let t = Instant::now();
+                assert_eq!(held.poke()["ok"], true);
+                assert!(
+                    t.elapsed() < Duration::from_secs(2),
+                    "{backend}: call took {:?}",
+                    t.elapsed()
+                );
+            }
+            assert!(
+                matches!(waiting.try_wait(), Ok(None)),
+                "{backend}: the client polkitd should be holding up finished"
+            );
+            let t = Instant::now();
+            assert_eq!(outcome("root", &p.rw_sock, false)["ok"], true);
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "{backend}: root open took {:?}",
+                t.elapsed()
+            );
+        }));
+        let _ = Command::new("kill").args(["-CONT", &pid]).status();
+        if let Err(e) = result {
+            std::panic::resume_unwind(e);
+        }
+        // polkitd answers once it runs again; the waiting client gets in.
+        let o = waiting.wait_with_output().unwrap();
+        let v: Value = serde_json::from_str(stdout(&o).trim()).unwrap_or(Value::Null);
+        assert_eq!(v["ok"], true, "{backend}: {v} {}", p.log_text());
+    }
+}
