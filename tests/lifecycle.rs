@@ -19,7 +19,10 @@ fn conf_for(dir: &Path, extra: &str) -> PathBuf {
     std::fs::write(
         &conf,
         format!(
-            "{extra}\nunix_sock_dir = \"{}\"\nunix_sock_rw_perms = \"0777\"\ndriver_sockets = [ \"test={}\", \"qemu={}\" ]\n",
+            // Auth "none" everywhere (after `extra`, which wins): raw clients skip AUTH_LIST
+            // and the activation test passes a TCP socket.
+            "{extra}\nunix_sock_dir = \"{}\"\nunix_sock_rw_perms = \"0777\"\ndriver_sockets = [ \"test={}\", \"qemu={}\" ]\n\
+             auth_unix_rw = \"none\"\nauth_unix_ro = \"none\"\nauth_tcp = \"none\"\n",
             dir.join("s").display(),
             d.display(),
             d.display()
