@@ -212,10 +212,14 @@ write_confs() {
     {
       echo "# modular-testbed.sh: generated on every start"
       [ "$name" = virtproxyd ] && [ -n "${VPD_MODULAR_PROXY_CONF:-}" ] && printf '%s\n' "$VPD_MODULAR_PROXY_CONF"
-      echo "unix_sock_rw_perms = \"0777\""
-      echo "unix_sock_ro_perms = \"0777\""
-      echo "auth_unix_rw = \"none\""
-      echo "auth_unix_ro = \"none\""
+      # VPD_MODULAR_PROXY_DEFAULT_AUTH=1: libvirt's virtproxyd keeps its compiled-in auth and
+      # socket modes (polkit, 0777), as with an untouched virtproxyd.conf.
+      if [ "$name" != virtproxyd ] || [ "${VPD_MODULAR_PROXY_DEFAULT_AUTH:-0}" != 1 ]; then
+        echo "unix_sock_rw_perms = \"0777\""
+        echo "unix_sock_ro_perms = \"0777\""
+        echo "auth_unix_rw = \"none\""
+        echo "auth_unix_ro = \"none\""
+      fi
       echo "log_level = $level"
       echo "log_outputs = \"$level:file:$sd/$name.log\""
       # No idle exit: the tests decide when daemons stop.

@@ -132,6 +132,47 @@ pub fn take_listeners(env: &ActivationEnv) -> Result<Option<Vec<Listener>>, Acti
     }
 }
 
+/// The warning for a read-write socket whose mode lets other users connect while nothing
+/// authenticates them (a distribution's `virtproxyd.socket` has `SocketMode=0666`, made for
+/// polkit). `None` when there is nothing to warn about.
+pub fn open_socket_warning(listener: &Listener, auth: crate::config::Auth) -> Option<String> {
+    if listener.kind != ListenerKind::UnixRw || auth != crate::config::Auth::None {
+        return None;
+    }
+    let path = match &listener.path {
+        Some(p) => p.clone(),
+        None => {
+            let addr: nix::sys::socket::UnixAddr =
+                nix::sys::socket::getsockname(listener.fd.as_raw_fd()).ok()?;
+            addr.path()?.to_path_buf()
+        }
+    };
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&path).ok()?.permissions());
+    rw_mode_warning(&path, mode & 0o777)
+}
+
+/// Pure part of [`open_socket_warning`]: any group or other bit lets someone besides the
+/// owner in.
+pub fn rw_mode_warning(path: &std::path::Path, mode: u32) -> Option<String> {
+    if mode & 0o077 == 0 {
+        return None;
+    }
+    let who = if mode & 0o007 != 0 {
+        "every local user"
+    } else {
+        "every member of the socket's group"
+    };
+    Some(format!(
+        "the read-write socket {} has mode {:04o} and auth_unix_rw = \"none\": {who} gets full \
+         control of every guest without authentication. Set SocketMode=0600 for \
+         virtproxyd.socket (systemctl edit virtproxyd.socket, then restart it), or \
+         set auth_unix_rw = \"polkit\" in virtproxyd.conf",
+        path.display(),
+        mode
+    ))
+}
+
 /// Config keys the real daemon ignores under socket activation (logged when set).
 pub const IGNORED_KEYS: &[&str] = &[
     "listen_tcp",
@@ -189,6 +230,21 @@ mod tests {
             plan(&env("42", "2", Some("virtproxyd.socket")), 42),
             Plan::Fallback { close, .. } if close == vec![3, 4]
         ));
+    }
+
+    #[test]
+    fn open_rw_socket_without_auth_is_warned_about() {
+        let p = std::path::Path::new("/run/libvirt/libvirt-sock");
+        assert_eq!(rw_mode_warning(p, 0o600), None);
+        assert_eq!(rw_mode_warning(p, 0o700), None);
+        let w = rw_mode_warning(p, 0o666).unwrap();
+        assert!(w.contains("mode 0666"), "{w}");
+        assert!(w.contains("every local user"), "{w}");
+        assert!(w.contains("SocketMode=0600"), "{w}");
+        assert!(w.contains("auth_unix_rw = \"polkit\""), "{w}");
+        assert!(rw_mode_warning(p, 0o660)
+            .unwrap()
+            .contains("every member of the socket's group"));
     }
 
     #[test]

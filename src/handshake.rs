@@ -10,8 +10,10 @@
 
 use std::path::PathBuf;
 
+use crate::config::Auth;
 use crate::identity::Identity;
 use crate::listen::ListenerKind;
+use crate::polkit;
 use crate::proto::msg::{self, err_code, err_domain, OpenArgs, RemoteError};
 use crate::proto::{
     auth_type, feature, keepalive_proc, program, remote_proc, Header, MsgStatus, MsgType,
@@ -33,6 +35,10 @@ pub enum Action {
     StartRelay,
     /// Close the client once queued bytes are flushed.
     Close(String),
+    /// Ask polkitd; the answer comes back through `on_polkit_answer`.
+    AskPolkit(polkit::Query),
+    /// The client's authentication is complete (it no longer counts as anonymous).
+    Authenticated,
 }
 
 /// Highest procedure number known per program in libvirt 9.0.0 (appendix A).
@@ -70,6 +76,8 @@ struct Pending {
 #[derive(Debug)]
 enum Phase {
     PreOpen,
+    /// AUTH_POLKIT asked polkitd; the header is the call to answer.
+    Authorizing(Header),
     Downstream(Box<Pending>),
     Done,
 }
@@ -78,6 +86,9 @@ enum Phase {
 #[derive(Debug)]
 pub struct Handshake {
     listener: ListenerKind,
+    /// The listener's auth; `authenticated` says whether it is satisfied.
+    auth: Auth,
+    authenticated: bool,
     keepalive_asked: bool,
     identity: Identity,
     phase: Phase,
@@ -105,11 +116,105 @@ impl Handshake {
     pub fn new(listener: ListenerKind, identity: Identity) -> Self {
         Self {
             listener,
+            auth: Auth::None,
+            authenticated: true,
             keepalive_asked: false,
             identity,
             phase: Phase::PreOpen,
             next_serial: 0,
         }
+    }
+
+    /// The listener asks for `auth`; until it is satisfied only AUTH_* and keepalive pass.
+    pub fn with_auth(mut self, auth: Auth) -> Self {
+        self.auth = auth;
+        self.authenticated = auth == Auth::None;
+        self
+    }
+
+    /// Whether the client still has to authenticate (it counts as anonymous until then).
+    pub fn auth_pending(&self) -> bool {
+        !self.authenticated
+    }
+
+    /// polkitd answered the AUTH_POLKIT call in progress.
+    pub fn on_polkit_answer(&mut self, result: Result<(), RemoteError>, out: &mut Vec<Action>) {
+        let Phase::Authorizing(h) = self.phase else {
+            return;
+        };
+        self.phase = Phase::PreOpen;
+        match result {
+            Ok(()) => {
+                self.authenticated = true;
+                out.push(Action::Authenticated);
+                out.push(Action::ToClient(msg::ok_reply(&h, &msg::i32_body(1))));
+            }
+            Err(e) => {
+                refused(&h, &e);
+                out.push(Action::ToClient(msg::error_reply(&h, &e)));
+            }
+        }
+    }
+
+    /// AUTH_LIST: root skips polkit (so root keeps access when polkit is broken), as in
+    /// libvirt; everyone else is told to use it.
+    fn auth_list(&mut self, h: &Header, out: &mut Vec<Action>) {
+        let root = self.identity.unix.as_ref().filter(|u| u.uid == 0);
+        let offered = match (self.authenticated, self.auth, root) {
+            (false, Auth::Polkit, Some(u)) => {
+                tracing::info!(
+                    "Bypass polkit auth for privileged client pid:{},uid:0",
+                    u.pid
+                );
+                self.authenticated = true;
+                out.push(Action::Authenticated);
+                auth_type::NONE
+            }
+            (true, _, _) | (_, Auth::None, _) => auth_type::NONE,
+            (false, Auth::Polkit, None) => auth_type::POLKIT,
+            (false, Auth::Sasl, _) => auth_type::SASL,
+        };
+        out.push(Action::ToClient(msg::ok_reply(
+            h,
+            &msg::auth_list_body(&[offered]),
+        )));
+    }
+
+    /// AUTH_POLKIT: only a polkit client still waiting for its answer gets a question asked;
+    /// anything else fails the way libvirt fails it (no error of its own).
+    fn auth_polkit(&mut self, h: &Header, out: &mut Vec<Action>) {
+        let peer = self.identity.unix.as_ref();
+        match peer {
+            Some(u) if self.auth == Auth::Polkit && !self.authenticated => {
+                if u.process_time == 0 {
+                    tracing::warn!(
+                        "Failing polkit auth due to missing client (pid={}) start time",
+                        u.pid
+                    );
+                } else {
+                    let action = if self.listener == ListenerKind::UnixRo {
+                        polkit::ACTION_MONITOR
+                    } else {
+                        polkit::ACTION_MANAGE
+                    };
+                    out.push(Action::AskPolkit(polkit::Query {
+                        action,
+                        pid: u.pid as u32,
+                        start_time: u.process_time,
+                        uid: u.uid,
+                    }));
+                    self.phase = Phase::Authorizing(*h);
+                    return;
+                }
+            }
+            _ if self.auth != Auth::Polkit || self.authenticated => {
+                tracing::error!("client tried invalid PolicyKit init request");
+            }
+            _ => {}
+        }
+        let e = polkit::unexplained_failure();
+        refused(h, &e);
+        out.push(Action::ToClient(msg::error_reply(h, &e)));
     }
 
     /// Replaces the identity (a TLS client's is known only after its handshake).
@@ -206,16 +311,20 @@ impl Handshake {
                 rpc_error(format!("Unexpected message status {}", h.status.to_wire())),
             );
         }
+        // Before authentication only the auth calls pass (libvirt's needAuth), in every program.
+        let auth_call = h.prog == program::REMOTE
+            && (remote_proc::AUTH_LIST..=remote_proc::AUTH_POLKIT).contains(&h.proc_);
+        if !self.authenticated && !auth_call {
+            return reply_err(out, rpc_error("authentication required"));
+        }
         if h.prog != program::REMOTE {
             return reply_err(out, RemoteError::not_open());
         }
         match h.proc_ {
-            remote_proc::AUTH_LIST => out.push(Action::ToClient(msg::ok_reply(
-                h,
-                &msg::auth_list_body(&[auth_type::NONE]),
-            ))),
-            // SASL init/start/step and polkit on a listener whose auth is "none".
-            67..=70 => reply_err(
+            remote_proc::AUTH_LIST => self.auth_list(h, out),
+            remote_proc::AUTH_POLKIT => self.auth_polkit(h, out),
+            // SASL init/start/step: no listener offers SASL.
+            67..=69 => reply_err(
                 out,
                 RemoteError::new(
                     err_code::AUTH_FAILED,

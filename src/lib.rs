@@ -15,6 +15,7 @@ pub mod handshake;
 pub mod identity;
 pub mod listen;
 pub mod logging;
+pub mod polkit;
 pub mod proto;
 pub mod reactor;
 pub mod relay;

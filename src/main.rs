@@ -16,7 +16,7 @@ use virtproxyd::reactor;
 use virtproxyd::route::RouteTable;
 use virtproxyd::server::{self, ServerOpts, Stopped};
 use virtproxyd::tls;
-use virtproxyd::worker::Shared;
+use virtproxyd::worker::{ListenerAuth, Shared};
 
 /// Exit statuses used by libvirt daemons (libvirt-rpc.md §8.6).
 const EXIT_CONFIG: i32 = 1;
@@ -109,9 +109,15 @@ impl Reloader {
             shared
                 .max_clients
                 .store(new.max_clients as usize, Ordering::Release);
+            shared
+                .max_anonymous_clients
+                .store(new.max_anonymous_clients as usize, Ordering::Release);
             applied.push(format!(
-                "max_clients {} -> {}",
-                old.max_clients, new.max_clients
+                "max_clients {} -> {}, max_anonymous_clients {} -> {}",
+                old.max_clients,
+                new.max_clients,
+                old.max_anonymous_clients,
+                new.max_anonymous_clients
             ));
         }
         if (&old.driver_socket_dir, &old.driver_sockets)
@@ -244,10 +250,29 @@ fn run(argv0: &str, cli: cli::Cli) -> i32 {
                     tracing::info!("'{key}' is ignored under socket activation");
                 }
             }
+            // systemd decides which listeners exist: each must be servable with its auth.
+            for listener in &l {
+                if let Err(e) = cfg.check_listener_auth(listener.kind) {
+                    return fail(ready, EXIT_CONFIG, &format!("Can't load config file: {e}"));
+                }
+                if let Some(w) =
+                    activation::open_socket_warning(listener, cfg.auth_for(listener.kind).1)
+                {
+                    tracing::warn!("{w}");
+                }
+            }
             l
         }
         Ok(None) => match create_listeners(&cfg, &env) {
-            Ok(l) => l,
+            Ok(l) => {
+                for listener in &l {
+                    let auth = cfg.auth_for(listener.kind).1;
+                    if let Some(w) = activation::open_socket_warning(listener, auth) {
+                        tracing::warn!("{w}");
+                    }
+                }
+                l
+            }
             Err(e) => return fail(ready, EXIT_NETWORK, &e.to_string()),
         },
     };
@@ -273,6 +298,14 @@ fn run(argv0: &str, cli: cli::Cli) -> i32 {
         drain_grace: DRAIN_GRACE,
         splice_threshold,
         tls: arc_swap::ArcSwapOption::new(tls),
+        auth: ListenerAuth {
+            unix_rw: cfg.auth_unix_rw,
+            unix_ro: cfg.auth_unix_ro,
+            tcp: cfg.auth_tcp,
+            tls: cfg.auth_tls,
+        },
+        auth_pending: AtomicUsize::new(0),
+        max_anonymous_clients: AtomicUsize::new(cfg.max_anonymous_clients as usize),
     });
     let workers = match cfg.worker_threads {
         0 => std::thread::available_parallelism()
@@ -340,6 +373,11 @@ fn create_listeners(cfg: &Config, env: &Env) -> Result<Vec<listen::Listener>, li
             cfg.unix_sock_ro_perms,
             ListenerKind::UnixRo,
         ));
+    }
+    // Created wherever libvirt creates it, so virt-admin gets a clear refusal rather than
+    // "no such file".
+    if let Some(admin) = cfg.admin_socket_path() {
+        specs.push((admin, cfg.unix_sock_admin_perms, ListenerKind::UnixAdmin));
     }
     let mut listeners: Vec<listen::Listener> = Vec::new();
     let addrs: Vec<String> = cfg.listen_addr.iter().cloned().collect();

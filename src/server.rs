@@ -85,6 +85,13 @@ fn client_identity(kind: ListenerKind, fd: &OwnedFd, names: &mut NameCache) -> O
     }
 }
 
+/// max_anonymous_clients: like libvirt, accepting pauses on every listener while this many
+/// clients have not finished authenticating.
+fn anonymous_limit_reached(shared: &Shared) -> bool {
+    let max = shared.max_anonymous_clients.load(Ordering::Acquire);
+    max != 0 && shared.auth_pending.load(Ordering::Acquire) >= max
+}
+
 /// Signals the acceptor handles; blocked in every thread so only the signalfd sees them.
 pub fn handled_signals() -> SigSet {
     let mut set = SigSet::empty();
@@ -108,12 +115,49 @@ pub fn run(mut opts: ServerOpts) -> io::Result<Stopped> {
 
     let mut workers = Vec::with_capacity(opts.workers);
     let mut backend_name = "";
-    for index in 0..opts.workers.max(1) {
+    let nworkers = opts.workers.max(1);
+    let wakers = (0..nworkers)
+        .map(|_| eventfd())
+        .collect::<io::Result<Vec<_>>>()?;
+    // polkit threads only when a listener uses polkit; answers reach a worker through its
+    // own channel and eventfd.
+    let uses_polkit = opts
+        .listeners
+        .iter()
+        .any(|l| opts.shared.auth.of(l.kind) == crate::config::Auth::Polkit);
+    let mut links: Vec<Option<crate::worker::PolkitLink>> = Vec::new();
+    if uses_polkit {
+        let mut repliers = Vec::new();
+        let mut answer_rxs = Vec::new();
+        for w in &wakers {
+            let (tx, rx) = channel();
+            repliers.push(crate::polkit::Replier {
+                tx,
+                waker: w.try_clone()?,
+            });
+            answer_rxs.push(rx);
+        }
+        let requests = crate::polkit::spawn(repliers)?;
+        for rx in answer_rxs {
+            links.push(Some(crate::worker::PolkitLink {
+                tx: requests.clone(),
+                rx,
+            }));
+        }
+    }
+    links.resize_with(nworkers, || None);
+    for (index, (waker, link)) in wakers.into_iter().zip(links).enumerate() {
         let reactor = Reactor::new(opts.backend)?;
         backend_name = reactor.name();
         let (tx, rx) = channel();
-        let waker = eventfd()?;
-        let worker = Worker::new(index, reactor, rx, waker.try_clone()?, opts.shared.clone())?;
+        let worker = Worker::new(
+            index,
+            reactor,
+            rx,
+            waker.try_clone()?,
+            opts.shared.clone(),
+            link,
+        )?;
         let thread = std::thread::Builder::new()
             .name(format!("relay-{index}"))
             .spawn(move || worker.run())?;
@@ -146,6 +190,7 @@ pub fn run(mut opts: ServerOpts) -> io::Result<Stopped> {
             last_status = (clients, Instant::now());
         }
         let max_clients = shared.max_clients.load(Ordering::Acquire);
+        let anonymous_full = anonymous_limit_reached(shared);
         if clients == 0 {
             idle_since.get_or_insert_with(Instant::now);
         } else {
@@ -156,7 +201,7 @@ pub fn run(mut opts: ServerOpts) -> io::Result<Stopped> {
                 break Stopped::IdleTimeout;
             }
         }
-        let at_limit = max_clients != 0 && clients >= max_clients;
+        let at_limit = (max_clients != 0 && clients >= max_clients) || anonymous_full;
         let backing_off = accept_backoff.is_some_and(|t| t > Instant::now());
         let accepting = !at_limit && !backing_off;
         let mut fds = vec![PollFd::new(sigfd.as_fd(), PollFlags::POLLIN)];
@@ -209,6 +254,9 @@ pub fn run(mut opts: ServerOpts) -> io::Result<Stopped> {
                 if max_clients != 0 && shared.clients.load(Ordering::Acquire) >= max_clients {
                     break;
                 }
+                if anonymous_limit_reached(shared) {
+                    break;
+                }
                 match nix::sys::socket::accept4(
                     l.fd.as_raw_fd(),
                     nix::sys::socket::SockFlag::SOCK_NONBLOCK
@@ -231,6 +279,10 @@ pub fn run(mut opts: ServerOpts) -> io::Result<Stopped> {
                             }
                         }
                         shared.clients.fetch_add(1, Ordering::AcqRel);
+                        let auth = shared.auth.of(l.kind);
+                        if auth != crate::config::Auth::None {
+                            shared.auth_pending.fetch_add(1, Ordering::AcqRel);
+                        }
                         let w = &workers[next_worker % workers.len()];
                         next_worker = next_worker.wrapping_add(1);
                         if w.tx
@@ -239,10 +291,14 @@ pub fn run(mut opts: ServerOpts) -> io::Result<Stopped> {
                                 fd,
                                 kind: l.kind,
                                 identity,
+                                auth,
                             })
                             .is_err()
                         {
                             shared.clients.fetch_sub(1, Ordering::AcqRel);
+                            if auth != crate::config::Auth::None {
+                                shared.auth_pending.fetch_sub(1, Ordering::AcqRel);
+                            }
                             tracing::error!("relay worker is gone; dropping client");
                         } else {
                             wake(&w.waker);

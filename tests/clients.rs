@@ -163,7 +163,9 @@ impl Proxy {
         std::fs::write(
             &conf,
             format!(
-                "unix_sock_dir = \"{}\"\ndriver_socket_dir = \"{}\"\n{extra}\n",
+                // Auth "none" (after `extra`, which wins): go-libvirt opens without AUTH_LIST.
+                "unix_sock_dir = \"{}\"\ndriver_socket_dir = \"{}\"\n{extra}\n\
+                 auth_unix_rw = \"none\"\nauth_unix_ro = \"none\"\n",
                 sockdir.display(),
                 tb.run.join("libvirt").display()
             ),

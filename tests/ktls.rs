@@ -97,6 +97,9 @@ fn proxy() -> &'static Proxy {
             drain_grace: Duration::from_secs(1),
             splice_threshold: 16 * 1024,
             tls: arc_swap::ArcSwapOption::new(Some(Arc::new(settings))),
+            auth: virtproxyd::worker::ListenerAuth::NONE,
+            auth_pending: AtomicUsize::new(0),
+            max_anonymous_clients: AtomicUsize::new(0),
         });
         std::thread::spawn(move || {
             let _ = server::run(ServerOpts {

@@ -19,7 +19,10 @@ fn conf_for(dir: &Path, extra: &str) -> PathBuf {
     std::fs::write(
         &conf,
         format!(
-            "{extra}\nunix_sock_dir = \"{}\"\nunix_sock_rw_perms = \"0777\"\ndriver_sockets = [ \"test={}\", \"qemu={}\" ]\n",
+            // Auth "none" everywhere (after `extra`, which wins): raw clients skip AUTH_LIST
+            // and the activation test passes a TCP socket.
+            "{extra}\nunix_sock_dir = \"{}\"\nunix_sock_rw_perms = \"0777\"\ndriver_sockets = [ \"test={}\", \"qemu={}\" ]\n\
+             auth_unix_rw = \"none\"\nauth_unix_ro = \"none\"\nauth_tcp = \"none\"\n",
             dir.join("s").display(),
             d.display(),
             d.display()
@@ -161,6 +164,91 @@ fn socket_activation_serves_passed_fds_and_never_unlinks_them() {
     assert!(
         rw.exists() && ro.exists(),
         "activated sockets were unlinked"
+    );
+}
+
+/// Runs the proxy under systemd-socket-activate with one rw socket of `mode` (and the TCP
+/// socket too when `tcp`), triggers it, and returns (exit status if it exited, log).
+fn activate_rw(extra: &str, mode: u32, tcp: bool) -> (Option<std::process::ExitStatus>, String) {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempdir();
+    let conf = dir.path().join("virtproxyd.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "{extra}\ndriver_sockets = [ \"test={}\" ]\n",
+            daemon().rw_sock.display()
+        ),
+    )
+    .unwrap();
+    let sock = dir.path().join("act-rw");
+    let log = std::fs::File::create(dir.path().join("proxy.log")).unwrap();
+    let mut cmd = Command::new("systemd-socket-activate");
+    cmd.arg("-l").arg(&sock);
+    let mut names = "virtproxyd.socket".to_string();
+    if tcp {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        cmd.arg("-l").arg(format!("127.0.0.1:{port}"));
+        names.push_str(":virtproxyd-tcp.socket");
+    }
+    let mut act = cmd
+        .arg(format!("--fdname={names}"))
+        .args([
+            BIN,
+            "-v",
+            "-f",
+            conf.to_str().unwrap(),
+            "-p",
+            dir.path().join("pid").to_str().unwrap(),
+        ])
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    assert!(wait_for(Duration::from_secs(10), || sock.exists()));
+    // What SocketMode= would have made it.
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(mode)).unwrap();
+    let _trigger = UnixStream::connect(&sock).unwrap();
+    let log_path = dir.path().join("proxy.log");
+    let st = if tcp {
+        wait_exit(&mut act, Duration::from_secs(10))
+    } else {
+        assert!(wait_for(Duration::from_secs(10), || {
+            std::fs::read_to_string(&log_path).is_ok_and(|l| l.contains("relay workers started"))
+        }));
+        sigterm(act.id());
+        wait_exit(&mut act, Duration::from_secs(10));
+        None
+    };
+    (st, std::fs::read_to_string(&log_path).unwrap())
+}
+
+#[test]
+fn activated_rw_socket_open_to_others_without_auth_is_warned_about() {
+    let (_, log) = activate_rw("auth_unix_rw = \"none\"", 0o666, false);
+    assert!(
+        log.contains("has mode 0666 and auth_unix_rw = \"none\""),
+        "{log}"
+    );
+    assert!(log.contains("SocketMode=0600"), "{log}");
+    // The distribution's 0666 unit with polkit (the default), or a 0600 socket: no warning.
+    for (extra, mode) in [("", 0o666), ("auth_unix_rw = \"none\"", 0o600)] {
+        let (_, log) = activate_rw(extra, mode, false);
+        assert!(!log.contains("SocketMode=0600"), "{extra} {mode:o}: {log}");
+    }
+}
+
+#[test]
+fn activated_tcp_socket_with_default_sasl_auth_refuses_to_start() {
+    let (st, log) = activate_rw("", 0o666, true);
+    assert_eq!(st.and_then(|s| s.code()), Some(1), "{log}");
+    assert!(
+        log.contains("auth_tcp = \"sasl\" (the default) needs SASL, not supported yet"),
+        "{log}"
     );
 }
 

@@ -376,6 +376,8 @@ impl Proxy {
                 "unix_sock_dir = \"{}\"\n\
                  unix_sock_rw_perms = \"0777\"\n\
                  unix_sock_ro_perms = \"0777\"\n\
+                 auth_unix_rw = \"none\"\n\
+                 auth_unix_ro = \"none\"\n\
                  driver_sockets = [ \"test={d}\", \"qemu={d}\", \"storage={d}\" ]\n\
                  io_backend = \"{backend}\"\n\
                  max_clients = 20000\n",

@@ -12,7 +12,22 @@ fuzz_target!(|data: &[u8]| {
     let routes = RouteTable::new("/nonexistent".into(), vec![("test".into(), "/nonexistent/s".into())], false);
     let kinds = [ListenerKind::UnixRw, ListenerKind::UnixRo, ListenerKind::UnixAdmin, ListenerKind::Tcp, ListenerKind::Tls];
     let kind = kinds[data.first().map_or(0, |b| *b as usize % kinds.len())];
-    let mut hs = Handshake::new(kind, Identity::default());
+    // The second byte picks polkit (with a non-root UNIX peer) and whether polkitd allows.
+    let flags = data.get(1).copied().unwrap_or(0);
+    let mut hs = if flags & 1 == 1 {
+        let peer = virtproxyd::identity::UnixPeer {
+            uid: 1000,
+            gid: 1000,
+            pid: 42,
+            user_name: None,
+            group_name: None,
+            process_time: 7,
+        };
+        let id = Identity { unix: Some(peer), ..Identity::default() };
+        Handshake::new(kind, id).with_auth(virtproxyd::config::Auth::Polkit)
+    } else {
+        Handshake::new(kind, Identity::default())
+    };
     let mut rest = data;
     let mut out = Vec::new();
     let mut to_daemon = false;
@@ -39,6 +54,13 @@ fuzz_target!(|data: &[u8]| {
                     pending.extend(more);
                 }
                 Action::Disconnect | Action::StartRelay | Action::Close(_) => to_daemon = false,
+                Action::AskPolkit(q) => {
+                    let mut more = Vec::new();
+                    let answer = virtproxyd::polkit::verdict(flags & 2 == 2, flags & 4 == 4, &Default::default(), q.action);
+                    hs.on_polkit_answer(answer, &mut more);
+                    pending.extend(more);
+                }
+                Action::Authenticated => {}
             }
         }
         rest = &rest[len..];

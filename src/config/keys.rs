@@ -188,9 +188,13 @@ pub(super) fn apply(conf: &VirConf, file: &Path, cfg: &mut Config) -> Result<(),
     r.auth("auth_unix_rw", &mut cfg.auth_unix_rw)?;
     // libvirt makes the rw socket world-accessible when polkit guards it,
     // unless the file sets the mode itself.
-    if cfg.auth_unix_rw == Auth::Polkit {
-        cfg.unix_sock_rw_perms = 0o777;
-    }
+    // Deviation: libvirt keeps 0777 when the file turns polkit off without a mode; an open
+    // socket without auth hands every local user full access, so it falls back to 0700.
+    cfg.unix_sock_rw_perms = if cfg.auth_unix_rw == Auth::Polkit {
+        0o777
+    } else {
+        0o700
+    };
     r.perms("unix_sock_rw_perms", &mut cfg.unix_sock_rw_perms)?;
     if let Some(dir) = r.path("unix_sock_dir")? {
         cfg.unix_sock_dir = dir;

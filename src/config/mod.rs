@@ -17,6 +17,8 @@ use std::fmt;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
+use crate::listen::ListenerKind;
+
 /// Environment variable that overrides the `io_backend` key.
 pub const IO_BACKEND_ENV: &str = "VIRTPROXYD_IO_BACKEND";
 
@@ -215,8 +217,8 @@ pub struct Config {
     pub unix_sock_group: Option<String>,
     /// Mode of the read-only socket.
     pub unix_sock_ro_perms: u32,
-    /// Mode of the read-write socket. 0700 (libvirt's polkit builds use 0777,
-    /// which with auth "none" hands every local user full access).
+    /// Mode of the read-write socket: 0777 when `auth_unix_rw` is polkit (root's default),
+    /// else 0700, unless the file sets it.
     pub unix_sock_rw_perms: u32,
     /// Mode of the admin socket.
     pub unix_sock_admin_perms: u32,
@@ -231,7 +233,8 @@ pub struct Config {
     pub auth_unix_rw: Auth,
     /// Auth on the read-only UNIX socket.
     pub auth_unix_ro: Auth,
-    /// Auth on the TCP listener (libvirt's default is SASL; this build has none).
+    /// Auth on the TCP listener (SASL by default, which this build cannot do yet: a TCP
+    /// listener then refuses to start).
     pub auth_tcp: Auth,
     /// Auth on the TLS listener.
     pub auth_tls: Auth,
@@ -365,13 +368,24 @@ impl Config {
             listen_addr: None,
             unix_sock_group: None,
             unix_sock_ro_perms: 0o777,
-            unix_sock_rw_perms: 0o700,
+            // libvirt opens the rw socket to everyone when polkit guards it.
+            unix_sock_rw_perms: if env.privileged { 0o777 } else { 0o700 },
             unix_sock_admin_perms: 0o700,
             unix_sock_dir: env.run_dir(),
             admin_sock_enabled: true,
-            auth_unix_rw: Auth::None,
-            auth_unix_ro: Auth::None,
-            auth_tcp: Auth::None,
+            // libvirt's polkit+SASL build (every distribution's): polkit on the system
+            // sockets, none for a session daemon, SASL on plain TCP.
+            auth_unix_rw: if env.privileged {
+                Auth::Polkit
+            } else {
+                Auth::None
+            },
+            auth_unix_ro: if env.privileged {
+                Auth::Polkit
+            } else {
+                Auth::None
+            },
+            auth_tcp: Auth::Sasl,
             auth_tls: Auth::None,
             access_drivers: vec!["none".into()],
             ca_file,
@@ -498,27 +512,61 @@ impl Config {
     }
 
     /// Refuse settings that parse fine but that this daemon cannot honour yet,
-    /// rather than silently running with weaker security than configured.
+    /// rather than silently running with weaker security than configured. Only listeners
+    /// that will exist are checked (`auth_tcp = "sasl"` is the default and harmless while
+    /// `listen_tcp = 0`); activated listeners are checked with [`Config::check_listener_auth`].
     pub fn validate_supported(&self) -> Result<(), ConfigError> {
-        let file = self.origin.file.clone().unwrap_or_default();
-        for (key, auth) in [
-            ("auth_unix_rw", self.auth_unix_rw),
-            ("auth_unix_ro", self.auth_unix_ro),
-            ("auth_tcp", self.auth_tcp),
-            ("auth_tls", self.auth_tls),
-        ] {
-            if auth != Auth::None {
-                return Err(ConfigError::new(
-                    &file,
-                    self.origin.line_of(key).unwrap_or(0),
-                    format!(
-                        "{key} = \"{}\" is not supported by this virtproxyd yet; set it to \"none\"",
-                        auth.as_str()
-                    ),
-                ));
-            }
+        self.check_listener_auth(ListenerKind::UnixRw)?;
+        if self.privileged {
+            self.check_listener_auth(ListenerKind::UnixRo)?;
+        }
+        if self.listen_tcp {
+            self.check_listener_auth(ListenerKind::Tcp)?;
+        }
+        if self.listen_tls {
+            self.check_listener_auth(ListenerKind::Tls)?;
         }
         Ok(())
+    }
+
+    /// The auth key and value that apply to a listener of `kind` (the admin socket has none).
+    pub fn auth_for(&self, kind: ListenerKind) -> (&'static str, Auth) {
+        match kind {
+            ListenerKind::UnixRw => ("auth_unix_rw", self.auth_unix_rw),
+            ListenerKind::UnixRo => ("auth_unix_ro", self.auth_unix_ro),
+            ListenerKind::UnixAdmin => ("", Auth::None),
+            ListenerKind::Tcp => ("auth_tcp", self.auth_tcp),
+            ListenerKind::Tls => ("auth_tls", self.auth_tls),
+        }
+    }
+
+    /// Whether a listener of `kind` can be served with its configured auth: SASL cannot yet,
+    /// and is never downgraded silently.
+    pub fn check_listener_auth(&self, kind: ListenerKind) -> Result<(), ConfigError> {
+        let (key, auth) = self.auth_for(kind);
+        if auth != Auth::Sasl {
+            return Ok(());
+        }
+        let file = self.origin.file.clone().unwrap_or_default();
+        let how = if self.origin.line_of(key).is_some() {
+            "set"
+        } else {
+            "the default"
+        };
+        let alternative = if kind.is_unix() {
+            format!("set {key} = \"polkit\" or \"none\"")
+        } else if kind == ListenerKind::Tcp {
+            format!(
+                "set {key} = \"none\" (plain TCP without authentication: any host that reaches the port gets full access) or use listen_tls instead"
+            )
+        } else {
+            format!("set {key} = \"none\" (client certificates are still checked)")
+        };
+        Err(ConfigError::new(
+            &file,
+            self.origin.line_of(key).unwrap_or(0),
+            format!("{key} = \"sasl\" ({how}) needs SASL, not supported yet: {alternative}"),
+        ))
     }
 
     /// Path of the read-write socket.

@@ -173,20 +173,72 @@ fn auth_values_are_checked() {
 }
 
 #[test]
-fn unsupported_auth_is_refused_with_its_line() {
-    let c = cfg("# x\nlisten_tcp = 0\nauth_unix_rw = \"polkit\"\n").unwrap();
+fn auth_defaults_are_libvirts_polkit_build() {
+    let r = Config::defaults(&root());
+    assert_eq!(
+        (r.auth_unix_rw, r.auth_unix_ro, r.auth_tcp, r.auth_tls),
+        (Auth::Polkit, Auth::Polkit, Auth::Sasl, Auth::None)
+    );
+    assert_eq!(
+        (
+            r.unix_sock_rw_perms,
+            r.unix_sock_ro_perms,
+            r.unix_sock_admin_perms
+        ),
+        (0o777, 0o777, 0o700)
+    );
+    r.validate_supported().unwrap();
+    let u = Config::defaults(&user());
+    assert_eq!(
+        (u.auth_unix_rw, u.auth_unix_ro, u.auth_tcp, u.auth_tls),
+        (Auth::None, Auth::None, Auth::Sasl, Auth::None)
+    );
+    assert_eq!(u.unix_sock_rw_perms, 0o700);
+    // Turning polkit off without a mode closes the socket to others (libvirt keeps 0777).
+    assert_eq!(
+        cfg("auth_unix_rw = \"none\"").unwrap().unix_sock_rw_perms,
+        0o700
+    );
+    let c = cfg("auth_unix_rw = \"none\"\nunix_sock_rw_perms = \"0770\"").unwrap();
+    assert_eq!(c.unix_sock_rw_perms, 0o770);
+}
+
+#[test]
+fn sasl_is_refused_only_where_a_listener_would_use_it() {
+    let c = cfg("# x\nlisten_tcp = 1\n").unwrap();
     let e = c.validate_supported().unwrap_err();
+    assert_eq!(e.line, 0);
+    assert!(
+        e.reason.starts_with(
+            "auth_tcp = \"sasl\" (the default) needs SASL, not supported yet: set auth_tcp = \"none\""
+        ),
+        "{e}"
+    );
+    cfg("listen_tcp = 1\nauth_tcp = \"none\"")
+        .unwrap()
+        .validate_supported()
+        .unwrap();
+    // An activated TCP socket is checked as well, whatever listen_tcp says.
+    assert!(cfg("")
+        .unwrap()
+        .check_listener_auth(ListenerKind::Tcp)
+        .is_err());
+    let e = cfg("# x\nauth_unix_rw = \"sasl\"\n")
+        .unwrap()
+        .validate_supported()
+        .unwrap_err();
     assert_eq!(
         e.to_string(),
-        "/etc/libvirt/virtproxyd.conf:3: auth_unix_rw = \"polkit\" is not supported by this virtproxyd yet; set it to \"none\""
+        "/etc/libvirt/virtproxyd.conf:2: auth_unix_rw = \"sasl\" (set) needs SASL, not supported yet: set auth_unix_rw = \"polkit\" or \"none\""
     );
-    let mut d = Config::defaults(&root());
-    d.auth_tcp = Auth::Sasl;
-    assert!(d
+    let e = cfg("listen_tls = 1\nauth_tls = \"sasl\"")
+        .unwrap()
         .validate_supported()
-        .unwrap_err()
-        .to_string()
-        .starts_with("auth_tcp = \"sasl\""));
+        .unwrap_err();
+    assert!(
+        e.reason.starts_with("auth_tls = \"sasl\" (set) needs SASL"),
+        "{e}"
+    );
 }
 
 #[test]

@@ -310,3 +310,132 @@ fn admin_listener_refuses_calls_and_closes_on_connect_close() {
         "{out:?}"
     );
 }
+
+fn peer(uid: u32, process_time: u64) -> Identity {
+    Identity {
+        unix: Some(crate::identity::UnixPeer {
+            uid,
+            gid: uid,
+            pid: 4242,
+            user_name: None,
+            group_name: None,
+            process_time,
+        }),
+        ..Default::default()
+    }
+}
+fn one_reply(out: &[Action]) -> &[u8] {
+    match out {
+        [Action::ToClient(f)] => f,
+        other => panic!("expected one client frame, got {other:?}"),
+    }
+}
+fn offered(out: &[Action]) -> Vec<i32> {
+    let f = out
+        .iter()
+        .find_map(|a| match a {
+            Action::ToClient(f) => Some(f),
+            _ => None,
+        })
+        .expect("a reply");
+    msg::decode_auth_list(&f[28..]).unwrap()
+}
+
+#[test]
+fn polkit_client_must_authenticate_before_anything_else() {
+    let mut hs = Handshake::new(ListenerKind::UnixRw, peer(1000, 77)).with_auth(Auth::Polkit);
+    assert!(hs.auth_pending());
+    // libvirt's needAuth: every non-auth call, keepalive feature and open included.
+    for (proc_, body) in [
+        (60, msg::i32_body(10)),
+        (1, open_body(Some("test:///default"), 0)),
+        (2, vec![]),
+    ] {
+        let e = error_of(one_reply(&client(&mut hs, call(proc_, 1), &body)));
+        assert_eq!((e.code, e.domain), (39, 7));
+        assert_eq!(e.message, "authentication required");
+    }
+    let e = error_of(one_reply(&client(
+        &mut hs,
+        hdr(program::QEMU, 1, MsgType::Call, 2, MsgStatus::Ok),
+        &[],
+    )));
+    assert_eq!(e.message, "authentication required");
+    // Keepalive pings are still answered.
+    let ping = hdr(program::KEEPALIVE, 1, MsgType::Message, 0, MsgStatus::Ok);
+    assert_eq!(client(&mut hs, ping, &[]).len(), 1);
+
+    assert_eq!(offered(&client(&mut hs, call(66, 3), &[])), vec![2]);
+    let out = client(&mut hs, call(70, 4), &[]);
+    assert_eq!(
+        out,
+        vec![Action::AskPolkit(polkit::Query {
+            action: "org.libvirt.unix.manage",
+            pid: 4242,
+            start_time: 77,
+            uid: 1000,
+        })]
+    );
+    // The client is not read while polkitd thinks.
+    assert!(!hs.wants_client_input());
+    let mut out = vec![];
+    hs.on_polkit_answer(Ok(()), &mut out);
+    assert_eq!(
+        out,
+        vec![
+            Action::Authenticated,
+            Action::ToClient(msg::ok_reply(&call(70, 4), &msg::i32_body(1)))
+        ]
+    );
+    assert!(!hs.auth_pending() && hs.wants_client_input());
+    assert_eq!(offered(&client(&mut hs, call(66, 5), &[])), vec![0]);
+    let out = client(&mut hs, call(1, 6), &open_body(Some("test:///default"), 0));
+    assert_eq!(out, vec![Action::Connect("/d/sock".into())]);
+}
+
+#[test]
+fn polkit_denial_keeps_the_client_unauthenticated() {
+    let mut hs = Handshake::new(ListenerKind::UnixRo, peer(1000, 77)).with_auth(Auth::Polkit);
+    let out = client(&mut hs, call(70, 1), &[]);
+    assert!(
+        matches!(&out[..], [Action::AskPolkit(q)] if q.action == "org.libvirt.unix.monitor"),
+        "{out:?}"
+    );
+    let mut out = vec![];
+    hs.on_polkit_answer(
+        polkit::verdict(false, true, &Default::default(), polkit::ACTION_MONITOR),
+        &mut out,
+    );
+    let e = error_of(one_reply(&out));
+    assert_eq!((e.code, e.domain), (94, 60));
+    assert!(hs.auth_pending() && hs.wants_client_input());
+    let e = error_of(one_reply(&client(&mut hs, call(60, 2), &msg::i32_body(10))));
+    assert_eq!(e.message, "authentication required");
+}
+
+#[test]
+fn root_bypasses_polkit_at_auth_list() {
+    let mut hs = Handshake::new(ListenerKind::UnixRw, peer(0, 77)).with_auth(Auth::Polkit);
+    let out = client(&mut hs, call(66, 1), &[]);
+    assert_eq!(out[0], Action::Authenticated);
+    assert_eq!(offered(&out), vec![0]);
+    assert!(!hs.auth_pending());
+    // AUTH_POLKIT after that (or on a listener without polkit) fails as libvirt fails it.
+    let e = error_of(one_reply(&client(&mut hs, call(70, 2), &[])));
+    assert_eq!((e.code, e.domain), (1, 7));
+    assert_eq!(
+        e.message,
+        "Library function returned error but did not set virError"
+    );
+    let mut none = Handshake::new(ListenerKind::UnixRw, peer(1000, 77));
+    let e = error_of(one_reply(&client(&mut none, call(70, 1), &[])));
+    assert_eq!((e.code, e.domain), (1, 7));
+}
+
+#[test]
+fn polkit_without_a_start_time_fails_without_asking() {
+    let mut hs = Handshake::new(ListenerKind::UnixRw, peer(1000, 0)).with_auth(Auth::Polkit);
+    let e = error_of(one_reply(&client(&mut hs, call(70, 1), &[])));
+    assert_eq!((e.code, e.domain), (1, 7));
+    assert!(hs.auth_pending());
+}

@@ -15,6 +15,9 @@ pub mod err_code {
     pub const SYSTEM_ERROR: i32 = 38;
     pub const RPC: i32 = 39;
     pub const AUTH_FAILED: i32 = 45;
+    pub const AUTH_CANCELLED: i32 = 79;
+    pub const DBUS_SERVICE: i32 = 89;
+    pub const AUTH_UNAVAILABLE: i32 = 94;
     pub const ARGUMENT_UNSUPPORTED: i32 = 74;
 }
 
@@ -23,6 +26,8 @@ pub mod err_domain {
     pub const NONE: i32 = 0;
     pub const RPC: i32 = 7;
     pub const REMOTE: i32 = 13;
+    pub const DBUS: i32 = 47;
+    pub const POLKIT: i32 = 60;
     pub const ADMIN: i32 = 62;
 }
 
@@ -47,6 +52,9 @@ impl RemoteError {
             err_code::NO_CONNECT => Some("no connection driver available for"),
             err_code::OPERATION_DENIED => Some("operation forbidden"),
             err_code::AUTH_FAILED => Some("authentication failed"),
+            err_code::AUTH_CANCELLED => Some("authentication cancelled"),
+            err_code::AUTH_UNAVAILABLE => Some("authentication unavailable"),
+            err_code::DBUS_SERVICE => Some("error from service"),
             err_code::INVALID_ARG => Some("invalid argument"),
             err_code::ARGUMENT_UNSUPPORTED => Some("argument unsupported"),
             _ => None,

@@ -6,15 +6,17 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::mpsc::{Receiver, Sender, TryRecvError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use slab::Slab;
 
+use crate::config::Auth;
 use crate::handshake::Handshake;
 use crate::identity::Identity;
 pub use crate::listen::ListenerKind;
+use crate::polkit;
 
 mod preopen;
 use crate::proto::{program, remote_proc, Header, MsgType};
@@ -32,6 +34,42 @@ pub struct NewConn {
     pub fd: OwnedFd,
     pub kind: ListenerKind,
     pub identity: Identity,
+    /// The listener's auth; anything but none was counted in `Shared::auth_pending`.
+    pub auth: Auth,
+}
+
+/// The auth each listener kind asks for (fixed at start; a change needs a restart).
+#[derive(Debug, Clone, Copy)]
+pub struct ListenerAuth {
+    pub unix_rw: Auth,
+    pub unix_ro: Auth,
+    pub tcp: Auth,
+    pub tls: Auth,
+}
+
+impl ListenerAuth {
+    pub const NONE: ListenerAuth = ListenerAuth {
+        unix_rw: Auth::None,
+        unix_ro: Auth::None,
+        tcp: Auth::None,
+        tls: Auth::None,
+    };
+
+    pub fn of(&self, kind: ListenerKind) -> Auth {
+        match kind {
+            ListenerKind::UnixRw => self.unix_rw,
+            ListenerKind::UnixRo => self.unix_ro,
+            ListenerKind::UnixAdmin => Auth::None,
+            ListenerKind::Tcp => self.tcp,
+            ListenerKind::Tls => self.tls,
+        }
+    }
+}
+
+/// A worker's line to the polkit threads: requests out, answers back (with its eventfd).
+pub struct PolkitLink {
+    pub tx: Sender<polkit::Request>,
+    pub rx: Receiver<polkit::Answer>,
 }
 
 /// State shared by the acceptor and all workers (read-mostly; counters are atomics).
@@ -48,6 +86,15 @@ pub struct Shared {
     pub splice_threshold: usize,
     /// Present when a TLS listener exists; swapped on SIGHUP (new connections only).
     pub tls: arc_swap::ArcSwapOption<crate::tls::TlsSettings>,
+    /// Auth per listener kind.
+    pub auth: ListenerAuth,
+    // --- auth pending (max_anonymous_clients): raised by the acceptor when it hands over a
+    // client whose listener needs auth, lowered by the worker when the client authenticates
+    // or leaves first (`Conn::auth_pending`).
+    /// Clients whose authentication is pending.
+    pub auth_pending: AtomicUsize,
+    /// 0 = unlimited; changed by SIGHUP.
+    pub max_anonymous_clients: AtomicUsize,
 }
 
 /// How long the downstream handshake may take before the client gets an error.
@@ -140,6 +187,8 @@ struct Conn {
     /// The identity the client last set with its own CONNECT_SET_IDENTITY (kept by the proxy,
     /// never sent downstream).
     claimed_identity: Option<Vec<crate::proto::set_identity::TypedParam>>,
+    /// Counted in `Shared::auth_pending` (released once, on authentication or close).
+    auth_pending: bool,
 }
 
 impl Conn {
@@ -187,6 +236,8 @@ pub struct Worker {
     pools: Pools,
     next_gen: u32,
     runnable: VecDeque<(usize, u32)>,
+    /// Present when a listener uses polkit.
+    polkit: Option<PolkitLink>,
 }
 
 impl Worker {
@@ -196,6 +247,7 @@ impl Worker {
         rx: Receiver<NewConn>,
         waker: OwnedFd,
         shared: Arc<Shared>,
+        polkit: Option<PolkitLink>,
     ) -> io::Result<Worker> {
         let mut w = Worker {
             index,
@@ -207,6 +259,7 @@ impl Worker {
             conns: Slab::new(),
             next_gen: 1,
             runnable: VecDeque::new(),
+            polkit,
         };
         let raw = w.waker.as_raw_fd();
         w.reactor.add(raw, WAKER_TOKEN, Interest::Read)?;
@@ -238,6 +291,7 @@ impl Worker {
                 if ev.token == WAKER_TOKEN {
                     self.drain_waker();
                     self.accept_new();
+                    self.polkit_answers();
                     continue;
                 }
                 let slot = ((ev.token & 0xffff_ffff) >> 2) as usize;
@@ -313,6 +367,9 @@ impl Worker {
                 Err(e) => {
                     tracing::warn!(conn = nc.id, "cannot start TLS: {e}");
                     self.shared.clients.fetch_sub(1, Ordering::AcqRel);
+                    if nc.auth != Auth::None {
+                        self.shared.auth_pending.fetch_sub(1, Ordering::AcqRel);
+                    }
                     return;
                 }
             }
@@ -335,7 +392,7 @@ impl Worker {
             client: nc.fd,
             daemon: None,
             state: State::Pre(Box::new(PreOpen {
-                hs: Handshake::new(nc.kind, nc.identity),
+                hs: Handshake::new(nc.kind, nc.identity).with_auth(nc.auth),
                 c_rx: Vec::new(),
                 c_tx: Vec::new(),
                 d_rx: Vec::new(),
@@ -348,6 +405,7 @@ impl Worker {
             daemon_path: None,
             since: Instant::now(),
             claimed_identity: None,
+            auth_pending: nc.auth != Auth::None,
         });
         if let Err(e) = self
             .reactor
@@ -652,7 +710,34 @@ impl Worker {
             to_client = moved.1,
             "connection closed: {why}"
         );
+        if conn.auth_pending {
+            self.shared.auth_pending.fetch_sub(1, Ordering::AcqRel);
+        }
         drop(conn);
         self.shared.clients.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Answers from the polkit threads for this worker's connections.
+    fn polkit_answers(&mut self) {
+        loop {
+            let answer = match self.polkit.as_ref().map(|l| l.rx.try_recv()) {
+                Some(Ok(a)) => a,
+                _ => return,
+            };
+            let mut out = Vec::new();
+            match self.conns.get_mut(answer.slot) {
+                Some(Conn {
+                    gen,
+                    state: State::Pre(p),
+                    ..
+                }) if *gen == answer.gen => p.hs.on_polkit_answer(answer.result, &mut out),
+                // The client left while polkitd was thinking.
+                _ => continue,
+            }
+            match self.apply(answer.slot, &mut out) {
+                Ok(()) => self.service(answer.slot, answer.gen),
+                Err(why) => self.close(answer.slot, &why),
+            }
+        }
     }
 }

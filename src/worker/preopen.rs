@@ -141,6 +141,36 @@ impl Worker {
                 Action::ToClient(b) => p.c_tx.extend_from_slice(&b),
                 Action::ToDaemon(b) => p.d_tx.extend_from_slice(&b),
                 Action::Close(why) => p.closing = Some(why),
+                Action::Authenticated => {
+                    if std::mem::take(&mut conn.auth_pending) {
+                        self.shared.auth_pending.fetch_sub(1, Ordering::AcqRel);
+                    }
+                }
+                Action::AskPolkit(query) => {
+                    let req = crate::polkit::Request {
+                        worker: self.index,
+                        slot,
+                        gen,
+                        conn: conn.id,
+                        query,
+                    };
+                    let sent = self.polkit.as_ref().map(|l| l.tx.send(req).is_ok());
+                    if sent != Some(true) {
+                        // No polkit thread: fail the call as a D-Bus failure would.
+                        let mut out = Vec::new();
+                        p.hs.on_polkit_answer(
+                            Err(crate::proto::msg::RemoteError::new(
+                                crate::proto::msg::err_code::INTERNAL_ERROR,
+                                crate::proto::msg::err_domain::DBUS,
+                                "Unable to get system bus connection: polkit is not running in this virtproxyd",
+                            )),
+                            &mut out,
+                        );
+                        for a in out.into_iter().rev() {
+                            queue.push_front(a);
+                        }
+                    }
+                }
                 Action::Connect(path) => {
                     let mut out = Vec::new();
                     match crate::route::connect_nonblocking(&path) {

@@ -22,6 +22,9 @@ pub(crate) const MANIFEST_DIR: &str = env!("CARGO_MANIFEST_DIR");
 const TARGET_TMPDIR: &str = env!("CARGO_TARGET_TMPDIR");
 /// Debian's interpreter: it has python3-libvirt (the `python3` on PATH may not).
 pub const PYTHON: &str = "/usr/bin/python3";
+
+/// Put in a proxy's config to keep libvirt's default auth (polkit for root) in tests.
+pub const DEFAULT_AUTH: &str = "# vpd-test: libvirt's default auth";
 /// Default limit for one client command (virsh, virt-admin, a python script).
 pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(180);
 
@@ -216,7 +219,8 @@ impl Proxy {
     }
 
     /// Like `start`, but the config is exactly `unix_sock_dir = "<dir>"` followed by `conf`
-    /// (nothing else added: no perms, no driver_sockets).
+    /// (nothing else added: no perms, no driver_sockets), plus `auth_unix_rw/ro = "none"`
+    /// unless `conf` sets an `auth_unix_*` key or contains [`DEFAULT_AUTH`].
     pub fn start_with(conf: &str, envs: &[(&str, &str)]) -> Proxy {
         let dir = tempfile::Builder::new()
             .prefix("vpd-proxy-")
@@ -226,7 +230,18 @@ impl Proxy {
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755))
             .expect("chmod proxy temp dir");
         let conf_path = dir.path().join("virtproxyd.conf");
-        let text = format!("unix_sock_dir = \"{}\"\n{conf}\n", dir.path().display());
+        // Root's defaults are polkit on both sockets; tests get auth "none" (so raw clients
+        // need no AUTH_LIST and other users need no polkitd) unless they set auth themselves or
+        // ask for libvirt's defaults with DEFAULT_AUTH.
+        let auth = if conf.contains("auth_unix_") || conf.contains(DEFAULT_AUTH) {
+            ""
+        } else {
+            "auth_unix_rw = \"none\"\nauth_unix_ro = \"none\"\n"
+        };
+        let text = format!(
+            "unix_sock_dir = \"{}\"\n{conf}\n{auth}",
+            dir.path().display()
+        );
         fs::write(&conf_path, text).expect("write virtproxyd.conf");
         let log = dir.path().join("virtproxyd.log");
         let log_file = fs::File::create(&log).expect("create proxy log");

@@ -116,6 +116,16 @@ pub fn testbed() -> &'static Testbed {
     }
 }
 
+static DEFAULT_AUTH: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// The test bed with libvirt's virtproxyd on its compiled-in auth (polkit for root, sockets
+/// 0777), as with an untouched virtproxyd.conf. A test process uses either this or
+/// [`testbed`] (the first call starts the bed).
+pub fn testbed_default_auth() -> &'static Testbed {
+    DEFAULT_AUTH.store(true, std::sync::atomic::Ordering::SeqCst);
+    testbed()
+}
+
 fn start() -> Result<Testbed, String> {
     // Socket paths must stay short (108 bytes); the script wants STATE_DIR <= 60.
     let state = PathBuf::from(format!("/tmp/vpd-tb-{}", std::process::id()));
@@ -125,6 +135,9 @@ fn start() -> Result<Testbed, String> {
         .arg(&state)
         .args(["--watch-pid", &std::process::id().to_string()])
         .stdin(Stdio::null());
+    if DEFAULT_AUTH.load(std::sync::atomic::Ordering::SeqCst) {
+        cmd.env("VPD_MODULAR_PROXY_DEFAULT_AUTH", "1");
+    }
     let o = output_with_timeout(&mut cmd, Duration::from_secs(180));
     if !o.status.success() {
         return Err(format!(
