@@ -99,7 +99,10 @@ fn filters_select_modules_and_a_file_output_gets_their_debug_lines() {
             );
         }
     }
-    assert!(text.contains(": info : "), "the default level's lines are missing: {text}");
+    assert!(
+        text.contains(": info : "),
+        "the default level's lines are missing: {text}"
+    );
 }
 
 #[test]
