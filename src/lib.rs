@@ -7,6 +7,7 @@
 //! - listeners and accept: [`listen`], [`server`]; process lifecycle: [`daemon`]; config: [`config`].
 
 pub mod activation;
+pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod daemon;
@@ -18,6 +19,7 @@ pub mod logging;
 pub mod polkit;
 pub mod proto;
 pub mod reactor;
+pub mod registry;
 pub mod relay;
 pub mod route;
 pub mod server;

@@ -19,6 +19,8 @@ pub mod err_code {
     pub const DBUS_SERVICE: i32 = 89;
     pub const AUTH_UNAVAILABLE: i32 = 94;
     pub const ARGUMENT_UNSUPPORTED: i32 = 74;
+    pub const NO_SERVER: i32 = 95;
+    pub const NO_CLIENT: i32 = 96;
 }
 
 /// `virErrorDomain` values used in replies we generate.
@@ -57,6 +59,8 @@ impl RemoteError {
             err_code::DBUS_SERVICE => Some("error from service"),
             err_code::INVALID_ARG => Some("invalid argument"),
             err_code::ARGUMENT_UNSUPPORTED => Some("argument unsupported"),
+            err_code::NO_SERVER => Some("Server not found"),
+            err_code::NO_CLIENT => Some("Client not found"),
             _ => None,
         };
         let (message, str1) = match prefix {

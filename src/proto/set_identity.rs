@@ -37,7 +37,7 @@ pub enum Value {
 
 impl Value {
     /// The type number and `virTypedParameterTypeToString` name.
-    fn kind(&self) -> (i32, &'static str) {
+    pub(crate) fn kind(&self) -> (i32, &'static str) {
         match self {
             Value::Int(_) => (1, "int"),
             Value::UInt(_) => (2, "uint"),
@@ -66,9 +66,16 @@ const ALLOWED: &[(&str, i32, &str)] = &[
 
 fn decode_params(body: &[u8]) -> Result<Vec<TypedParam>, XdrError> {
     let mut d = Decoder::new(body);
+    let params = decode_list(&mut d, PARAMS_MAX)?;
+    let _flags = d.u32()?;
+    Ok(params)
+}
+
+/// A `remote_typed_param` (or `admin_typed_param`, the same encoding) array of at most `max`.
+pub(crate) fn decode_list(d: &mut Decoder<'_>, max: u32) -> Result<Vec<TypedParam>, XdrError> {
     let n = d.u32()?;
-    if n > PARAMS_MAX {
-        return Err(XdrError::TooLong(PARAMS_MAX as usize));
+    if n > max {
+        return Err(XdrError::TooLong(max as usize));
     }
     let mut params = Vec::with_capacity(n as usize);
     for _ in 0..n {
@@ -86,13 +93,20 @@ fn decode_params(body: &[u8]) -> Result<Vec<TypedParam>, XdrError> {
         };
         params.push(TypedParam { field, value });
     }
-    let _flags = d.u32()?;
     Ok(params)
 }
 
 /// `virTypedParamsValidate` over the identity names: the same walk over both lists sorted by
 /// name, so the same parameter is blamed when several are wrong.
 fn validate(params: &[TypedParam]) -> Result<(), RemoteError> {
+    validate_against(params, ALLOWED)
+}
+
+/// `virTypedParamsValidate` against `allowed` (name, type number, type name).
+pub(crate) fn validate_against(
+    params: &[TypedParam],
+    allowed: &[(&str, i32, &str)],
+) -> Result<(), RemoteError> {
     if let Some(p) = params.iter().find(|p| p.field.len() >= FIELD_LENGTH) {
         return Err(RemoteError::new(
             err_code::INTERNAL_ERROR,
@@ -102,7 +116,7 @@ fn validate(params: &[TypedParam]) -> Result<(), RemoteError> {
     }
     let mut sorted: Vec<&TypedParam> = params.iter().collect();
     sorted.sort_by(|a, b| a.field.cmp(&b.field));
-    let mut keys: Vec<&(&str, i32, &str)> = ALLOWED.iter().collect();
+    let mut keys: Vec<&(&str, i32, &str)> = allowed.iter().collect();
     keys.sort_by(|a, b| a.0.cmp(b.0));
     let (mut i, mut j) = (0, 0);
     let mut last: Option<&str> = None;

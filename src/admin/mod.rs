@@ -1,0 +1,720 @@
+//! libvirt's admin protocol (program 0x06900690, procedures 1–19 of libvirt 9.0.0) as a
+//! sans-IO machine: a complete frame and a [`Host`] in, reply frames and a close out. The
+//! encodings, typed parameter names and error texts are libvirt's (`admin_protocol.x`,
+//! `admin_server_dispatch.c`, `admin_server.c`, `virnetserver.c`, `virnetdaemon.c`).
+
+
+
+use crate::proto::msg::{self, err_code, err_domain, RemoteError};
+use crate::proto::set_identity::{decode_list, validate_against, TypedParam, Value};
+use crate::proto::xdr::{Decoder, Encoder, XdrError};
+use crate::proto::{keepalive_proc, program, Header, MsgStatus, MsgType};
+
+/// `LIBVIR_VERSION_NUMBER` of the libvirt this daemon replaces (9.0.0).
+pub const LIB_VERSION: u64 = 9_000_000;
+
+/// `admin_procedure`.
+pub mod proc_ {
+    pub const CONNECT_OPEN: i32 = 1;
+    pub const CONNECT_CLOSE: i32 = 2;
+    pub const CONNECT_GET_LIB_VERSION: i32 = 3;
+    pub const CONNECT_LIST_SERVERS: i32 = 4;
+    pub const CONNECT_LOOKUP_SERVER: i32 = 5;
+    pub const SERVER_GET_THREADPOOL_PARAMETERS: i32 = 6;
+    pub const SERVER_SET_THREADPOOL_PARAMETERS: i32 = 7;
+    pub const SERVER_LIST_CLIENTS: i32 = 8;
+    pub const SERVER_LOOKUP_CLIENT: i32 = 9;
+    pub const CLIENT_GET_INFO: i32 = 10;
+    pub const CLIENT_CLOSE: i32 = 11;
+    pub const SERVER_GET_CLIENT_LIMITS: i32 = 12;
+    pub const SERVER_SET_CLIENT_LIMITS: i32 = 13;
+    pub const CONNECT_GET_LOGGING_OUTPUTS: i32 = 14;
+    pub const CONNECT_GET_LOGGING_FILTERS: i32 = 15;
+    pub const CONNECT_SET_LOGGING_OUTPUTS: i32 = 16;
+    pub const CONNECT_SET_LOGGING_FILTERS: i32 = 17;
+    pub const SERVER_UPDATE_TLS_FILES: i32 = 18;
+    pub const CONNECT_SET_DAEMON_TIMEOUT: i32 = 19;
+}
+
+/// XDR array bounds of `admin_protocol.x`.
+const SERVER_LIST_MAX: u32 = 16384;
+const THREADPOOL_PARAMETERS_MAX: u32 = 32;
+const CLIENT_LIST_MAX: u32 = 16384;
+const CLIENT_LIMITS_MAX: u32 = 32;
+
+use err_code::{NO_CLIENT as ERR_NO_CLIENT, NO_SERVER as ERR_NO_SERVER};
+
+/// The two servers of libvirt's virtproxyd.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Server {
+    /// `virtproxyd`: the relayed clients.
+    Proxy,
+    /// `admin`: the admin socket's clients.
+    Admin,
+}
+
+impl Server {
+    /// In the order libvirt's virtproxyd lists them (its hash table's order).
+    pub const ALL: [Server; 2] = [Server::Proxy, Server::Admin];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Server::Proxy => "virtproxyd",
+            Server::Admin => "admin",
+        }
+    }
+
+    fn lookup(name: &str) -> Option<Server> {
+        Server::ALL.into_iter().find(|s| s.name() == name)
+    }
+}
+
+/// `admin_nonnull_client` without its server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientRef {
+    pub id: u64,
+    pub timestamp: i64,
+    pub transport: u32,
+}
+
+/// What `adminClientGetInfo` reports about a client.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClientInfo {
+    pub readonly: bool,
+    /// UNIX socket client (uid/gid/pid are reported) or not (address and DN are).
+    pub local: bool,
+    pub sock_addr: Option<String>,
+    pub x509_dname: Option<String>,
+    pub uid: Option<u32>,
+    pub user_name: Option<String>,
+    pub gid: Option<u32>,
+    pub group_name: Option<String>,
+    pub pid: Option<i32>,
+    pub selinux_context: Option<String>,
+}
+
+/// `virNetServerGetThreadPoolParameters`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pool {
+    pub min: u32,
+    pub max: u32,
+    pub current: u32,
+    pub free: u32,
+    pub prio: u32,
+    pub queue: u32,
+}
+
+/// Client counts and limits of a server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max: u32,
+    pub current: u32,
+    pub unauth_max: u32,
+    pub unauth_current: u32,
+}
+
+/// The daemon as the admin protocol sees it.
+pub trait Host {
+    fn clients(&self, srv: Server) -> Vec<ClientRef>;
+    fn client_info(&self, srv: Server, id: u64) -> Option<ClientInfo>;
+    /// Closes a client; false if there is none with that id.
+    fn close_client(&mut self, srv: Server, id: u64) -> bool;
+    fn limits(&self, srv: Server) -> Limits;
+    /// Already checked (max ≥ unauth max).
+    fn set_limits(&mut self, srv: Server, max: u32, unauth_max: u32);
+    fn pool(&self, srv: Server) -> Pool;
+    /// The relay's workers are fixed at start; anything but the current values is refused.
+    fn set_pool(
+        &mut self,
+        srv: Server,
+        min: Option<u32>,
+        max: Option<u32>,
+        prio: Option<u32>,
+    ) -> Result<(), RemoteError> {
+        let p = self.pool(srv);
+        let min_v = min.unwrap_or(p.min);
+        let max_v = max.unwrap_or(p.max);
+        if min_v > max_v {
+            return Err(RemoteError::new(
+                err_code::INVALID_ARG,
+                err_domain::NONE,
+                "minWorkers cannot be larger than maxWorkers",
+            ));
+        }
+        if (min_v, max_v, prio.unwrap_or(p.prio)) != (p.min, p.max, p.prio) {
+            return Err(RemoteError::new(
+                err_code::INVALID_ARG,
+                err_domain::NONE,
+                format!(
+                    "server '{}' has {} workers fixed at start-up ({}) and {} priority workers",
+                    srv.name(),
+                    p.max,
+                    match srv {
+                        Server::Proxy => "worker_threads",
+                        Server::Admin => "one admin thread",
+                    },
+                    p.prio
+                ),
+            ));
+        }
+        Ok(())
+    }
+    /// Filters and outputs as `virLogGetFilters` / `virLogGetOutputs` print them.
+    fn log_filters(&self) -> String;
+    fn log_outputs(&self) -> String;
+    /// The message is libvirt's (`virLogParseFilter`...).
+    fn set_log_filters(&mut self, filters: &str) -> Result<(), String>;
+    fn set_log_outputs(&mut self, outputs: &str) -> Result<(), String>;
+    fn set_daemon_timeout(&mut self, secs: u32);
+    /// Re-reads certificate, key, CA and CRL for new TLS connections.
+    fn update_tls(&mut self, srv: Server) -> Result<(), RemoteError>;
+}
+
+/// What the I/O layer must do.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Action {
+    ToClient(Vec<u8>),
+    /// Close once the queued bytes are out.
+    Close(String),
+}
+
+/// One admin connection's protocol state.
+#[derive(Debug, Default)]
+pub struct Session {
+    closing: bool,
+}
+
+fn decode_failed() -> RemoteError {
+    RemoteError::new(
+        err_code::RPC,
+        err_domain::RPC,
+        "Unable to decode message payload",
+    )
+}
+
+/// `virNetDaemonGetServer`'s error.
+fn no_server_rpc(name: &str) -> RemoteError {
+    RemoteError::new(
+        ERR_NO_SERVER,
+        err_domain::RPC,
+        format!("No server named '{name}'"),
+    )
+}
+
+/// The dispatchers that report their own, later error over `virNetDaemonGetServer`'s.
+fn no_server_admin(name: &str) -> RemoteError {
+    RemoteError::new(
+        ERR_NO_SERVER,
+        err_domain::ADMIN,
+        format!("no server with matching name '{name}' found"),
+    )
+}
+
+/// `virNetServerGetClient`'s error.
+fn no_client_rpc(id: u64) -> RemoteError {
+    RemoteError::new(
+        ERR_NO_CLIENT,
+        err_domain::RPC,
+        format!("No client with matching ID '{id}'"),
+    )
+}
+
+/// `virCheckFlags` in `func` (all admin calls take no flags).
+fn check_flags(flags: u32, func: &str) -> Result<(), RemoteError> {
+    if flags == 0 {
+        Ok(())
+    } else {
+        Err(RemoteError::new(
+            err_code::INVALID_ARG,
+            err_domain::ADMIN,
+            format!("unsupported flags (0x{flags:x}) in function {func}"),
+        ))
+    }
+}
+
+fn no_tls() -> RemoteError {
+    RemoteError::new(
+        err_code::INTERNAL_ERROR,
+        err_domain::RPC,
+        "no tls service found, unable to update tls files",
+    )
+}
+
+/// `admin_typed_param` array encoding.
+fn encode_params(e: &mut Encoder, params: &[(&str, Value)]) {
+    e.u32(params.len() as u32);
+    for (name, v) in params {
+        e.string(name);
+        match v {
+            Value::Int(x) => e.i32(1).i32(*x),
+            Value::UInt(x) => e.i32(2).u32(*x),
+            Value::LLong(x) => e.i32(3).i64(*x),
+            Value::ULLong(x) => e.i32(4).u64(*x),
+            Value::Double(x) => e.i32(5).u64(x.to_bits()),
+            Value::Boolean(x) => e.i32(6).i32(*x),
+            Value::Str(s) => e.i32(7).string(s),
+        };
+    }
+}
+
+fn encode_client(e: &mut Encoder, srv: Server, c: &ClientRef) {
+    e.string(srv.name())
+        .u64(c.id)
+        .i64(c.timestamp)
+        .u32(c.transport);
+}
+
+/// The typed parameters of `adminClientGetInfo`, in its order.
+pub fn client_info_params(i: &ClientInfo) -> Vec<(&'static str, Value)> {
+    let mut p = vec![("readonly", Value::Boolean(i32::from(i.readonly)))];
+    if i.local {
+        if let Some(uid) = i.uid {
+            p.push(("unix_user_id", Value::Int(uid as i32)));
+        }
+        if let Some(n) = &i.user_name {
+            p.push(("unix_user_name", Value::Str(n.clone())));
+        }
+        if let Some(gid) = i.gid {
+            p.push(("unix_group_id", Value::Int(gid as i32)));
+        }
+        if let Some(n) = &i.group_name {
+            p.push(("unix_group_name", Value::Str(n.clone())));
+        }
+        if let Some(pid) = i.pid {
+            p.push(("unix_process_id", Value::Int(pid)));
+        }
+    } else {
+        p.push((
+            "sock_addr",
+            Value::Str(i.sock_addr.clone().unwrap_or_default()),
+        ));
+        if let Some(dn) = &i.x509_dname {
+            p.push(("tls_x509_dname", Value::Str(dn.clone())));
+        }
+    }
+    if let Some(c) = &i.selinux_context {
+        p.push(("selinux_context", Value::Str(c.clone())));
+    }
+    p
+}
+
+/// Reads a `nonnull_server` name and resolves it.
+fn server_arg(d: &mut Decoder<'_>) -> Result<Result<Server, String>, XdrError> {
+    let name = d.string()?;
+    Ok(Server::lookup(&name).ok_or(name))
+}
+
+/// The `UINT` values of the validated parameters named `names`.
+fn uints(params: &[TypedParam], names: &[&str]) -> Vec<Option<u32>> {
+    names
+        .iter()
+        .map(|n| {
+            params
+                .iter()
+                .find(|p| p.field == *n)
+                .and_then(|p| match p.value {
+                    Value::UInt(v) => Some(v),
+                    _ => None,
+                })
+        })
+        .collect()
+}
+
+type Reply = Result<Vec<u8>, RemoteError>;
+
+impl Session {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Handles one complete frame from the admin client.
+    pub fn on_frame(
+        &mut self,
+        h: &Header,
+        body: &[u8],
+        host: &mut dyn Host,
+        out: &mut Vec<Action>,
+    ) {
+        if self.closing {
+            return;
+        }
+        if h.prog == program::KEEPALIVE {
+            if h.mtype == MsgType::Message && h.proc_ == keepalive_proc::PING {
+                out.push(Action::ToClient(msg::pong()));
+            }
+            return;
+        }
+        match h.mtype {
+            MsgType::Call => {}
+            MsgType::CallWithFds => {
+                out.push(Action::Close("fd passing on the admin socket".into()));
+                self.closing = true;
+                return;
+            }
+            // libvirt drops every other message type from a client.
+            _ => return,
+        }
+        let result = if h.prog != program::ADMIN || h.vers != 1 {
+            Err(RemoteError::new(
+                err_code::RPC,
+                err_domain::RPC,
+                format!("Cannot find program {} version {}", h.prog, h.vers),
+            ))
+        } else if h.status != MsgStatus::Ok {
+            Err(RemoteError::new(
+                err_code::RPC,
+                err_domain::RPC,
+                format!("Unexpected message status {}", h.status.to_wire()),
+            ))
+        } else {
+            let mut d = Decoder::new(body);
+            match self.dispatch(h.proc_, &mut d, host) {
+                Err(_) => Err(decode_failed()),
+                Ok(r) => r,
+            }
+        };
+        match result {
+            Ok(body) => out.push(Action::ToClient(msg::ok_reply(h, &body))),
+            Err(e) => {
+                tracing::debug!(
+                    proc_ = h.proc_,
+                    code = e.code,
+                    "admin call failed: {}",
+                    e.message
+                );
+                out.push(Action::ToClient(msg::error_reply(h, &e)));
+            }
+        }
+        if h.proc_ == proc_::CONNECT_CLOSE && h.prog == program::ADMIN {
+            // virNetServerClientDelayedClose: the reply goes out, then the connection closes.
+            self.closing = true;
+            out.push(Action::Close("admin client closed its connection".into()));
+        }
+    }
+
+    /// The outer error: the arguments did not decode. The inner one: the call failed.
+    fn dispatch(
+        &mut self,
+        proc_: i32,
+        d: &mut Decoder<'_>,
+        host: &mut dyn Host,
+    ) -> Result<Reply, XdrError> {
+        use proc_::*;
+        let mut e = Encoder::new();
+        match proc_ {
+            CONNECT_OPEN => {
+                let flags = d.u32()?;
+                Ok(check_flags(flags, "adminDispatchConnectOpen").map(|()| Vec::new()))
+            }
+            CONNECT_CLOSE => Ok(Ok(Vec::new())),
+            CONNECT_GET_LIB_VERSION => {
+                e.u64(LIB_VERSION);
+                Ok(Ok(e.finish()))
+            }
+            CONNECT_LIST_SERVERS => {
+                let need = d.u32()?;
+                let flags = d.u32()?;
+                if let Err(err) = check_flags(flags, "adminConnectListServers") {
+                    return Ok(Err(err));
+                }
+                let _ = SERVER_LIST_MAX;
+                let n = if need > 0 { Server::ALL.len() } else { 0 };
+                e.u32(n as u32);
+                for s in &Server::ALL[..n] {
+                    e.string(s.name());
+                }
+                e.u32(Server::ALL.len() as u32);
+                Ok(Ok(e.finish()))
+            }
+            CONNECT_LOOKUP_SERVER => {
+                let name = d.string()?;
+                let flags = d.u32()?;
+                if let Err(err) = check_flags(flags, "adminConnectLookupServer") {
+                    return Ok(Err(err));
+                }
+                Ok(match Server::lookup(&name) {
+                    Some(s) => {
+                        e.string(s.name());
+                        Ok(e.finish())
+                    }
+                    None => Err(no_server_rpc(&name)),
+                })
+            }
+            SERVER_GET_THREADPOOL_PARAMETERS => {
+                let srv = server_arg(d)?;
+                let flags = d.u32()?;
+                let srv = match srv {
+                    Ok(s) => s,
+                    Err(name) => return Ok(Err(no_server_rpc(&name))),
+                };
+                if let Err(err) = check_flags(flags, "adminServerGetThreadPoolParameters") {
+                    return Ok(Err(err));
+                }
+                let p = host.pool(srv);
+                encode_params(
+                    &mut e,
+                    &[
+                        ("minWorkers", Value::UInt(p.min)),
+                        ("maxWorkers", Value::UInt(p.max)),
+                        ("nWorkers", Value::UInt(p.current)),
+                        ("freeWorkers", Value::UInt(p.free)),
+                        ("prioWorkers", Value::UInt(p.prio)),
+                        ("jobQueueDepth", Value::UInt(p.queue)),
+                    ],
+                );
+                Ok(Ok(e.finish()))
+            }
+            SERVER_SET_THREADPOOL_PARAMETERS => {
+                let srv = server_arg(d)?;
+                let params = decode_list(d, THREADPOOL_PARAMETERS_MAX)?;
+                let flags = d.u32()?;
+                let srv = match srv {
+                    Ok(s) => s,
+                    Err(name) => return Ok(Err(no_server_admin(&name))),
+                };
+                if let Err(err) = check_flags(flags, "adminServerSetThreadPoolParameters") {
+                    return Ok(Err(err));
+                }
+                const ALLOWED: &[(&str, i32, &str)] = &[
+                    ("minWorkers", 2, "uint"),
+                    ("maxWorkers", 2, "uint"),
+                    ("prioWorkers", 2, "uint"),
+                ];
+                if let Err(err) = validate_against(&params, ALLOWED) {
+                    return Ok(Err(err));
+                }
+                let v = uints(&params, &["minWorkers", "maxWorkers", "prioWorkers"]);
+                Ok(host.set_pool(srv, v[0], v[1], v[2]).map(|()| Vec::new()))
+            }
+            SERVER_LIST_CLIENTS => {
+                let srv = server_arg(d)?;
+                let need = d.u32()?;
+                let flags = d.u32()?;
+                let srv = match srv {
+                    Ok(s) => s,
+                    Err(name) => return Ok(Err(no_server_rpc(&name))),
+                };
+                if let Err(err) = check_flags(flags, "adminServerListClients") {
+                    return Ok(Err(err));
+                }
+                let clients = host.clients(srv);
+                if clients.len() > CLIENT_LIST_MAX as usize {
+                    return Ok(Err(RemoteError::new(
+                        err_code::INTERNAL_ERROR,
+                        err_domain::ADMIN,
+                        format!(
+                            "Too many clients '{}' for limit '{CLIENT_LIST_MAX}'",
+                            clients.len()
+                        ),
+                    )));
+                }
+                let listed: &[ClientRef] = if need > 0 { &clients } else { &[] };
+                e.u32(listed.len() as u32);
+                for c in listed {
+                    encode_client(&mut e, srv, c);
+                }
+                e.u32(clients.len() as u32);
+                Ok(Ok(e.finish()))
+            }
+            SERVER_LOOKUP_CLIENT => {
+                let srv = server_arg(d)?;
+                let id = d.u64()?;
+                let flags = d.u32()?;
+                let srv = match srv {
+                    Ok(s) => s,
+                    Err(name) => return Ok(Err(no_server_rpc(&name))),
+                };
+                if let Err(err) = check_flags(flags, "adminServerLookupClient") {
+                    return Ok(Err(err));
+                }
+                Ok(match host.clients(srv).into_iter().find(|c| c.id == id) {
+                    Some(c) => {
+                        encode_client(&mut e, srv, &c);
+                        Ok(e.finish())
+                    }
+                    None => Err(no_client_rpc(id)),
+                })
+            }
+            CLIENT_GET_INFO => {
+                let srv = server_arg(d)?;
+                let id = d.u64()?;
+                let _timestamp = d.i64()?;
+                let _transport = d.u32()?;
+                let flags = d.u32()?;
+                let srv = match srv {
+                    Ok(s) => s,
+                    Err(name) => return Ok(Err(no_server_admin(&name))),
+                };
+                let Some(info) = host.client_info(srv, id) else {
+                    return Ok(Err(RemoteError::new(
+                        ERR_NO_CLIENT,
+                        err_domain::ADMIN,
+                        format!("no client with matching id '{id}' found"),
+                    )));
+                };
+                if let Err(err) = check_flags(flags, "adminClientGetInfo") {
+                    return Ok(Err(err));
+                }
+                encode_params(&mut e, &client_info_params(&info));
+                Ok(Ok(e.finish()))
+            }
+            CLIENT_CLOSE => {
+                let srv = server_arg(d)?;
+                let id = d.u64()?;
+                let _timestamp = d.i64()?;
+                let _transport = d.u32()?;
+                let flags = d.u32()?;
+                let srv = match srv {
+                    Ok(s) => s,
+                    Err(name) => return Ok(Err(no_server_rpc(&name))),
+                };
+                if host.client_info(srv, id).is_none() {
+                    return Ok(Err(no_client_rpc(id)));
+                }
+                if let Err(err) = check_flags(flags, "adminClientClose") {
+                    return Ok(Err(err));
+                }
+                Ok(if host.close_client(srv, id) {
+                    Ok(Vec::new())
+                } else {
+                    Err(no_client_rpc(id))
+                })
+            }
+            SERVER_GET_CLIENT_LIMITS => {
+                let srv = server_arg(d)?;
+                let flags = d.u32()?;
+                let srv = match srv {
+                    Ok(s) => s,
+                    Err(name) => return Ok(Err(no_server_rpc(&name))),
+                };
+                if let Err(err) = check_flags(flags, "adminServerGetClientLimits") {
+                    return Ok(Err(err));
+                }
+                let l = host.limits(srv);
+                encode_params(
+                    &mut e,
+                    &[
+                        ("nclients_max", Value::UInt(l.max)),
+                        ("nclients", Value::UInt(l.current)),
+                        ("nclients_unauth_max", Value::UInt(l.unauth_max)),
+                        ("nclients_unauth", Value::UInt(l.unauth_current)),
+                    ],
+                );
+                Ok(Ok(e.finish()))
+            }
+            SERVER_SET_CLIENT_LIMITS => {
+                let srv = server_arg(d)?;
+                let params = decode_list(d, CLIENT_LIMITS_MAX)?;
+                let flags = d.u32()?;
+                let srv = match srv {
+                    Ok(s) => s,
+                    Err(name) => return Ok(Err(no_server_admin(&name))),
+                };
+                if let Err(err) = check_flags(flags, "adminServerSetClientLimits") {
+                    return Ok(Err(err));
+                }
+                const ALLOWED: &[(&str, i32, &str)] = &[
+                    ("nclients_max", 2, "uint"),
+                    ("nclients_unauth_max", 2, "uint"),
+                ];
+                if let Err(err) = validate_against(&params, ALLOWED) {
+                    return Ok(Err(err));
+                }
+                let v = uints(&params, &["nclients_max", "nclients_unauth_max"]);
+                let cur = host.limits(srv);
+                let max = v[0].unwrap_or(cur.max);
+                let unauth = v[1].unwrap_or(cur.unauth_max);
+                if max < unauth {
+                    return Ok(Err(RemoteError::new(
+                        err_code::INVALID_ARG,
+                        err_domain::RPC,
+                        "The overall maximum number of clients waiting for authentication must \
+                         not be less than the overall maximum number of clients",
+                    )));
+                }
+                host.set_limits(srv, max, unauth);
+                Ok(Ok(Vec::new()))
+            }
+            CONNECT_GET_LOGGING_OUTPUTS => {
+                let flags = d.u32()?;
+                if let Err(err) = check_flags(flags, "adminConnectGetLoggingOutputs") {
+                    return Ok(Err(err));
+                }
+                let outputs = host.log_outputs();
+                let n = outputs.split(' ').filter(|w| !w.is_empty()).count();
+                e.string(&outputs).u32(n as u32);
+                Ok(Ok(e.finish()))
+            }
+            CONNECT_GET_LOGGING_FILTERS => {
+                let flags = d.u32()?;
+                if let Err(err) = check_flags(flags, "adminConnectGetLoggingFilters") {
+                    return Ok(Err(err));
+                }
+                let filters = host.log_filters();
+                let n = filters.split(' ').filter(|w| !w.is_empty()).count();
+                // No filters travel as a NULL string.
+                e.opt_string((n > 0).then_some(filters.as_str()))
+                    .u32(n as u32);
+                Ok(Ok(e.finish()))
+            }
+            CONNECT_SET_LOGGING_OUTPUTS | CONNECT_SET_LOGGING_FILTERS => {
+                let text = d.opt_string()?;
+                let flags = d.u32()?;
+                let outputs = proc_ == CONNECT_SET_LOGGING_OUTPUTS;
+                let func = if outputs {
+                    "adminConnectSetLoggingOutputs"
+                } else {
+                    "adminConnectSetLoggingFilters"
+                };
+                if let Err(err) = check_flags(flags, func) {
+                    return Ok(Err(err));
+                }
+                let text = text.unwrap_or_default();
+                let r = if outputs {
+                    host.set_log_outputs(&text)
+                } else {
+                    host.set_log_filters(&text)
+                };
+                Ok(r.map(|()| Vec::new())
+                    .map_err(|m| RemoteError::new(err_code::INVALID_ARG, err_domain::NONE, m)))
+            }
+            SERVER_UPDATE_TLS_FILES => {
+                let srv = server_arg(d)?;
+                let flags = d.u32()?;
+                let srv = match srv {
+                    Ok(s) => s,
+                    Err(name) => return Ok(Err(no_server_rpc(&name))),
+                };
+                if let Err(err) = check_flags(flags, "adminServerUpdateTlsFiles") {
+                    return Ok(Err(err));
+                }
+                Ok(match srv {
+                    Server::Admin => Err(no_tls()),
+                    Server::Proxy => host.update_tls(srv).map(|()| Vec::new()),
+                })
+            }
+            CONNECT_SET_DAEMON_TIMEOUT => {
+                let timeout = d.u32()?;
+                let flags = d.u32()?;
+                if let Err(err) = check_flags(flags, "adminConnectSetDaemonTimeout") {
+                    return Ok(Err(err));
+                }
+                host.set_daemon_timeout(timeout);
+                Ok(Ok(Vec::new()))
+            }
+            _ => Ok(Err(RemoteError::new(
+                err_code::RPC,
+                err_domain::RPC,
+                format!("unknown procedure: {proc_}"),
+            ))),
+        }
+    }
+}
+
+/// The "no TLS listener" error, for hosts without one.
+pub fn no_tls_service() -> RemoteError {
+    no_tls()
+}
+
+#[cfg(test)]
+mod tests;

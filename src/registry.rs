@@ -1,0 +1,214 @@
+//! The client registry the admin server reads: who is connected, since when, over what, and
+//! which relay worker owns them. Written only when a client is accepted, when its identity
+//! changes (TLS handshake) and when it closes — never per message — so a plain mutex is
+//! enough. Disconnect requests travel to the owning worker through a per-worker inbox and the
+//! worker's eventfd; the worker closes the connection itself, so no one else touches it.
+
+use std::collections::BTreeMap;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+use crate::identity::Identity;
+use crate::listen::ListenerKind;
+
+/// `virClientTransport`.
+pub mod transport {
+    pub const UNIX: u32 = 0;
+    pub const TCP: u32 = 1;
+    pub const TLS: u32 = 2;
+}
+
+/// What the admin server knows about one relayed client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientRecord {
+    pub id: u64,
+    /// Connect time, seconds since the epoch.
+    pub timestamp: i64,
+    pub kind: ListenerKind,
+    pub identity: Identity,
+    /// `ip:port` of a TCP/TLS peer.
+    pub peer_addr: Option<String>,
+    /// Index of the relay worker that owns the connection.
+    pub worker: usize,
+}
+
+impl ClientRecord {
+    pub fn transport(&self) -> u32 {
+        match self.kind {
+            ListenerKind::Tcp => transport::TCP,
+            ListenerKind::Tls => transport::TLS,
+            _ => transport::UNIX,
+        }
+    }
+
+    pub fn readonly(&self) -> bool {
+        self.kind == ListenerKind::UnixRo
+    }
+}
+
+/// One worker's queue of connection ids to close.
+struct Inbox {
+    /// Lets the worker skip the lock when nothing is queued (checked on every eventfd wake).
+    pending: AtomicBool,
+    ids: Mutex<Vec<u64>>,
+    waker: OwnedFd,
+}
+
+/// The registry plus the little daemon state the admin protocol changes at run time.
+#[derive(Default)]
+pub struct Registry {
+    clients: Mutex<BTreeMap<u64, ClientRecord>>,
+    inboxes: OnceLock<Vec<Inbox>>,
+    /// Connected admin clients (they keep the daemon from idling out, as in libvirt).
+    admin_clients: AtomicUsize,
+    /// The `--timeout` idle exit in seconds; 0 = never. Set at start and by daemon-timeout.
+    idle_timeout: AtomicU32,
+}
+
+/// Seconds since the epoch, now.
+pub fn now_epoch() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+impl Registry {
+    /// Gives the registry each worker's eventfd (index = worker index); once, at start.
+    pub fn attach_workers(&self, wakers: Vec<OwnedFd>) {
+        let inboxes = wakers
+            .into_iter()
+            .map(|waker| Inbox {
+                pending: AtomicBool::new(false),
+                ids: Mutex::new(Vec::new()),
+                waker,
+            })
+            .collect();
+        let _ = self.inboxes.set(inboxes);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, ClientRecord>> {
+        // A panic while holding the lock leaves a consistent map (single inserts/removes).
+        self.clients.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn insert(&self, rec: ClientRecord) {
+        self.lock().insert(rec.id, rec);
+    }
+
+    pub fn remove(&self, id: u64) {
+        self.lock().remove(&id);
+    }
+
+    pub fn set_identity(&self, id: u64, identity: Identity) {
+        if let Some(r) = self.lock().get_mut(&id) {
+            r.identity = identity;
+        }
+    }
+
+    /// Every client, by id (= accept order).
+    pub fn list(&self) -> Vec<ClientRecord> {
+        self.lock().values().cloned().collect()
+    }
+
+    pub fn get(&self, id: u64) -> Option<ClientRecord> {
+        self.lock().get(&id).cloned()
+    }
+
+    /// Asks the worker owning `id` to close it. False: no such client.
+    pub fn request_disconnect(&self, id: u64) -> bool {
+        let Some(worker) = self.lock().get(&id).map(|r| r.worker) else {
+            return false;
+        };
+        let Some(inbox) = self.inboxes.get().and_then(|v| v.get(worker)) else {
+            return false;
+        };
+        inbox.ids.lock().unwrap_or_else(|p| p.into_inner()).push(id);
+        inbox.pending.store(true, Ordering::Release);
+        let one: u64 = 1;
+        // SAFETY: writing 8 bytes to an eventfd.
+        unsafe { libc::write(inbox.waker.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        true
+    }
+
+    /// The ids worker `index` must close (called on its eventfd wake).
+    pub fn take_disconnects(&self, index: usize) -> Vec<u64> {
+        match self.inboxes.get().and_then(|v| v.get(index)) {
+            Some(inbox) if inbox.pending.swap(false, Ordering::AcqRel) => {
+                std::mem::take(&mut *inbox.ids.lock().unwrap_or_else(|p| p.into_inner()))
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    pub fn admin_connected(&self) {
+        self.admin_clients.fetch_add(1, Ordering::AcqRel);
+    }
+
+    pub fn admin_disconnected(&self) {
+        self.admin_clients.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    pub fn admin_clients(&self) -> usize {
+        self.admin_clients.load(Ordering::Acquire)
+    }
+
+    pub fn set_idle_timeout(&self, secs: u32) {
+        self.idle_timeout.store(secs, Ordering::Release);
+    }
+
+    pub fn idle_timeout(&self) -> Option<Duration> {
+        match self.idle_timeout.load(Ordering::Acquire) {
+            0 => None,
+            s => Some(Duration::from_secs(s.into())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn eventfd() -> OwnedFd {
+        use std::os::fd::FromRawFd;
+        // SAFETY: plain syscall; the result is checked.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        assert!(fd >= 0);
+        // SAFETY: fresh descriptor.
+        unsafe { OwnedFd::from_raw_fd(fd) }
+    }
+
+    fn rec(id: u64, worker: usize) -> ClientRecord {
+        ClientRecord {
+            id,
+            timestamp: 1,
+            kind: ListenerKind::UnixRw,
+            identity: Identity::default(),
+            peer_addr: None,
+            worker,
+        }
+    }
+
+    #[test]
+    fn disconnect_reaches_the_owning_worker_only() {
+        let r = Registry::default();
+        let w0 = eventfd();
+        let w1 = eventfd();
+        let probe = w1.try_clone().unwrap();
+        r.attach_workers(vec![w0, w1]);
+        r.insert(rec(7, 1));
+        r.insert(rec(8, 0));
+        assert!(!r.request_disconnect(99));
+        assert!(r.request_disconnect(7));
+        assert_eq!(r.take_disconnects(0), Vec::<u64>::new());
+        assert_eq!(r.take_disconnects(1), vec![7]);
+        assert_eq!(r.take_disconnects(1), Vec::<u64>::new());
+        let mut b = [0u8; 8];
+        // SAFETY: reading an eventfd counter into an 8-byte buffer.
+        let n = unsafe { libc::read(probe.as_raw_fd(), b.as_mut_ptr().cast(), 8) };
+        assert_eq!((n, u64::from_ne_bytes(b)), (8, 1));
+        r.remove(7);
+        assert_eq!(r.list().iter().map(|c| c.id).collect::<Vec<_>>(), vec![8]);
+    }
+}
