@@ -306,6 +306,7 @@ fn run(argv0: &str, cli: cli::Cli) -> i32 {
         },
         auth_pending: AtomicUsize::new(0),
         max_anonymous_clients: AtomicUsize::new(cfg.max_anonymous_clients as usize),
+        registry: Default::default(),
     });
     let workers = match cfg.worker_threads {
         0 => std::thread::available_parallelism()
@@ -325,6 +326,16 @@ fn run(argv0: &str, cli: cli::Cli) -> i32 {
     if let Some(r) = ready {
         r.report(0);
     }
+    // srv-update-tls re-reads the files named by the configuration the daemon started with.
+    let tls_cfg = cfg.clone();
+    let admin = virtproxyd::admin::serve::AdminOpts {
+        log: Some(log.clone()),
+        log_settings: log_settings(&cfg, &env, cli.verbose, cli.daemon),
+        tls_reload: Some(Box::new(move || {
+            tls::TlsSettings::from_config(&tls_cfg).map_err(|e| e.to_string())
+        })),
+        max_clients: cfg.admin_max_clients,
+    };
     let mut reloader = Reloader {
         path: cli.config.clone(),
         env: env.clone(),
@@ -340,6 +351,7 @@ fn run(argv0: &str, cli: cli::Cli) -> i32 {
         idle_timeout: (cli.timeout > 0).then(|| Duration::from_secs(cli.timeout.into())),
         shared,
         on_reload: Box::new(move |shared| reloader.reload(shared)),
+        admin,
     };
     match server::run(opts) {
         Ok(Stopped::IdleTimeout) => {

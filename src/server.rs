@@ -31,6 +31,8 @@ pub struct ServerOpts {
     pub shared: Arc<Shared>,
     /// Called on SIGHUP (config reload).
     pub on_reload: Box<dyn FnMut(&Shared)>,
+    /// What the admin server on `libvirt-admin-sock` listeners needs.
+    pub admin: crate::admin::serve::AdminOpts,
 }
 
 /// Tells systemd (Type=notify) about our state; a no-op without NOTIFY_SOCKET.
@@ -85,6 +87,21 @@ fn client_identity(kind: ListenerKind, fd: &OwnedFd, names: &mut NameCache) -> O
     }
 }
 
+/// `ip:port` of a TCP/TLS peer, for client-info.
+fn peer_addr(kind: ListenerKind, fd: &OwnedFd) -> Option<String> {
+    if kind.is_unix() {
+        return None;
+    }
+    let sa: nix::sys::socket::SockaddrStorage =
+        nix::sys::socket::getpeername(fd.as_raw_fd()).ok()?;
+    if let Some(v4) = sa.as_sockaddr_in() {
+        Some(format!("{}:{}", v4.ip(), v4.port()))
+    } else {
+        sa.as_sockaddr_in6()
+            .map(|v6| format!("[{}]:{}", v6.ip(), v6.port()))
+    }
+}
+
 /// max_anonymous_clients: like libvirt, accepting pauses on every listener while this many
 /// clients have not finished authenticating.
 fn anonymous_limit_reached(shared: &Shared) -> bool {
@@ -112,6 +129,16 @@ pub fn run(mut opts: ServerOpts) -> io::Result<Stopped> {
     signals.thread_block().map_err(io::Error::from)?;
     let sigfd = SignalFd::with_flags(&signals, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
         .map_err(io::Error::from)?;
+
+    // The admin socket is served by its own thread, never by a relay worker.
+    let (admin_listeners, relay_listeners): (Vec<Listener>, Vec<Listener>) =
+        std::mem::take(&mut opts.listeners)
+            .into_iter()
+            .partition(|l| l.kind == ListenerKind::UnixAdmin);
+    opts.listeners = relay_listeners;
+    opts.shared
+        .registry
+        .set_idle_timeout(opts.idle_timeout.map_or(0, |d| d.as_secs() as u32));
 
     let mut workers = Vec::with_capacity(opts.workers);
     let mut backend_name = "";
@@ -146,6 +173,12 @@ pub fn run(mut opts: ServerOpts) -> io::Result<Stopped> {
         }
     }
     links.resize_with(nworkers, || None);
+    opts.shared.registry.attach_workers(
+        wakers
+            .iter()
+            .map(|w| w.try_clone())
+            .collect::<io::Result<Vec<_>>>()?,
+    );
     for (index, (waker, link)) in wakers.into_iter().zip(links).enumerate() {
         let reactor = Reactor::new(opts.backend)?;
         backend_name = reactor.name();
@@ -168,6 +201,16 @@ pub fn run(mut opts: ServerOpts) -> io::Result<Stopped> {
         backend = backend_name,
         "relay workers started"
     );
+    let admin_thread = if admin_listeners.is_empty() {
+        None
+    } else {
+        Some(crate::admin::serve::spawn(
+            admin_listeners,
+            opts.shared.clone(),
+            nworkers,
+            std::mem::take(&mut opts.admin),
+        )?)
+    };
     // Every listener is live (bound and listening) before this point.
     notify(&[
         sd_notify::NotifyState::Ready,
@@ -191,12 +234,15 @@ pub fn run(mut opts: ServerOpts) -> io::Result<Stopped> {
         }
         let max_clients = shared.max_clients.load(Ordering::Acquire);
         let anonymous_full = anonymous_limit_reached(shared);
-        if clients == 0 {
+        // Admin clients keep the daemon up too, as in libvirt; the limit can change at run
+        // time (daemon-timeout).
+        if clients == 0 && shared.registry.admin_clients() == 0 {
             idle_since.get_or_insert_with(Instant::now);
         } else {
             idle_since = None;
         }
-        if let (Some(limit), Some(since)) = (opts.idle_timeout, idle_since) {
+        let idle_timeout = shared.registry.idle_timeout();
+        if let (Some(limit), Some(since)) = (idle_timeout, idle_since) {
             if since.elapsed() >= limit {
                 break Stopped::IdleTimeout;
             }
@@ -214,7 +260,7 @@ pub fn run(mut opts: ServerOpts) -> io::Result<Stopped> {
         }
         // Wake periodically while we cannot accept (a client may have left) or to check the
         // idle timer.
-        let timeout = if !accepting || opts.idle_timeout.is_some() {
+        let timeout = if !accepting || idle_timeout.is_some() {
             200u16
         } else {
             1000u16
@@ -279,6 +325,15 @@ pub fn run(mut opts: ServerOpts) -> io::Result<Stopped> {
                             }
                         }
                         shared.clients.fetch_add(1, Ordering::AcqRel);
+                        let owner = next_worker % workers.len();
+                        shared.registry.insert(crate::registry::ClientRecord {
+                            id,
+                            timestamp: crate::registry::now_epoch(),
+                            kind: l.kind,
+                            identity: identity.clone(),
+                            peer_addr: peer_addr(l.kind, &fd),
+                            worker: owner,
+                        });
                         let auth = shared.auth.of(l.kind);
                         if auth != crate::config::Auth::None {
                             shared.auth_pending.fetch_add(1, Ordering::AcqRel);
@@ -296,6 +351,7 @@ pub fn run(mut opts: ServerOpts) -> io::Result<Stopped> {
                             .is_err()
                         {
                             shared.clients.fetch_sub(1, Ordering::AcqRel);
+                            shared.registry.remove(id);
                             if auth != crate::config::Auth::None {
                                 shared.auth_pending.fetch_sub(1, Ordering::AcqRel);
                             }
@@ -332,6 +388,9 @@ pub fn run(mut opts: ServerOpts) -> io::Result<Stopped> {
     for w in workers {
         drop(w.tx);
         let _ = w.thread.join();
+    }
+    if let Some(t) = admin_thread {
+        let _ = t.join();
     }
     Ok(stopped)
 }

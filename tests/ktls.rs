@@ -100,6 +100,7 @@ fn proxy() -> &'static Proxy {
             auth: virtproxyd::worker::ListenerAuth::NONE,
             auth_pending: AtomicUsize::new(0),
             max_anonymous_clients: AtomicUsize::new(0),
+            registry: Default::default(),
         });
         std::thread::spawn(move || {
             let _ = server::run(ServerOpts {
@@ -109,6 +110,7 @@ fn proxy() -> &'static Proxy {
                 idle_timeout: None,
                 shared,
                 on_reload: Box::new(|_| {}),
+                admin: Default::default(),
             });
         });
         Proxy { port, ca_pem: ca.cert_pem.clone(), client: ca.client("client1", 7), _dir: dir }

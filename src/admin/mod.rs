@@ -2,8 +2,9 @@
 //! sans-IO machine: a complete frame and a [`Host`] in, reply frames and a close out. The
 //! encodings, typed parameter names and error texts are libvirt's (`admin_protocol.x`,
 //! `admin_server_dispatch.c`, `admin_server.c`, `virnetserver.c`, `virnetdaemon.c`).
+//! [`serve`] runs it on the admin thread against the live daemon.
 
-
+pub mod serve;
 
 use crate::proto::msg::{self, err_code, err_domain, RemoteError};
 use crate::proto::set_identity::{decode_list, validate_against, TypedParam, Value};

@@ -95,6 +95,8 @@ pub struct Shared {
     pub auth_pending: AtomicUsize,
     /// 0 = unlimited; changed by SIGHUP.
     pub max_anonymous_clients: AtomicUsize,
+    /// Who is connected, for the admin server (written at open, identity change, close).
+    pub registry: crate::registry::Registry,
 }
 
 /// How long the downstream handshake may take before the client gets an error.
@@ -292,6 +294,7 @@ impl Worker {
                     self.drain_waker();
                     self.accept_new();
                     self.polkit_answers();
+                    self.admin_disconnects();
                     continue;
                 }
                 let slot = ((ev.token & 0xffff_ffff) >> 2) as usize;
@@ -366,6 +369,7 @@ impl Worker {
                 Ok(a) => Some(TlsSide::Accept(Box::new(a))),
                 Err(e) => {
                     tracing::warn!(conn = nc.id, "cannot start TLS: {e}");
+                    self.shared.registry.remove(nc.id);
                     self.shared.clients.fetch_sub(1, Ordering::AcqRel);
                     if nc.auth != Auth::None {
                         self.shared.auth_pending.fetch_sub(1, Ordering::AcqRel);
@@ -546,11 +550,13 @@ impl Worker {
                     }
                 };
                 let conn = self.conns.get_mut(slot).ok_or("gone")?;
+                let identity = Identity {
+                    x509_dname: dn,
+                    ..Identity::default()
+                };
+                self.shared.registry.set_identity(conn.id, identity.clone());
                 if let State::Pre(p) = &mut conn.state {
-                    p.hs.set_identity(Identity {
-                        x509_dname: dn,
-                        ..Identity::default()
-                    });
+                    p.hs.set_identity(identity);
                 }
                 // Deliver the confirmation byte (and anything else) before the pre-open reads.
                 self.drive_tls(slot)
@@ -713,6 +719,7 @@ impl Worker {
         if conn.auth_pending {
             self.shared.auth_pending.fetch_sub(1, Ordering::AcqRel);
         }
+        self.shared.registry.remove(conn.id);
         drop(conn);
         self.shared.clients.fetch_sub(1, Ordering::AcqRel);
     }
@@ -737,6 +744,17 @@ impl Worker {
             match self.apply(answer.slot, &mut out) {
                 Ok(()) => self.service(answer.slot, answer.gen),
                 Err(why) => self.close(answer.slot, &why),
+            }
+        }
+    }
+
+    /// Connections an admin client asked to disconnect (client-disconnect): closed like any
+    /// other close, so the client sees EOF and the daemon side is shut.
+    fn admin_disconnects(&mut self) {
+        for id in self.shared.registry.take_disconnects(self.index) {
+            let slot = self.conns.iter().find(|(_, c)| c.id == id).map(|(k, _)| k);
+            if let Some(slot) = slot {
+                self.close(slot, "disconnected by an admin request");
             }
         }
     }
