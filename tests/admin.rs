@@ -1,0 +1,480 @@
+//! The admin server: real `virt-admin` against ours and, where the answers must match, the
+//! same commands against libvirt 9.0.0's own virtproxyd from the modular test bed.
+
+mod support;
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use support::modular::{proxies, proxy, testbed};
+use support::pki::{client_dir, Ca};
+use support::*;
+
+fn admin_sock(p: &Proxy) -> PathBuf {
+    p.dir().join("libvirt-admin-sock")
+}
+
+fn ours(p: &Proxy, args: &[&str]) -> Output {
+    virt_admin_sock(&admin_sock(p), args)
+}
+
+fn theirs(args: &[&str]) -> Output {
+    testbed().virt_admin("virtproxyd", args)
+}
+
+fn ok(o: &Output, what: &str) -> String {
+    assert_success(o, what);
+    stdout(o)
+}
+
+/// `key : value` lines of virt-admin's typed-parameter output.
+fn field(text: &str, key: &str) -> Option<String> {
+    info_field(text, key).map(str::to_string)
+}
+
+/// A python client (tests/py/admin_client.py) run as vpdtest, holding its connection open.
+struct Client {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    out: BufReader<ChildStdout>,
+    pid: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Client {
+    fn start(uri: &str) -> Client {
+        let dir = tempfile::tempdir().unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        for f in ["admin_client.py", "_common.py"] {
+            std::fs::copy(py_script(f), dir.path().join(f)).unwrap();
+        }
+        let mut child = Command::new("runuser")
+            .args(["-u", "vpdtest", "--", "/usr/bin/python3"])
+            .arg(dir.path().join("admin_client.py"))
+            .arg(uri)
+            .current_dir(dir.path())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take();
+        let out = BufReader::new(child.stdout.take().unwrap());
+        let mut c = Client {
+            child,
+            stdin,
+            out,
+            pid: String::new(),
+            _dir: dir,
+        };
+        c.pid = c.line().strip_prefix("pid ").expect("pid line").to_string();
+        assert_eq!(c.line(), "open", "client did not open {uri}");
+        c
+    }
+
+    fn line(&mut self) -> String {
+        let mut l = String::new();
+        self.out.read_line(&mut l).unwrap();
+        l.trim().to_string()
+    }
+
+    /// Makes one call; "ok" or "err <code>".
+    fn call(&mut self) -> String {
+        let stdin = self.stdin.as_mut().unwrap();
+        stdin.write_all(b"call\n").unwrap();
+        stdin.flush().unwrap();
+        self.line()
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        drop(self.stdin.take());
+        let _ = self.child.wait();
+    }
+}
+
+/// The `virtproxyd` server's clients as `(id, client-info)`, through `va`.
+fn clients(va: &dyn Fn(&[&str]) -> Output) -> Vec<(u64, String)> {
+    let list = ok(&va(&["srv-clients-list", "virtproxyd"]), "srv-clients-list");
+    list.lines()
+        .filter_map(|l| l.split_whitespace().next().and_then(|w| w.parse().ok()))
+        .filter_map(|id: u64| {
+            let info = va(&["client-info", "virtproxyd", &id.to_string()]);
+            info.status.success().then(|| (id, stdout(&info)))
+        })
+        .collect()
+}
+
+fn client_with_pid(va: &dyn Fn(&[&str]) -> Output, pid: &str) -> (u64, String) {
+    clients(va)
+        .into_iter()
+        .find(|(_, i)| field(i, "unix_process_id").as_deref() == Some(pid))
+        .unwrap_or_else(|| panic!("no client with pid {pid}"))
+}
+
+fn keys(info: &str) -> Vec<String> {
+    info.lines()
+        .filter_map(|l| l.split_once(':').map(|(k, _)| k.trim().to_string()))
+        .filter(|k| !k.is_empty())
+        .collect()
+}
+
+#[test]
+fn servers_are_listed_and_looked_up_as_libvirts_virtproxyd() {
+    let _daemons = support::modular::daemons_shared();
+    let p = proxy("", &[]);
+    let mine = ok(&ours(&p, &["srv-list"]), "srv-list (ours)");
+    let reference = ok(&theirs(&["srv-list"]), "srv-list (libvirt)");
+    assert_eq!(mine, reference);
+    assert!(
+        mine.contains("virtproxyd") && mine.contains("admin"),
+        "{mine}"
+    );
+    // An unknown server: same error text from both.
+    let a = ours(&p, &["srv-threadpool-info", "nope"]);
+    let b = theirs(&["srv-threadpool-info", "nope"]);
+    assert!(!a.status.success());
+    assert_eq!(stderr(&a), stderr(&b));
+    // The threadpool is reported with libvirt's parameter names.
+    let tp = ok(
+        &ours(&p, &["srv-threadpool-info", "virtproxyd"]),
+        "threadpool",
+    );
+    let tp_ref = ok(
+        &theirs(&["srv-threadpool-info", "virtproxyd"]),
+        "threadpool",
+    );
+    assert_eq!(keys(&tp), keys(&tp_ref));
+    let v = ok(&ours(&p, &["version"]), "version");
+    assert!(v.contains("Running against daemon: 9.0.0"), "{v}");
+}
+
+/// Two non-root clients: counts, client-info, then one is disconnected (its next call fails,
+/// the other keeps working) — on ours (both backends) and on libvirt's virtproxyd.
+#[test]
+fn two_clients_counted_described_and_one_disconnected() {
+    let _daemons = support::modular::daemons_shared();
+    let tb = testbed();
+    let vpdtest_uid = stdout(&Command::new("id").args(["-u", "vpdtest"]).output().unwrap())
+        .trim()
+        .to_string();
+
+    // libvirt's virtproxyd first: the reference.
+    let uri_ref = unix_uri("qemu:///system", &tb.libvirt_proxy_rw());
+    let va_ref = |a: &[&str]| theirs(a);
+    let before_ref = field(
+        &ok(&theirs(&["srv-clients-info", "virtproxyd"]), "info"),
+        "nclients",
+    )
+    .unwrap();
+    let mut c1 = Client::start(&uri_ref);
+    let mut c2 = Client::start(&uri_ref);
+    let info_ref = ok(&theirs(&["srv-clients-info", "virtproxyd"]), "info");
+    let n_ref: u32 = field(&info_ref, "nclients").unwrap().parse().unwrap();
+    assert_eq!(n_ref, before_ref.parse::<u32>().unwrap() + 2);
+    let (id1, ci_ref) = client_with_pid(&va_ref, &c1.pid);
+    assert_eq!(field(&ci_ref, "unix_user_id"), Some(vpdtest_uid.clone()));
+    ok(
+        &theirs(&["client-disconnect", "virtproxyd", &id1.to_string()]),
+        "disconnect",
+    );
+    let after_ref = (c1.call(), c2.call());
+    assert!(after_ref.0.starts_with("err"), "{after_ref:?}");
+    assert_eq!(after_ref.1, "ok");
+    drop((c1, c2));
+
+    for (backend, p) in proxies("") {
+        let va = |a: &[&str]| ours(&p, a);
+        let uri = p.uri("qemu:///system");
+        let mut c1 = Client::start(&uri);
+        let mut c2 = Client::start(&uri);
+        let info = ok(&ours(&p, &["srv-clients-info", "virtproxyd"]), "info");
+        assert_eq!(
+            field(&info, "nclients").as_deref(),
+            Some("2"),
+            "{backend}: {info}"
+        );
+        assert_eq!(
+            keys(&info),
+            keys(&info_ref),
+            "{backend}: srv-clients-info fields"
+        );
+        let (id1, ci) = client_with_pid(&va, &c1.pid);
+        assert_eq!(
+            field(&ci, "unix_user_id"),
+            Some(vpdtest_uid.clone()),
+            "{backend}"
+        );
+        assert_eq!(
+            field(&ci, "unix_process_id"),
+            Some(c1.pid.clone()),
+            "{backend}"
+        );
+        assert_eq!(
+            keys(&ci),
+            keys(&ci_ref),
+            "{backend}: client-info fields\n{ci}\n{ci_ref}"
+        );
+        assert_eq!(field(&ci, "readonly"), field(&ci_ref, "readonly"));
+        let list = ok(&ours(&p, &["srv-clients-list", "virtproxyd"]), "list");
+        assert!(list.contains("unix"), "{backend}: {list}");
+
+        ok(
+            &ours(&p, &["client-disconnect", "virtproxyd", &id1.to_string()]),
+            "disconnect",
+        );
+        let after = (c1.call(), c2.call());
+        assert_eq!(
+            (after.0.starts_with("err"), after.1.as_str()),
+            (after_ref.0.starts_with("err"), "ok"),
+            "{backend}: {after:?} vs libvirt's {after_ref:?}"
+        );
+        assert_eq!(
+            after.0, after_ref.0,
+            "{backend}: error code of the next call"
+        );
+        assert!(wait_for(Duration::from_secs(5), || {
+            field(
+                &ok(&ours(&p, &["srv-clients-info", "virtproxyd"]), "info"),
+                "nclients",
+            )
+            .as_deref()
+                == Some("1")
+        }));
+        assert!(
+            p.log_text().contains("disconnected by an admin request"),
+            "{backend}: {}",
+            p.log_text()
+        );
+        // An unknown id: same error as libvirt's.
+        let a = ours(&p, &["client-disconnect", "virtproxyd", "999999"]);
+        let b = theirs(&["client-disconnect", "virtproxyd", "999999"]);
+        assert_eq!(stderr(&a), stderr(&b), "{backend}");
+    }
+}
+
+#[test]
+fn max_clients_is_set_live() {
+    let _daemons = support::modular::daemons_shared();
+    let p = proxy("", &[]);
+    // A maximum below the unauthenticated maximum: libvirt's refusal, word for word.
+    let a = ours(&p, &["srv-clients-set", "virtproxyd", "--max-clients", "5"]);
+    let b = theirs(&["srv-clients-set", "virtproxyd", "--max-clients", "5"]);
+    assert!(!a.status.success());
+    assert_eq!(stderr(&a), stderr(&b));
+
+    ok(
+        &ours(
+            &p,
+            &[
+                "srv-clients-set",
+                "virtproxyd",
+                "--max-unauth-clients",
+                "0",
+                "--max-clients",
+                "1",
+            ],
+        ),
+        "srv-clients-set",
+    );
+    let info = ok(&ours(&p, &["srv-clients-info", "virtproxyd"]), "info");
+    assert_eq!(field(&info, "nclients_max").as_deref(), Some("1"), "{info}");
+    assert_eq!(field(&info, "nclients_unauth_max").as_deref(), Some("0"));
+
+    // One client holds the only place; a second is not accepted until the limit is raised.
+    let uri = p.uri("qemu:///system");
+    let _c1 = Client::start(&uri);
+    let mut second = Command::new("virsh")
+        .args(["-c", &uri, "uri"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        second.try_wait().unwrap().is_none(),
+        "second client was served at the limit"
+    );
+    ok(
+        &ours(
+            &p,
+            &["srv-clients-set", "virtproxyd", "--max-clients", "5000"],
+        ),
+        "raise",
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = second.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "second client still waiting");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success());
+}
+
+#[test]
+fn log_filters_and_outputs_are_set_and_read_back() {
+    let _daemons = support::modular::daemons_shared();
+    let p = proxy("", &[]);
+    let old_ref = ok(&theirs(&["daemon-log-filters"]), "filters (libvirt)");
+    ok(
+        &ours(&p, &["daemon-log-filters", "1:rpc 3:util"]),
+        "set filters",
+    );
+    ok(
+        &theirs(&["daemon-log-filters", "1:rpc 3:util"]),
+        "set filters (libvirt)",
+    );
+    let mine = ok(&ours(&p, &["daemon-log-filters"]), "filters");
+    let reference = ok(&theirs(&["daemon-log-filters"]), "filters (libvirt)");
+    // Put libvirt's filters back before asserting.
+    let restore = old_ref
+        .split_once(':')
+        .map(|(_, v)| v.trim().to_string())
+        .unwrap_or_default();
+    ok(
+        &theirs(&["daemon-log-filters", &restore]),
+        "restore filters (libvirt)",
+    );
+    assert_eq!(mine, reference);
+    assert!(mine.contains("1:*rpc* 3:*util* "), "{mine:?}");
+
+    // A malformed filter: libvirt's error.
+    let a = ours(&p, &["daemon-log-filters", "x"]);
+    let b = theirs(&["daemon-log-filters", "x"]);
+    assert!(!a.status.success());
+    assert_eq!(stderr(&a), stderr(&b));
+
+    // A file output receives debug lines after one call through the proxy.
+    let log = p.dir().join("admin-debug.log");
+    // Debug from the data path and the handshake; the level stays at warning elsewhere.
+    ok(
+        &ours(&p, &["daemon-log-filters", "1:rpc 1:remote"]),
+        "debug filters",
+    );
+    let spec = format!("1:file:{}", log.display());
+    ok(&ours(&p, &["daemon-log-outputs", &spec]), "set outputs");
+    let outs = ok(&ours(&p, &["daemon-log-outputs"]), "outputs");
+    assert!(outs.contains(&spec), "{outs}");
+    let o = virsh(&p.uri("qemu:///system"), &["uri"]);
+    assert_success(&o, "virsh uri");
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        text.contains(": debug : "),
+        "no debug lines in {}:\n{text}",
+        log.display()
+    );
+}
+
+#[test]
+fn a_client_of_another_uid_is_refused() {
+    let _daemons = support::modular::daemons_shared();
+    let p = proxy("unix_sock_admin_perms = \"0777\"\n", &[]);
+    let mut cmd = Command::new("runuser");
+    cmd.args(["-u", "vpdtest", "--", "virt-admin", "-c"])
+        .arg(format!(
+            "libvirtd:///system?socket={}",
+            admin_sock(&p).display()
+        ))
+        .arg("srv-list")
+        .stdin(Stdio::null());
+    let o = output_with_timeout(&mut cmd, Duration::from_secs(60));
+    assert!(!o.status.success(), "{}", stdout(&o));
+    assert!(
+        wait_for(Duration::from_secs(5), || p
+            .log_text()
+            .contains("Disallowing client")),
+        "{}",
+        p.log_text()
+    );
+    // Root still gets in.
+    ok(&ours(&p, &["srv-list"]), "srv-list as root");
+}
+
+#[test]
+fn daemon_timeout_makes_an_idle_daemon_exit() {
+    let _daemons = support::modular::daemons_shared();
+    let mut p = proxy("", &[]);
+    let uri = p.uri("qemu:///system");
+    let c = Client::start(&uri);
+    ok(
+        &ours(&p, &["daemon-timeout", "--timeout", "1"]),
+        "daemon-timeout",
+    );
+    // Not while a client is connected.
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(p.running(), "exited with a client connected");
+    drop(c);
+    assert!(
+        wait_for(Duration::from_secs(10), || !p.running()),
+        "still running: {}",
+        p.log_text()
+    );
+}
+
+fn server_files(dir: &Path, ca: &Ca) -> String {
+    let (cert, key) = ca.server(false);
+    std::fs::write(dir.join("ca.pem"), &ca.cert_pem).unwrap();
+    std::fs::write(dir.join("server.pem"), cert).unwrap();
+    std::fs::write(dir.join("server.key"), key).unwrap();
+    format!(
+        "ca_file = \"{d}/ca.pem\"\ncert_file = \"{d}/server.pem\"\nkey_file = \"{d}/server.key\"\n",
+        d = dir.display()
+    )
+}
+
+#[test]
+fn srv_update_tls_picks_up_a_new_certificate() {
+    let files = tempfile::tempdir().unwrap();
+    let old = Ca::new("Old CA");
+    let new = Ca::new("New CA");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let conf = format!(
+        "listen_tls = 1\nlisten_addr = \"127.0.0.1\"\ntls_port = \"{port}\"\n{}",
+        server_files(files.path(), &old)
+    );
+    let p = Proxy::start(daemon(), &conf, &[]);
+    let pki = client_dir(files.path(), "newclient", &new, &new.client("client1", 5));
+    let uri = format!(
+        "test+tls://localhost:{port}/default?pkipath={}",
+        pki.display()
+    );
+    let before = virsh(&uri, &["uri"]);
+    assert!(
+        !before.status.success(),
+        "a client of the new CA got in early"
+    );
+    server_files(files.path(), &new);
+    // Not on SIGHUP here: only the admin call re-reads the files.
+    let a = ours(&p, &["srv-update-tls", "admin"]);
+    assert!(
+        stderr(&a).contains("no tls service found"),
+        "{}",
+        stderr(&a)
+    );
+    ok(
+        &ours(&p, &["srv-update-tls", "virtproxyd"]),
+        "srv-update-tls",
+    );
+    let after = virsh(&uri, &["uri"]);
+    assert_success(&after, "virsh over TLS after srv-update-tls");
+}
+
+#[test]
+fn srv_update_tls_without_tls_fails_as_libvirt() {
+    let _daemons = support::modular::daemons_shared();
+    let p = proxy("", &[]);
+    let a = ours(&p, &["srv-update-tls", "virtproxyd"]);
+    let b = theirs(&["srv-update-tls", "virtproxyd"]);
+    assert!(!a.status.success());
+    assert_eq!(stderr(&a), stderr(&b));
+}
