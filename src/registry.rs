@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use crate::identity::Identity;
 use crate::listen::ListenerKind;
+use crate::proto::set_identity::TypedParam;
 
 /// `virClientTransport`.
 pub mod transport {
@@ -21,7 +22,7 @@ pub mod transport {
 }
 
 /// What the admin server knows about one relayed client.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ClientRecord {
     pub id: u64,
     /// Connect time, seconds since the epoch.
@@ -32,6 +33,9 @@ pub struct ClientRecord {
     pub peer_addr: Option<String>,
     /// Index of the relay worker that owns the connection.
     pub worker: usize,
+    /// The identity the client set with its own CONNECT_SET_IDENTITY; it replaces `identity`
+    /// for the admin server, as `virNetServerClientSetIdentity` does in libvirt.
+    pub claimed: Option<Vec<TypedParam>>,
 }
 
 impl ClientRecord {
@@ -104,6 +108,12 @@ impl Registry {
     pub fn set_identity(&self, id: u64, identity: Identity) {
         if let Some(r) = self.lock().get_mut(&id) {
             r.identity = identity;
+        }
+    }
+
+    pub fn set_claimed(&self, id: u64, params: Vec<TypedParam>) {
+        if let Some(r) = self.lock().get_mut(&id) {
+            r.claimed = Some(params);
         }
     }
 
@@ -187,6 +197,7 @@ mod tests {
             identity: Identity::default(),
             peer_addr: None,
             worker,
+            claimed: None,
         }
     }
 

@@ -333,6 +333,7 @@ pub fn run(mut opts: ServerOpts) -> io::Result<Stopped> {
                             identity: identity.clone(),
                             peer_addr: peer_addr(l.kind, &fd),
                             worker: owner,
+                            claimed: None,
                         });
                         let auth = shared.auth.of(l.kind);
                         if auth != crate::config::Auth::None {

@@ -55,7 +55,8 @@ pub enum Server {
 }
 
 impl Server {
-    /// In the order libvirt's virtproxyd lists them (its hash table's order).
+    /// The order of srv-list. libvirt's follows a hash table with a per-run random seed
+    /// (`util/virhash.c`), so either order is libvirt's on some run; ours is fixed.
     pub const ALL: [Server; 2] = [Server::Proxy, Server::Admin];
 
     pub fn name(self) -> &'static str {
@@ -297,6 +298,35 @@ pub fn client_info_params(i: &ClientInfo) -> Vec<(&'static str, Value)> {
         p.push(("selinux_context", Value::Str(c.clone())));
     }
     p
+}
+
+/// The info of a client that set its own identity: only what it set (libvirt builds a new
+/// identity from the parameters, `virIdentitySetParameters`).
+pub fn claimed_info(
+    params: &[TypedParam],
+    local: bool,
+    readonly: bool,
+    sock_addr: Option<String>,
+) -> ClientInfo {
+    let mut i = ClientInfo {
+        readonly,
+        local,
+        sock_addr,
+        ..ClientInfo::default()
+    };
+    for p in params {
+        match (p.field.as_str(), &p.value) {
+            ("user-name", Value::Str(s)) => i.user_name = Some(s.clone()),
+            ("unix-user-id", Value::ULLong(v)) => i.uid = Some(*v as u32),
+            ("group-name", Value::Str(s)) => i.group_name = Some(s.clone()),
+            ("unix-group-id", Value::ULLong(v)) => i.gid = Some(*v as u32),
+            ("process-id", Value::LLong(v)) => i.pid = Some(*v as i32),
+            ("x509-distinguished-name", Value::Str(s)) => i.x509_dname = Some(s.clone()),
+            ("selinux-context", Value::Str(s)) => i.selinux_context = Some(s.clone()),
+            _ => {}
+        }
+    }
+    i
 }
 
 /// Reads a `nonnull_server` name and resolves it.

@@ -374,12 +374,11 @@ impl Host for Live<'_> {
         match srv {
             Server::Proxy => {
                 let r = self.server.shared.registry.get(id)?;
-                Some(info_of(
-                    &r.identity,
-                    r.kind.is_unix(),
-                    r.readonly(),
-                    r.peer_addr.clone(),
-                ))
+                let local = r.kind.is_unix();
+                Some(match &r.claimed {
+                    Some(params) => super::claimed_info(params, local, r.readonly(), r.peer_addr),
+                    None => info_of(&r.identity, local, r.readonly(), r.peer_addr.clone()),
+                })
             }
             Server::Admin => {
                 let c = self.server.conns.get(&id)?;

@@ -574,7 +574,12 @@ impl Worker {
                 Err(why) => return Outcome::Close(why),
             }
         }
-        let Self { conns, pools, .. } = self;
+        let Self {
+            conns,
+            pools,
+            shared,
+            ..
+        } = self;
         let Some(conn) = conns.get_mut(slot) else {
             return Outcome::Keep;
         };
@@ -620,6 +625,10 @@ impl Worker {
                 "client's own CONNECT_SET_IDENTITY answered by the proxy, not relayed"
             );
             if answer.identity.is_some() {
+                // As libvirt's virtproxyd, client-info reports the identity the client set.
+                if let Some(params) = &answer.identity {
+                    shared.registry.set_claimed(conn.id, params.clone());
+                }
                 conn.claimed_identity = answer.identity;
             }
             answers.extend_from_slice(&answer.reply);
