@@ -475,6 +475,34 @@ fn srv_update_tls_picks_up_a_new_certificate() {
     );
     let after = virsh(&uri, &["uri"]);
     assert_success(&after, "virsh over TLS after srv-update-tls");
+
+    // A TLS client as client-info describes it: address and certificate DN, no UNIX fields.
+    let mut child = py_command("identity.py", &[&uri])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    for _ in 0..2 {
+        line.clear();
+        out.read_line(&mut line).unwrap();
+    }
+    assert!(line.starts_with("open uid="), "{line}");
+    let all = clients(&|a: &[&str]| ours(&p, a));
+    drop(child.stdin.take());
+    let _ = child.wait();
+    let (_, info) = all.first().expect("the TLS client");
+    assert_eq!(field(info, "transport").as_deref(), Some("tls"), "{info}");
+    assert!(
+        field(info, "sock_addr").is_some_and(|a| a.starts_with("127.0.0.1:")),
+        "{info}"
+    );
+    assert!(
+        field(info, "tls_x509_dname").is_some_and(|d| d.contains("client1")),
+        "{info}"
+    );
+    assert_eq!(field(info, "unix_user_id"), None, "{info}");
 }
 
 #[test]
