@@ -262,26 +262,6 @@ impl Handshake {
             }
             return;
         }
-        if self.listener == ListenerKind::UnixAdmin {
-            // Every admin call is refused, but the connection stays up until the client's own
-            // CONNECT_CLOSE: virt-admin sends one after a failed open and dies of SIGPIPE if
-            // the socket is already gone.
-            const ADMIN_CONNECT_CLOSE: i32 = 2;
-            if h.mtype == MsgType::Call && h.proc_ == ADMIN_CONNECT_CLOSE {
-                out.push(Action::ToClient(msg::ok_reply(h, &[])));
-                out.push(Action::Close("admin client closed".into()));
-            } else if h.mtype == MsgType::Call {
-                let e = RemoteError::new(
-                    err_code::NO_SUPPORT,
-                    err_domain::ADMIN,
-                    "the admin interface is not available in this virtproxyd",
-                );
-                out.push(Action::ToClient(msg::error_reply(h, &e)));
-            } else if h.mtype == MsgType::CallWithFds {
-                out.push(Action::Close("fd passing on the admin socket".into()));
-            }
-            return;
-        }
         match h.mtype {
             MsgType::Call => {}
             MsgType::CallWithFds => {

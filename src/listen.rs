@@ -17,7 +17,8 @@ pub enum ListenerKind {
     UnixRw,
     /// `libvirt-sock-ro`: read-only, routed to the daemons' `-ro` sockets.
     UnixRo,
-    /// `libvirt-admin-sock`: the admin protocol (not served yet: clients get an error).
+    /// `libvirt-admin-sock`: the admin protocol, served by the admin thread (`admin::serve`),
+    /// never by a relay worker.
     UnixAdmin,
     /// Plain TCP: no fd passing, empty identity (auth "none").
     Tcp,

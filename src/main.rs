@@ -386,8 +386,7 @@ fn create_listeners(cfg: &Config, env: &Env) -> Result<Vec<listen::Listener>, li
             ListenerKind::UnixRo,
         ));
     }
-    // Created wherever libvirt creates it, so virt-admin gets a clear refusal rather than
-    // "no such file".
+    // Created wherever libvirt creates it (admin::serve answers on it).
     if let Some(admin) = cfg.admin_socket_path() {
         specs.push((admin, cfg.unix_sock_admin_perms, ListenerKind::UnixAdmin));
     }

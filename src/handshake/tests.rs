@@ -293,24 +293,6 @@ fn polkit_downstream_is_performed() {
     assert_eq!(Header::check(&open).unwrap().proc_, 1);
 }
 
-#[test]
-fn admin_listener_refuses_calls_and_closes_on_connect_close() {
-    let mut hs = Handshake::new(ListenerKind::UnixAdmin, Identity::default());
-    let h = hdr(program::ADMIN, 1, MsgType::Call, 0, MsgStatus::Ok);
-    let out = client(&mut hs, h, &[0, 0, 0, 0]);
-    let [Action::ToClient(f)] = out.as_slice() else {
-        panic!("{out:?}")
-    };
-    assert_eq!(error_of(f).code, err_code::NO_SUPPORT);
-    assert_eq!(Header::check(f).unwrap().prog, program::ADMIN);
-    let close = hdr(program::ADMIN, 2, MsgType::Call, 1, MsgStatus::Ok);
-    let out = client(&mut hs, close, &[]);
-    assert!(
-        matches!(out.as_slice(), [Action::ToClient(_), Action::Close(_)]),
-        "{out:?}"
-    );
-}
-
 fn peer(uid: u32, process_time: u64) -> Identity {
     Identity {
         unix: Some(crate::identity::UnixPeer {
