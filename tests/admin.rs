@@ -24,6 +24,13 @@ fn theirs(args: &[&str]) -> Output {
     testbed().virt_admin("virtproxyd", args)
 }
 
+/// Tests that connect clients to libvirt's virtproxyd hold this, so its client counts are
+/// theirs alone.
+fn libvirt_clients() -> std::sync::MutexGuard<'static, ()> {
+    static L: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    L.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn ok(o: &Output, what: &str) -> String {
     assert_success(o, what);
     stdout(o)
@@ -165,6 +172,7 @@ fn servers_are_listed_and_looked_up_as_libvirts_virtproxyd() {
 #[test]
 fn two_clients_counted_described_and_one_disconnected() {
     let _daemons = support::modular::daemons_shared();
+    let _clients = libvirt_clients();
     let tb = testbed();
     let vpdtest_uid = stdout(&Command::new("id").args(["-u", "vpdtest"]).output().unwrap())
         .trim()
@@ -556,6 +564,7 @@ fn claimed_client_info(uri: &str, va: &dyn Fn(&[&str]) -> Output) -> String {
 #[test]
 fn client_info_shows_the_identity_a_client_set() {
     let _daemons = support::modular::daemons_shared();
+    let _clients = libvirt_clients();
     let tb = testbed();
     let reference = claimed_client_info(
         &unix_uri("qemu:///system", &tb.libvirt_proxy_rw()),

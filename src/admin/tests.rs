@@ -574,3 +574,33 @@ fn keepalive_pings_are_answered_and_fds_close() {
     Session::new().on_frame(&hdr, &[], &mut h, &mut out);
     assert_eq!(out, vec![Action::ToClient(msg::pong())]);
 }
+
+#[test]
+fn a_claimed_identity_is_described_by_what_was_set() {
+    let params = vec![
+        TypedParam {
+            field: "user-name".into(),
+            value: Value::Str("root".into()),
+        },
+        TypedParam {
+            field: "unix-user-id".into(),
+            value: Value::ULLong(0),
+        },
+        TypedParam {
+            field: "process-id".into(),
+            value: Value::LLong(77),
+        },
+    ];
+    let i = claimed_info(&params, true, true, None);
+    let names: Vec<&str> = client_info_params(&i).iter().map(|(n, _)| *n).collect();
+    assert_eq!(
+        names,
+        [
+            "readonly",
+            "unix_user_id",
+            "unix_user_name",
+            "unix_process_id"
+        ]
+    );
+    assert_eq!(i.pid, Some(77));
+}
