@@ -83,6 +83,8 @@ pub struct ClientRef {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ClientInfo {
     pub readonly: bool,
+    /// Only ever set by a client's own CONNECT_SET_IDENTITY (no SASL here).
+    pub sasl_user_name: Option<String>,
     /// UNIX socket client (uid/gid/pid are reported) or not (address and DN are).
     pub local: bool,
     pub sock_addr: Option<String>,
@@ -269,6 +271,9 @@ fn encode_client(e: &mut Encoder, srv: Server, c: &ClientRef) {
 /// The typed parameters of `adminClientGetInfo`, in its order.
 pub fn client_info_params(i: &ClientInfo) -> Vec<(&'static str, Value)> {
     let mut p = vec![("readonly", Value::Boolean(i32::from(i.readonly)))];
+    if let Some(n) = &i.sasl_user_name {
+        p.push(("sasl_user_name", Value::Str(n.clone())));
+    }
     if i.local {
         if let Some(uid) = i.uid {
             p.push(("unix_user_id", Value::Int(uid as i32)));
@@ -321,6 +326,7 @@ pub fn claimed_info(
             ("group-name", Value::Str(s)) => i.group_name = Some(s.clone()),
             ("unix-group-id", Value::ULLong(v)) => i.gid = Some(*v as u32),
             ("process-id", Value::LLong(v)) => i.pid = Some(*v as i32),
+            ("sasl-user-name", Value::Str(s)) => i.sasl_user_name = Some(s.clone()),
             ("x509-distinguished-name", Value::Str(s)) => i.x509_dname = Some(s.clone()),
             ("selinux-context", Value::Str(s)) => i.selinux_context = Some(s.clone()),
             _ => {}

@@ -330,6 +330,7 @@ fn info_of(identity: &Identity, local: bool, readonly: bool, addr: Option<String
     let u = identity.unix.as_ref();
     ClientInfo {
         readonly,
+        sasl_user_name: None,
         local,
         sock_addr: addr,
         x509_dname: identity.x509_dname.clone(),

@@ -154,7 +154,7 @@ fn decode_params(d: &mut Decoder<'_>) -> Vec<TypedParam> {
 }
 
 #[test]
-fn servers_are_listed_in_libvirts_order_and_looked_up() {
+fn servers_are_listed_and_looked_up() {
     let mut h = Fake::default();
     let mut e = Encoder::new();
     e.u32(1).u32(0);
@@ -573,6 +573,14 @@ fn keepalive_pings_are_answered_and_fds_close() {
     let mut out = Vec::new();
     Session::new().on_frame(&hdr, &[], &mut h, &mut out);
     assert_eq!(out, vec![Action::ToClient(msg::pong())]);
+
+    let mut f = call(proc_::CONNECT_GET_LIB_VERSION, &[]);
+    f[16..20].copy_from_slice(&4u32.to_be_bytes()); // VIR_NET_CALL_WITH_FDS
+    let hdr = Header::check(&f).unwrap();
+    let mut out = Vec::new();
+    let mut s = Session::new();
+    s.on_frame(&hdr, &[], &mut h, &mut out);
+    assert!(matches!(out.as_slice(), [Action::Close(_)]), "{out:?}");
 }
 
 #[test]
@@ -590,6 +598,10 @@ fn a_claimed_identity_is_described_by_what_was_set() {
             field: "process-id".into(),
             value: Value::LLong(77),
         },
+        TypedParam {
+            field: "sasl-user-name".into(),
+            value: Value::Str("fred".into()),
+        },
     ];
     let i = claimed_info(&params, true, true, None);
     let names: Vec<&str> = client_info_params(&i).iter().map(|(n, _)| *n).collect();
@@ -597,6 +609,7 @@ fn a_claimed_identity_is_described_by_what_was_set() {
         names,
         [
             "readonly",
+            "sasl_user_name",
             "unix_user_id",
             "unix_user_name",
             "unix_process_id"
