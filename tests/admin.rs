@@ -275,62 +275,83 @@ fn two_clients_counted_described_and_one_disconnected() {
 #[test]
 fn max_clients_is_set_live() {
     let _daemons = support::modular::daemons_shared();
-    let p = proxy("", &[]);
-    // A maximum below the unauthenticated maximum: libvirt's refusal, word for word.
-    let a = ours(&p, &["srv-clients-set", "virtproxyd", "--max-clients", "5"]);
-    let b = theirs(&["srv-clients-set", "virtproxyd", "--max-clients", "5"]);
-    assert!(!a.status.success());
-    assert_eq!(stderr(&a), stderr(&b));
-
-    ok(
-        &ours(
-            &p,
-            &[
-                "srv-clients-set",
-                "virtproxyd",
-                "--max-unauth-clients",
-                "0",
-                "--max-clients",
-                "1",
-            ],
-        ),
+    let _clients = libvirt_clients();
+    let set_limits = [
         "srv-clients-set",
+        "virtproxyd",
+        "--max-unauth-clients",
+        "0",
+        "--max-clients",
+        "1",
+    ];
+    // libvirt's answers first; its limits are put back before anything is asserted.
+    let orig = ok(
+        &theirs(&["srv-clients-info", "virtproxyd"]),
+        "info (libvirt)",
     );
-    let info = ok(&ours(&p, &["srv-clients-info", "virtproxyd"]), "info");
-    assert_eq!(field(&info, "nclients_max").as_deref(), Some("1"), "{info}");
-    assert_eq!(field(&info, "nclients_unauth_max").as_deref(), Some("0"));
+    let refused_ref = theirs(&["srv-clients-set", "virtproxyd", "--max-clients", "5"]);
+    let set_ref = theirs(&set_limits);
+    let info_ref = ok(
+        &theirs(&["srv-clients-info", "virtproxyd"]),
+        "info (libvirt)",
+    );
+    let restore_ref = theirs(&[
+        "srv-clients-set",
+        "virtproxyd",
+        "--max-clients",
+        &field(&orig, "nclients_max").unwrap(),
+        "--max-unauth-clients",
+        &field(&orig, "nclients_unauth_max").unwrap(),
+    ]);
+    assert_success(&set_ref, "srv-clients-set (libvirt)");
+    assert_success(&restore_ref, "restore (libvirt)");
 
-    // One client holds the only place; a second is not accepted until the limit is raised.
-    let uri = p.uri("qemu:///system");
-    let _c1 = Client::start(&uri);
-    let mut second = Command::new("virsh")
-        .args(["-c", &uri, "uri"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_secs(2));
-    assert!(
-        second.try_wait().unwrap().is_none(),
-        "second client was served at the limit"
-    );
-    ok(
-        &ours(
-            &p,
-            &["srv-clients-set", "virtproxyd", "--max-clients", "5000"],
-        ),
-        "raise",
-    );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(s) = second.try_wait().unwrap() {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "second client still waiting");
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    assert!(status.success());
+    for (backend, p) in proxies("") {
+        // A maximum below the unauthenticated maximum: libvirt's refusal, word for word.
+        let a = ours(&p, &["srv-clients-set", "virtproxyd", "--max-clients", "5"]);
+        assert!(!a.status.success());
+        assert_eq!(stderr(&a), stderr(&refused_ref), "{backend}");
+
+        ok(&ours(&p, &set_limits), "srv-clients-set");
+        let info = ok(&ours(&p, &["srv-clients-info", "virtproxyd"]), "info");
+        assert_eq!(info, info_ref, "{backend}");
+        assert_eq!(field(&info, "nclients_max").as_deref(), Some("1"), "{info}");
+
+        // One client holds the only place; a second is not accepted until the limit is raised.
+        let uri = p.uri("qemu:///system");
+        let _c1 = Client::start(&uri);
+        let mut second = Command::new("virsh")
+            .args(["-c", &uri, "uri"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_secs(2));
+        assert!(
+            second.try_wait().unwrap().is_none(),
+            "{backend}: second client was served at the limit"
+        );
+        ok(
+            &ours(
+                &p,
+                &["srv-clients-set", "virtproxyd", "--max-clients", "5000"],
+            ),
+            "raise",
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Some(s) = second.try_wait().unwrap() {
+                break s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{backend}: second client still waiting"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert!(status.success(), "{backend}");
+    }
 }
 
 #[test]
