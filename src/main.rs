@@ -355,7 +355,8 @@ fn run(argv0: &str, cli: cli::Cli) -> i32 {
     };
     match server::run(opts) {
         Ok(Stopped::IdleTimeout) => {
-            tracing::info!("no client for {} s; exiting", cli.timeout);
+            // The limit may have come from daemon-timeout rather than --timeout.
+            tracing::info!("no client for the idle timeout; exiting");
             0
         }
         Ok(Stopped::Signal(_)) => 0,

@@ -406,6 +406,34 @@ fn log_filters_and_outputs_are_set_and_read_back() {
         "no debug lines in {}:\n{text}",
         log.display()
     );
+
+    // Outputs read back as libvirt prints them (a later duplicate destination replaces the
+    // earlier one); libvirt's outputs are put back before asserting.
+    let old_ref = ok(&theirs(&["daemon-log-outputs"]), "outputs (libvirt)");
+    let lv_log = p.dir().join("libvirt-admin-test.log");
+    let spec = format!("3:stderr 1:file:{} 4:stderr", lv_log.display());
+    ok(&ours(&p, &["daemon-log-outputs", &spec]), "set outputs");
+    let set_ref = theirs(&["daemon-log-outputs", &spec]);
+    let mine = ok(&ours(&p, &["daemon-log-outputs"]), "outputs");
+    let reference = ok(&theirs(&["daemon-log-outputs"]), "outputs (libvirt)");
+    let restore = old_ref
+        .split_once(':')
+        .map(|(_, v)| v.trim().to_string())
+        .unwrap_or_default();
+    ok(
+        &theirs(&["daemon-log-outputs", &restore]),
+        "restore outputs (libvirt)",
+    );
+    assert_success(&set_ref, "set outputs (libvirt)");
+    assert_eq!(mine, reference);
+    assert!(
+        mine.contains(&format!("1:file:{} 4:stderr", lv_log.display())),
+        "{mine}"
+    );
+    let bad_a = ours(&p, &["daemon-log-outputs", "9:bogus"]);
+    let bad_b = theirs(&["daemon-log-outputs", "9:bogus"]);
+    assert!(!bad_a.status.success());
+    assert_eq!(stderr(&bad_a), stderr(&bad_b));
 }
 
 #[test]
