@@ -617,3 +617,38 @@ fn a_claimed_identity_is_described_by_what_was_set() {
     );
     assert_eq!(i.pid, Some(77));
 }
+
+/// Any body for any procedure gets exactly one reply and never a panic.
+#[test]
+fn arbitrary_payloads_get_one_reply_each() {
+    let mut h = Fake::default();
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    for proc_ in 0..=21 {
+        for len in 0..96usize {
+            let body: Vec<u8> = (0..len)
+                .map(|i| {
+                    if i % 4 == 3 {
+                        next() as u8 & 0x3
+                    } else {
+                        next() as u8
+                    }
+                })
+                .collect();
+            let f = call(proc_, &body);
+            let hdr = Header::check(&f).unwrap();
+            let mut out = Vec::new();
+            Session::new().on_frame(&hdr, &body, &mut h, &mut out);
+            let replies = out
+                .iter()
+                .filter(|a| matches!(a, Action::ToClient(_)))
+                .count();
+            assert_eq!(replies, 1, "proc {proc_} len {len}: {out:?}");
+        }
+    }
+}
