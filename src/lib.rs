@@ -18,5 +18,6 @@ pub mod reactor;
 pub mod relay;
 pub mod route;
 pub mod server;
+pub mod timers;
 pub mod tls;
 pub mod worker;

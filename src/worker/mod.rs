@@ -22,6 +22,7 @@ use crate::reactor::{Event, Interest, Reactor};
 use crate::relay::tracker::{FrameCutter, Tracker, Verdict};
 use crate::relay::{sys, Drive, Pools, Pump, PumpError};
 use crate::route::RouteTable;
+use crate::timers::Timers;
 use crate::tls::accept::{Established, Step, TlsAccept};
 use crate::tls::shuttle::{Flow, Shuttle};
 use preopen::{flush, Pre, PreOpen};
@@ -50,8 +51,11 @@ pub struct Shared {
     pub tls: arc_swap::ArcSwapOption<crate::tls::TlsSettings>,
 }
 
-/// How long the downstream handshake may take before the client gets an error.
+/// How long the downstream handshake may take before the client gets an error (connect
+/// retries while the daemon's backlog is full included).
 const DOWNSTREAM_DEADLINE: Duration = Duration::from_secs(30);
+/// Longest sleep of a worker with nothing due (a safety net; wake-ups come from the reactor).
+const IDLE_WAIT: Duration = Duration::from_millis(500);
 /// Largest frame accepted before CONNECT_OPEN; real opens are tiny.
 const PREOPEN_FRAME_MAX: usize = 1 << 20;
 const WAKER_TOKEN: u64 = u64::MAX - 1;
@@ -156,6 +160,24 @@ enum Side {
     LocalShuttle = 3,
 }
 
+/// What a connection's deadline is for; each connection has at most one live deadline of each
+/// kind, recorded in its `PreOpen::timers` (only pre-open connections have deadlines).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum TimerKind {
+    /// The downstream handshake (connect included) must finish by then.
+    Downstream = 0,
+    /// Try the daemon's socket again (its backlog was full).
+    ConnectRetry = 1,
+}
+const TIMER_KINDS: usize = 2;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct TimerKey {
+    slot: usize,
+    gen: u32,
+    kind: TimerKind,
+}
+
 fn token(slot: usize, gen: u32, side: Side) -> u64 {
     (u64::from(gen) << 32) | ((slot as u64) << 2) | side as u64
 }
@@ -171,6 +193,7 @@ pub struct Worker {
     pools: Pools,
     next_gen: u32,
     runnable: VecDeque<(usize, u32)>,
+    timers: Timers<TimerKey>,
 }
 
 impl Worker {
@@ -191,6 +214,7 @@ impl Worker {
             conns: Slab::new(),
             next_gen: 1,
             runnable: VecDeque::new(),
+            timers: Timers::default(),
         };
         let raw = w.waker.as_raw_fd();
         w.reactor.add(raw, WAKER_TOKEN, Interest::Read)?;
@@ -211,7 +235,7 @@ impl Worker {
             } else if drain_until.is_some() {
                 Some(Duration::from_millis(20))
             } else {
-                Some(Duration::from_millis(500))
+                Some(self.timers.timeout(Instant::now(), IDLE_WAIT))
             };
             events.clear();
             if let Err(e) = self.reactor.wait(&mut events, timeout) {
@@ -240,7 +264,7 @@ impl Worker {
                     self.service(slot, gen);
                 }
             }
-            self.check_deadlines();
+            self.fire_timers();
             if self.shared.shutdown.load(Ordering::Relaxed) {
                 let deadline =
                     *drain_until.get_or_insert_with(|| Instant::now() + self.shared.drain_grace);
@@ -324,7 +348,8 @@ impl Worker {
                 c_tx: Vec::new(),
                 d_rx: Vec::new(),
                 d_tx: Vec::new(),
-                deadline: None,
+                timers: [None; TIMER_KINDS],
+                connecting: None,
                 closing: None,
                 cutter: None,
             })),
