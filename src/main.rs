@@ -28,6 +28,25 @@ const SPLICE_THRESHOLD: usize = 16 * 1024;
 
 /// How long frames in flight may take to finish after SIGTERM.
 const DRAIN_GRACE: Duration = Duration::from_secs(5);
+/// How long a TCP/TLS client has from accept to a completed CONNECT_OPEN (TLS handshake
+/// included). libvirt has no such key (it relies on keepalive, which a client must ask for),
+/// so it is not in the config; `VIRTPROXYD_PREOPEN_TIMEOUT_MS` overrides it (tests).
+const PREOPEN_DEADLINE: Duration = Duration::from_secs(60);
+
+fn preopen_deadline() -> Duration {
+    match std::env::var("VIRTPROXYD_PREOPEN_TIMEOUT_MS") {
+        Ok(v) => match v.trim().parse::<u64>() {
+            Ok(ms) if ms > 0 => Duration::from_millis(ms),
+            _ => {
+                tracing::warn!(
+                    "ignoring VIRTPROXYD_PREOPEN_TIMEOUT_MS={v:?} (want milliseconds > 0)"
+                );
+                PREOPEN_DEADLINE
+            }
+        },
+        Err(_) => PREOPEN_DEADLINE,
+    }
+}
 
 fn main() {
     let mut args = std::env::args_os();
@@ -130,9 +149,15 @@ impl Reloader {
             shared
                 .max_clients
                 .store(new.max_clients as usize, Ordering::Release);
+            shared
+                .max_anonymous_clients
+                .store(new.max_anonymous_clients as usize, Ordering::Release);
             applied.push(format!(
-                "max_clients {} -> {}",
-                old.max_clients, new.max_clients
+                "max_clients {} -> {}, max_anonymous_clients {} -> {}",
+                old.max_clients,
+                new.max_clients,
+                old.max_anonymous_clients,
+                new.max_anonymous_clients
             ));
         }
         if (&old.driver_socket_dir, &old.driver_sockets)
@@ -282,6 +307,9 @@ fn run(argv0: &str, cli: cli::Cli) -> i32 {
         routes: arc_swap::ArcSwap::from_pointee(route_table(&cfg, &env)),
         clients: AtomicUsize::new(0),
         max_clients: AtomicUsize::new(cfg.max_clients as usize),
+        unauthenticated: AtomicUsize::new(0),
+        max_anonymous_clients: AtomicUsize::new(cfg.max_anonymous_clients as usize),
+        preopen_deadline: preopen_deadline(),
         shutdown: AtomicBool::new(false),
         drain_grace: DRAIN_GRACE,
         splice_threshold,

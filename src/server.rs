@@ -7,7 +7,7 @@
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::{channel, Sender};
+use std::sync::mpsc::channel;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -19,7 +19,8 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use crate::identity::{Identity, NameCache};
 use crate::listen::{Listener, ListenerKind};
 use crate::reactor::{self, Reactor};
-use crate::worker::{NewConn, Shared, Worker};
+use crate::tls::handshaker::Handshaker;
+use crate::worker::{wake, Inbox, NewConn, Shared, Unauthenticated, Worker};
 
 /// How the server is to run.
 pub struct ServerOpts {
@@ -48,8 +49,7 @@ pub enum Stopped {
 }
 
 struct WorkerHandle {
-    tx: Sender<NewConn>,
-    waker: OwnedFd,
+    inbox: Inbox,
     thread: JoinHandle<()>,
 }
 
@@ -61,12 +61,6 @@ fn eventfd() -> io::Result<OwnedFd> {
     }
     // SAFETY: fresh descriptor.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-fn wake(fd: &OwnedFd) {
-    let one: u64 = 1;
-    // SAFETY: writing 8 bytes to an eventfd.
-    unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
 }
 
 /// Who the client is, captured at accept time. `None`: drop the client.
@@ -117,8 +111,32 @@ pub fn run(mut opts: ServerOpts) -> io::Result<Stopped> {
         let thread = std::thread::Builder::new()
             .name(format!("relay-{index}"))
             .spawn(move || worker.run())?;
-        workers.push(WorkerHandle { tx, waker, thread });
+        workers.push(WorkerHandle {
+            inbox: Inbox { tx, waker },
+            thread,
+        });
     }
+    // TLS handshakes run on their own threads (tls/handshaker.rs): one per two relay workers.
+    let mut handshakers = Vec::new();
+    if opts.listeners.iter().any(|l| l.kind == ListenerKind::Tls) {
+        for index in 0..workers.len().div_ceil(2) {
+            let (tx, rx) = channel();
+            let waker = eventfd()?;
+            let inboxes = workers
+                .iter()
+                .map(|w| w.inbox.try_clone())
+                .collect::<io::Result<Vec<_>>>()?;
+            let h = Handshaker::new(index, rx, waker.try_clone()?, opts.shared.clone(), inboxes)?;
+            let thread = std::thread::Builder::new()
+                .name(format!("tls-handshake-{index}"))
+                .spawn(move || h.run())?;
+            handshakers.push(WorkerHandle {
+                inbox: Inbox { tx, waker },
+                thread,
+            });
+        }
+    }
+    let mut next_handshaker = 0usize;
     tracing::info!(
         workers = workers.len(),
         backend = backend_name,
@@ -146,6 +164,14 @@ pub fn run(mut opts: ServerOpts) -> io::Result<Stopped> {
             last_status = (clients, Instant::now());
         }
         let max_clients = shared.max_clients.load(Ordering::Acquire);
+        let max_anonymous = shared.max_anonymous_clients.load(Ordering::Acquire);
+        // libvirt's virNetServerCheckLimits: at either limit no listener accepts; the kernel
+        // keeps new clients in the backlog until a client leaves or authenticates.
+        let limits_reached = || {
+            (max_clients != 0 && shared.clients.load(Ordering::Acquire) >= max_clients)
+                || (max_anonymous != 0
+                    && shared.unauthenticated.load(Ordering::Acquire) >= max_anonymous)
+        };
         if clients == 0 {
             idle_since.get_or_insert_with(Instant::now);
         } else {
@@ -156,7 +182,7 @@ pub fn run(mut opts: ServerOpts) -> io::Result<Stopped> {
                 break Stopped::IdleTimeout;
             }
         }
-        let at_limit = max_clients != 0 && clients >= max_clients;
+        let at_limit = limits_reached();
         let backing_off = accept_backoff.is_some_and(|t| t > Instant::now());
         let accepting = !at_limit && !backing_off;
         let mut fds = vec![PollFd::new(sigfd.as_fd(), PollFlags::POLLIN)];
@@ -206,7 +232,7 @@ pub fn run(mut opts: ServerOpts) -> io::Result<Stopped> {
                 continue;
             }
             loop {
-                if max_clients != 0 && shared.clients.load(Ordering::Acquire) >= max_clients {
+                if limits_reached() {
                     break;
                 }
                 match nix::sys::socket::accept4(
@@ -231,21 +257,27 @@ pub fn run(mut opts: ServerOpts) -> io::Result<Stopped> {
                             }
                         }
                         shared.clients.fetch_add(1, Ordering::AcqRel);
-                        let w = &workers[next_worker % workers.len()];
-                        next_worker = next_worker.wrapping_add(1);
-                        if w.tx
-                            .send(NewConn {
-                                id,
-                                fd,
-                                kind: l.kind,
-                                identity,
-                            })
-                            .is_err()
-                        {
+                        let tls = l.kind == ListenerKind::Tls;
+                        let nc = NewConn {
+                            id,
+                            fd,
+                            kind: l.kind,
+                            identity,
+                            deadline: (!l.kind.is_unix())
+                                .then(|| Instant::now() + shared.preopen_deadline),
+                            tls: None,
+                            unauthenticated: tls.then(|| Unauthenticated::new(shared)),
+                        };
+                        let to = if tls && !handshakers.is_empty() {
+                            next_handshaker = next_handshaker.wrapping_add(1);
+                            &handshakers[next_handshaker % handshakers.len()]
+                        } else {
+                            next_worker = next_worker.wrapping_add(1);
+                            &workers[next_worker % workers.len()]
+                        };
+                        if to.inbox.send(nc).is_err() {
                             shared.clients.fetch_sub(1, Ordering::AcqRel);
                             tracing::error!("relay worker is gone; dropping client");
-                        } else {
-                            wake(&w.waker);
                         }
                     }
                     Err(nix::errno::Errno::EAGAIN) | Err(nix::errno::Errno::EINTR) => break,
@@ -270,12 +302,15 @@ pub fn run(mut opts: ServerOpts) -> io::Result<Stopped> {
         l.unlink();
     }
     shared.shutdown.store(true, Ordering::Release);
-    for w in &workers {
-        wake(&w.waker);
-    }
-    for w in workers {
-        drop(w.tx);
-        let _ = w.thread.join();
+    // Handshakes in progress are dropped first, so no client reaches a worker after it left.
+    for group in [handshakers, workers] {
+        for w in &group {
+            wake(&w.inbox.waker);
+        }
+        for w in group {
+            drop(w.inbox);
+            let _ = w.thread.join();
+        }
     }
     Ok(stopped)
 }

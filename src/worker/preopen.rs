@@ -57,6 +57,10 @@ impl Worker {
         let mut actions = Vec::new();
         let mut frames_left = PREOPEN_FRAMES_PER_DRIVE;
         let routes = self.shared.routes.load_full();
+        let frame_max = match self.conns.get(slot).map(|c| c.kind.is_unix()) {
+            Some(false) => PREOPEN_FRAME_MAX_REMOTE,
+            _ => PREOPEN_FRAME_MAX,
+        };
         loop {
             let mut progress = false;
             let conn = self.conns.get_mut(slot).ok_or("gone")?;
@@ -78,12 +82,12 @@ impl Worker {
             // piling up (a client that sends without reading must not grow c_tx): past the
             // cap a flush has hit EAGAIN, so writability will wake us.
             if p.hs.wants_client_input() && p.closing.is_none() && p.c_tx.len() < PREOPEN_TX_CAP {
-                let read = read_some(&conn.client, &mut p.c_rx)
+                let read = read_some(&conn.client, &mut p.c_rx, frame_max)
                     .map_err(|e| format!("client read: {e}"))?;
                 progress |= read == ReadState::Data;
                 let mut used = 0;
                 while frames_left > 0 && p.hs.wants_client_input() && p.closing.is_none() {
-                    match frame_at(&p.c_rx[used..]) {
+                    match frame_at(&p.c_rx[used..], frame_max) {
                         Ok(Some(h)) => {
                             let end = used + h.len as usize;
                             p.hs.on_client_frame(
@@ -109,7 +113,7 @@ impl Worker {
                 }
             }
             if let Some(d) = &conn.daemon {
-                match read_some(d, &mut p.d_rx) {
+                match read_some(d, &mut p.d_rx, PREOPEN_FRAME_MAX) {
                     Ok(ReadState::Eof) => {
                         p.hs.on_daemon_lost("closed the connection during open", &mut actions)
                     }
@@ -119,7 +123,7 @@ impl Worker {
                 }
                 let mut used = 0;
                 while p.hs.in_downstream() {
-                    match frame_at(&p.d_rx[used..]) {
+                    match frame_at(&p.d_rx[used..], PREOPEN_FRAME_MAX) {
                         Ok(Some(h)) => {
                             let end = used + h.len as usize;
                             p.hs.on_daemon_frame(
@@ -332,6 +336,16 @@ impl Worker {
                     Some(r) => out.push(Action::Connect(r.path.clone())),
                     None => continue,
                 },
+                TimerKind::PreOpen => {
+                    // libvirt drops dead peers by keepalive, which only runs once a client
+                    // asks for it; an anonymous peer gets a fixed time to open instead.
+                    let why = format!(
+                        "no connection opened within {:?} of connecting (pre-open deadline)",
+                        self.shared.preopen_deadline
+                    );
+                    self.close(key.slot, &why);
+                    continue;
+                }
             }
             let r = self.apply(key.slot, &mut out);
             match r {
@@ -389,14 +403,14 @@ enum ReadState {
     Full,
 }
 
-/// Reads what is available into `buf`, never past the pre-open limit. fds sent before open
-/// are dropped, i.e. closed.
-fn read_some(fd: &OwnedFd, buf: &mut Vec<u8>) -> io::Result<ReadState> {
-    const LIMIT: usize = PREOPEN_FRAME_MAX + 16 * 1024;
+/// Reads what is available into `buf`, never past a frame of `frame_max` plus one chunk. fds
+/// sent before open are dropped, i.e. closed.
+fn read_some(fd: &OwnedFd, buf: &mut Vec<u8>, frame_max: usize) -> io::Result<ReadState> {
     let mut chunk = [0u8; 16 * 1024];
+    let limit = frame_max + chunk.len();
     let mut got = false;
     loop {
-        let room = LIMIT.saturating_sub(buf.len()).min(chunk.len());
+        let room = limit.saturating_sub(buf.len()).min(chunk.len());
         if room == 0 {
             return Ok(if got {
                 ReadState::Data
@@ -435,11 +449,11 @@ fn read_some(fd: &OwnedFd, buf: &mut Vec<u8>) -> io::Result<ReadState> {
 }
 
 /// The header of the complete frame at the start of `buf`, if one is there.
-fn frame_at(buf: &[u8]) -> Result<Option<Header>, String> {
+fn frame_at(buf: &[u8], frame_max: usize) -> Result<Option<Header>, String> {
     match Header::check(buf) {
         Err(crate::proto::FrameError::Incomplete) => Ok(None),
         Err(e) => Err(e.to_string()),
-        Ok(h) if h.len as usize > PREOPEN_FRAME_MAX => {
+        Ok(h) if h.len as usize > frame_max => {
             Err(format!("frame of {} bytes before CONNECT_OPEN", h.len))
         }
         Ok(h) if buf.len() < h.len as usize => Ok(None),
