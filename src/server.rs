@@ -79,6 +79,13 @@ fn client_identity(kind: ListenerKind, fd: &OwnedFd, names: &mut NameCache) -> O
     }
 }
 
+/// Whether a listener's clients count against `max_anonymous_clients` when they arrive. With
+/// auth "none" everywhere, only TLS clients are anonymous for a while: until their handshake
+/// and certificate checks are done.
+fn starts_anonymous(kind: ListenerKind) -> bool {
+    kind == ListenerKind::Tls
+}
+
 /// Signals the acceptor handles; blocked in every thread so only the signalfd sees them.
 pub fn handled_signals() -> SigSet {
     let mut set = SigSet::empty();
@@ -165,11 +172,15 @@ pub fn run(mut opts: ServerOpts) -> io::Result<Stopped> {
         }
         let max_clients = shared.max_clients.load(Ordering::Acquire);
         let max_anonymous = shared.max_anonymous_clients.load(Ordering::Acquire);
-        // libvirt's virNetServerCheckLimits: at either limit no listener accepts; the kernel
+        // As libvirt's virNetServerCheckLimits: at max_clients no listener accepts. At
+        // max_anonymous_clients libvirt pauses every listener too; here only the listeners
+        // whose clients start out anonymous pause (today: TLS, see `starts_anonymous`), so
+        // remote peers that stall their handshakes cannot lock local clients out. The kernel
         // keeps new clients in the backlog until a client leaves or authenticates.
-        let limits_reached = || {
+        let paused = |kind: ListenerKind| {
             (max_clients != 0 && shared.clients.load(Ordering::Acquire) >= max_clients)
                 || (max_anonymous != 0
+                    && starts_anonymous(kind)
                     && shared.unauthenticated.load(Ordering::Acquire) >= max_anonymous)
         };
         if clients == 0 {
@@ -182,17 +193,21 @@ pub fn run(mut opts: ServerOpts) -> io::Result<Stopped> {
                 break Stopped::IdleTimeout;
             }
         }
-        let at_limit = limits_reached();
         let backing_off = accept_backoff.is_some_and(|t| t > Instant::now());
-        let accepting = !at_limit && !backing_off;
+        // Indices of the listeners accepting now.
+        let open: Vec<usize> = if backing_off {
+            Vec::new()
+        } else {
+            (0..opts.listeners.len())
+                .filter(|&i| !paused(opts.listeners[i].kind))
+                .collect()
+        };
+        let accepting = open.len() == opts.listeners.len();
         let mut fds = vec![PollFd::new(sigfd.as_fd(), PollFlags::POLLIN)];
-        if accepting {
-            fds.extend(
-                opts.listeners
-                    .iter()
-                    .map(|l| PollFd::new(l.fd.as_fd(), PollFlags::POLLIN)),
-            );
-        }
+        fds.extend(
+            open.iter()
+                .map(|&i| PollFd::new(opts.listeners[i].fd.as_fd(), PollFlags::POLLIN)),
+        );
         // Wake periodically while we cannot accept (a client may have left) or to check the
         // idle timer.
         let timeout = if !accepting || opts.idle_timeout.is_some() {
@@ -224,15 +239,13 @@ pub fn run(mut opts: ServerOpts) -> io::Result<Stopped> {
                 }
             }
         }
-        if !accepting {
-            continue;
-        }
-        for (i, l) in opts.listeners.iter().enumerate() {
-            if !ready[i + 1] {
+        for (n, &i) in open.iter().enumerate() {
+            if !ready[n + 1] {
                 continue;
             }
+            let l = &opts.listeners[i];
             loop {
-                if limits_reached() {
+                if paused(l.kind) {
                     break;
                 }
                 match nix::sys::socket::accept4(

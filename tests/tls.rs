@@ -506,6 +506,15 @@ fn the_21st_anonymous_peer_waits_until_one_of_the_first_20_goes() {
         rx.recv_timeout(Duration::from_millis(1500)).is_err(),
         "the 21st anonymous peer was served while 20 were in their handshake"
     );
+    // Local clients never count and are not locked out meanwhile.
+    let mut u = std::os::unix::net::UnixStream::connect(&e.proxy.rw_sock).unwrap();
+    u.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    use std::io::Write;
+    u.write_all(&frame(66, 0, 0, &[])).unwrap();
+    assert!(
+        read_frame(&mut u).is_some(),
+        "local client locked out by anonymous TLS peers"
+    );
     drop(stalled.pop());
     let served = rx.recv_timeout(Duration::from_secs(5));
     assert_eq!(
@@ -514,4 +523,30 @@ fn the_21st_anonymous_peer_waits_until_one_of_the_first_20_goes() {
         "the 21st peer was not served after one left; log:\n{}",
         e.proxy.log_text()
     );
+}
+
+#[test]
+fn tcp_peers_may_not_send_frames_over_64_kib_before_open() {
+    use std::io::Write;
+    let e = start("");
+    let mut s = TcpStream::connect(("127.0.0.1", e.tcp_port)).unwrap();
+    // The header of a 100 KiB AUTH_LIST call: refused on the header, before any body.
+    let mut f = frame(66, 0, 0, &[]);
+    f[..4].copy_from_slice(&(100 * 1024u32).to_be_bytes());
+    s.write_all(&f).unwrap();
+    assert!(
+        secs_until_closed(&mut s, Duration::from_secs(5)).is_some(),
+        "oversized pre-open frame from a TCP peer not refused"
+    );
+    // A local client may still send up to 1 MiB before open (nothing changed there): it gets
+    // an answer to a 100 KiB call.
+    let mut u = std::os::unix::net::UnixStream::connect(&e.proxy.rw_sock).unwrap();
+    u.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    u.write_all(&frame(66, 0, 0, &vec![0u8; 100 * 1024 - 28]))
+        .unwrap();
+    assert!(
+        read_frame(&mut u).is_some(),
+        "UNIX client's 100 KiB call not answered"
+    );
+    assert!(e.proxy.log_text().contains("before CONNECT_OPEN"));
 }
