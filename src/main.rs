@@ -303,6 +303,10 @@ fn run(argv0: &str, cli: cli::Cli) -> i32 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(SPLICE_THRESHOLD);
+    let limit_waker = match virtproxyd::worker::eventfd() {
+        Ok(fd) => fd,
+        Err(e) => return fail(ready, EXIT_NETWORK, &format!("eventfd: {e}")),
+    };
     let shared = Arc::new(Shared {
         routes: arc_swap::ArcSwap::from_pointee(route_table(&cfg, &env)),
         clients: AtomicUsize::new(0),
@@ -310,6 +314,7 @@ fn run(argv0: &str, cli: cli::Cli) -> i32 {
         unauthenticated: AtomicUsize::new(0),
         max_anonymous_clients: AtomicUsize::new(cfg.max_anonymous_clients as usize),
         preopen_deadline: preopen_deadline(),
+        limit_waker,
         shutdown: AtomicBool::new(false),
         drain_grace: DRAIN_GRACE,
         splice_threshold,

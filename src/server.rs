@@ -20,7 +20,9 @@ use crate::identity::{Identity, NameCache};
 use crate::listen::{Listener, ListenerKind};
 use crate::reactor::{self, Reactor};
 use crate::tls::handshaker::Handshaker;
-use crate::worker::{wake, Inbox, NewConn, Shared, Unauthenticated, Worker};
+use crate::worker::{
+    drain_eventfd, eventfd, wake, Inbox, NewConn, Shared, Unauthenticated, Worker,
+};
 
 /// How the server is to run.
 pub struct ServerOpts {
@@ -51,16 +53,6 @@ pub enum Stopped {
 struct WorkerHandle {
     inbox: Inbox,
     thread: JoinHandle<()>,
-}
-
-fn eventfd() -> io::Result<OwnedFd> {
-    // SAFETY: plain syscall.
-    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fresh descriptor.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// Who the client is, captured at accept time. `None`: drop the client.
@@ -203,7 +195,10 @@ pub fn run(mut opts: ServerOpts) -> io::Result<Stopped> {
                 .collect()
         };
         let accepting = open.len() == opts.listeners.len();
-        let mut fds = vec![PollFd::new(sigfd.as_fd(), PollFlags::POLLIN)];
+        let mut fds = vec![
+            PollFd::new(sigfd.as_fd(), PollFlags::POLLIN),
+            PollFd::new(shared.limit_waker.as_fd(), PollFlags::POLLIN),
+        ];
         fds.extend(
             open.iter()
                 .map(|&i| PollFd::new(opts.listeners[i].fd.as_fd(), PollFlags::POLLIN)),
@@ -225,6 +220,10 @@ pub fn run(mut opts: ServerOpts) -> io::Result<Stopped> {
             .map(|f| f.revents().is_some_and(|r| !r.is_empty()))
             .collect();
         drop(fds);
+        if ready[1] {
+            // A client left the anonymous set at the limit: re-evaluate the pauses now.
+            drain_eventfd(&shared.limit_waker);
+        }
         if ready[0] {
             if let Ok(Some(info)) = sigfd.read_signal() {
                 let signo = info.ssi_signo as i32;
@@ -240,7 +239,7 @@ pub fn run(mut opts: ServerOpts) -> io::Result<Stopped> {
             }
         }
         for (n, &i) in open.iter().enumerate() {
-            if !ready[n + 1] {
+            if !ready[n + 2] {
                 continue;
             }
             let l = &opts.listeners[i];

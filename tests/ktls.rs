@@ -96,6 +96,7 @@ fn proxy() -> &'static Proxy {
             unauthenticated: AtomicUsize::new(0),
             max_anonymous_clients: AtomicUsize::new(0),
             preopen_deadline: Duration::from_secs(60),
+            limit_waker: virtproxyd::worker::eventfd().unwrap(),
             shutdown: AtomicBool::new(false),
             drain_grace: Duration::from_secs(1),
             splice_threshold: 16 * 1024,

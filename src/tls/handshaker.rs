@@ -2,8 +2,8 @@
 //!
 //! A handshake costs the server a signature and key exchange (hundreds of µs to ms of CPU);
 //! run inline on a relay worker, a burst of them delays every relayed call on that worker.
-//! Here they run on a handshake thread with its own epoll, at a lower scheduling priority
-//! (nice +10), so relay workers win the CPU when both want it. A client whose handshake and
+//! Here they run on a handshake thread with its own epoll, as SCHED_IDLE, so relay workers
+//! win the CPU whenever both want it. A client whose handshake and
 //! certificate checks pass is handed to a relay worker with its session (`Established`); one
 //! that fails or stalls past the pre-open deadline is closed here, and the relay workers never
 //! see it.
@@ -24,8 +24,28 @@ use crate::timers::Timers;
 use crate::worker::{drain_eventfd, Inbox, NewConn, Shared};
 
 const WAKER_TOKEN: u64 = u64::MAX - 1;
-/// Nice value of handshake threads: relayed traffic goes first on a busy machine.
-const HANDSHAKE_NICE: libc::c_int = 10;
+
+/// Makes this thread SCHED_IDLE: any waking normal thread (a relay worker, the clients and
+/// daemons on the machine) preempts it at once. A nice value only changes the CPU share: the
+/// kernel's EEVDF scheduler usually lets a running task keep the CPU for the rest of its slice
+/// (ms) when another wakes, whatever their nice values, and that is the stall relayed calls
+/// would see. SCHED_IDLE still gets a small share on a
+/// saturated machine, so handshakes slow down there but do not stop; the pre-open deadline
+/// bounds the wait. Falls back to nice 19.
+fn lower_priority() {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: pid 0 = the calling thread; param is valid for the call.
+    if unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) } == 0 {
+        return;
+    }
+    let e = io::Error::last_os_error();
+    // SAFETY: plain syscall; on Linux PRIO_PROCESS with a thread id sets that thread's nice.
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 19) };
+    tracing::debug!(
+        "SCHED_IDLE refused for the handshake thread ({e}); nice 19: {}",
+        if rc == 0 { "set" } else { "refused too" }
+    );
+}
 
 struct Pending {
     nc: NewConn,
@@ -78,20 +98,7 @@ impl Handshaker {
     }
 
     pub fn run(mut self) {
-        // SAFETY: plain syscalls; on Linux PRIO_PROCESS with a thread id sets that thread's nice.
-        let rc = unsafe {
-            libc::setpriority(
-                libc::PRIO_PROCESS,
-                libc::gettid() as libc::id_t,
-                HANDSHAKE_NICE,
-            )
-        };
-        if rc != 0 {
-            tracing::debug!(
-                "cannot lower the handshake thread's priority: {}",
-                io::Error::last_os_error()
-            );
-        }
+        lower_priority();
         let mut events: Vec<Event> = Vec::with_capacity(64);
         let mut due = Vec::new();
         loop {

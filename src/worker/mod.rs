@@ -57,7 +57,13 @@ impl Unauthenticated {
 
 impl Drop for Unauthenticated {
     fn drop(&mut self) {
-        self.0.unauthenticated.fetch_sub(1, Ordering::AcqRel);
+        let was = self.0.unauthenticated.fetch_sub(1, Ordering::AcqRel);
+        let max = self.0.max_anonymous_clients.load(Ordering::Acquire);
+        if max != 0 && was >= max {
+            // The acceptor has paused the listeners whose clients count: resume them now, as
+            // libvirt does, rather than at its next periodic check.
+            wake(&self.0.limit_waker);
+        }
     }
 }
 
@@ -91,6 +97,18 @@ pub fn wake(fd: &OwnedFd) {
     unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
 }
 
+/// A non-blocking eventfd.
+pub fn eventfd() -> io::Result<OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain syscall.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fresh descriptor.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 /// Empties an eventfd.
 pub fn drain_eventfd(fd: &OwnedFd) {
     let mut b = [0u8; 8];
@@ -112,6 +130,9 @@ pub struct Shared {
     pub max_anonymous_clients: AtomicUsize,
     /// How long a TCP/TLS client may stay before its open completes (TLS handshake included).
     pub preopen_deadline: Duration,
+    /// Wakes the acceptor when a client stops counting against `max_anonymous_clients` while
+    /// the limit is reached (an eventfd).
+    pub limit_waker: OwnedFd,
     pub shutdown: AtomicBool,
     /// How long in-flight frames may take to finish once shutdown starts.
     pub drain_grace: Duration,
