@@ -257,6 +257,11 @@ impl Daemon {
     /// Starts Debian's libvirtd through `scripts/private-libvirtd.sh` with client limits
     /// raised for the scale test (`extra_conf`), reaped when this process exits.
     pub fn start(extra_conf: &str) -> Daemon {
+        Self::start_tagged("", extra_conf)
+    }
+
+    /// Another daemon beside the first (`tag` names its state directory).
+    pub fn start_tagged(tag: &str, extra_conf: &str) -> Daemon {
         let tmp = PathBuf::from(TARGET_TMPDIR);
         let base = if tmp.as_os_str().len() + "/vpd-bench-4194304".len() <= 80 {
             tmp
@@ -271,7 +276,7 @@ impl Daemon {
                 let Some(pid) = name
                     .to_str()
                     .and_then(|n| n.strip_prefix("vpd-bench-"))
-                    .and_then(|p| p.parse::<u32>().ok())
+                    .and_then(|p| p.split('-').next()?.parse::<u32>().ok())
                 else {
                     continue;
                 };
@@ -285,7 +290,10 @@ impl Daemon {
                 let _ = fs::remove_dir_all(e.path());
             }
         }
-        let state_dir = base.join(format!("vpd-bench-{}", std::process::id()));
+        let state_dir = match tag {
+            "" => base.join(format!("vpd-bench-{}", std::process::id())),
+            t => base.join(format!("vpd-bench-{}-{t}", std::process::id())),
+        };
         let mut cmd = Command::new(script());
         cmd.arg("start")
             .arg(&state_dir)
@@ -363,6 +371,11 @@ pub struct Proxy {
 
 impl Proxy {
     pub fn start(daemon: &Daemon, backend: &'static str) -> Proxy {
+        Self::start_conf(daemon, backend, "")
+    }
+
+    /// Like `start`, with `extra` config lines first (virconf keeps a key's first value).
+    pub fn start_conf(daemon: &Daemon, backend: &'static str, extra: &str) -> Proxy {
         let dir = tempfile::Builder::new()
             .prefix(&tmp_prefix("proxy"))
             .tempdir()
@@ -373,7 +386,8 @@ impl Proxy {
         fs::write(
             &conf,
             format!(
-                "unix_sock_dir = \"{}\"\n\
+                "{extra}\n\
+                 unix_sock_dir = \"{}\"\n\
                  unix_sock_rw_perms = \"0777\"\n\
                  unix_sock_ro_perms = \"0777\"\n\
                  driver_sockets = [ \"test={d}\", \"qemu={d}\", \"storage={d}\" ]\n\
