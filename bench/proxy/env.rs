@@ -23,6 +23,15 @@ const TARGET_TMPDIR: &str = env!("CARGO_TARGET_TMPDIR");
 /// Built by cargo for benches (the release profile under `cargo bench`).
 pub const PROXY_BIN: &str = env!("CARGO_BIN_EXE_virtproxyd");
 
+/// The proxy binary to measure: `VPD_BENCH_PROXY_BIN` (e.g. an older build, to compare)
+/// or this tree's.
+pub fn proxy_bin() -> String {
+    std::env::var("VPD_BENCH_PROXY_BIN")
+        .ok()
+        .filter(|p| !p.is_empty())
+        .unwrap_or_else(|| PROXY_BIN.to_string())
+}
+
 /// `target/` (the parent of `target/tmp`).
 pub fn target_dir() -> PathBuf {
     Path::new(TARGET_TMPDIR)
@@ -399,7 +408,7 @@ impl Proxy {
         .unwrap();
         let log = dir.path().join("virtproxyd.log");
         let lf = fs::File::create(&log).unwrap();
-        let mut cmd = Command::new(PROXY_BIN);
+        let mut cmd = Command::new(proxy_bin());
         cmd.arg("-f")
             .arg(&conf)
             .arg("-p")

@@ -8,6 +8,7 @@
 //!   cargo bench --bench proxy                 full run (~6–9 minutes on 2 cores)
 //!   cargo bench --bench proxy -- --quick      or VPD_BENCH_QUICK=1: a few minutes
 //!   VPD_BENCH_ONLY=tls,idlecpu cargo bench …  only those sections
+//!   VPD_BENCH_PROXY_BIN=/path/virtproxyd      measure another build of the proxy
 //!
 //! Measures: cheap-call rate and latency (1 and 8 clients), connect-open time, volume
 //! download/upload throughput and the relay's CPU per GiB (socat as the naive copy relay),
@@ -520,7 +521,7 @@ fn meta(p: &Params) -> Value {
         "git_commit": cmd_out("git", &["rev-parse", "HEAD"]),
         "git_dirty": dirty,
         "libvirt": cmd_out("libvirtd", &["--version"]),
-        "proxy_bin": env::PROXY_BIN,
+        "proxy_bin": env::proxy_bin(),
         "mode": if p.quick { "quick" } else { "full" },
     })
 }
