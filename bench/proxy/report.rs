@@ -512,6 +512,17 @@ pub fn build(
             )
         );
         t.row("TLS handshakes during the busy client", row, "");
+        let control = tls["burst_elsewhere"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        if !control.is_empty() {
+            let rc = paired(&control, &quiet, |a, b| f(a, "p99_us") / f(b, "p99_us"));
+            let mut row = [dash(), dash(), dash(), dash()];
+            row[i] = format!("{:.1} ({rc:.2}×)", med(&control, "p99_us"));
+            t.row("busy p99 µs, same handshakes on another proxy", row, "");
+            summary["tls_burst_elsewhere_p99_ratio"] = json!(rc);
+        }
         summary["tls_burst"] = json!({
             "busy_p99_us_no_burst": med(&quiet, "p99_us"),
             "busy_p99_us_burst": med(&loaded, "p99_us"),
