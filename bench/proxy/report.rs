@@ -386,13 +386,10 @@ pub fn build(
                 let c = f(&pt["busy"], "proxy_cpu_us_per_call");
                 let b = e["busy_no_idle"].as_array().cloned().unwrap_or_default();
                 let rc = c / med(&b, "proxy_cpu_us_per_call");
-                let m = t.target(
-                    format!("{n} idle: proxy CPU per call vs 0 idle, {name}"),
-                    rc,
-                    "<= 1.2x",
-                    rc <= 1.2,
-                );
-                cpu[i] = format!("{c:.2} ({rc:.2}×){m}");
+                // No target here: the idle connections share the busy client's libvirtd, which
+                // slows with N clients and pings them (the proxy relays the pings), so this is
+                // not CPU per call alone; the idlecpu section measures that.
+                cpu[i] = format!("{c:.2} ({rc:.2}×)");
                 s["proxy_cpu_us_per_call"] = json!(c);
                 s["proxy_cpu_per_call_ratio"] = json!(rc);
                 s["proxy_fds_per_conn"] = json!(per_fd);
@@ -407,9 +404,9 @@ pub fn build(
         t.row(format!("{n} idle: proxy RSS KiB/conn"), rss, "≤ 4 KiB");
         t.row(format!("{n} idle: iou-wrk threads"), iou, "0");
         t.row(
-            format!("{n} idle: proxy CPU µs/call (vs 0 idle)"),
+            format!("{n} idle: proxy CPU µs/call incl. keepalive (vs 0 idle)"),
             cpu,
-            "≤ 1.2×",
+            "",
         );
         t.row(
             format!("{n} idle: busy client p99 µs (vs 0 idle)"),
