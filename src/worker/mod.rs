@@ -154,6 +154,8 @@ const PREOPEN_FRAME_MAX_REMOTE: usize = 64 * 1024;
 const WAKER_TOKEN: u64 = u64::MAX - 1;
 /// Replies queued for a pre-open client beyond which it is not read any more.
 const PREOPEN_TX_CAP: usize = 64 * 1024;
+/// New clients adopted per loop turn (see `Worker::accept_new`).
+const ADOPT_PER_TURN: usize = 4;
 /// Pre-open frames handled per service before other connections get a turn.
 const PREOPEN_FRAMES_PER_DRIVE: usize = 64;
 
@@ -283,6 +285,8 @@ pub struct Worker {
     next_gen: u32,
     runnable: VecDeque<(usize, u32)>,
     timers: Timers<TimerKey>,
+    /// New clients may be waiting in `rx` (the waker fired, or the last turn stopped early).
+    inbox_pending: bool,
 }
 
 impl Worker {
@@ -304,6 +308,7 @@ impl Worker {
             next_gen: 1,
             runnable: VecDeque::new(),
             timers: Timers::default(),
+            inbox_pending: false,
         };
         let raw = w.waker.as_raw_fd();
         w.reactor.add(raw, WAKER_TOKEN, Interest::Read)?;
@@ -319,7 +324,7 @@ impl Worker {
         let mut events: Vec<Event> = Vec::with_capacity(256);
         let mut drain_until: Option<Instant> = None;
         loop {
-            let timeout = if !self.runnable.is_empty() {
+            let timeout = if !self.runnable.is_empty() || self.inbox_pending {
                 Some(Duration::ZERO)
             } else if drain_until.is_some() {
                 Some(Duration::from_millis(20))
@@ -334,7 +339,7 @@ impl Worker {
             for ev in &events {
                 if ev.token == WAKER_TOKEN {
                     self.drain_waker();
-                    self.accept_new();
+                    self.inbox_pending = true;
                     continue;
                 }
                 let slot = ((ev.token & 0xffff_ffff) >> 2) as usize;
@@ -352,6 +357,9 @@ impl Worker {
                     }
                     self.service(slot, gen);
                 }
+            }
+            if self.inbox_pending {
+                self.inbox_pending = self.accept_new();
             }
             self.fire_timers();
             if self.shared.shutdown.load(Ordering::Relaxed) {
@@ -386,13 +394,17 @@ impl Worker {
         drain_eventfd(&self.waker);
     }
 
-    fn accept_new(&mut self) {
-        loop {
+    /// Adopts up to `ADOPT_PER_TURN` new clients; true if more are waiting. A burst of new
+    /// clients (a TLS handshake thread hands them over in batches) is spread over loop turns,
+    /// so the established connections' events are served in between.
+    fn accept_new(&mut self) -> bool {
+        for _ in 0..ADOPT_PER_TURN {
             match self.rx.try_recv() {
                 Ok(nc) => self.adopt(nc),
-                Err(TryRecvError::Empty) | Err(TryRecvError::Disconnected) => return,
+                Err(TryRecvError::Empty) | Err(TryRecvError::Disconnected) => return false,
             }
         }
+        true
     }
 
     fn adopt(&mut self, nc: NewConn) {
