@@ -23,5 +23,6 @@ pub mod registry;
 pub mod relay;
 pub mod route;
 pub mod server;
+pub mod timers;
 pub mod tls;
 pub mod worker;

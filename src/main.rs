@@ -29,6 +29,25 @@ const SPLICE_THRESHOLD: usize = 16 * 1024;
 
 /// How long frames in flight may take to finish after SIGTERM.
 const DRAIN_GRACE: Duration = Duration::from_secs(5);
+/// How long a TCP/TLS client has from accept to a completed CONNECT_OPEN (TLS handshake
+/// included). libvirt has no such key (it relies on keepalive, which a client must ask for),
+/// so it is not in the config; `VIRTPROXYD_PREOPEN_TIMEOUT_MS` overrides it (tests).
+const PREOPEN_DEADLINE: Duration = Duration::from_secs(60);
+
+fn preopen_deadline() -> Duration {
+    match std::env::var("VIRTPROXYD_PREOPEN_TIMEOUT_MS") {
+        Ok(v) => match v.trim().parse::<u64>() {
+            Ok(ms) if ms > 0 => Duration::from_millis(ms),
+            _ => {
+                tracing::warn!(
+                    "ignoring VIRTPROXYD_PREOPEN_TIMEOUT_MS={v:?} (want milliseconds > 0)"
+                );
+                PREOPEN_DEADLINE
+            }
+        },
+        Err(_) => PREOPEN_DEADLINE,
+    }
+}
 
 fn main() {
     let mut args = std::env::args_os();
@@ -290,10 +309,18 @@ fn run(argv0: &str, cli: cli::Cli) -> i32 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(SPLICE_THRESHOLD);
+    let limit_waker = match virtproxyd::worker::eventfd() {
+        Ok(fd) => fd,
+        Err(e) => return fail(ready, EXIT_NETWORK, &format!("eventfd: {e}")),
+    };
     let shared = Arc::new(Shared {
         routes: arc_swap::ArcSwap::from_pointee(route_table(&cfg, &env)),
         clients: AtomicUsize::new(0),
         max_clients: AtomicUsize::new(cfg.max_clients as usize),
+        unauthenticated: AtomicUsize::new(0),
+        max_anonymous_clients: AtomicUsize::new(cfg.max_anonymous_clients as usize),
+        preopen_deadline: preopen_deadline(),
+        limit_waker,
         shutdown: AtomicBool::new(false),
         drain_grace: DRAIN_GRACE,
         splice_threshold,
@@ -304,8 +331,6 @@ fn run(argv0: &str, cli: cli::Cli) -> i32 {
             tcp: cfg.auth_tcp,
             tls: cfg.auth_tls,
         },
-        auth_pending: AtomicUsize::new(0),
-        max_anonymous_clients: AtomicUsize::new(cfg.max_anonymous_clients as usize),
         registry: Default::default(),
     });
     let workers = match cfg.worker_threads {

@@ -7,7 +7,7 @@
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::{channel, Sender};
+use std::sync::mpsc::channel;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -19,7 +19,10 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use crate::identity::{Identity, NameCache};
 use crate::listen::{Listener, ListenerKind};
 use crate::reactor::{self, Reactor};
-use crate::worker::{NewConn, Shared, Worker};
+use crate::tls::handshaker::Handshaker;
+use crate::worker::{
+    drain_eventfd, eventfd, wake, Inbox, NewConn, Shared, Unauthenticated, Worker,
+};
 
 /// How the server is to run.
 pub struct ServerOpts {
@@ -50,25 +53,8 @@ pub enum Stopped {
 }
 
 struct WorkerHandle {
-    tx: Sender<NewConn>,
-    waker: OwnedFd,
+    inbox: Inbox,
     thread: JoinHandle<()>,
-}
-
-fn eventfd() -> io::Result<OwnedFd> {
-    // SAFETY: plain syscall.
-    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fresh descriptor.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-fn wake(fd: &OwnedFd) {
-    let one: u64 = 1;
-    // SAFETY: writing 8 bytes to an eventfd.
-    unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
 }
 
 /// Who the client is, captured at accept time. `None`: drop the client.
@@ -102,11 +88,11 @@ fn peer_addr(kind: ListenerKind, fd: &OwnedFd) -> Option<String> {
     }
 }
 
-/// max_anonymous_clients: like libvirt, accepting pauses on every listener while this many
-/// clients have not finished authenticating.
-fn anonymous_limit_reached(shared: &Shared) -> bool {
-    let max = shared.max_anonymous_clients.load(Ordering::Acquire);
-    max != 0 && shared.auth_pending.load(Ordering::Acquire) >= max
+/// Whether a listener's clients count against `max_anonymous_clients` when they arrive:
+/// TLS clients until their handshake and certificate checks are done, and the clients of a
+/// listener with an auth step (polkit) until it succeeds (root's bypass included).
+fn starts_anonymous(shared: &Shared, kind: ListenerKind) -> bool {
+    kind == ListenerKind::Tls || shared.auth.of(kind) != crate::config::Auth::None
 }
 
 /// Signals the acceptor handles; blocked in every thread so only the signalfd sees them.
@@ -194,8 +180,32 @@ pub fn run(mut opts: ServerOpts) -> io::Result<Stopped> {
         let thread = std::thread::Builder::new()
             .name(format!("relay-{index}"))
             .spawn(move || worker.run())?;
-        workers.push(WorkerHandle { tx, waker, thread });
+        workers.push(WorkerHandle {
+            inbox: Inbox { tx, waker },
+            thread,
+        });
     }
+    // TLS handshakes run on their own threads (tls/handshaker.rs): one per two relay workers.
+    let mut handshakers = Vec::new();
+    if opts.listeners.iter().any(|l| l.kind == ListenerKind::Tls) {
+        for index in 0..workers.len().div_ceil(2) {
+            let (tx, rx) = channel();
+            let waker = eventfd()?;
+            let inboxes = workers
+                .iter()
+                .map(|w| w.inbox.try_clone())
+                .collect::<io::Result<Vec<_>>>()?;
+            let h = Handshaker::new(index, rx, waker.try_clone()?, opts.shared.clone(), inboxes)?;
+            let thread = std::thread::Builder::new()
+                .name(format!("tls-handshake-{index}"))
+                .spawn(move || h.run())?;
+            handshakers.push(WorkerHandle {
+                inbox: Inbox { tx, waker },
+                thread,
+            });
+        }
+    }
+    let mut next_handshaker = 0usize;
     tracing::info!(
         workers = workers.len(),
         backend = backend_name,
@@ -233,7 +243,18 @@ pub fn run(mut opts: ServerOpts) -> io::Result<Stopped> {
             last_status = (clients, Instant::now());
         }
         let max_clients = shared.max_clients.load(Ordering::Acquire);
-        let anonymous_full = anonymous_limit_reached(shared);
+        let max_anonymous = shared.max_anonymous_clients.load(Ordering::Acquire);
+        // As libvirt's virNetServerCheckLimits: at max_clients no listener accepts. At
+        // max_anonymous_clients libvirt pauses every listener too; here only the listeners
+        // whose clients start out anonymous pause (today: TLS, see `starts_anonymous`), so
+        // remote peers that stall their handshakes cannot lock local clients out. The kernel
+        // keeps new clients in the backlog until a client leaves or authenticates.
+        let paused = |kind: ListenerKind| {
+            (max_clients != 0 && shared.clients.load(Ordering::Acquire) >= max_clients)
+                || (max_anonymous != 0
+                    && starts_anonymous(shared, kind)
+                    && shared.unauthenticated.load(Ordering::Acquire) >= max_anonymous)
+        };
         // Admin clients keep the daemon up too, as in libvirt; the limit can change at run
         // time (daemon-timeout).
         if clients == 0 && shared.registry.admin_clients() == 0 {
@@ -247,17 +268,24 @@ pub fn run(mut opts: ServerOpts) -> io::Result<Stopped> {
                 break Stopped::IdleTimeout;
             }
         }
-        let at_limit = (max_clients != 0 && clients >= max_clients) || anonymous_full;
         let backing_off = accept_backoff.is_some_and(|t| t > Instant::now());
-        let accepting = !at_limit && !backing_off;
-        let mut fds = vec![PollFd::new(sigfd.as_fd(), PollFlags::POLLIN)];
-        if accepting {
-            fds.extend(
-                opts.listeners
-                    .iter()
-                    .map(|l| PollFd::new(l.fd.as_fd(), PollFlags::POLLIN)),
-            );
-        }
+        // Indices of the listeners accepting now.
+        let open: Vec<usize> = if backing_off {
+            Vec::new()
+        } else {
+            (0..opts.listeners.len())
+                .filter(|&i| !paused(opts.listeners[i].kind))
+                .collect()
+        };
+        let accepting = open.len() == opts.listeners.len();
+        let mut fds = vec![
+            PollFd::new(sigfd.as_fd(), PollFlags::POLLIN),
+            PollFd::new(shared.limit_waker.as_fd(), PollFlags::POLLIN),
+        ];
+        fds.extend(
+            open.iter()
+                .map(|&i| PollFd::new(opts.listeners[i].fd.as_fd(), PollFlags::POLLIN)),
+        );
         // Wake periodically while we cannot accept (a client may have left) or to check the
         // idle timer.
         let timeout = if !accepting || idle_timeout.is_some() {
@@ -275,6 +303,10 @@ pub fn run(mut opts: ServerOpts) -> io::Result<Stopped> {
             .map(|f| f.revents().is_some_and(|r| !r.is_empty()))
             .collect();
         drop(fds);
+        if ready[1] {
+            // A client left the anonymous set at the limit: re-evaluate the pauses now.
+            drain_eventfd(&shared.limit_waker);
+        }
         if ready[0] {
             if let Ok(Some(info)) = sigfd.read_signal() {
                 let signo = info.ssi_signo as i32;
@@ -289,18 +321,13 @@ pub fn run(mut opts: ServerOpts) -> io::Result<Stopped> {
                 }
             }
         }
-        if !accepting {
-            continue;
-        }
-        for (i, l) in opts.listeners.iter().enumerate() {
-            if !ready[i + 1] {
+        for (n, &i) in open.iter().enumerate() {
+            if !ready[n + 2] {
                 continue;
             }
+            let l = &opts.listeners[i];
             loop {
-                if max_clients != 0 && shared.clients.load(Ordering::Acquire) >= max_clients {
-                    break;
-                }
-                if anonymous_limit_reached(shared) {
+                if paused(l.kind) {
                     break;
                 }
                 match nix::sys::socket::accept4(
@@ -325,7 +352,12 @@ pub fn run(mut opts: ServerOpts) -> io::Result<Stopped> {
                             }
                         }
                         shared.clients.fetch_add(1, Ordering::AcqRel);
+                        let tls = l.kind == ListenerKind::Tls;
+                        let auth = shared.auth.of(l.kind);
+                        // The relay worker that will own it (a TLS client reaches it through a
+                        // handshake thread, which hands it to this worker).
                         let owner = next_worker % workers.len();
+                        next_worker = next_worker.wrapping_add(1);
                         shared.registry.insert(crate::registry::ClientRecord {
                             id,
                             timestamp: crate::registry::now_epoch(),
@@ -335,30 +367,29 @@ pub fn run(mut opts: ServerOpts) -> io::Result<Stopped> {
                             worker: owner,
                             claimed: None,
                         });
-                        let auth = shared.auth.of(l.kind);
-                        if auth != crate::config::Auth::None {
-                            shared.auth_pending.fetch_add(1, Ordering::AcqRel);
-                        }
-                        let w = &workers[next_worker % workers.len()];
-                        next_worker = next_worker.wrapping_add(1);
-                        if w.tx
-                            .send(NewConn {
-                                id,
-                                fd,
-                                kind: l.kind,
-                                identity,
-                                auth,
-                            })
-                            .is_err()
-                        {
+                        let nc = NewConn {
+                            id,
+                            fd,
+                            kind: l.kind,
+                            identity,
+                            auth,
+                            deadline: (!l.kind.is_unix())
+                                .then(|| Instant::now() + shared.preopen_deadline),
+                            tls: None,
+                            worker: owner,
+                            unauthenticated: starts_anonymous(shared, l.kind)
+                                .then(|| Unauthenticated::new(shared)),
+                        };
+                        let to = if tls && !handshakers.is_empty() {
+                            next_handshaker = next_handshaker.wrapping_add(1);
+                            &handshakers[next_handshaker % handshakers.len()]
+                        } else {
+                            &workers[owner]
+                        };
+                        if to.inbox.send(nc).is_err() {
                             shared.clients.fetch_sub(1, Ordering::AcqRel);
                             shared.registry.remove(id);
-                            if auth != crate::config::Auth::None {
-                                shared.auth_pending.fetch_sub(1, Ordering::AcqRel);
-                            }
                             tracing::error!("relay worker is gone; dropping client");
-                        } else {
-                            wake(&w.waker);
                         }
                     }
                     Err(nix::errno::Errno::EAGAIN) | Err(nix::errno::Errno::EINTR) => break,
@@ -383,12 +414,15 @@ pub fn run(mut opts: ServerOpts) -> io::Result<Stopped> {
         l.unlink();
     }
     shared.shutdown.store(true, Ordering::Release);
-    for w in &workers {
-        wake(&w.waker);
-    }
-    for w in workers {
-        drop(w.tx);
-        let _ = w.thread.join();
+    // Handshakes in progress are dropped first, so no client reaches a worker after it left.
+    for group in [handshakers, workers] {
+        for w in &group {
+            wake(&w.inbox.waker);
+        }
+        for w in group {
+            drop(w.inbox);
+            let _ = w.thread.join();
+        }
     }
     if let Some(t) = admin_thread {
         let _ = t.join();

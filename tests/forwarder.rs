@@ -741,3 +741,103 @@ fn second_open_pipelined_behind_the_first_is_refused() {
         );
     }
 }
+
+/// A busy driver daemon's socket: listen backlog 1 and one accept per `every`. Each accepted
+/// connection is relayed byte for byte to the real libvirtd by two threads, so the opens that
+/// get through are real. Returns the accepting thread (it ends when `stop` is set).
+fn slow_accepting_daemon(
+    path: &std::path::Path,
+    every: Duration,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<usize> {
+    use std::os::fd::AsRawFd;
+    use std::sync::atomic::Ordering;
+    let listener = std::os::unix::net::UnixListener::bind(path).unwrap();
+    // listen() again on a listening AF_UNIX socket sets its backlog.
+    // SAFETY: plain syscall on a socket we own.
+    assert_eq!(unsafe { libc::listen(listener.as_raw_fd(), 1) }, 0);
+    listener.set_nonblocking(true).unwrap();
+    let target = daemon().rw_sock.clone();
+    std::thread::spawn(move || {
+        let mut accepted = 0;
+        while !stop.load(Ordering::Relaxed) {
+            std::thread::sleep(every);
+            let Ok((client, _)) = listener.accept() else {
+                continue;
+            };
+            accepted += 1;
+            client.set_nonblocking(false).unwrap();
+            let up = UnixStream::connect(&target).unwrap();
+            for (mut from, mut to) in [
+                (client.try_clone().unwrap(), up.try_clone().unwrap()),
+                (up, client),
+            ] {
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut from, &mut to);
+                    let _ = to.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        }
+        accepted
+    })
+}
+
+#[test]
+fn opens_wait_while_the_daemon_backlog_is_full() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Barrier};
+    const CLIENTS: usize = 120;
+    for backend in BACKENDS {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("busy-sock");
+        let stop = Arc::new(AtomicBool::new(false));
+        let acceptor = slow_accepting_daemon(&sock, Duration::from_millis(4), stop.clone());
+        let p = Proxy::start(
+            daemon(),
+            &format!(
+                "io_backend = \"{backend}\"\ndriver_sockets = [ \"test={}\" ]\n",
+                sock.display()
+            ),
+            &[],
+        );
+        let start = Arc::new(Barrier::new(CLIENTS));
+        let clients: Vec<_> = (0..CLIENTS)
+            .map(|_| {
+                let (start, path) = (start.clone(), p.rw_sock.clone());
+                std::thread::spawn(move || -> Result<(), String> {
+                    let mut s = UnixStream::connect(&path).map_err(|e| e.to_string())?;
+                    s.set_read_timeout(Some(Duration::from_secs(25))).unwrap();
+                    let mut body = vec![0, 0, 0, 1, 0, 0, 0, 15];
+                    body.extend_from_slice(b"test:///default\0\0\0\0\0");
+                    start.wait();
+                    s.write_all(&frame(1, 0, 1, &body))
+                        .map_err(|e| e.to_string())?;
+                    let r = read_frame(&mut s).ok_or("no open reply")?;
+                    if r[24..28] == [0, 0, 0, 0] {
+                        Ok(())
+                    } else {
+                        Err(String::from_utf8_lossy(&r[28..]).into_owned())
+                    }
+                })
+            })
+            .collect();
+        let results: Vec<Result<(), String>> = clients
+            .into_iter()
+            .map(|t| t.join().unwrap_or_else(|_| Err("client panicked".into())))
+            .collect();
+        stop.store(true, Ordering::Relaxed);
+        let accepted = acceptor.join().unwrap();
+        let failed: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+        assert!(
+            failed.is_empty(),
+            "{backend}: {} of {CLIENTS} opens failed (daemon accepted {accepted}), e.g. {:?}",
+            failed.len(),
+            failed.first()
+        );
+        assert_eq!(accepted, CLIENTS, "{backend}");
+        assert!(
+            !p.log_text().contains("Resource temporarily unavailable"),
+            "{backend}"
+        );
+    }
+}

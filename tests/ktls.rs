@@ -93,13 +93,15 @@ fn proxy() -> &'static Proxy {
             routes: arc_swap::ArcSwap::from_pointee(RouteTable::new(dir.path().into(), cfg.driver_sockets.clone(), false)),
             clients: AtomicUsize::new(0),
             max_clients: AtomicUsize::new(0),
+            unauthenticated: AtomicUsize::new(0),
+            max_anonymous_clients: AtomicUsize::new(0),
+            preopen_deadline: Duration::from_secs(60),
+            limit_waker: virtproxyd::worker::eventfd().unwrap(),
             shutdown: AtomicBool::new(false),
             drain_grace: Duration::from_secs(1),
             splice_threshold: 16 * 1024,
             tls: arc_swap::ArcSwapOption::new(Some(Arc::new(settings))),
             auth: virtproxyd::worker::ListenerAuth::NONE,
-            auth_pending: AtomicUsize::new(0),
-            max_anonymous_clients: AtomicUsize::new(0),
             registry: Default::default(),
         });
         std::thread::spawn(move || {

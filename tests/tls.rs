@@ -56,6 +56,10 @@ fn tls_daemon() -> &'static support::Daemon {
 }
 
 fn start(extra: &str) -> Env {
+    start_env(extra, &[])
+}
+
+fn start_env(extra: &str, envs: &[(&str, &str)]) -> Env {
     let files = tempfile::tempdir().unwrap();
     let ca = Ca::new("Test CA");
     let (tls_port, tcp_port) = (free_port(), free_port());
@@ -63,7 +67,7 @@ fn start(extra: &str) -> Env {
         "{extra}\nlisten_tls = 1\nlisten_tcp = 1\nauth_tcp = \"none\"\nlisten_addr = \"127.0.0.1\"\ntls_port = \"{tls_port}\"\ntcp_port = \"{tcp_port}\"\n{}",
         server_files(files.path(), &ca, false)
     );
-    let proxy = Proxy::start(tls_daemon(), &conf, &[]);
+    let proxy = Proxy::start(tls_daemon(), &conf, envs);
     let good = client_dir(files.path(), "good", &ca, &ca.client("client1", 1001));
     Env {
         _files: files,
@@ -398,4 +402,189 @@ fn sighup_reloads_certificates_for_new_connections_only() {
     established.write_all(&frame(66, 0, 0, &[])).unwrap();
     let r = read_frame(&mut established).expect("established session dropped by reload");
     assert_eq!(&r[28..], &[0, 0, 0, 1, 0, 0, 0, 0]);
+}
+
+/// Seconds until the peer closes `s` (EOF or reset); None if it stays open for `limit`.
+fn secs_until_closed(s: &mut TcpStream, limit: Duration) -> Option<f64> {
+    let t = std::time::Instant::now();
+    s.set_read_timeout(Some(limit)).unwrap();
+    let mut b = [0u8; 4096];
+    loop {
+        match s.read(&mut b) {
+            Ok(0) => return Some(t.elapsed().as_secs_f64()),
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                return Some(t.elapsed().as_secs_f64())
+            }
+            Err(_) => return None,
+        }
+    }
+}
+
+/// A client relayed to the daemon over the UNIX socket, making calls until `stop`; returns
+/// the number of calls and the slowest one.
+fn busy_client(
+    p: &Proxy,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<(usize, Duration)> {
+    use std::io::Write;
+    let mut s = std::os::unix::net::UnixStream::connect(&p.rw_sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut open = vec![0, 0, 0, 1, 0, 0, 0, 15];
+    open.extend_from_slice(b"test:///default\0\0\0\0\0");
+    s.write_all(&frame(1, 0, 1, &open)).unwrap();
+    let r = read_frame(&mut s).expect("open reply");
+    assert_eq!(&r[24..28], &[0, 0, 0, 0], "busy client's open failed");
+    std::thread::spawn(move || {
+        let (mut calls, mut worst) = (0usize, Duration::ZERO);
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let t = std::time::Instant::now();
+            let serial = 2 + calls as u32;
+            // CONNECT_GET_LIB_VERSION
+            s.write_all(&frame(157, 0, serial, &[])).unwrap();
+            let r = read_frame(&mut s).expect("busy client's reply");
+            assert_eq!(
+                &r[20..28],
+                &[&serial.to_be_bytes()[..], &[0, 0, 0, 0]].concat()[..]
+            );
+            worst = worst.max(t.elapsed());
+            calls += 1;
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        (calls, worst)
+    })
+}
+
+#[test]
+fn stalled_peers_are_closed_at_the_pre_open_deadline_while_others_work() {
+    use std::io::Write;
+    let e = start_env("", &[("VIRTPROXYD_PREOPEN_TIMEOUT_MS", "1500")]);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let busy = busy_client(&e.proxy, stop.clone());
+
+    // TLS: connected, nothing sent.
+    let mut silent_tls = TcpStream::connect(("127.0.0.1", e.tls_port)).unwrap();
+    // TLS: half a ClientHello (a handshake record announcing 512 bytes, 100 sent).
+    let mut half_hello = TcpStream::connect(("127.0.0.1", e.tls_port)).unwrap();
+    let mut rec = vec![
+        0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03,
+    ];
+    rec.resize(100, 0x42);
+    half_hello.write_all(&rec).unwrap();
+    // Plain TCP: nothing sent; and one that asks for AUTH_LIST but never opens.
+    let mut silent_tcp = TcpStream::connect(("127.0.0.1", e.tcp_port)).unwrap();
+    let mut no_open = TcpStream::connect(("127.0.0.1", e.tcp_port)).unwrap();
+    no_open
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    no_open.write_all(&frame(66, 0, 0, &[])).unwrap();
+    read_frame(&mut no_open).expect("AUTH_LIST reply");
+    // Plain TCP that opens in time, then idles past the deadline: it must stay.
+    let mut opened = TcpStream::connect(("127.0.0.1", e.tcp_port)).unwrap();
+    opened
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut open = vec![0, 0, 0, 1, 0, 0, 0, 15];
+    open.extend_from_slice(b"test:///default\0\0\0\0\0");
+    opened.write_all(&frame(1, 0, 1, &open)).unwrap();
+    let r = read_frame(&mut opened).expect("open reply");
+    assert_eq!(&r[24..28], &[0, 0, 0, 0]);
+
+    for (what, s) in [
+        ("silent TLS peer", &mut silent_tls),
+        ("half ClientHello", &mut half_hello),
+        ("silent TCP peer", &mut silent_tcp),
+        ("TCP peer that never opens", &mut no_open),
+    ] {
+        let secs = secs_until_closed(s, Duration::from_secs(8));
+        assert!(
+            secs.is_some(),
+            "{what} still connected long after the 1.5 s deadline; log:\n{}",
+            e.proxy.log_text()
+        );
+    }
+    // All four were connected at about the same time: the last close is near 1.5 s after.
+    std::thread::sleep(Duration::from_millis(1000));
+    opened.write_all(&frame(157, 0, 2, &[])).unwrap();
+    let r = read_frame(&mut opened).expect("opened client dropped after its open");
+    assert_eq!(&r[20..28], &[0, 0, 0, 2, 0, 0, 0, 0]);
+
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (calls, worst) = busy.join().expect("busy client failed");
+    assert!(calls > 50, "busy client made only {calls} calls");
+    assert!(
+        worst < Duration::from_millis(500),
+        "busy client's slowest call {worst:?}"
+    );
+    let log = e.proxy.log_text();
+    assert!(
+        log.contains("TLS handshake not completed within") && log.contains("pre-open deadline"),
+        "{log}"
+    );
+}
+
+#[test]
+fn the_21st_anonymous_peer_waits_until_one_of_the_first_20_goes() {
+    let e = start("max_anonymous_clients = 20");
+    let mut stalled: Vec<TcpStream> = (0..20)
+        .map(|_| TcpStream::connect(("127.0.0.1", e.tls_port)).unwrap())
+        .collect();
+    // Let the proxy accept all twenty (they count until their handshake completes).
+    std::thread::sleep(Duration::from_millis(500));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (port, ca, client) = (
+        e.tls_port,
+        e.ca.cert_pem.clone(),
+        e.ca.client("client1", 1001),
+    );
+    std::thread::spawn(move || {
+        let _ = tx.send(confirmed(port, &ca, Some(&client)));
+    });
+    assert!(
+        rx.recv_timeout(Duration::from_millis(1500)).is_err(),
+        "the 21st anonymous peer was served while 20 were in their handshake"
+    );
+    // Local clients never count and are not locked out meanwhile.
+    let mut u = std::os::unix::net::UnixStream::connect(&e.proxy.rw_sock).unwrap();
+    u.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    use std::io::Write;
+    u.write_all(&frame(66, 0, 0, &[])).unwrap();
+    assert!(
+        read_frame(&mut u).is_some(),
+        "local client locked out by anonymous TLS peers"
+    );
+    drop(stalled.pop());
+    let served = rx.recv_timeout(Duration::from_secs(5));
+    assert_eq!(
+        served,
+        Ok(true),
+        "the 21st peer was not served after one left; log:\n{}",
+        e.proxy.log_text()
+    );
+}
+
+#[test]
+fn tcp_peers_may_not_send_frames_over_64_kib_before_open() {
+    use std::io::Write;
+    let e = start("");
+    let mut s = TcpStream::connect(("127.0.0.1", e.tcp_port)).unwrap();
+    // The header of a 100 KiB AUTH_LIST call: refused on the header, before any body.
+    let mut f = frame(66, 0, 0, &[]);
+    f[..4].copy_from_slice(&(100 * 1024u32).to_be_bytes());
+    s.write_all(&f).unwrap();
+    assert!(
+        secs_until_closed(&mut s, Duration::from_secs(5)).is_some(),
+        "oversized pre-open frame from a TCP peer not refused"
+    );
+    // A local client may still send up to 1 MiB before open (nothing changed there): it gets
+    // an answer to a 100 KiB call.
+    let mut u = std::os::unix::net::UnixStream::connect(&e.proxy.rw_sock).unwrap();
+    u.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    u.write_all(&frame(66, 0, 0, &vec![0u8; 100 * 1024 - 28]))
+        .unwrap();
+    assert!(
+        read_frame(&mut u).is_some(),
+        "UNIX client's 100 KiB call not answered"
+    );
+    assert!(e.proxy.log_text().contains("before CONNECT_OPEN"));
 }

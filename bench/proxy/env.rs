@@ -23,6 +23,15 @@ const TARGET_TMPDIR: &str = env!("CARGO_TARGET_TMPDIR");
 /// Built by cargo for benches (the release profile under `cargo bench`).
 pub const PROXY_BIN: &str = env!("CARGO_BIN_EXE_virtproxyd");
 
+/// The proxy binary to measure: `VPD_BENCH_PROXY_BIN` (e.g. an older build, to compare)
+/// or this tree's.
+pub fn proxy_bin() -> String {
+    std::env::var("VPD_BENCH_PROXY_BIN")
+        .ok()
+        .filter(|p| !p.is_empty())
+        .unwrap_or_else(|| PROXY_BIN.to_string())
+}
+
 /// `target/` (the parent of `target/tmp`).
 pub fn target_dir() -> PathBuf {
     Path::new(TARGET_TMPDIR)
@@ -257,6 +266,11 @@ impl Daemon {
     /// Starts Debian's libvirtd through `scripts/private-libvirtd.sh` with client limits
     /// raised for the scale test (`extra_conf`), reaped when this process exits.
     pub fn start(extra_conf: &str) -> Daemon {
+        Self::start_tagged("", extra_conf)
+    }
+
+    /// Another daemon beside the first (`tag` names its state directory).
+    pub fn start_tagged(tag: &str, extra_conf: &str) -> Daemon {
         let tmp = PathBuf::from(TARGET_TMPDIR);
         let base = if tmp.as_os_str().len() + "/vpd-bench-4194304".len() <= 80 {
             tmp
@@ -271,7 +285,7 @@ impl Daemon {
                 let Some(pid) = name
                     .to_str()
                     .and_then(|n| n.strip_prefix("vpd-bench-"))
-                    .and_then(|p| p.parse::<u32>().ok())
+                    .and_then(|p| p.split('-').next()?.parse::<u32>().ok())
                 else {
                     continue;
                 };
@@ -285,7 +299,10 @@ impl Daemon {
                 let _ = fs::remove_dir_all(e.path());
             }
         }
-        let state_dir = base.join(format!("vpd-bench-{}", std::process::id()));
+        let state_dir = match tag {
+            "" => base.join(format!("vpd-bench-{}", std::process::id())),
+            t => base.join(format!("vpd-bench-{}-{t}", std::process::id())),
+        };
         let mut cmd = Command::new(script());
         cmd.arg("start")
             .arg(&state_dir)
@@ -363,6 +380,11 @@ pub struct Proxy {
 
 impl Proxy {
     pub fn start(daemon: &Daemon, backend: &'static str) -> Proxy {
+        Self::start_conf(daemon, backend, "")
+    }
+
+    /// Like `start`, with `extra` config lines first (virconf keeps a key's first value).
+    pub fn start_conf(daemon: &Daemon, backend: &'static str, extra: &str) -> Proxy {
         let dir = tempfile::Builder::new()
             .prefix(&tmp_prefix("proxy"))
             .tempdir()
@@ -373,7 +395,8 @@ impl Proxy {
         fs::write(
             &conf,
             format!(
-                "unix_sock_dir = \"{}\"\n\
+                "{extra}\n\
+                 unix_sock_dir = \"{}\"\n\
                  unix_sock_rw_perms = \"0777\"\n\
                  unix_sock_ro_perms = \"0777\"\n\
                  auth_unix_rw = \"none\"\n\
@@ -387,7 +410,7 @@ impl Proxy {
         .unwrap();
         let log = dir.path().join("virtproxyd.log");
         let lf = fs::File::create(&log).unwrap();
-        let mut cmd = Command::new(PROXY_BIN);
+        let mut cmd = Command::new(proxy_bin());
         cmd.arg("-f")
             .arg(&conf)
             .arg("-p")

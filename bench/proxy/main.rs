@@ -6,20 +6,27 @@
 //! ratios to the direct run next to it.
 //!
 //!   cargo bench --bench proxy                 full run (~6–9 minutes on 2 cores)
-//!   cargo bench --bench proxy -- --quick      or VPD_BENCH_QUICK=1: under a minute
+//!   cargo bench --bench proxy -- --quick      or VPD_BENCH_QUICK=1: a few minutes
+//!   VPD_BENCH_ONLY=tls,idlecpu cargo bench …  only those sections
+//!   VPD_BENCH_PROXY_BIN=/path/virtproxyd      measure another build of the proxy
 //!
 //! Measures: cheap-call rate and latency (1 and 8 clients), connect-open time, volume
 //! download/upload throughput and the relay's CPU per GiB (socat as the naive copy relay),
-//! and N idle proxied connections (fds, RSS, iou-wrk threads, a busy client's p99).
+//! and N idle proxied connections (fds, RSS, iou-wrk threads, a busy client's p99 and the
+//! proxy's CPU per call), and a busy client's p99 during bursts of TLS handshakes.
 //! Prints one table and writes `target/bench-proxy.json` (plus a dated copy under
 //! `target/bench-proxy-history/`).
 
 mod env;
+#[path = "../../tests/support/pki.rs"]
+mod pki;
 mod report;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -55,7 +62,8 @@ impl Params {
                 open_count: 40,
                 stream_bytes: 256 << 20,
                 stream_reps: 1,
-                idle_counts: vec![1000],
+                // the CPU-per-call comparison wants many idle connections even here
+                idle_counts: vec![nmax.min(9000)],
                 busy_secs: 1.0,
                 scale_endpoints: vec!["io_uring", "direct"],
                 nofile,
@@ -121,6 +129,10 @@ fn main() {
     let quick = args.iter().any(|a| a == "--quick")
         || std::env::var("VPD_BENCH_QUICK").is_ok_and(|v| !v.is_empty() && v != "0");
     let t_start = Instant::now();
+    // VPD_BENCH_ONLY=tls,idlecpu,… runs only those sections (calls, open, streams, scale,
+    // idlecpu, tls); the table then has only their rows.
+    let only = std::env::var("VPD_BENCH_ONLY").unwrap_or_default();
+    let want = |section: &str| only.is_empty() || only.split(',').any(|s| s.trim() == section);
     let nofile = raise_nofile();
     let p = Params::new(quick, nofile);
     eprintln!(
@@ -180,7 +192,7 @@ fn main() {
     let three = ["direct", "io_uring", "epoll"];
     // (proc, clients, endpoint) → one JSON per rep
     let mut calls: BTreeMap<(&str, usize, &str), Vec<Value>> = BTreeMap::new();
-    for rep in 0..p.reps {
+    for rep in 0..p.reps * usize::from(want("calls")) {
         for proc_ in procs {
             for c in clients {
                 for name in rotated(&three, rep) {
@@ -205,7 +217,7 @@ fn main() {
     // ---- 2. connect-open -------------------------------------------------------------------
     eprintln!("connect-open: {} reps x {} opens", p.reps, p.open_count);
     let mut opens: BTreeMap<&str, Vec<Value>> = BTreeMap::new();
-    for rep in 0..p.reps.max(3) {
+    for rep in 0..p.reps.max(3) * usize::from(want("open")) {
         for name in rotated(&three, rep) {
             let v = client.json(
                 &["open", &test_uri(name), &p.open_count.to_string()],
@@ -229,15 +241,17 @@ fn main() {
     // Untimed warm-up, one each way: the first upload allocates the file's blocks, the
     // first download faults in the daemon's and iohelper's code paths.
     let warm = qemu_uri("direct");
-    client.json(
-        &["download", &warm, &pool.name, "dl"],
-        Duration::from_secs(600),
-    );
-    client.json(
-        &["upload", &warm, &pool.name, "ul", &bytes_s],
-        Duration::from_secs(600),
-    );
-    for rep in 0..p.stream_reps {
+    if want("streams") {
+        client.json(
+            &["download", &warm, &pool.name, "dl"],
+            Duration::from_secs(600),
+        );
+        client.json(
+            &["upload", &warm, &pool.name, "ul", &bytes_s],
+            Duration::from_secs(600),
+        );
+    }
+    for rep in 0..p.stream_reps * usize::from(want("streams")) {
         for dir in ["download", "upload"] {
             for name in rotated(&four, rep) {
                 let uri = qemu_uri(name);
@@ -278,7 +292,9 @@ fn main() {
     // against the same busy client with none open. The idle connections reach the daemon
     // either way, so the direct run shows what the daemon itself does with N clients.
     let busy = |name: &str| {
-        client.json(
+        let pid = proxy_pid(name);
+        let cpu0 = pid.map(env::cpu_sched);
+        let mut v = client.json(
             &[
                 "calls",
                 &test_uri(name),
@@ -287,7 +303,14 @@ fn main() {
                 &p.busy_secs.to_string(),
             ],
             Duration::from_secs(120),
-        )
+        );
+        // The proxy's CPU per relayed call: a loop that walked every connection would show
+        // here as growth with the idle count.
+        if let (Some(pid), Some(c0)) = (pid, cpu0) {
+            let calls = v["calls"].as_f64().unwrap_or(f64::NAN);
+            v["proxy_cpu_us_per_call"] = json!((env::cpu_sched(pid) - c0) / calls * 1e6);
+        }
+        v
     };
     let snapshot = |pid: Option<u32>| {
         pid.map(|pid| {
@@ -303,13 +326,18 @@ fn main() {
     };
     // no-idle baselines, interleaved across endpoints (two rounds now, one at the end)
     let mut busy0: BTreeMap<&str, Vec<Value>> = BTreeMap::new();
-    for round in 0..2 {
-        for name in rotated(&p.scale_endpoints, round) {
+    let scale_endpoints: Vec<&str> = if want("scale") {
+        p.scale_endpoints.clone()
+    } else {
+        Vec::new()
+    };
+    for round in 0..2 * usize::from(!scale_endpoints.is_empty()) {
+        for name in rotated(&scale_endpoints, round) {
             busy0.entry(name).or_default().push(busy(name));
         }
     }
     let mut scale: Vec<Value> = Vec::new();
-    for &name in &p.scale_endpoints {
+    for &name in &scale_endpoints {
         let pid = proxy_pid(name);
         let uri = test_uri(name);
         let per_proc = 2500;
@@ -363,7 +391,7 @@ fn main() {
             "points": points,
         }));
     }
-    for name in rotated(&p.scale_endpoints, 2) {
+    for name in rotated(&scale_endpoints, 2) {
         busy0.entry(name).or_default().push(busy(name));
     }
     for e in &mut scale {
@@ -371,6 +399,22 @@ fn main() {
         e["busy_no_idle"] = json!(busy0.get(name.as_str()).cloned().unwrap_or_default());
     }
     laps.lap("scale");
+
+    // ---- 5. proxy CPU per call with idle connections ---------------------------------------
+    let idle_cpu = if want("idlecpu") {
+        idle_cpu(&p, &client)
+    } else {
+        Value::Null
+    };
+    laps.lap("idle_cpu");
+
+    // ---- 6. TLS handshake burst --------------------------------------------------------------
+    let tls = if want("tls") {
+        tls_burst(&p, &client, &daemon)
+    } else {
+        Value::Null
+    };
+    laps.lap("tls_burst");
 
     // ---- health ----------------------------------------------------------------------------
     for p in [&mut uring, &mut epoll] {
@@ -391,6 +435,8 @@ fn main() {
         &opens,
         &streams,
         &scale,
+        &idle_cpu,
+        &tls,
         p.stream_bytes,
     );
     drop(pool);
@@ -475,7 +521,215 @@ fn meta(p: &Params) -> Value {
         "git_commit": cmd_out("git", &["rev-parse", "HEAD"]),
         "git_dirty": dirty,
         "libvirt": cmd_out("libvirtd", &["--version"]),
-        "proxy_bin": env::PROXY_BIN,
+        "proxy_bin": env::proxy_bin(),
         "mode": if p.quick { "quick" } else { "full" },
     })
+}
+
+/// TLS handshakes run at a time by the burst generator.
+const BURST_CONCURRENCY: usize = 25;
+/// Handshakes made at least; they go on until the busy client's window is over.
+const BURST_SIZE: usize = 500;
+
+/// One full TLS handshake against `port` (client certificate included) up to libvirt's
+/// confirmation byte; then the connection is dropped.
+fn tls_handshake(cfg: &Arc<rustls::ClientConfig>, port: u16) -> bool {
+    use std::io::Read;
+    let Ok(name) = "localhost".try_into() else {
+        return false;
+    };
+    let Ok(mut conn) = rustls::ClientConnection::new(cfg.clone(), name) else {
+        return false;
+    };
+    let Ok(mut sock) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = sock.set_read_timeout(Some(Duration::from_secs(60)));
+    let mut tls = rustls::Stream::new(&mut conn, &mut sock);
+    let mut b = [0u8; 1];
+    matches!(tls.read(&mut b), Ok(1) if b[0] == 1)
+}
+
+/// A relayed client's call latency (UNIX socket, through an io_uring proxy that also listens
+/// for TLS) with and without TLS handshakes against the same proxy: 25 at a time, for the
+/// whole of the busy client's window, 500 at least. The generator threads run as SCHED_IDLE
+/// so that, on a small machine, their own client-side crypto competes as little as possible
+/// with the busy client and the proxy. Interleaved; one JSON per run.
+fn tls_burst(p: &Params, client: &Client, daemon: &env::Daemon) -> Value {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let files = tempfile::tempdir().expect("tempdir");
+    let ca = pki::Ca::new("Bench CA");
+    let (cert, key) = ca.server(false);
+    let d = files.path();
+    std::fs::write(d.join("ca.pem"), &ca.cert_pem).unwrap();
+    std::fs::write(d.join("server.pem"), cert).unwrap();
+    std::fs::write(d.join("server.key"), key).unwrap();
+    let free_port = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("free port")
+    };
+    let conf = |port: u16| {
+        format!(
+            "listen_tls = 1\nlisten_addr = \"127.0.0.1\"\ntls_port = \"{port}\"\n\
+             ca_file = \"{d}/ca.pem\"\ncert_file = \"{d}/server.pem\"\nkey_file = \"{d}/server.key\"\n",
+            d = d.display()
+        )
+    };
+    let port = free_port();
+    let proxy = Proxy::start_conf(daemon, "io_uring", &conf(port));
+    // Control: the same handshakes against another proxy process. What they do to the busy
+    // client is the machine's share (generator, kernel, CPU), not the proxy under test's.
+    let other_port = free_port();
+    let _other = Proxy::start_conf(daemon, "io_uring", &conf(other_port));
+    let (ccert, ckey) = ca.client("bench", 1);
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(ca.cert_pem.as_bytes()).unwrap())
+        .unwrap();
+    let cfg = Arc::new(
+        rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(
+            vec![CertificateDer::from_pem_slice(ccert.as_bytes()).unwrap()],
+            PrivateKeyDer::from_pem_slice(ckey.as_bytes()).unwrap(),
+        )
+        .unwrap(),
+    );
+    assert!(
+        tls_handshake(&cfg, port),
+        "TLS bench proxy refuses handshakes"
+    );
+    let uri = env::unix_uri("test:///default", &proxy.rw_sock);
+    let busy = || {
+        client.json(
+            &["calls", &uri, "libversion", "1", &p.busy_secs.to_string()],
+            Duration::from_secs(120),
+        )
+    };
+    let reps = p.reps.max(3);
+    eprintln!(
+        "tls burst: {reps} reps x {:.1} s, with and without handshakes",
+        p.busy_secs
+    );
+    let (mut quiet, mut loaded, mut control) = (Vec::new(), Vec::new(), Vec::new());
+    for rep in 0..reps {
+        for target in rotated(&[None, Some(port), Some(other_port)], rep) {
+            let Some(port) = target else {
+                quiet.push(busy());
+                continue;
+            };
+            let stop = Arc::new(AtomicBool::new(false));
+            let done = Arc::new(AtomicUsize::new(0));
+            let failed = Arc::new(AtomicUsize::new(0));
+            let cpu0 = env::cpu_sched(proxy.pid());
+            let t0 = Instant::now();
+            let gens: Vec<_> = (0..BURST_CONCURRENCY)
+                .map(|_| {
+                    let (stop, done, failed, cfg) =
+                        (stop.clone(), done.clone(), failed.clone(), cfg.clone());
+                    thread::spawn(move || {
+                        // The load generator is not under test: SCHED_IDLE keeps its own
+                        // client-side crypto from delaying the busy client (any runnable
+                        // normal task preempts it at once).
+                        let param = libc::sched_param { sched_priority: 0 };
+                        // SAFETY: pid 0 = this thread; param is valid for the call.
+                        unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
+                        // at least one whole burst, and load for the whole busy window
+                        while !stop.load(Ordering::Relaxed)
+                            || done.load(Ordering::Relaxed) < BURST_SIZE
+                        {
+                            if tls_handshake(&cfg, port) {
+                                done.fetch_add(1, Ordering::Relaxed);
+                            } else {
+                                failed.fetch_add(1, Ordering::Relaxed);
+                                thread::sleep(Duration::from_millis(1));
+                            }
+                        }
+                    })
+                })
+                .collect();
+            // Let the first handshakes be in flight before the busy client starts.
+            thread::sleep(Duration::from_millis(50));
+            let mut v = busy();
+            stop.store(true, Ordering::Relaxed);
+            for g in gens {
+                let _ = g.join();
+            }
+            let secs = t0.elapsed().as_secs_f64();
+            let n = done.load(Ordering::Relaxed);
+            v["handshakes"] = json!(n);
+            v["handshake_failures"] = json!(failed.load(Ordering::Relaxed));
+            v["burst_secs"] = json!(secs);
+            v["handshakes_per_s"] = json!(n as f64 / secs);
+            v["proxy_cpu_s"] = json!(env::cpu_sched(proxy.pid()) - cpu0);
+            if port == other_port {
+                control.push(v);
+            } else {
+                loaded.push(v);
+            }
+        }
+    }
+    json!({"no_burst": quiet, "burst": loaded, "burst_elsewhere": control})
+}
+
+/// The proxy's CPU per relayed call with N idle relayed connections, against none: whatever a
+/// worker does per loop for every connection it holds shows here. The idle connections go to
+/// one libvirtd (server keepalive off, so they are really idle: no PINGs to relay) and the
+/// busy client's to another, so the busy client is not slowed by libvirtd itself with N
+/// clients and both runs make calls at the same pace. Interleaved: 0 idle, N idle, 0 idle.
+fn idle_cpu(p: &Params, client: &Client) -> Value {
+    let n = p.idle_counts.iter().copied().max().unwrap_or(1000);
+    let idle_daemon = env::Daemon::start_tagged(
+        "idle",
+        "max_clients = 20000\nmax_anonymous_clients = 20000\nmax_queued_clients = 1000\n\
+         keepalive_interval = -1",
+    );
+    let busy_daemon = env::Daemon::start_tagged("busy", "");
+    let conf = format!(
+        "driver_sockets = [ \"qemu={}\", \"test={}\" ]\n",
+        idle_daemon.rw_sock.display(),
+        busy_daemon.rw_sock.display()
+    );
+    let proxy = Proxy::start_conf(&busy_daemon, "io_uring", &conf);
+    let pid = proxy.pid();
+    let busy_uri = env::unix_uri("test:///default", &proxy.rw_sock);
+    let idle_uri = env::unix_uri("qemu:///system", &proxy.rw_sock);
+    let busy = || {
+        let c0 = env::cpu_sched(pid);
+        let mut v = client.json(
+            &[
+                "calls",
+                &busy_uri,
+                "libversion",
+                "1",
+                &p.busy_secs.to_string(),
+            ],
+            Duration::from_secs(120),
+        );
+        let calls = v["calls"].as_f64().unwrap_or(f64::NAN);
+        v["proxy_cpu_us_per_call"] = json!((env::cpu_sched(pid) - c0) / calls * 1e6);
+        v
+    };
+    eprintln!("idle cpu: busy client with 0 and {n} idle connections");
+    let reps = p.reps.max(2);
+    let (mut none, mut many) = (Vec::new(), Vec::new());
+    none.push(busy());
+    let g = env::IdleGroup::open(client, &idle_uri, n, 2500);
+    thread::sleep(Duration::from_secs(1));
+    for _ in 0..reps {
+        many.push(busy());
+    }
+    let alive = g.close();
+    env::wait_for(Duration::from_secs(120), || env::fds(pid) < 100);
+    for _ in 1..reps {
+        none.push(busy());
+    }
+    json!({"idle": n, "alive_at_end": alive, "no_idle": none, "with_idle": many})
 }

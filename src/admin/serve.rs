@@ -409,7 +409,7 @@ impl Host for Live<'_> {
                 max: n(&s.max_clients),
                 current: n(&s.clients),
                 unauth_max: n(&s.max_anonymous_clients),
-                unauth_current: n(&s.auth_pending),
+                unauth_current: n(&s.unauthenticated),
             },
             Server::Admin => Limits {
                 max: self.admin_max,

@@ -10,6 +10,7 @@
 
 pub mod accept;
 pub mod dn;
+pub mod handshaker;
 pub mod ktls;
 pub mod shuttle;
 

@@ -24,17 +24,28 @@ use crate::reactor::{Event, Interest, Reactor};
 use crate::relay::tracker::{FrameCutter, Tracker, Verdict};
 use crate::relay::{sys, Drive, Pools, Pump, PumpError};
 use crate::route::RouteTable;
-use crate::tls::accept::{Established, Step, TlsAccept};
+use crate::timers::Timers;
+use crate::tls::accept::Established;
 use crate::tls::shuttle::{Flow, Shuttle};
 use preopen::{flush, Pre, PreOpen};
 
-/// A freshly accepted client, handed from the acceptor to a worker.
+/// A freshly accepted client, handed from the acceptor to a worker (TLS clients: to a
+/// handshake thread first, which hands them on with `tls` set).
 pub struct NewConn {
     pub id: u64,
     pub fd: OwnedFd,
     pub kind: ListenerKind,
     pub identity: Identity,
-    /// The listener's auth; anything but none was counted in `Shared::auth_pending`.
+    /// TCP/TLS clients: when the pre-open phase (TLS handshake included) must be over.
+    pub deadline: Option<Instant>,
+    /// A TLS client whose handshake and certificate checks are done.
+    pub tls: Option<Established>,
+    /// Held while the client counts against `max_anonymous_clients`.
+    pub unauthenticated: Option<Unauthenticated>,
+    /// Index of the relay worker that owns it (the registry routes disconnects there).
+    pub worker: usize,
+    /// The listener's auth; with anything but none the client keeps `unauthenticated` until
+    /// it has authenticated.
     pub auth: Auth,
 }
 
@@ -66,10 +77,84 @@ impl ListenerAuth {
     }
 }
 
+/// A client not yet authenticated, counted against `max_anonymous_clients` for as long as
+/// this lives (libvirt's `nclients_unauth`). With auth "none" everywhere, only TLS clients
+/// in their handshake count; an authentication step (polkit, SASL) would keep it until the
+/// client is through.
+pub struct Unauthenticated(Arc<Shared>);
+
+impl Unauthenticated {
+    pub fn new(shared: &Arc<Shared>) -> Unauthenticated {
+        shared.unauthenticated.fetch_add(1, Ordering::AcqRel);
+        Unauthenticated(shared.clone())
+    }
+}
+
+impl Drop for Unauthenticated {
+    fn drop(&mut self) {
+        let was = self.0.unauthenticated.fetch_sub(1, Ordering::AcqRel);
+        let max = self.0.max_anonymous_clients.load(Ordering::Acquire);
+        if max != 0 && was >= max {
+            // The acceptor has paused the listeners whose clients count: resume them now, as
+            // libvirt does, rather than at its next periodic check.
+            wake(&self.0.limit_waker);
+        }
+    }
+}
+
 /// A worker's line to the polkit threads: requests out, answers back (with its eventfd).
 pub struct PolkitLink {
     pub tx: Sender<polkit::Request>,
     pub rx: Receiver<polkit::Answer>,
+}
+
+/// Where a thread sends a client to a worker (or a handshake thread): its channel and the
+/// eventfd that wakes it.
+pub struct Inbox {
+    pub tx: Sender<NewConn>,
+    pub waker: OwnedFd,
+}
+
+impl Inbox {
+    /// Hands `nc` over; gives it back if the receiving thread is gone.
+    pub fn send(&self, nc: NewConn) -> Result<(), Box<NewConn>> {
+        self.tx.send(nc).map_err(|e| Box::new(e.0))?;
+        wake(&self.waker);
+        Ok(())
+    }
+
+    pub fn try_clone(&self) -> io::Result<Inbox> {
+        Ok(Inbox {
+            tx: self.tx.clone(),
+            waker: self.waker.try_clone()?,
+        })
+    }
+}
+
+/// Bumps an eventfd.
+pub fn wake(fd: &OwnedFd) {
+    let one: u64 = 1;
+    // SAFETY: writing 8 bytes to an eventfd.
+    unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+}
+
+/// A non-blocking eventfd.
+pub fn eventfd() -> io::Result<OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain syscall.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fresh descriptor.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Empties an eventfd.
+pub fn drain_eventfd(fd: &OwnedFd) {
+    let mut b = [0u8; 8];
+    // SAFETY: reading an eventfd counter into an 8-byte buffer.
+    unsafe { libc::read(fd.as_raw_fd(), b.as_mut_ptr().cast(), 8) };
 }
 
 /// State shared by the acceptor and all workers (read-mostly; counters are atomics).
@@ -80,6 +165,16 @@ pub struct Shared {
     pub clients: AtomicUsize,
     /// 0 = unlimited; changed by SIGHUP.
     pub max_clients: AtomicUsize,
+    /// Clients holding an `Unauthenticated`.
+    pub unauthenticated: AtomicUsize,
+    /// 0 = unlimited; changed by SIGHUP and the admin interface. At the limit the listeners
+    /// whose clients arrive unauthenticated stop accepting (see `server::starts_anonymous`).
+    pub max_anonymous_clients: AtomicUsize,
+    /// How long a TCP/TLS client may stay before its open completes (TLS handshake included).
+    pub preopen_deadline: Duration,
+    /// Wakes the acceptor when a client stops counting against `max_anonymous_clients` while
+    /// the limit is reached (an eventfd).
+    pub limit_waker: OwnedFd,
     pub shutdown: AtomicBool,
     /// How long in-flight frames may take to finish once shutdown starts.
     pub drain_grace: Duration,
@@ -88,32 +183,27 @@ pub struct Shared {
     pub tls: arc_swap::ArcSwapOption<crate::tls::TlsSettings>,
     /// Auth per listener kind.
     pub auth: ListenerAuth,
-    // --- auth pending (max_anonymous_clients): raised by the acceptor when it hands over a
-    // client whose listener needs auth, lowered by the worker when the client authenticates
-    // or leaves first (`Conn::auth_pending`).
-    /// Clients whose authentication is pending.
-    pub auth_pending: AtomicUsize,
-    /// 0 = unlimited; changed by SIGHUP.
-    pub max_anonymous_clients: AtomicUsize,
     /// Who is connected, for the admin server (written at open, identity change, close).
     pub registry: crate::registry::Registry,
 }
 
-/// How long the downstream handshake may take before the client gets an error.
+/// How long the downstream handshake may take before the client gets an error (connect
+/// retries while the daemon's backlog is full included).
 const DOWNSTREAM_DEADLINE: Duration = Duration::from_secs(30);
-/// Largest frame accepted before CONNECT_OPEN; real opens are tiny.
+/// Longest sleep of a worker with nothing due (a safety net; wake-ups come from the reactor).
+const IDLE_WAIT: Duration = Duration::from_millis(500);
+/// Largest frame accepted before CONNECT_OPEN from a local client; real opens are tiny.
 const PREOPEN_FRAME_MAX: usize = 1 << 20;
+/// The same for TCP/TLS clients, who are anonymous before open: this bounds what one of them
+/// makes us buffer (frame plus one read chunk in, `PREOPEN_TX_CAP` plus one reply out).
+const PREOPEN_FRAME_MAX_REMOTE: usize = 64 * 1024;
 const WAKER_TOKEN: u64 = u64::MAX - 1;
 /// Replies queued for a pre-open client beyond which it is not read any more.
 const PREOPEN_TX_CAP: usize = 64 * 1024;
+/// New clients adopted per loop turn (see `Worker::accept_new`).
+const ADOPT_PER_TURN: usize = 4;
 /// Pre-open frames handled per service before other connections get a turn.
 const PREOPEN_FRAMES_PER_DRIVE: usize = 64;
-
-/// The TLS record layer of a TLS client.
-enum TlsSide {
-    Accept(Box<TlsAccept>),
-    Shuttle(Box<Shuttle>),
-}
 
 fn socketpair() -> io::Result<(OwnedFd, OwnedFd)> {
     use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
@@ -173,8 +263,8 @@ struct Conn {
     kind: ListenerKind,
     /// Already on the runnable queue (one entry per connection at most).
     queued: bool,
-    /// TLS record layer: the handshake, then (without kTLS) the userspace shuttle.
-    tls: Option<TlsSide>,
+    /// The userspace TLS record layer (a TLS client without kTLS).
+    tls: Option<Box<Shuttle>>,
     /// Whether the client / daemon socket may have data: set by readable events, cleared when
     /// a read finds nothing. Saves the EAGAIN read on the side that did not wake us.
     client_readable: bool,
@@ -189,8 +279,9 @@ struct Conn {
     /// The identity the client last set with its own CONNECT_SET_IDENTITY (kept by the proxy,
     /// never sent downstream).
     claimed_identity: Option<Vec<crate::proto::set_identity::TypedParam>>,
-    /// Counted in `Shared::auth_pending` (released once, on authentication or close).
-    auth_pending: bool,
+    /// Held while the client counts against `max_anonymous_clients` (polkit pending);
+    /// dropped on authentication or with the connection.
+    unauthenticated: Option<Unauthenticated>,
 }
 
 impl Conn {
@@ -223,6 +314,26 @@ enum Side {
     LocalShuttle = 3,
 }
 
+/// What a connection's deadline is for; each connection has at most one live deadline of each
+/// kind, recorded in its `PreOpen::timers` (only pre-open connections have deadlines).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum TimerKind {
+    /// The downstream handshake (connect included) must finish by then.
+    Downstream = 0,
+    /// Try the daemon's socket again (its backlog was full).
+    ConnectRetry = 1,
+    /// A TCP/TLS client must have completed its open by then.
+    PreOpen = 2,
+}
+const TIMER_KINDS: usize = 3;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct TimerKey {
+    slot: usize,
+    gen: u32,
+    kind: TimerKind,
+}
+
 fn token(slot: usize, gen: u32, side: Side) -> u64 {
     (u64::from(gen) << 32) | ((slot as u64) << 2) | side as u64
 }
@@ -240,6 +351,9 @@ pub struct Worker {
     runnable: VecDeque<(usize, u32)>,
     /// Present when a listener uses polkit.
     polkit: Option<PolkitLink>,
+    timers: Timers<TimerKey>,
+    /// New clients may be waiting in `rx` (the waker fired, or the last turn stopped early).
+    inbox_pending: bool,
 }
 
 impl Worker {
@@ -262,6 +376,8 @@ impl Worker {
             next_gen: 1,
             runnable: VecDeque::new(),
             polkit,
+            timers: Timers::default(),
+            inbox_pending: false,
         };
         let raw = w.waker.as_raw_fd();
         w.reactor.add(raw, WAKER_TOKEN, Interest::Read)?;
@@ -277,12 +393,12 @@ impl Worker {
         let mut events: Vec<Event> = Vec::with_capacity(256);
         let mut drain_until: Option<Instant> = None;
         loop {
-            let timeout = if !self.runnable.is_empty() {
+            let timeout = if !self.runnable.is_empty() || self.inbox_pending {
                 Some(Duration::ZERO)
             } else if drain_until.is_some() {
                 Some(Duration::from_millis(20))
             } else {
-                Some(Duration::from_millis(500))
+                Some(self.timers.timeout(Instant::now(), IDLE_WAIT))
             };
             events.clear();
             if let Err(e) = self.reactor.wait(&mut events, timeout) {
@@ -292,7 +408,7 @@ impl Worker {
             for ev in &events {
                 if ev.token == WAKER_TOKEN {
                     self.drain_waker();
-                    self.accept_new();
+                    self.inbox_pending = true;
                     self.polkit_answers();
                     self.admin_disconnects();
                     continue;
@@ -313,7 +429,10 @@ impl Worker {
                     self.service(slot, gen);
                 }
             }
-            self.check_deadlines();
+            if self.inbox_pending {
+                self.inbox_pending = self.accept_new();
+            }
+            self.fire_timers();
             if self.shared.shutdown.load(Ordering::Relaxed) {
                 let deadline =
                     *drain_until.get_or_insert_with(|| Instant::now() + self.shared.drain_grace);
@@ -343,80 +462,131 @@ impl Worker {
     }
 
     fn drain_waker(&mut self) {
-        let mut b = [0u8; 8];
-        // SAFETY: reading an eventfd counter into an 8-byte buffer.
-        unsafe { libc::read(self.waker.as_raw_fd(), b.as_mut_ptr().cast(), 8) };
+        drain_eventfd(&self.waker);
     }
 
-    fn accept_new(&mut self) {
-        loop {
+    /// Adopts up to `ADOPT_PER_TURN` new clients; true if more are waiting. A burst of new
+    /// clients (a TLS handshake thread hands them over in batches) is spread over loop turns,
+    /// so the established connections' events are served in between.
+    fn accept_new(&mut self) -> bool {
+        for _ in 0..ADOPT_PER_TURN {
             match self.rx.try_recv() {
                 Ok(nc) => self.adopt(nc),
-                Err(TryRecvError::Empty) | Err(TryRecvError::Disconnected) => return,
+                Err(TryRecvError::Empty) | Err(TryRecvError::Disconnected) => return false,
             }
         }
+        true
     }
 
     fn adopt(&mut self, nc: NewConn) {
-        let tls = if nc.kind == ListenerKind::Tls {
-            let accept = self
-                .shared
-                .tls
-                .load_full()
-                .ok_or_else(|| "TLS is not configured".to_string())
-                .and_then(TlsAccept::new);
-            match accept {
-                Ok(a) => Some(TlsSide::Accept(Box::new(a))),
-                Err(e) => {
-                    tracing::warn!(conn = nc.id, "cannot start TLS: {e}");
-                    self.shared.registry.remove(nc.id);
-                    self.shared.clients.fetch_sub(1, Ordering::AcqRel);
-                    if nc.auth != Auth::None {
-                        self.shared.auth_pending.fetch_sub(1, Ordering::AcqRel);
-                    }
-                    return;
-                }
-            }
+        // A client is authenticated once it is here (a TLS client's session is up), unless its
+        // listener asks for polkit: then it stays counted until AUTH_POLKIT or root's bypass.
+        let unauthenticated = if nc.auth != Auth::None {
+            nc.unauthenticated
         } else {
             None
         };
         let gen = self.next_gen;
         self.next_gen = self.next_gen.wrapping_add(1).max(1);
-        let raw = nc.fd.as_raw_fd();
         let entry = self.conns.vacant_entry();
         let slot = entry.key();
+        let mut identity = nc.identity;
+        let mut client = nc.fd;
+        let mut shuttle = None;
+        let mut cutter = None;
+        // Sockets to watch besides the client one: (fd, side).
+        let mut extra = Vec::new();
+        let tls_established = nc.tls.is_some();
+        match nc.tls {
+            None => {}
+            Some(Established::Kernel { dn }) => {
+                // The handshake thread sent the confirmation byte; writes must end at frame
+                // ends from here on (see `FrameCutter`).
+                cutter = Some(FrameCutter::default());
+                identity = Identity {
+                    x509_dname: dn,
+                    ..Identity::default()
+                };
+            }
+            Some(Established::User { conn, dn }) => {
+                let (local_client, local_shuttle) = match socketpair() {
+                    Ok(p) => p,
+                    Err(e) => {
+                        tracing::warn!(conn = nc.id, "socketpair: {e}");
+                        self.shared.registry.remove(nc.id);
+                        self.shared.clients.fetch_sub(1, Ordering::AcqRel);
+                        return;
+                    }
+                };
+                extra.push((local_shuttle.as_raw_fd(), Side::LocalShuttle));
+                extra.push((client.as_raw_fd(), Side::Accepted));
+                let tcp = std::mem::replace(&mut client, local_client);
+                shuttle = Some(Box::new(Shuttle::new(conn, tcp, local_shuttle)));
+                identity = Identity {
+                    x509_dname: dn,
+                    ..Identity::default()
+                };
+            }
+        }
+        if tls_established {
+            // client-info shows a TLS client's DN.
+            self.shared.registry.set_identity(nc.id, identity.clone());
+        }
+        let client_side = if shuttle.is_some() {
+            Side::LocalClient
+        } else {
+            Side::Accepted
+        };
+        let raw = client.as_raw_fd();
+        let mut timers = [None; TIMER_KINDS];
+        timers[TimerKind::PreOpen as usize] = nc.deadline;
         entry.insert(Conn {
             id: nc.id,
             gen,
             kind: nc.kind,
             queued: false,
-            tls,
+            tls: shuttle,
             client_readable: true,
             daemon_readable: true,
-            client: nc.fd,
+            client,
             daemon: None,
             state: State::Pre(Box::new(PreOpen {
-                hs: Handshake::new(nc.kind, nc.identity).with_auth(nc.auth),
+                hs: Handshake::new(nc.kind, identity).with_auth(nc.auth),
                 c_rx: Vec::new(),
                 c_tx: Vec::new(),
                 d_rx: Vec::new(),
                 d_tx: Vec::new(),
-                deadline: None,
+                timers,
+                connecting: None,
                 closing: None,
-                cutter: None,
+                cutter,
             })),
             uri: None,
             daemon_path: None,
             since: Instant::now(),
             claimed_identity: None,
-            auth_pending: nc.auth != Auth::None,
+            unauthenticated,
         });
-        if let Err(e) = self
-            .reactor
-            .add(raw, token(slot, gen, Side::Accepted), Interest::ReadWrite)
-        {
-            tracing::warn!(conn = nc.id, "cannot watch client socket: {e}");
-            self.close(slot, "reactor registration failed");
+        if let Some(at) = nc.deadline {
+            self.timers.arm(
+                at,
+                TimerKey {
+                    slot,
+                    gen,
+                    kind: TimerKind::PreOpen,
+                },
+            );
+        }
+        extra.insert(0, (raw, client_side));
+        for (fd, side) in extra {
+            if let Err(e) = self
+                .reactor
+                .add(fd, token(slot, gen, side), Interest::ReadWrite)
+            {
+                tracing::warn!(conn = nc.id, "cannot watch client socket: {e}");
+                self.close(slot, "reactor registration failed");
+                return;
+            }
         }
     }
 
@@ -425,7 +595,7 @@ impl Worker {
         let Some(c) = self.conns.get_mut(slot).filter(|c| c.gen == gen) else {
             return;
         };
-        let shuttle = matches!(c.tls, Some(TlsSide::Shuttle(_)));
+        let shuttle = c.tls.is_some();
         match side {
             s if s == Side::Daemon as u8 => c.daemon_readable = true,
             s if s == Side::LocalClient as u8 => c.client_readable = true,
@@ -461,11 +631,7 @@ impl Worker {
         }
         let outcome = self.drive_plain(slot);
         // What the pre-open or relay just wrote for a userspace TLS client goes out now.
-        if let Some(Conn {
-            tls: Some(TlsSide::Shuttle(sh)),
-            ..
-        }) = self.conns.get_mut(slot)
-        {
+        if let Some(Conn { tls: Some(sh), .. }) = self.conns.get_mut(slot) {
             if let Flow::Closed(why) = sh.drive() {
                 return Outcome::Close(format!("TLS: {why}"));
             }
@@ -473,94 +639,17 @@ impl Worker {
         outcome
     }
 
-    /// The TLS layer of a TLS client. Ok(false): the handshake is still waiting.
+    /// The userspace TLS layer of a TLS client, if it has one. Ok(false): nothing to do.
     fn drive_tls(&mut self, slot: usize) -> Result<bool, String> {
         let Some(conn) = self.conns.get_mut(slot) else {
             return Ok(false);
         };
         match conn.tls.as_mut() {
             None => Ok(true),
-            Some(TlsSide::Shuttle(sh)) => match sh.drive() {
+            Some(sh) => match sh.drive() {
                 Flow::Open => Ok(true),
                 Flow::Closed(why) => Err(format!("TLS: {why}")),
             },
-            Some(TlsSide::Accept(acc)) => {
-                match acc.drive(conn.client.as_fd()) {
-                    Ok(Step::Blocked) => return Ok(false),
-                    Ok(Step::Done) => {}
-                    Err(e) => return Err(e),
-                }
-                let Some(TlsSide::Accept(acc)) = conn.tls.take() else {
-                    return Ok(false);
-                };
-                let established = acc.finish(&conn.client)?;
-                let gen = conn.gen;
-                let State::Pre(p) = &mut conn.state else {
-                    return Err("TLS after open".into());
-                };
-                let dn = match established {
-                    Established::Kernel { dn } => {
-                        // The confirmation byte is the first plaintext the kernel encrypts, in
-                        // a record of its own as libvirt sends it; a fresh socket takes 1 byte.
-                        match sys::send(conn.client.as_fd(), &[1]) {
-                            Ok(1) => {}
-                            other => {
-                                return Err(format!(
-                                    "cannot send the TLS confirmation byte: {other:?}"
-                                ))
-                            }
-                        }
-                        p.cutter = Some(FrameCutter::default());
-                        tracing::info!(
-                            conn = conn.id,
-                            dn = dn.as_deref().unwrap_or(""),
-                            "TLS established; records in the kernel (kTLS)"
-                        );
-                        dn
-                    }
-                    Established::User {
-                        conn: rustls_conn,
-                        dn,
-                    } => {
-                        let (local_client, local_shuttle) =
-                            socketpair().map_err(|e| format!("socketpair: {e}"))?;
-                        let (rc, rs) = (local_client.as_raw_fd(), local_shuttle.as_raw_fd());
-                        let tcp = std::mem::replace(&mut conn.client, local_client);
-                        conn.tls = Some(TlsSide::Shuttle(Box::new(Shuttle::new(
-                            rustls_conn,
-                            tcp,
-                            local_shuttle,
-                        ))));
-                        self.reactor
-                            .add(rc, token(slot, gen, Side::LocalClient), Interest::ReadWrite)
-                            .map_err(|e| e.to_string())?;
-                        self.reactor
-                            .add(
-                                rs,
-                                token(slot, gen, Side::LocalShuttle),
-                                Interest::ReadWrite,
-                            )
-                            .map_err(|e| e.to_string())?;
-                        tracing::info!(
-                            conn = conn.id,
-                            dn = dn.as_deref().unwrap_or(""),
-                            "TLS established; records in userspace (no kTLS)"
-                        );
-                        dn
-                    }
-                };
-                let conn = self.conns.get_mut(slot).ok_or("gone")?;
-                let identity = Identity {
-                    x509_dname: dn,
-                    ..Identity::default()
-                };
-                self.shared.registry.set_identity(conn.id, identity.clone());
-                if let State::Pre(p) = &mut conn.state {
-                    p.hs.set_identity(identity);
-                }
-                // Deliver the confirmation byte (and anything else) before the pre-open reads.
-                self.drive_tls(slot)
-            }
         }
     }
 
@@ -693,7 +782,7 @@ impl Worker {
         }
         let mut conn = self.conns.remove(slot);
         let client_side = match &mut conn.tls {
-            Some(TlsSide::Shuttle(sh)) => {
+            Some(sh) => {
                 sh.close_notify();
                 self.reactor
                     .remove(sh.tcp.as_raw_fd(), token(slot, conn.gen, Side::Accepted));
@@ -725,9 +814,6 @@ impl Worker {
             to_client = moved.1,
             "connection closed: {why}"
         );
-        if conn.auth_pending {
-            self.shared.auth_pending.fetch_sub(1, Ordering::AcqRel);
-        }
         self.shared.registry.remove(conn.id);
         drop(conn);
         self.shared.clients.fetch_sub(1, Ordering::AcqRel);

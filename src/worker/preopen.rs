@@ -13,10 +13,35 @@ pub(super) struct PreOpen {
     pub(super) c_tx: Vec<u8>,
     pub(super) d_rx: Vec<u8>,
     pub(super) d_tx: Vec<u8>,
-    pub(super) deadline: Option<Instant>,
+    /// Live deadline of each `TimerKind` (an entry in the worker's heap counts only if its
+    /// instant is the one recorded here).
+    pub(super) timers: [Option<Instant>; TIMER_KINDS],
+    /// Waiting to connect downstream again: the daemon's listen backlog was full.
+    pub(super) connecting: Option<Retry>,
     pub(super) closing: Option<String>,
     /// kTLS clients: where writes must be cut (see `FrameCutter`).
     pub(super) cutter: Option<FrameCutter>,
+}
+
+/// A downstream connect waiting for room in the daemon's listen backlog.
+pub(super) struct Retry {
+    path: std::path::PathBuf,
+    attempts: u32,
+}
+
+/// First wait before connecting again after EAGAIN; doubled per attempt up to the cap. A
+/// blocking libvirt client would sleep in connect() until the daemon accepts; we poll instead
+/// (AF_UNIX offers no readiness for "backlog has room"), cheaply: a failed connect is a few µs.
+const RETRY_FIRST: Duration = Duration::from_millis(1);
+const RETRY_CAP: Duration = Duration::from_millis(50);
+
+fn retry_delay(attempts: u32, conn_id: u64) -> Duration {
+    let d = RETRY_FIRST
+        .saturating_mul(1u32 << attempts.min(16))
+        .min(RETRY_CAP);
+    // Spread the clients that hit the same full backlog over the interval, so their retries do
+    // not arrive together again.
+    d + d * (conn_id % 8) as u32 / 8
 }
 
 /// Where a pre-open service ended.
@@ -32,6 +57,10 @@ impl Worker {
         let mut actions = Vec::new();
         let mut frames_left = PREOPEN_FRAMES_PER_DRIVE;
         let routes = self.shared.routes.load_full();
+        let frame_max = match self.conns.get(slot).map(|c| c.kind.is_unix()) {
+            Some(false) => PREOPEN_FRAME_MAX_REMOTE,
+            _ => PREOPEN_FRAME_MAX,
+        };
         loop {
             let mut progress = false;
             let conn = self.conns.get_mut(slot).ok_or("gone")?;
@@ -53,12 +82,12 @@ impl Worker {
             // piling up (a client that sends without reading must not grow c_tx): past the
             // cap a flush has hit EAGAIN, so writability will wake us.
             if p.hs.wants_client_input() && p.closing.is_none() && p.c_tx.len() < PREOPEN_TX_CAP {
-                let read = read_some(&conn.client, &mut p.c_rx)
+                let read = read_some(&conn.client, &mut p.c_rx, frame_max)
                     .map_err(|e| format!("client read: {e}"))?;
                 progress |= read == ReadState::Data;
                 let mut used = 0;
                 while frames_left > 0 && p.hs.wants_client_input() && p.closing.is_none() {
-                    match frame_at(&p.c_rx[used..]) {
+                    match frame_at(&p.c_rx[used..], frame_max) {
                         Ok(Some(h)) => {
                             let end = used + h.len as usize;
                             p.hs.on_client_frame(
@@ -84,7 +113,7 @@ impl Worker {
                 }
             }
             if let Some(d) = &conn.daemon {
-                match read_some(d, &mut p.d_rx) {
+                match read_some(d, &mut p.d_rx, PREOPEN_FRAME_MAX) {
                     Ok(ReadState::Eof) => {
                         p.hs.on_daemon_lost("closed the connection during open", &mut actions)
                     }
@@ -94,7 +123,7 @@ impl Worker {
                 }
                 let mut used = 0;
                 while p.hs.in_downstream() {
-                    match frame_at(&p.d_rx[used..]) {
+                    match frame_at(&p.d_rx[used..], PREOPEN_FRAME_MAX) {
                         Ok(Some(h)) => {
                             let end = used + h.len as usize;
                             p.hs.on_daemon_frame(
@@ -141,11 +170,8 @@ impl Worker {
                 Action::ToClient(b) => p.c_tx.extend_from_slice(&b),
                 Action::ToDaemon(b) => p.d_tx.extend_from_slice(&b),
                 Action::Close(why) => p.closing = Some(why),
-                Action::Authenticated => {
-                    if std::mem::take(&mut conn.auth_pending) {
-                        self.shared.auth_pending.fetch_sub(1, Ordering::AcqRel);
-                    }
-                }
+                // No longer anonymous: stops counting against max_anonymous_clients.
+                Action::Authenticated => drop(conn.unauthenticated.take()),
                 Action::AskPolkit(query) => {
                     let req = crate::polkit::Request {
                         worker: self.index,
@@ -173,20 +199,55 @@ impl Worker {
                 }
                 Action::Connect(path) => {
                     let mut out = Vec::new();
+                    let first = p.connecting.is_none();
                     match crate::route::connect_nonblocking(&path) {
                         Ok(sock) => {
                             let raw = sock.as_raw_fd();
                             conn.daemon = Some(sock);
                             conn.uri = p.hs.target().map(|t| t.uri.clone());
                             conn.daemon_path = Some(path.clone());
-                            p.deadline = Some(Instant::now() + DOWNSTREAM_DEADLINE);
+                            p.connecting = None;
+                            p.timers[TimerKind::ConnectRetry as usize] = None;
                             p.hs.on_connected(&mut out);
+                            if first {
+                                let at = Instant::now() + DOWNSTREAM_DEADLINE;
+                                p.timers[TimerKind::Downstream as usize] = Some(at);
+                                self.timers
+                                    .arm(at, timer_key(slot, gen, TimerKind::Downstream));
+                            }
                             self.reactor
                                 .add(raw, token(slot, gen, Side::Daemon), Interest::ReadWrite)
                                 .map_err(|e| e.to_string())?;
                         }
+                        Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
+                            // The daemon's listen backlog is full: park (the client is blocked
+                            // on its open reply and is not read) and try again shortly, within
+                            // the downstream deadline.
+                            let now = Instant::now();
+                            let attempts = p.connecting.as_ref().map_or(0, |r| r.attempts);
+                            if first {
+                                tracing::debug!(
+                                    conn = conn.id,
+                                    "{} is busy (backlog full); retrying",
+                                    path.display()
+                                );
+                                let at = now + DOWNSTREAM_DEADLINE;
+                                p.timers[TimerKind::Downstream as usize] = Some(at);
+                                self.timers
+                                    .arm(at, timer_key(slot, gen, TimerKind::Downstream));
+                            }
+                            let at = now + retry_delay(attempts, conn.id);
+                            p.connecting = Some(Retry {
+                                path,
+                                attempts: attempts.saturating_add(1),
+                            });
+                            p.timers[TimerKind::ConnectRetry as usize] = Some(at);
+                            self.timers
+                                .arm(at, timer_key(slot, gen, TimerKind::ConnectRetry));
+                        }
                         Err(e) => {
                             tracing::info!(conn = conn.id, "cannot reach {}: {e}", path.display());
+                            p.connecting = None;
                             p.hs.on_connect_failed(e.raw_os_error().unwrap_or(libc::EIO), &mut out);
                         }
                     }
@@ -196,7 +257,8 @@ impl Worker {
                     }
                 }
                 Action::Disconnect => {
-                    p.deadline = None;
+                    p.timers = [None; TIMER_KINDS];
+                    p.connecting = None;
                     p.d_rx.clear();
                     p.d_tx.clear();
                     if let Some(d) = conn.daemon.take() {
@@ -267,34 +329,70 @@ impl Worker {
         Ok(())
     }
 
-    pub(super) fn check_deadlines(&mut self) {
+    /// Runs the deadlines that are due. Cost per loop: one heap peek unless something is due.
+    pub(super) fn fire_timers(&mut self) {
         let now = Instant::now();
-        let expired: Vec<usize> = self
-            .conns
-            .iter()
-            .filter_map(|(k, c)| match &c.state {
-                State::Pre(p) if p.deadline.is_some_and(|d| d <= now) => Some(k),
-                _ => None,
-            })
-            .collect();
-        for slot in expired {
-            let mut out = Vec::new();
-            if let Some(Conn {
+        if !self.timers.next().is_some_and(|t| t <= now) {
+            return;
+        }
+        let mut due = Vec::new();
+        self.timers.pop_due(now, &mut due);
+        for (at, key) in due {
+            let Some(Conn {
                 state: State::Pre(p),
+                gen,
                 ..
-            }) = self.conns.get_mut(slot)
-            {
-                p.deadline = None;
-                p.hs.on_daemon_lost("did not answer in time", &mut out);
+            }) = self.conns.get_mut(key.slot)
+            else {
+                continue;
+            };
+            if *gen != key.gen || p.timers[key.kind as usize] != Some(at) {
+                continue; // cancelled or re-armed: a stale entry
             }
-            let r = self.apply(slot, &mut out);
-            let gen = self.conns.get(slot).map(|c| c.gen).unwrap_or(0);
+            p.timers[key.kind as usize] = None;
+            let mut out = Vec::new();
+            match key.kind {
+                TimerKind::Downstream => {
+                    if p.connecting.take().is_some() {
+                        // Still no room in the daemon's backlog: the client gets EAGAIN's
+                        // error, as a connect() that gave up would report it.
+                        p.timers[TimerKind::ConnectRetry as usize] = None;
+                        p.hs.on_connect_failed(libc::EAGAIN, &mut out);
+                    } else {
+                        p.hs.on_daemon_lost("did not answer in time", &mut out);
+                    }
+                }
+                TimerKind::ConnectRetry => match &p.connecting {
+                    Some(r) => out.push(Action::Connect(r.path.clone())),
+                    None => continue,
+                },
+                TimerKind::PreOpen => {
+                    // libvirt drops dead peers by keepalive, which only runs once a client
+                    // asks for it; an anonymous peer gets a fixed time to open instead.
+                    let why = format!(
+                        "no connection opened within {:?} of connecting (pre-open deadline)",
+                        self.shared.preopen_deadline
+                    );
+                    self.close(key.slot, &why);
+                    continue;
+                }
+            }
+            let r = self.apply(key.slot, &mut out);
             match r {
-                Ok(()) => self.service(slot, gen),
-                Err(why) => self.close(slot, &why),
+                Ok(()) => self.service(key.slot, key.gen),
+                Err(why) => self.close(key.slot, &why),
             }
         }
+        let Self { timers, conns, .. } = self;
+        timers.compact(conns.len() * TIMER_KINDS, |at, k| {
+            matches!(conns.get(k.slot), Some(Conn { gen, state: State::Pre(p), .. })
+                if *gen == k.gen && p.timers[k.kind as usize] == Some(at))
+        });
     }
+}
+
+fn timer_key(slot: usize, gen: u32, kind: TimerKind) -> TimerKey {
+    TimerKey { slot, gen, kind }
 }
 
 /// Writes as much of `buf` as the socket takes now; with a cutter, each write ends at a frame
@@ -335,14 +433,14 @@ enum ReadState {
     Full,
 }
 
-/// Reads what is available into `buf`, never past the pre-open limit. fds sent before open
-/// are dropped, i.e. closed.
-fn read_some(fd: &OwnedFd, buf: &mut Vec<u8>) -> io::Result<ReadState> {
-    const LIMIT: usize = PREOPEN_FRAME_MAX + 16 * 1024;
+/// Reads what is available into `buf`, never past a frame of `frame_max` plus one chunk. fds
+/// sent before open are dropped, i.e. closed.
+fn read_some(fd: &OwnedFd, buf: &mut Vec<u8>, frame_max: usize) -> io::Result<ReadState> {
     let mut chunk = [0u8; 16 * 1024];
+    let limit = frame_max + chunk.len();
     let mut got = false;
     loop {
-        let room = LIMIT.saturating_sub(buf.len()).min(chunk.len());
+        let room = limit.saturating_sub(buf.len()).min(chunk.len());
         if room == 0 {
             return Ok(if got {
                 ReadState::Data
@@ -381,11 +479,11 @@ fn read_some(fd: &OwnedFd, buf: &mut Vec<u8>) -> io::Result<ReadState> {
 }
 
 /// The header of the complete frame at the start of `buf`, if one is there.
-fn frame_at(buf: &[u8]) -> Result<Option<Header>, String> {
+fn frame_at(buf: &[u8], frame_max: usize) -> Result<Option<Header>, String> {
     match Header::check(buf) {
         Err(crate::proto::FrameError::Incomplete) => Ok(None),
         Err(e) => Err(e.to_string()),
-        Ok(h) if h.len as usize > PREOPEN_FRAME_MAX => {
+        Ok(h) if h.len as usize > frame_max => {
             Err(format!("frame of {} bytes before CONNECT_OPEN", h.len))
         }
         Ok(h) if buf.len() < h.len as usize => Ok(None),

@@ -1,0 +1,270 @@
+//! TLS handshakes on their own thread, off the relay workers.
+//!
+//! A handshake costs the server a signature and key exchange (hundreds of µs to ms of CPU);
+//! run inline on a relay worker, a burst of them delays every relayed call on that worker.
+//! Here they run on a handshake thread with its own epoll, as SCHED_IDLE, so relay workers
+//! win the CPU whenever both want it. A client whose handshake and
+//! certificate checks pass is handed to a relay worker with its session (`Established`); one
+//! that fails or stalls past the pre-open deadline is closed here, and the relay workers never
+//! see it.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use slab::Slab;
+
+use super::accept::{Established, Step, TlsAccept};
+use crate::reactor::{Event, Interest, Reactor};
+use crate::relay::sys;
+use crate::timers::Timers;
+use crate::worker::{drain_eventfd, Inbox, NewConn, Shared};
+
+const WAKER_TOKEN: u64 = u64::MAX - 1;
+
+/// Makes this thread SCHED_IDLE: any waking normal thread (a relay worker, the clients and
+/// daemons on the machine) preempts it at once. A nice value only changes the CPU share: the
+/// kernel's EEVDF scheduler usually lets a running task keep the CPU for the rest of its slice
+/// (ms) when another wakes, whatever their nice values, and that is the stall relayed calls
+/// would see. SCHED_IDLE still gets a small share on a
+/// saturated machine, so handshakes slow down there but do not stop; the pre-open deadline
+/// bounds the wait. Falls back to nice 19.
+fn lower_priority() {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: pid 0 = the calling thread; param is valid for the call.
+    if unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) } == 0 {
+        return;
+    }
+    let e = io::Error::last_os_error();
+    // SAFETY: plain syscall; on Linux PRIO_PROCESS with a thread id sets that thread's nice.
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 19) };
+    tracing::debug!(
+        "SCHED_IDLE refused for the handshake thread ({e}); nice 19: {}",
+        if rc == 0 { "set" } else { "refused too" }
+    );
+}
+
+struct Pending {
+    nc: NewConn,
+    gen: u32,
+    accept: TlsAccept,
+    deadline: Instant,
+}
+
+/// One handshake thread.
+pub struct Handshaker {
+    index: usize,
+    reactor: Reactor,
+    rx: Receiver<NewConn>,
+    waker: OwnedFd,
+    shared: Arc<Shared>,
+    workers: Vec<Inbox>,
+    conns: Slab<Pending>,
+    next_gen: u32,
+    timers: Timers<(usize, u32)>,
+}
+
+fn token(slot: usize, gen: u32) -> u64 {
+    (u64::from(gen) << 32) | slot as u64
+}
+
+impl Handshaker {
+    pub fn new(
+        index: usize,
+        rx: Receiver<NewConn>,
+        waker: OwnedFd,
+        shared: Arc<Shared>,
+        workers: Vec<Inbox>,
+    ) -> io::Result<Handshaker> {
+        // epoll: handshakes are a few events per client, not the per-message path.
+        let mut reactor = Reactor::new(crate::reactor::Kind::Epoll)?;
+        reactor.add(waker.as_raw_fd(), WAKER_TOKEN, Interest::Read)?;
+        Ok(Handshaker {
+            index,
+            reactor,
+            rx,
+            waker,
+            shared,
+            workers,
+            conns: Slab::new(),
+            next_gen: 1,
+            timers: Timers::default(),
+        })
+    }
+
+    pub fn run(mut self) {
+        lower_priority();
+        let mut events: Vec<Event> = Vec::with_capacity(64);
+        let mut due = Vec::new();
+        loop {
+            let timeout = self
+                .timers
+                .timeout(Instant::now(), Duration::from_millis(500));
+            events.clear();
+            if let Err(e) = self.reactor.wait(&mut events, Some(timeout)) {
+                tracing::error!(handshaker = self.index, "reactor wait failed: {e}");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            for ev in &events {
+                if ev.token == WAKER_TOKEN {
+                    drain_eventfd(&self.waker);
+                    self.take_new();
+                    continue;
+                }
+                let slot = (ev.token & 0xffff_ffff) as usize;
+                let gen = (ev.token >> 32) as u32;
+                if self.conns.get(slot).is_some_and(|p| p.gen == gen) {
+                    self.drive(slot);
+                }
+            }
+            due.clear();
+            self.timers.pop_due(Instant::now(), &mut due);
+            for &(at, (slot, gen)) in &due {
+                if self
+                    .conns
+                    .get(slot)
+                    .is_some_and(|p| p.gen == gen && p.deadline == at)
+                {
+                    let why = format!(
+                        "TLS handshake not completed within {:?} (pre-open deadline)",
+                        self.shared.preopen_deadline
+                    );
+                    self.close(slot, &why);
+                }
+            }
+            let Self { timers, conns, .. } = &mut self;
+            timers.compact(conns.len(), |at, &(slot, gen)| {
+                conns
+                    .get(slot)
+                    .is_some_and(|p| p.gen == gen && p.deadline == at)
+            });
+            if self.shared.shutdown.load(Ordering::Relaxed) {
+                let slots: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
+                for s in slots {
+                    self.close(s, "proxy shutting down");
+                }
+                return;
+            }
+        }
+    }
+
+    fn take_new(&mut self) {
+        loop {
+            let nc = match self.rx.try_recv() {
+                Ok(nc) => nc,
+                Err(TryRecvError::Empty) | Err(TryRecvError::Disconnected) => return,
+            };
+            let accept = self
+                .shared
+                .tls
+                .load_full()
+                .ok_or_else(|| "TLS is not configured".to_string())
+                .and_then(TlsAccept::new);
+            let accept = match accept {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(conn = nc.id, "cannot start TLS: {e}");
+                    self.shared.clients.fetch_sub(1, Ordering::AcqRel);
+                    continue;
+                }
+            };
+            let gen = self.next_gen;
+            self.next_gen = self.next_gen.wrapping_add(1).max(1);
+            let deadline = nc
+                .deadline
+                .unwrap_or_else(|| Instant::now() + self.shared.preopen_deadline);
+            let raw = nc.fd.as_raw_fd();
+            let slot = self.conns.insert(Pending {
+                nc,
+                gen,
+                accept,
+                deadline,
+            });
+            self.timers.arm(deadline, (slot, gen));
+            if let Err(e) = self.reactor.add(raw, token(slot, gen), Interest::ReadWrite) {
+                self.close(slot, &format!("cannot watch the socket: {e}"));
+                continue;
+            }
+            // Edge-triggered: the ClientHello may already be waiting.
+            self.drive(slot);
+        }
+    }
+
+    fn drive(&mut self, slot: usize) {
+        let Some(p) = self.conns.get_mut(slot) else {
+            return;
+        };
+        match p.accept.drive(p.nc.fd.as_fd()) {
+            Ok(Step::Blocked) => {}
+            Ok(Step::Done) => self.hand_over(slot),
+            Err(e) => self.close(slot, &e),
+        }
+    }
+
+    /// Certificate checks, kTLS, the confirmation byte, then off to a relay worker.
+    fn hand_over(&mut self, slot: usize) {
+        let Some(p) = self.conns.try_remove(slot) else {
+            return;
+        };
+        let Pending {
+            mut nc,
+            gen,
+            accept,
+            ..
+        } = p;
+        self.reactor.remove(nc.fd.as_raw_fd(), token(slot, gen));
+        let established = match accept.finish(&nc.fd) {
+            Ok(e) => e,
+            Err(why) => return self.closed(nc, &why),
+        };
+        match &established {
+            Established::Kernel { dn } => {
+                // The confirmation byte is the first plaintext the kernel encrypts, in a record
+                // of its own as libvirt sends it; a fresh socket takes 1 byte.
+                match sys::send(nc.fd.as_fd(), &[1]) {
+                    Ok(1) => {}
+                    other => {
+                        let why = format!("cannot send the TLS confirmation byte: {other:?}");
+                        return self.closed(nc, &why);
+                    }
+                }
+                tracing::info!(
+                    conn = nc.id,
+                    dn = dn.as_deref().unwrap_or(""),
+                    "TLS established; records in the kernel (kTLS)"
+                );
+            }
+            Established::User { dn, .. } => tracing::info!(
+                conn = nc.id,
+                dn = dn.as_deref().unwrap_or(""),
+                "TLS established; records in userspace (no kTLS)"
+            ),
+        }
+        nc.tls = Some(established);
+        // The worker the acceptor chose (and registered for admin disconnects).
+        let Some(w) = self.workers.get(nc.worker) else {
+            return self.closed(nc, "no relay worker");
+        };
+        if let Err(nc) = w.send(nc) {
+            self.closed(*nc, "relay worker is gone");
+        }
+    }
+
+    fn close(&mut self, slot: usize, why: &str) {
+        if let Some(p) = self.conns.try_remove(slot) {
+            self.reactor.remove(p.nc.fd.as_raw_fd(), token(slot, p.gen));
+            self.closed(p.nc, why);
+        }
+    }
+
+    /// Drops a client that never reached a relay worker.
+    fn closed(&mut self, nc: NewConn, why: &str) {
+        tracing::info!(conn = nc.id, "connection closed: {why}");
+        self.shared.registry.remove(nc.id);
+        drop(nc);
+        self.shared.clients.fetch_sub(1, Ordering::AcqRel);
+    }
+}
