@@ -30,6 +30,9 @@ VERSION=9.0.0
 PREFIX="$CACHE/libvirt-$VERSION"
 DAEMONS=(virtsecretd virtstoraged virtnetworkd virtqemud virtproxyd)
 
+# shellcheck source=scripts/lib.sh
+. "$(dirname "$(readlink -f "$0")")/lib.sh"
+
 die() { echo "modular-testbed: $*" >&2; exit 1; }
 
 build_deps=(dpkg-dev patch xz-utils meson ninja-build pkg-config gcc perl python3 libxml2-utils xsltproc
@@ -60,19 +63,6 @@ meson_opts=(--libdir=lib -Dsystem=false -Drpath=enabled -Ddocs=disabled -Dtests=
 # The recipe's fingerprint: a changed option list rebuilds into a fresh prefix.
 recipe_id() { printf '%s\n' "$VERSION" "${meson_opts[@]}" | sha256sum | cut -c1-12; }
 
-apt_install() {
-  local missing=() p
-  for p in "$@"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-  done
-  [ ${#missing[@]} -eq 0 ] && return 0
-  echo "modular-testbed: installing ${missing[*]}" >&2
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-  rm -f /usr/sbin/policy-rc.d
-}
 
 do_build() {
   [ "$(id -u)" = 0 ] || die "must run as root"
@@ -129,21 +119,7 @@ do_build() {
 
 # ---- running -------------------------------------------------------------------------------
 
-starttime() {
-  local s
-  s=$(cat "/proc/$1/stat" 2>/dev/null) || return 0
-  s=${s##*) }
-  # shellcheck disable=SC2086
-  set -- $s
-  echo "${20}"
-}
-alive() {
-  local s
-  s=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
-  s=${s##*) }
-  [ "${s%% *}" != Z ] && [ "${s%% *}" != X ]
-}
-alive_as() { alive "$1" && [ "$(starttime "$1")" = "$2" ]; }
+# kill_wait PID STARTTIME [SIGNAL]: signal (TERM), wait, SIGKILL, wait.
 kill_wait() {
   local pid=$1 st=$2 sig=${3:-TERM} i
   alive_as "$pid" "$st" || return 0

@@ -18,22 +18,11 @@ PREFIX=$(bash "$(dirname "$(readlink -f "$0")")/modular-testbed.sh" prefix)
 POLKITD=/usr/lib/polkit-1/polkitd
 ACTIVATION=/usr/share/dbus-1/system-services/org.freedesktop.PolicyKit1.service
 
+# shellcheck source=scripts/lib.sh
+. "$(dirname "$(readlink -f "$0")")/lib.sh"
+
 die() { echo "polkit-testbed: $*" >&2; exit 1; }
 
-apt_install() {
-  local missing=() p
-  for p in "$@"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-  done
-  [ ${#missing[@]} -eq 0 ] && return 0
-  echo "polkit-testbed: installing ${missing[*]}" >&2
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  # Packages must not start services here: this script starts what the tests need.
-  printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-  rm -f /usr/sbin/policy-rc.d
-}
 
 bus_up() { dbus-send --system --print-reply --dest=org.freedesktop.DBus / \
              org.freedesktop.DBus.GetId >/dev/null 2>&1; }

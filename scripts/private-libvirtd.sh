@@ -27,27 +27,11 @@ prog=$(readlink -f "$0")
 LIBVIRTD=/usr/sbin/libvirtd
 OVERLAID=(/run/libvirt /var/lib/libvirt /var/cache/libvirt /var/log/libvirt /etc/libvirt)
 
+# shellcheck source=scripts/lib.sh
+. "$(dirname "$(readlink -f "$0")")/lib.sh"
+
 die() { echo "private-libvirtd: $*" >&2; exit 1; }
 usage() { die "usage: $0 start STATE_DIR [--watch-pid PID] | stop STATE_DIR"; }
-
-# Process start time (field 22 of /proc/PID/stat), empty if gone. Used against pid reuse.
-starttime() {
-  local s
-  s=$(cat "/proc/$1/stat" 2>/dev/null) || return 0
-  s=${s##*) }            # drop "pid (comm) "
-  # shellcheck disable=SC2086
-  set -- $s              # now $1 = state, $20 = starttime
-  echo "${20}"
-}
-# Alive = exists and is not a zombie (our PID 1 may not reap quickly).
-alive() {
-  local s
-  s=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
-  s=${s##*) }
-  [ "${s%% *}" != Z ] && [ "${s%% *}" != X ]
-}
-# alive_as PID STARTTIME: the same process is still alive
-alive_as() { alive "$1" && [ "$(starttime "$1")" = "$2" ]; }
 
 # kill_wait PID STARTTIME [GRACE_SECONDS]: SIGTERM, wait, SIGKILL, wait.
 kill_wait() {

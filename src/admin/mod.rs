@@ -335,6 +335,19 @@ pub fn claimed_info(
 }
 
 /// Reads a `nonnull_server` name and resolves it.
+/// The server a call names, then its flags, checked in the order libvirt checks them: an
+/// unknown server (with the dispatcher's own error) before unsupported flags.
+fn known_server(
+    srv: Result<Server, String>,
+    no_server: fn(&str) -> RemoteError,
+    flags: u32,
+    func: &str,
+) -> Result<Server, RemoteError> {
+    let srv = srv.map_err(|name| no_server(&name))?;
+    check_flags(flags, func)?;
+    Ok(srv)
+}
+
 fn server_arg(d: &mut Decoder<'_>) -> Result<Result<Server, String>, XdrError> {
     let name = d.string()?;
     Ok(Server::lookup(&name).ok_or(name))
@@ -478,13 +491,15 @@ impl Session {
             SERVER_GET_THREADPOOL_PARAMETERS => {
                 let srv = server_arg(d)?;
                 let flags = d.u32()?;
-                let srv = match srv {
+                let srv = match known_server(
+                    srv,
+                    no_server_rpc,
+                    flags,
+                    "adminServerGetThreadPoolParameters",
+                ) {
                     Ok(s) => s,
-                    Err(name) => return Ok(Err(no_server_rpc(&name))),
+                    Err(err) => return Ok(Err(err)),
                 };
-                if let Err(err) = check_flags(flags, "adminServerGetThreadPoolParameters") {
-                    return Ok(Err(err));
-                }
                 let p = host.pool(srv);
                 encode_params(
                     &mut e,
@@ -503,13 +518,15 @@ impl Session {
                 let srv = server_arg(d)?;
                 let params = decode_list(d, THREADPOOL_PARAMETERS_MAX)?;
                 let flags = d.u32()?;
-                let srv = match srv {
+                let srv = match known_server(
+                    srv,
+                    no_server_admin,
+                    flags,
+                    "adminServerSetThreadPoolParameters",
+                ) {
                     Ok(s) => s,
-                    Err(name) => return Ok(Err(no_server_admin(&name))),
+                    Err(err) => return Ok(Err(err)),
                 };
-                if let Err(err) = check_flags(flags, "adminServerSetThreadPoolParameters") {
-                    return Ok(Err(err));
-                }
                 const ALLOWED: &[(&str, i32, &str)] = &[
                     ("minWorkers", 2, "uint"),
                     ("maxWorkers", 2, "uint"),
@@ -525,13 +542,10 @@ impl Session {
                 let srv = server_arg(d)?;
                 let need = d.u32()?;
                 let flags = d.u32()?;
-                let srv = match srv {
+                let srv = match known_server(srv, no_server_rpc, flags, "adminServerListClients") {
                     Ok(s) => s,
-                    Err(name) => return Ok(Err(no_server_rpc(&name))),
+                    Err(err) => return Ok(Err(err)),
                 };
-                if let Err(err) = check_flags(flags, "adminServerListClients") {
-                    return Ok(Err(err));
-                }
                 let clients = host.clients(srv);
                 if clients.len() > CLIENT_LIST_MAX as usize {
                     return Ok(Err(RemoteError::new(
@@ -555,13 +569,10 @@ impl Session {
                 let srv = server_arg(d)?;
                 let id = d.u64()?;
                 let flags = d.u32()?;
-                let srv = match srv {
+                let srv = match known_server(srv, no_server_rpc, flags, "adminServerLookupClient") {
                     Ok(s) => s,
-                    Err(name) => return Ok(Err(no_server_rpc(&name))),
+                    Err(err) => return Ok(Err(err)),
                 };
-                if let Err(err) = check_flags(flags, "adminServerLookupClient") {
-                    return Ok(Err(err));
-                }
                 Ok(match host.clients(srv).into_iter().find(|c| c.id == id) {
                     Some(c) => {
                         encode_client(&mut e, srv, &c);
@@ -618,13 +629,11 @@ impl Session {
             SERVER_GET_CLIENT_LIMITS => {
                 let srv = server_arg(d)?;
                 let flags = d.u32()?;
-                let srv = match srv {
-                    Ok(s) => s,
-                    Err(name) => return Ok(Err(no_server_rpc(&name))),
-                };
-                if let Err(err) = check_flags(flags, "adminServerGetClientLimits") {
-                    return Ok(Err(err));
-                }
+                let srv =
+                    match known_server(srv, no_server_rpc, flags, "adminServerGetClientLimits") {
+                        Ok(s) => s,
+                        Err(err) => return Ok(Err(err)),
+                    };
                 let l = host.limits(srv);
                 encode_params(
                     &mut e,
@@ -641,13 +650,11 @@ impl Session {
                 let srv = server_arg(d)?;
                 let params = decode_list(d, CLIENT_LIMITS_MAX)?;
                 let flags = d.u32()?;
-                let srv = match srv {
-                    Ok(s) => s,
-                    Err(name) => return Ok(Err(no_server_admin(&name))),
-                };
-                if let Err(err) = check_flags(flags, "adminServerSetClientLimits") {
-                    return Ok(Err(err));
-                }
+                let srv =
+                    match known_server(srv, no_server_admin, flags, "adminServerSetClientLimits") {
+                        Ok(s) => s,
+                        Err(err) => return Ok(Err(err)),
+                    };
                 const ALLOWED: &[(&str, i32, &str)] = &[
                     ("nclients_max", 2, "uint"),
                     ("nclients_unauth_max", 2, "uint"),
@@ -716,13 +723,11 @@ impl Session {
             SERVER_UPDATE_TLS_FILES => {
                 let srv = server_arg(d)?;
                 let flags = d.u32()?;
-                let srv = match srv {
+                let srv = match known_server(srv, no_server_rpc, flags, "adminServerUpdateTlsFiles")
+                {
                     Ok(s) => s,
-                    Err(name) => return Ok(Err(no_server_rpc(&name))),
+                    Err(err) => return Ok(Err(err)),
                 };
-                if let Err(err) = check_flags(flags, "adminServerUpdateTlsFiles") {
-                    return Ok(Err(err));
-                }
                 Ok(match srv {
                     Server::Admin => Err(no_tls()),
                     Server::Proxy => host.update_tls(srv).map(|()| Vec::new()),
