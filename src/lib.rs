@@ -23,6 +23,7 @@ pub mod registry;
 pub mod relay;
 pub mod route;
 pub mod server;
+pub mod sys;
 pub mod timers;
 pub mod tls;
 pub mod worker;

@@ -2,7 +2,6 @@
 //! daemon→client). See LIFECYCLE.md beside this file.
 
 pub mod pump;
-pub mod sys;
 pub mod tracker;
 
 pub use pump::{Drive, Pools, Pump, PumpError};

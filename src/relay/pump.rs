@@ -10,10 +10,10 @@ use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
-use super::sys::{self, Pipe};
-use super::tracker::{FrameCutter, TrackError, Tracker, Verdict};
+use super::tracker::{TrackError, Tracker, Verdict};
 use crate::proto::Header;
-use crate::tls::ktls;
+use crate::sys::tls_record;
+use crate::sys::{self, FrameCutter, Pipe};
 
 /// Per-worker reusable resources: no pump owns a buffer or pipe while it is idle.
 #[derive(Debug)]
@@ -264,7 +264,7 @@ impl Pump {
                     if let Some(t) = r.tls_record {
                         let buf = self.buf.as_deref().unwrap_or_default();
                         // close_notify is EOF; any other record cannot be relayed.
-                        if !ktls::is_close_notify(t, &buf[..r.n]) {
+                        if !tls_record::is_close_notify(t, &buf[..r.n]) {
                             self.release_buf(pools);
                             return Err(PumpError::TlsRecord(t));
                         }
@@ -276,7 +276,7 @@ impl Pump {
                     }
                     return Err(PumpError::Truncated);
                 }
-                Ok(crate::relay::sys::Received { n, fd, .. }) => {
+                Ok(crate::sys::Received { n, fd, .. }) => {
                     let got_fd = fd.is_some();
                     let buf = self.buf.as_deref().unwrap_or_default();
                     let carrier = self.tracker.consume(&buf[at..at + n], |h| inspect(h))?;

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use rustls::ServerConnection;
 
 use super::{dn, ktls, KtlsMode, TlsSettings};
-use crate::relay::sys;
+use crate::sys;
 
 /// Largest TLS record on the wire (2^14 plaintext + 2048 expansion + 5-byte header).
 const RECORD_MAX: usize = 16384 + 2048 + 5;

@@ -19,7 +19,7 @@ use slab::Slab;
 
 use super::accept::{Established, Step, TlsAccept};
 use crate::reactor::{Event, Interest, Reactor};
-use crate::relay::sys;
+use crate::sys;
 use crate::timers::Timers;
 use crate::worker::{drain_eventfd, Inbox, NewConn, Shared};
 

@@ -11,33 +11,18 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use rustls::{ConnectionTrafficSecrets, ExtractedSecrets};
 
+use crate::sys::tls_record::SOL_TLS;
+
 const SOL_TCP: libc::c_int = 6;
 const TCP_ULP: libc::c_int = 31;
-/// `SOL_TLS` from linux/socket.h.
-pub const SOL_TLS: libc::c_int = 282;
 const TLS_TX: libc::c_int = 1;
 const TLS_RX: libc::c_int = 2;
-/// cmsg type carrying a received record's content type.
-pub const TLS_GET_RECORD_TYPE: libc::c_int = 2;
 
 const TLS_1_2_VERSION: u16 = 0x0303;
 const TLS_1_3_VERSION: u16 = 0x0304;
 const TLS_CIPHER_AES_GCM_128: u16 = 51;
 const TLS_CIPHER_AES_GCM_256: u16 = 52;
 const TLS_CIPHER_CHACHA20_POLY1305: u16 = 54;
-
-/// TLS record content types.
-pub mod content_type {
-    pub const ALERT: u8 = 21;
-    pub const HANDSHAKE: u8 = 22;
-    pub const APPLICATION_DATA: u8 = 23;
-}
-
-/// Whether a non-data record read from a kTLS socket is close_notify, TLS's EOF: an alert
-/// whose second byte (its description) is 0.
-pub fn is_close_notify(record_type: u8, plaintext: &[u8]) -> bool {
-    record_type == content_type::ALERT && plaintext.get(1) == Some(&0)
-}
 
 /// Connections whose records are handled by the kernel (tests assert on it).
 pub static ENGAGED: AtomicU64 = AtomicU64::new(0);
@@ -172,14 +157,6 @@ mod tests {
         )
         .unwrap();
         assert_eq!(v.len(), 56);
-    }
-
-    #[test]
-    fn only_an_alert_with_description_zero_is_close_notify() {
-        assert!(is_close_notify(content_type::ALERT, &[1, 0]));
-        assert!(!is_close_notify(content_type::ALERT, &[2, 40])); // fatal handshake_failure
-        assert!(!is_close_notify(content_type::ALERT, &[1]));
-        assert!(!is_close_notify(content_type::HANDSHAKE, &[24, 0])); // KeyUpdate
     }
 
     #[test]

@@ -8,8 +8,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use rustls::ServerConnection;
 
 use super::accept::FdIo;
-use crate::relay::sys;
-use crate::relay::tracker::FrameCutter;
+use crate::sys::{self, FrameCutter};
 
 /// Plaintext held for the local side before we stop reading the network.
 const PLAIN_CAP: usize = 256 * 1024;

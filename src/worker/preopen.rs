@@ -452,7 +452,7 @@ fn read_some(fd: &OwnedFd, buf: &mut Vec<u8>, frame_max: usize) -> io::Result<Re
             Ok(r) if r.tls_record.is_some() => {
                 // Before open only close_notify is acceptable from a kTLS client.
                 if r.tls_record
-                    .is_some_and(|t| crate::tls::ktls::is_close_notify(t, &chunk[..r.n]))
+                    .is_some_and(|t| crate::sys::tls_record::is_close_notify(t, &chunk[..r.n]))
                 {
                     return Ok(if got { ReadState::Data } else { ReadState::Eof });
                 }

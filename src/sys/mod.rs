@@ -1,4 +1,12 @@
-//! Thin, safe wrappers over the few socket syscalls the relay issues inline after readiness.
+//! The bottom layer under `relay`, `tls` and `conn`: thin, safe wrappers over the few socket
+//! syscalls issued inline after readiness, what a kTLS reader needs to know about records
+//! ([`tls_record`]), and where writes toward a TLS client are cut ([`cutter`]). It imports
+//! nothing from the modules above it.
+
+pub mod cutter;
+pub mod tls_record;
+
+pub use cutter::FrameCutter;
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
@@ -72,11 +80,11 @@ pub fn recv_with_fd(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Received> 
                         first = Some(owned);
                     } // else: dropped, i.e. closed
                 }
-            } else if (*c).cmsg_level == crate::tls::ktls::SOL_TLS
-                && (*c).cmsg_type == crate::tls::ktls::TLS_GET_RECORD_TYPE
+            } else if (*c).cmsg_level == tls_record::SOL_TLS
+                && (*c).cmsg_type == tls_record::TLS_GET_RECORD_TYPE
             {
                 let t = *libc::CMSG_DATA(c);
-                if t != crate::tls::ktls::content_type::APPLICATION_DATA {
+                if t != tls_record::content_type::APPLICATION_DATA {
                     tls_record = Some(t);
                 }
             }
