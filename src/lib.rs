@@ -3,13 +3,18 @@
 //! Where things are:
 //! - a frame is parsed: [`proto::frame`] (header) and [`relay::tracker`] (boundaries in a stream);
 //! - the pre-open exchange: [`handshake`] (sans-IO), routing in [`route`], identity in [`identity`];
-//! - bytes are spliced: [`relay::pump`], driven by [`reactor`] (io_uring or epoll) in [`worker`];
+//! - a connection's state and the steps that move it (TLS shuttle, pre-open I/O, relay): [`conn`];
+//! - bytes are spliced: [`relay::pump`]; TLS: [`tls`] (handshake threads, kTLS set-up, shuttle);
+//! - under both `relay` and `tls`, which do not import each other: [`sys`] (syscalls, kTLS
+//!   record types, [`sys::FrameCutter`]);
+//! - the loop: [`worker`] (reactor: [`reactor`], io_uring or epoll; inbox, deadlines, pools);
 //! - listeners and accept: [`listen`], [`server`]; process lifecycle: [`daemon`]; config: [`config`].
 
 pub mod activation;
 pub mod admin;
 pub mod cli;
 pub mod config;
+pub mod conn;
 pub mod daemon;
 pub mod glob;
 pub mod handshake;

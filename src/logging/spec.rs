@@ -233,7 +233,7 @@ pub fn format_outputs(outputs: &[Output]) -> String {
 ///
 /// | our modules | libvirt directory |
 /// |---|---|
-/// | relay, reactor, worker, proto, tls | `rpc` |
+/// | relay, reactor, worker, conn, sys, proto, tls | `rpc` |
 /// | handshake, route, identity | `remote` |
 /// | server, listen, activation, daemon, the binary | `daemon` |
 /// | config, logging, glob | `util` |
@@ -246,7 +246,7 @@ pub fn source_name(target: &str) -> String {
     }
     let module = parts.next().unwrap_or("virtproxyd");
     let dir = match module {
-        "relay" | "reactor" | "worker" | "proto" | "tls" => "rpc",
+        "relay" | "reactor" | "worker" | "conn" | "sys" | "proto" | "tls" => "rpc",
         "handshake" | "route" | "identity" => "remote",
         "config" | "logging" | "glob" => "util",
         _ => "daemon",

@@ -1,9 +1,12 @@
 //! A relay worker thread: its own reactor, its own connections, its own buffer and pipe pools.
 //! A connection lives on one worker for its whole life; nothing here takes a lock.
+//!
+//! The worker keeps the loop: reactor, inbox, deadlines, the runnable queue, pools, adopting
+//! and closing. A connection's state and the steps that move it are in `conn`.
 
 use std::collections::VecDeque;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, Sender, TryRecvError};
@@ -19,16 +22,19 @@ pub use crate::listen::ListenerKind;
 use crate::polkit;
 
 mod preopen;
-use crate::proto::{program, remote_proc, Header, MsgType};
+use crate::conn::preopen::{Pre, PreOpen};
+use crate::conn::{
+    client_frame_verdict, drive_relay, token, Conn, Outcome, Side, State, TimerKey, TimerKind,
+    TIMER_KINDS,
+};
 use crate::reactor::{Event, Interest, Reactor};
 use crate::relay::tracker::{Tracker, Verdict};
-use crate::relay::{Drive, Pools, Pump, PumpError};
+use crate::relay::{Pools, Pump};
 use crate::route::RouteTable;
-use crate::sys::{self, FrameCutter};
+use crate::sys::FrameCutter;
 use crate::timers::Timers;
 use crate::tls::accept::Established;
 use crate::tls::shuttle::{Flow, Shuttle};
-use preopen::{flush, Pre, PreOpen};
 
 /// A freshly accepted client, handed from the acceptor to a worker (TLS clients: to a
 /// handshake thread first, which hands them on with `tls` set).
@@ -215,128 +221,6 @@ fn socketpair() -> io::Result<(OwnedFd, OwnedFd)> {
         SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
     )
     .map_err(io::Error::from)
-}
-
-/// What the relay does with a client frame (also applied to bytes pipelined before hand-over).
-fn client_frame_verdict(kind: ListenerKind, h: &Header) -> Verdict {
-    let is_call = matches!(h.mtype, MsgType::Call | MsgType::CallWithFds);
-    if h.prog == program::REMOTE && h.proc_ == remote_proc::CONNECT_OPEN && is_call {
-        // libvirt 9.0.0 would tear the connection down on a second open (trap 5).
-        Verdict::Refuse("client sent a second CONNECT_OPEN".into())
-    } else if h.prog == program::REMOTE && h.proc_ == remote_proc::CONNECT_SET_IDENTITY && is_call {
-        // Never relayed: the daemon would take the claimed identity for the client's own
-        // (proto::set_identity). It takes no fds, and libvirt closes a client that sends some.
-        if h.mtype == MsgType::Call {
-            Verdict::Capture
-        } else {
-            Verdict::Refuse("CONNECT_SET_IDENTITY with fds".into())
-        }
-    } else if !kind.is_unix() && h.mtype == MsgType::CallWithFds {
-        // libvirt closes IP clients that try to pass fds.
-        Verdict::Refuse("fd passing is not possible over TCP".into())
-    } else {
-        Verdict::Forward
-    }
-}
-
-// Relay is the long-lived state of nearly every connection, so it stays inline; the short
-// pre-open state is boxed.
-#[allow(clippy::large_enum_variant)]
-enum State {
-    Pre(Box<PreOpen>),
-    Relay {
-        c2d: Pump,
-        d2c: Pump,
-        daemon_shut: bool,
-        /// Pre-open replies not yet written to the client (the open reply among them); they go
-        /// out before anything the daemon→client pump moves.
-        head: Vec<u8>,
-        head_cutter: Option<FrameCutter>,
-        /// The proxy's own replies to captured calls, waiting for the daemon→client stream to
-        /// reach a frame boundary; then they join `head`.
-        answers: Vec<u8>,
-    },
-}
-
-struct Conn {
-    id: u64,
-    gen: u32,
-    kind: ListenerKind,
-    /// Already on the runnable queue (one entry per connection at most).
-    queued: bool,
-    /// The userspace TLS record layer (a TLS client without kTLS).
-    tls: Option<Box<Shuttle>>,
-    /// Whether the client / daemon socket may have data: set by readable events, cleared when
-    /// a read finds nothing. Saves the EAGAIN read on the side that did not wake us.
-    client_readable: bool,
-    daemon_readable: bool,
-    client: OwnedFd,
-    daemon: Option<OwnedFd>,
-    state: State,
-    uri: Option<String>,
-    /// The driver daemon socket the open went to.
-    daemon_path: Option<std::path::PathBuf>,
-    since: Instant,
-    /// The identity the client last set with its own CONNECT_SET_IDENTITY (kept by the proxy,
-    /// never sent downstream).
-    claimed_identity: Option<Vec<crate::proto::set_identity::TypedParam>>,
-    /// Held while the client counts against `max_anonymous_clients` (polkit pending);
-    /// dropped on authentication or with the connection.
-    unauthenticated: Option<Unauthenticated>,
-}
-
-impl Conn {
-    /// Between frames in both directions with nothing buffered: closing loses nothing.
-    fn at_rest(&self) -> bool {
-        match &self.state {
-            State::Pre(p) => !p.hs.in_downstream(),
-            State::Relay { c2d, d2c, head, .. } => {
-                head.is_empty() && c2d.at_rest() && d2c.at_rest()
-            }
-        }
-    }
-}
-
-enum Outcome {
-    Keep,
-    Yield,
-    Close(String),
-}
-
-/// Which of a connection's sockets a reactor registration is for.
-#[derive(Clone, Copy)]
-enum Side {
-    /// The accepted socket (for a userspace TLS connection: its TCP socket, owned by the shuttle).
-    Accepted = 0,
-    Daemon = 1,
-    /// Userspace TLS: the plaintext end the pre-open and relay read.
-    LocalClient = 2,
-    /// Userspace TLS: the shuttle's end of the socketpair.
-    LocalShuttle = 3,
-}
-
-/// What a connection's deadline is for; each connection has at most one live deadline of each
-/// kind, recorded in its `PreOpen::timers` (only pre-open connections have deadlines).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum TimerKind {
-    /// The downstream handshake (connect included) must finish by then.
-    Downstream = 0,
-    /// Try the daemon's socket again (its backlog was full).
-    ConnectRetry = 1,
-    /// A TCP/TLS client must have completed its open by then.
-    PreOpen = 2,
-}
-const TIMER_KINDS: usize = 3;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-struct TimerKey {
-    slot: usize,
-    gen: u32,
-    kind: TimerKind,
-}
-
-fn token(slot: usize, gen: u32, side: Side) -> u64 {
-    (u64::from(gen) << 32) | ((slot as u64) << 2) | side as u64
 }
 
 /// One worker's loop.
@@ -645,13 +529,7 @@ impl Worker {
         let Some(conn) = self.conns.get_mut(slot) else {
             return Ok(false);
         };
-        match conn.tls.as_mut() {
-            None => Ok(true),
-            Some(sh) => match sh.drive() {
-                Flow::Open => Ok(true),
-                Flow::Closed(why) => Err(format!("TLS: {why}")),
-            },
-        }
+        conn.drive_tls()
     }
 
     fn drive_plain(&mut self, slot: usize) -> Outcome {
@@ -673,108 +551,7 @@ impl Worker {
         let Some(conn) = conns.get_mut(slot) else {
             return Outcome::Keep;
         };
-        let Some(daemon) = conn.daemon.as_ref() else {
-            return Outcome::Close("relay without a daemon socket".into());
-        };
-        let State::Relay {
-            c2d,
-            d2c,
-            daemon_shut,
-            head,
-            head_cutter,
-            answers,
-        } = &mut conn.state
-        else {
-            return Outcome::Keep;
-        };
-        let kind = conn.kind;
-        let mut upstream_failed = None;
-        let up = match c2d.drive(
-            conn.client.as_fd(),
-            daemon.as_fd(),
-            pools,
-            &mut |h| client_frame_verdict(kind, h),
-            &mut conn.client_readable,
-        ) {
-            // The daemon stopped reading (it is closing): still deliver what it already sent.
-            Err(e @ PumpError::Write(_)) => {
-                upstream_failed = Some(format!("daemon side: {e}"));
-                Drive::Finished
-            }
-            Err(e) => return Outcome::Close(format!("client side: {e}")),
-            Ok(d) => d,
-        };
-        for frame in c2d.take_captured() {
-            let Ok(h) = Header::check(&frame) else {
-                continue;
-            };
-            let answer = crate::proto::set_identity::answer(&h, &frame[Header::SIZE..]);
-            tracing::debug!(
-                conn = conn.id,
-                accepted = answer.identity.is_some(),
-                "client's own CONNECT_SET_IDENTITY answered by the proxy, not relayed"
-            );
-            if answer.identity.is_some() {
-                // As libvirt's virtproxyd, client-info reports the identity the client set.
-                if let Some(params) = &answer.identity {
-                    shared.registry.set_claimed(conn.id, params.clone());
-                }
-                conn.claimed_identity = answer.identity;
-            }
-            answers.extend_from_slice(&answer.reply);
-        }
-        if up == Drive::Finished && !*daemon_shut {
-            // Half-close downstream; the daemon answers EOF by closing, which ends d2c.
-            sys::shutdown_write(daemon.as_fd());
-            *daemon_shut = true;
-        }
-        if !answers.is_empty() && d2c.at_rest() {
-            head.append(answers);
-        }
-        if !head.is_empty() {
-            if let Err(e) = flush(&conn.client, head, head_cutter.as_mut()) {
-                return Outcome::Close(format!("client write: {e}"));
-            }
-        }
-        // Until the head is out, the daemon's bytes wait (the client's writability will wake
-        // us: the flush above hit EAGAIN).
-        let down = if !head.is_empty() {
-            Drive::Blocked
-        } else {
-            match d2c.drive(
-                daemon.as_fd(),
-                conn.client.as_fd(),
-                pools,
-                &mut |_| Verdict::Forward,
-                &mut conn.daemon_readable,
-            ) {
-                Err(e) => return Outcome::Close(format!("daemon side: {e}")),
-                Ok(d) => d,
-            }
-        };
-        if !answers.is_empty() && head.is_empty() && d2c.at_rest() {
-            // The daemon's stream reached a frame boundary: the proxy's replies go in there.
-            head.append(answers);
-            if let Err(e) = flush(&conn.client, head, head_cutter.as_mut()) {
-                return Outcome::Close(format!("client write: {e}"));
-            }
-        }
-        tracing::trace!(conn = conn.id, ?up, ?down, "relay driven");
-        if let Some(why) = upstream_failed {
-            return Outcome::Close(why);
-        }
-        if down == Drive::Finished {
-            return Outcome::Close(if up == Drive::Finished {
-                "client closed".into()
-            } else {
-                "daemon closed the connection".into()
-            });
-        }
-        if up == Drive::Yield || down == Drive::Yield {
-            Outcome::Yield
-        } else {
-            Outcome::Keep
-        }
+        drive_relay(conn, pools, shared)
     }
 
     fn close(&mut self, slot: usize, why: &str) {

@@ -1,0 +1,259 @@
+//! One connection: its state (pre-open or relay), its sockets, and the functions that move
+//! it: the userspace TLS shuttle step, the pre-open buffers and reads ([`preopen`]), and the
+//! relay step that drives its two pumps. The worker (`worker/`) owns the connections and
+//! their loop: the reactor, the inbox, deadlines, the runnable queue, pools, adopting and
+//! closing. See `relay/LIFECYCLE.md`.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::time::Instant;
+
+use crate::listen::ListenerKind;
+use crate::proto::{program, remote_proc, Header, MsgType};
+use crate::relay::tracker::Verdict;
+use crate::relay::{Drive, Pools, Pump, PumpError};
+use crate::sys::{self, FrameCutter};
+use crate::tls::shuttle::{Flow, Shuttle};
+use crate::worker::{Shared, Unauthenticated};
+
+pub(crate) mod preopen;
+use preopen::{flush, PreOpen};
+
+/// What the relay does with a client frame (also applied to bytes pipelined before hand-over).
+pub(crate) fn client_frame_verdict(kind: ListenerKind, h: &Header) -> Verdict {
+    let is_call = matches!(h.mtype, MsgType::Call | MsgType::CallWithFds);
+    if h.prog == program::REMOTE && h.proc_ == remote_proc::CONNECT_OPEN && is_call {
+        // libvirt 9.0.0 would tear the connection down on a second open (trap 5).
+        Verdict::Refuse("client sent a second CONNECT_OPEN".into())
+    } else if h.prog == program::REMOTE && h.proc_ == remote_proc::CONNECT_SET_IDENTITY && is_call {
+        // Never relayed: the daemon would take the claimed identity for the client's own
+        // (proto::set_identity). It takes no fds, and libvirt closes a client that sends some.
+        if h.mtype == MsgType::Call {
+            Verdict::Capture
+        } else {
+            Verdict::Refuse("CONNECT_SET_IDENTITY with fds".into())
+        }
+    } else if !kind.is_unix() && h.mtype == MsgType::CallWithFds {
+        // libvirt closes IP clients that try to pass fds.
+        Verdict::Refuse("fd passing is not possible over TCP".into())
+    } else {
+        Verdict::Forward
+    }
+}
+
+// Relay is the long-lived state of nearly every connection, so it stays inline; the short
+// pre-open state is boxed.
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum State {
+    Pre(Box<PreOpen>),
+    Relay {
+        c2d: Pump,
+        d2c: Pump,
+        daemon_shut: bool,
+        /// Pre-open replies not yet written to the client (the open reply among them); they go
+        /// out before anything the daemon→client pump moves.
+        head: Vec<u8>,
+        head_cutter: Option<FrameCutter>,
+        /// The proxy's own replies to captured calls, waiting for the daemon→client stream to
+        /// reach a frame boundary; then they join `head`.
+        answers: Vec<u8>,
+    },
+}
+
+pub(crate) struct Conn {
+    pub(crate) id: u64,
+    pub(crate) gen: u32,
+    pub(crate) kind: ListenerKind,
+    /// Already on the runnable queue (one entry per connection at most).
+    pub(crate) queued: bool,
+    /// The userspace TLS record layer (a TLS client without kTLS).
+    pub(crate) tls: Option<Box<Shuttle>>,
+    /// Whether the client / daemon socket may have data: set by readable events, cleared when
+    /// a read finds nothing. Saves the EAGAIN read on the side that did not wake us.
+    pub(crate) client_readable: bool,
+    pub(crate) daemon_readable: bool,
+    pub(crate) client: OwnedFd,
+    pub(crate) daemon: Option<OwnedFd>,
+    pub(crate) state: State,
+    pub(crate) uri: Option<String>,
+    /// The driver daemon socket the open went to.
+    pub(crate) daemon_path: Option<std::path::PathBuf>,
+    pub(crate) since: Instant,
+    /// The identity the client last set with its own CONNECT_SET_IDENTITY (kept by the proxy,
+    /// never sent downstream).
+    pub(crate) claimed_identity: Option<Vec<crate::proto::set_identity::TypedParam>>,
+    /// Held while the client counts against `max_anonymous_clients` (polkit pending);
+    /// dropped on authentication or with the connection.
+    pub(crate) unauthenticated: Option<Unauthenticated>,
+}
+
+impl Conn {
+    /// Between frames in both directions with nothing buffered: closing loses nothing.
+    pub(crate) fn at_rest(&self) -> bool {
+        match &self.state {
+            State::Pre(p) => !p.hs.in_downstream(),
+            State::Relay { c2d, d2c, head, .. } => {
+                head.is_empty() && c2d.at_rest() && d2c.at_rest()
+            }
+        }
+    }
+
+    /// The userspace TLS layer of a TLS client, if it has one (see `tls::shuttle`).
+    pub(crate) fn drive_tls(&mut self) -> Result<bool, String> {
+        match self.tls.as_mut() {
+            None => Ok(true),
+            Some(sh) => match sh.drive() {
+                Flow::Open => Ok(true),
+                Flow::Closed(why) => Err(format!("TLS: {why}")),
+            },
+        }
+    }
+}
+
+pub(crate) enum Outcome {
+    Keep,
+    Yield,
+    Close(String),
+}
+
+/// Which of a connection's sockets a reactor registration is for.
+#[derive(Clone, Copy)]
+pub(crate) enum Side {
+    /// The accepted socket (for a userspace TLS connection: its TCP socket, owned by the shuttle).
+    Accepted = 0,
+    Daemon = 1,
+    /// Userspace TLS: the plaintext end the pre-open and relay read.
+    LocalClient = 2,
+    /// Userspace TLS: the shuttle's end of the socketpair.
+    LocalShuttle = 3,
+}
+
+/// What a connection's deadline is for; each connection has at most one live deadline of each
+/// kind, recorded in its `PreOpen::timers` (only pre-open connections have deadlines).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum TimerKind {
+    /// The downstream handshake (connect included) must finish by then.
+    Downstream = 0,
+    /// Try the daemon's socket again (its backlog was full).
+    ConnectRetry = 1,
+    /// A TCP/TLS client must have completed its open by then.
+    PreOpen = 2,
+}
+pub(crate) const TIMER_KINDS: usize = 3;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct TimerKey {
+    pub(crate) slot: usize,
+    pub(crate) gen: u32,
+    pub(crate) kind: TimerKind,
+}
+
+pub(crate) fn token(slot: usize, gen: u32, side: Side) -> u64 {
+    (u64::from(gen) << 32) | ((slot as u64) << 2) | side as u64
+}
+
+/// One step of an open connection's relay: client→daemon, the proxy's own answers, then
+/// daemon→client.
+pub(crate) fn drive_relay(conn: &mut Conn, pools: &mut Pools, shared: &Shared) -> Outcome {
+    let Some(daemon) = conn.daemon.as_ref() else {
+        return Outcome::Close("relay without a daemon socket".into());
+    };
+    let State::Relay {
+        c2d,
+        d2c,
+        daemon_shut,
+        head,
+        head_cutter,
+        answers,
+    } = &mut conn.state
+    else {
+        return Outcome::Keep;
+    };
+    let kind = conn.kind;
+    let mut upstream_failed = None;
+    let up = match c2d.drive(
+        conn.client.as_fd(),
+        daemon.as_fd(),
+        pools,
+        &mut |h| client_frame_verdict(kind, h),
+        &mut conn.client_readable,
+    ) {
+        // The daemon stopped reading (it is closing): still deliver what it already sent.
+        Err(e @ PumpError::Write(_)) => {
+            upstream_failed = Some(format!("daemon side: {e}"));
+            Drive::Finished
+        }
+        Err(e) => return Outcome::Close(format!("client side: {e}")),
+        Ok(d) => d,
+    };
+    for frame in c2d.take_captured() {
+        let Ok(h) = Header::check(&frame) else {
+            continue;
+        };
+        let answer = crate::proto::set_identity::answer(&h, &frame[Header::SIZE..]);
+        tracing::debug!(
+            conn = conn.id,
+            accepted = answer.identity.is_some(),
+            "client's own CONNECT_SET_IDENTITY answered by the proxy, not relayed"
+        );
+        if answer.identity.is_some() {
+            // As libvirt's virtproxyd, client-info reports the identity the client set.
+            if let Some(params) = &answer.identity {
+                shared.registry.set_claimed(conn.id, params.clone());
+            }
+            conn.claimed_identity = answer.identity;
+        }
+        answers.extend_from_slice(&answer.reply);
+    }
+    if up == Drive::Finished && !*daemon_shut {
+        // Half-close downstream; the daemon answers EOF by closing, which ends d2c.
+        sys::shutdown_write(daemon.as_fd());
+        *daemon_shut = true;
+    }
+    if !answers.is_empty() && d2c.at_rest() {
+        head.append(answers);
+    }
+    if !head.is_empty() {
+        if let Err(e) = flush(&conn.client, head, head_cutter.as_mut()) {
+            return Outcome::Close(format!("client write: {e}"));
+        }
+    }
+    // Until the head is out, the daemon's bytes wait (the client's writability will wake
+    // us: the flush above hit EAGAIN).
+    let down = if !head.is_empty() {
+        Drive::Blocked
+    } else {
+        match d2c.drive(
+            daemon.as_fd(),
+            conn.client.as_fd(),
+            pools,
+            &mut |_| Verdict::Forward,
+            &mut conn.daemon_readable,
+        ) {
+            Err(e) => return Outcome::Close(format!("daemon side: {e}")),
+            Ok(d) => d,
+        }
+    };
+    if !answers.is_empty() && head.is_empty() && d2c.at_rest() {
+        // The daemon's stream reached a frame boundary: the proxy's replies go in there.
+        head.append(answers);
+        if let Err(e) = flush(&conn.client, head, head_cutter.as_mut()) {
+            return Outcome::Close(format!("client write: {e}"));
+        }
+    }
+    tracing::trace!(conn = conn.id, ?up, ?down, "relay driven");
+    if let Some(why) = upstream_failed {
+        return Outcome::Close(why);
+    }
+    if down == Drive::Finished {
+        return Outcome::Close(if up == Drive::Finished {
+            "client closed".into()
+        } else {
+            "daemon closed the connection".into()
+        });
+    }
+    if up == Drive::Yield || down == Drive::Yield {
+        Outcome::Yield
+    } else {
+        Outcome::Keep
+    }
+}

@@ -1,0 +1,157 @@
+//! A connection's pre-open state and its I/O: plain buffers (pre-open traffic is small and
+//! rare; the relay's pumps take over at hand-over), bounded reads, frame-cut writes, and the
+//! connect-retry back-off.
+
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+use super::TIMER_KINDS;
+use crate::handshake::Handshake;
+use crate::proto::Header;
+use crate::sys::{self, FrameCutter};
+
+/// Pre-open state of one connection (boxed in `State::Pre`).
+pub(crate) struct PreOpen {
+    pub(crate) hs: Handshake,
+    pub(crate) c_rx: Vec<u8>,
+    pub(crate) c_tx: Vec<u8>,
+    pub(crate) d_rx: Vec<u8>,
+    pub(crate) d_tx: Vec<u8>,
+    /// Live deadline of each `TimerKind` (an entry in the worker's heap counts only if its
+    /// instant is the one recorded here).
+    pub(crate) timers: [Option<Instant>; TIMER_KINDS],
+    /// Waiting to connect downstream again: the daemon's listen backlog was full.
+    pub(crate) connecting: Option<Retry>,
+    pub(crate) closing: Option<String>,
+    /// kTLS clients: where writes must be cut (see `FrameCutter`).
+    pub(crate) cutter: Option<FrameCutter>,
+}
+
+/// A downstream connect waiting for room in the daemon's listen backlog.
+pub(crate) struct Retry {
+    pub(crate) path: std::path::PathBuf,
+    pub(crate) attempts: u32,
+}
+
+/// First wait before connecting again after EAGAIN; doubled per attempt up to the cap. A
+/// blocking libvirt client would sleep in connect() until the daemon accepts; we poll instead
+/// (AF_UNIX offers no readiness for "backlog has room"), cheaply: a failed connect is a few µs.
+const RETRY_FIRST: Duration = Duration::from_millis(1);
+const RETRY_CAP: Duration = Duration::from_millis(50);
+
+pub(crate) fn retry_delay(attempts: u32, conn_id: u64) -> Duration {
+    let d = RETRY_FIRST
+        .saturating_mul(1u32 << attempts.min(16))
+        .min(RETRY_CAP);
+    // Spread the clients that hit the same full backlog over the interval, so their retries do
+    // not arrive together again.
+    d + d * (conn_id % 8) as u32 / 8
+}
+
+/// Where a pre-open service ended.
+pub(crate) enum Pre {
+    Relay,
+    Keep,
+    Yield,
+}
+
+/// Writes as much of `buf` as the socket takes now; with a cutter, each write ends at a frame
+/// end (the destination is a kTLS socket).
+pub(crate) fn flush(
+    fd: &OwnedFd,
+    buf: &mut Vec<u8>,
+    mut cutter: Option<&mut FrameCutter>,
+) -> io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        let stop = match &cutter {
+            Some(c) => done + c.limit(&buf[done..]),
+            None => buf.len(),
+        };
+        match sys::send(fd.as_fd(), &buf[done..stop]) {
+            Ok(n) => {
+                if let Some(c) = cutter.as_deref_mut() {
+                    c.advance(&buf[done..done + n]);
+                }
+                done += n;
+            }
+            Err(e) if sys::would_block(&e) => break,
+            Err(e) => return Err(e),
+        }
+    }
+    buf.drain(..done);
+    Ok(())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ReadState {
+    Data,
+    Eof,
+    /// EAGAIN: readiness will be reported again.
+    Blocked,
+    /// The pre-open buffer limit is reached; the caller must consume before reading more.
+    Full,
+}
+
+/// Reads what is available into `buf`, never past a frame of `frame_max` plus one chunk. fds
+/// sent before open are dropped, i.e. closed.
+pub(crate) fn read_some(
+    fd: &OwnedFd,
+    buf: &mut Vec<u8>,
+    frame_max: usize,
+) -> io::Result<ReadState> {
+    let mut chunk = [0u8; 16 * 1024];
+    let limit = frame_max + chunk.len();
+    let mut got = false;
+    loop {
+        let room = limit.saturating_sub(buf.len()).min(chunk.len());
+        if room == 0 {
+            return Ok(if got {
+                ReadState::Data
+            } else {
+                ReadState::Full
+            });
+        }
+        match sys::recv_with_fd(fd.as_fd(), &mut chunk[..room]) {
+            Ok(r) if r.tls_record.is_some() => {
+                // Before open only close_notify is acceptable from a kTLS client.
+                if r.tls_record
+                    .is_some_and(|t| crate::sys::tls_record::is_close_notify(t, &chunk[..r.n]))
+                {
+                    return Ok(if got { ReadState::Data } else { ReadState::Eof });
+                }
+                return Err(io::Error::other(format!(
+                    "TLS record of type {:?} before open",
+                    r.tls_record
+                )));
+            }
+            Ok(r) if r.n == 0 => return Ok(if got { ReadState::Data } else { ReadState::Eof }),
+            Ok(r) => {
+                buf.extend_from_slice(&chunk[..r.n]);
+                got = true;
+            }
+            Err(e) if sys::would_block(&e) => {
+                return Ok(if got {
+                    ReadState::Data
+                } else {
+                    ReadState::Blocked
+                })
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// The header of the complete frame at the start of `buf`, if one is there.
+pub(crate) fn frame_at(buf: &[u8], frame_max: usize) -> Result<Option<Header>, String> {
+    match Header::check(buf) {
+        Err(crate::proto::FrameError::Incomplete) => Ok(None),
+        Err(e) => Err(e.to_string()),
+        Ok(h) if h.len as usize > frame_max => {
+            Err(format!("frame of {} bytes before CONNECT_OPEN", h.len))
+        }
+        Ok(h) if buf.len() < h.len as usize => Ok(None),
+        Ok(h) => Ok(Some(h)),
+    }
+}
