@@ -1,5 +1,5 @@
 //! One connection: its state (pre-open or relay), its sockets, and the functions that move
-//! it: the userspace TLS shuttle step, the pre-open buffers and reads ([`preopen`]), and the
+//! it: the userspace TLS shuttle step, the pre-open buffers and reads (`preopen`), and the
 //! relay step that drives its two pumps. The worker (`worker/`) owns the connections and
 //! their loop: the reactor, the inbox, deadlines, the runnable queue, pools, adopting and
 //! closing. See `relay/LIFECYCLE.md`.
