@@ -1,4 +1,4 @@
-//! The processes a bench run drives: the private libvirtd, proxies, the socat relay, the C
+//! The processes a bench run drives: the modular test bed, the private libvirtd, proxies, the socat relay, the C
 //! load client, a storage pool; plus what the bench reads from /proc. Every process this
 //! file starts dies with the bench: guards kill it on drop (panics included) and children
 //! carry PR_SET_PDEATHSIG so a killed bench leaves nothing behind either (the daemon is
@@ -238,7 +238,7 @@ pub fn remove_stale_tmp() {
         let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
             continue;
         };
-        if !["proxy", "socat", "pool"].contains(&kind)
+        if !["proxy", "socat", "pool", "tb"].contains(&kind)
             || pid == std::process::id()
             || Path::new(&format!("/proc/{pid}")).exists()
         {
@@ -347,6 +347,74 @@ impl Drop for Daemon {
     }
 }
 
+// ---------------------------------------------------------------------------------------
+// libvirt 9.0.0's modular daemons (scripts/modular-testbed.sh)
+// ---------------------------------------------------------------------------------------
+
+/// virtqemud, virtstoraged, virtnetworkd, virtsecretd and libvirt's own virtproxyd (auth
+/// none, sockets 0777), in a private mount namespace, stopped when the bench exits
+/// (`--watch-pid`).
+pub struct Testbed {
+    pub state: PathBuf,
+    /// The daemons' socket directory, seen from outside the namespace.
+    pub sock_dir: PathBuf,
+}
+
+fn testbed_script() -> PathBuf {
+    Path::new(MANIFEST_DIR).join("scripts/modular-testbed.sh")
+}
+
+impl Testbed {
+    /// `extra_proxy_conf`: lines for libvirt's virtproxyd (VPD_MODULAR_PROXY_CONF).
+    pub fn start(extra_proxy_conf: &str) -> Testbed {
+        // socket paths must stay short: the script wants STATE_DIR <= 60 bytes
+        let state = PathBuf::from(format!("/tmp/vpd-bench-tb-{}", std::process::id()));
+        let mut cmd = Command::new("bash");
+        cmd.arg(testbed_script())
+            .arg("start")
+            .arg(&state)
+            .args(["--watch-pid", &std::process::id().to_string()])
+            .env("VPD_MODULAR_PROXY_CONF", extra_proxy_conf)
+            .stdin(Stdio::null());
+        let (ok, out, err) = run(&mut cmd, Duration::from_secs(240));
+        assert!(
+            ok,
+            "modular-testbed.sh start failed (run `scripts/modular-testbed.sh build` once):\n{out}{err}"
+        );
+        eprint!("{err}");
+        let run_dir = PathBuf::from(out.trim());
+        Testbed {
+            state,
+            sock_dir: run_dir.join("libvirt"),
+        }
+    }
+
+    pub fn sock(&self, name: &str) -> PathBuf {
+        self.sock_dir.join(name)
+    }
+
+    /// A daemon's pid (virtqemud, virtstoraged, …, virtproxyd for libvirt's proxy).
+    pub fn pid(&self, daemon: &str) -> u32 {
+        fs::read_to_string(self.state.join(format!("{daemon}.pid")))
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no pid for {daemon}"))
+    }
+}
+
+impl Drop for Testbed {
+    fn drop(&mut self) {
+        let _ = run(
+            Command::new("bash")
+                .arg(testbed_script())
+                .arg("stop")
+                .arg(&self.state),
+            Duration::from_secs(60),
+        );
+        let _ = fs::remove_dir_all(&self.state);
+    }
+}
+
 /// `scheme:///path` → `scheme+unix:///path?socket=<sock>`.
 pub fn unix_uri(scheme_path: &str, sock: &Path) -> String {
     let (scheme, rest) = scheme_path.split_once("://").expect("scheme://path");
@@ -383,14 +451,34 @@ impl Proxy {
         Self::start_conf(daemon, backend, "")
     }
 
+    /// In front of the modular test bed, routed by `driver_socket_dir` alone (as on a
+    /// Fedora/RHEL host).
+    pub fn start_testbed(tb: &Testbed, backend: &'static str) -> Proxy {
+        Self::start_routed(
+            &format!("driver_socket_dir = \"{}\"", tb.sock_dir.display()),
+            backend,
+            "",
+        )
+    }
+
     /// Like `start`, with `extra` config lines first (virconf keeps a key's first value).
     pub fn start_conf(daemon: &Daemon, backend: &'static str, extra: &str) -> Proxy {
+        let d = daemon.rw_sock.display();
+        Self::start_routed(
+            &format!("driver_sockets = [ \"test={d}\", \"qemu={d}\", \"storage={d}\" ]"),
+            backend,
+            extra,
+        )
+    }
+
+    /// `routing`: the config line(s) naming the driver daemons' sockets. Auth is set to
+    /// "none" explicitly (the proxy's default is polkit on UNIX sockets).
+    fn start_routed(routing: &str, backend: &'static str, extra: &str) -> Proxy {
         let dir = tempfile::Builder::new()
             .prefix(&tmp_prefix("proxy"))
             .tempdir()
             .expect("proxy dir");
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
-        let d = daemon.rw_sock.display();
         let conf = dir.path().join("virtproxyd.conf");
         fs::write(
             &conf,
@@ -401,7 +489,7 @@ impl Proxy {
                  unix_sock_ro_perms = \"0777\"\n\
                  auth_unix_rw = \"none\"\n\
                  auth_unix_ro = \"none\"\n\
-                 driver_sockets = [ \"test={d}\", \"qemu={d}\", \"storage={d}\" ]\n\
+                 {routing}\n\
                  io_backend = \"{backend}\"\n\
                  max_clients = 20000\n",
                 dir.path().display()
@@ -469,7 +557,8 @@ pub struct Socat {
 }
 
 impl Socat {
-    pub fn start(daemon: &Daemon) -> Socat {
+    /// Listens on a fresh socket and relays every connection to `target`.
+    pub fn start(target: &Path) -> Socat {
         let dir = tempfile::Builder::new()
             .prefix(&tmp_prefix("socat"))
             .tempdir()
@@ -479,7 +568,7 @@ impl Socat {
         let log = dir.path().join("socat.log");
         let mut cmd = Command::new("socat");
         cmd.arg(format!("UNIX-LISTEN:{},fork", sock.display()))
-            .arg(format!("UNIX-CONNECT:{}", daemon.rw_sock.display()))
+            .arg(format!("UNIX-CONNECT:{}", target.display()))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(fs::File::create(&log).unwrap());
@@ -676,7 +765,7 @@ pub struct Pool {
 impl Pool {
     /// A transient `dir` pool on a fresh directory under /tmp with two raw volumes of
     /// `bytes`: `dl` (sparse, read by downloads) and `ul` (written by uploads).
-    pub fn create(daemon: &Daemon, bytes: u64) -> Pool {
+    pub fn create(sock: &Path, bytes: u64) -> Pool {
         let dir = tempfile::Builder::new()
             .prefix(&tmp_prefix("pool"))
             .tempdir_in("/tmp")
@@ -687,7 +776,7 @@ impl Pool {
             std::process::id(),
             dir.path().file_name().unwrap().to_string_lossy()
         );
-        let uri = unix_uri("qemu:///system", &daemon.rw_sock);
+        let uri = unix_uri("qemu:///system", sock);
         let script = format!(
             "pool-create-as {name} dir --target {}; \
              vol-create-as {name} dl {bytes}b --format raw --allocation 0; \

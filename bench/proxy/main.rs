@@ -1,17 +1,20 @@
-//! Side-by-side benchmark: a real Debian libvirtd as the driver daemon, virtproxyd (io_uring
-//! and epoll) in front of it, and real libvirt C clients (`bench/proxy/client.c`, compiled at
-//! run time) talking either to the daemon's socket directly or through a proxy. Direct and
-//! proxied runs are interleaved (the order rotates every repetition) so both see the same
-//! machine; figures are medians over repetitions, ratios are medians of the per-repetition
-//! ratios to the direct run next to it.
+//! Side-by-side benchmark with real libvirt C clients (`bench/proxy/client.c`, compiled at
+//! run time). Calls, connect-open and volume streams go to libvirt 9.0.0's modular daemons
+//! (`scripts/modular-testbed.sh`): straight to virtqemud's socket ("direct"), through this
+//! proxy (io_uring and epoll, routed by `driver_socket_dir`), through libvirt's own
+//! virtproxyd from the same build, and through socat. The idle-connection scale, idle CPU
+//! and TLS-burst sections stay on private Debian libvirtds. Runs are interleaved (the order
+//! rotates every repetition) so all see the same machine; figures are medians over
+//! repetitions, ratios are medians of the per-repetition ratios to the direct run next to it.
 //!
 //!   cargo bench --bench proxy                 full run (~6–9 minutes on 2 cores)
 //!   cargo bench --bench proxy -- --quick      or VPD_BENCH_QUICK=1: a few minutes
 //!   VPD_BENCH_ONLY=tls,idlecpu cargo bench …  only those sections
 //!   VPD_BENCH_PROXY_BIN=/path/virtproxyd      measure another build of the proxy
 //!
-//! Measures: cheap-call rate and latency (1 and 8 clients), connect-open time, volume
-//! download/upload throughput and the relay's CPU per GiB (socat as the naive copy relay),
+//! Measures: cheap-call rate and latency (1 and 8 clients) and the relay's CPU per call,
+//! connect-open time, volume download/upload throughput (virtqemud → virtstoraged) and the
+//! relay's CPU per GiB (socat as the naive copy relay),
 //! and N idle proxied connections (fds, RSS, iou-wrk threads, a busy client's p99 and the
 //! proxy's CPU per call), and a busy client's p99 during bursts of TLS handshakes.
 //! Prints one table and writes `target/bench-proxy.json` (plus a dated copy under
@@ -32,7 +35,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use env::{Client, Daemon, IdleGroup, Pool, Proxy, Socat};
+use env::{Client, Daemon, IdleGroup, Pool, Proxy, Socat, Testbed};
 
 /// Run sizes; quick mode trades precision for time.
 struct Params {
@@ -148,20 +151,34 @@ fn main() {
     let client = Client {
         bin: env::build_client(),
     };
-    // libvirtd's defaults (5000 clients, 20 unauthenticated) are below the scale test's.
-    let daemon = Daemon::start(
-        "max_clients = 20000\nmax_anonymous_clients = 20000\nmax_queued_clients = 1000",
-    );
-    let mut uring = Proxy::start(&daemon, "io_uring");
-    let mut epoll = Proxy::start(&daemon, "epoll");
-    let pool = Pool::create(&daemon, p.stream_bytes);
-    let socat = Socat::start(&daemon);
+    // The calls, connect-open and stream sections measure against libvirt 9.0.0's modular
+    // daemons: virtqemud is what clients reach on Fedora/RHEL, and libvirt's own virtproxyd
+    // from the same build runs beside ours.
+    let tb = Testbed::start("");
+    let qemu_sock = tb.sock("virtqemud-sock");
+    let mut uring = Proxy::start_testbed(&tb, "io_uring");
+    let mut epoll = Proxy::start_testbed(&tb, "epoll");
+    let pool = Pool::create(&qemu_sock, p.stream_bytes);
+    let socat = Socat::start(&qemu_sock);
+    let libvirt_pid = tb.pid("virtproxyd");
+    let daemon_pids = [tb.pid("virtqemud"), tb.pid("virtstoraged")];
+    // The scale and TLS sections stay on a private Debian libvirtd (its client limits raised
+    // for thousands of connections; libvirtd's defaults are 5000 clients, 20 unauthenticated)
+    // with their own proxies in front of it.
+    let legacy = (want("scale") || want("tls")).then(|| {
+        let daemon = Daemon::start(
+            "max_clients = 20000\nmax_anonymous_clients = 20000\nmax_queued_clients = 1000",
+        );
+        let uring = Proxy::start(&daemon, "io_uring");
+        let epoll = Proxy::start(&daemon, "epoll");
+        (daemon, uring, epoll)
+    });
     laps.lap("setup");
 
     let endpoints = [
         Endpoint {
             name: "direct",
-            sock: daemon.rw_sock.clone(),
+            sock: qemu_sock.clone(),
         },
         Endpoint {
             name: "io_uring",
@@ -172,40 +189,69 @@ fn main() {
             sock: epoll.rw_sock.clone(),
         },
         Endpoint {
+            name: "libvirt",
+            sock: tb.sock("libvirt-sock"),
+        },
+        Endpoint {
             name: "socat",
             sock: socat.sock.clone(),
         },
     ];
     let ep = |name: &str| endpoints.iter().find(|e| e.name == name).unwrap();
-    let test_uri = |name: &str| env::unix_uri("test:///default", &ep(name).sock);
     let qemu_uri = |name: &str| env::unix_uri("qemu:///system", &ep(name).sock);
     let proxy_pid = |name: &str| match name {
         "io_uring" => Some(uring.pid()),
         "epoll" => Some(epoll.pid()),
+        "libvirt" => Some(libvirt_pid),
         _ => None,
     };
+    // The relay's CPU seconds so far: proxies from their live threads (schedstat, ns);
+    // socat from its own and its reaped forked relays' clock ticks (call after wait_idle).
+    let relay_cpu = |name: &str| match name {
+        "socat" => Some((env::cpu_ticks(socat.pid()), socat.cpu())),
+        n => proxy_pid(n).map(|pid| (env::cpu_ticks(pid), env::cpu_sched(pid))),
+    };
+    let daemon_cpu = || {
+        daemon_pids
+            .iter()
+            .map(|&pid| {
+                let (own, children) = env::cpu_ticks(pid);
+                own + children
+            })
+            .sum::<f64>()
+    };
+    let all = ["direct", "io_uring", "epoll", "libvirt", "socat"];
 
     // ---- 1. calls ------------------------------------------------------------------------
     eprintln!("calls: {} reps x {:.1} s", p.reps, p.call_secs);
     let procs = ["libversion", "listall"];
     let clients = [1usize, 8];
-    let three = ["direct", "io_uring", "epoll"];
     // (proc, clients, endpoint) → one JSON per rep
     let mut calls: BTreeMap<(&str, usize, &str), Vec<Value>> = BTreeMap::new();
     for rep in 0..p.reps * usize::from(want("calls")) {
         for proc_ in procs {
             for c in clients {
-                for name in rotated(&three, rep) {
-                    let v = client.json(
+                for name in rotated(&all, rep) {
+                    let r0 = relay_cpu(name);
+                    let mut v = client.json(
                         &[
                             "calls",
-                            &test_uri(name),
+                            &qemu_uri(name),
                             proc_,
                             &c.to_string(),
                             &p.call_secs.to_string(),
                         ],
                         Duration::from_secs(60),
                     );
+                    if name == "socat" {
+                        socat.wait_idle();
+                    }
+                    // The relay's CPU over the whole client run (its c connects and the
+                    // warm-up included) per measured call.
+                    if let (Some((_, s0)), Some((_, s1))) = (r0, relay_cpu(name)) {
+                        let n = v["calls"].as_f64().unwrap_or(f64::NAN);
+                        v["relay_cpu_us_per_call"] = json!((s1 - s0) / n * 1e6);
+                    }
                     calls.entry((proc_, c, name)).or_default().push(v);
                 }
             }
@@ -218,11 +264,14 @@ fn main() {
     eprintln!("connect-open: {} reps x {} opens", p.reps, p.open_count);
     let mut opens: BTreeMap<&str, Vec<Value>> = BTreeMap::new();
     for rep in 0..p.reps.max(3) * usize::from(want("open")) {
-        for name in rotated(&three, rep) {
+        for name in rotated(&all, rep) {
             let v = client.json(
-                &["open", &test_uri(name), &p.open_count.to_string()],
+                &["open", &qemu_uri(name), &p.open_count.to_string()],
                 Duration::from_secs(120),
             );
+            if name == "socat" {
+                socat.wait_idle();
+            }
             opens.entry(name).or_default().push(v);
         }
     }
@@ -230,12 +279,13 @@ fn main() {
     laps.lap("open");
 
     // ---- 3. streams ------------------------------------------------------------------------
+    // virStorageVolDownload/Upload on a qemu:///system connection: virtqemud forwards the
+    // storage calls and the stream to virtstoraged.
     eprintln!(
         "streams: {} reps x {} MiB, download and upload",
         p.stream_reps,
         p.stream_bytes >> 20
     );
-    let four = ["direct", "io_uring", "epoll", "socat"];
     let mut streams: BTreeMap<(&str, &str), Vec<Value>> = BTreeMap::new();
     let bytes_s = p.stream_bytes.to_string();
     // Untimed warm-up, one each way: the first upload allocates the file's blocks, the
@@ -253,7 +303,7 @@ fn main() {
     }
     for rep in 0..p.stream_reps * usize::from(want("streams")) {
         for dir in ["download", "upload"] {
-            for name in rotated(&four, rep) {
+            for name in rotated(&all, rep) {
                 let uri = qemu_uri(name);
                 let mut args = vec![dir, uri.as_str(), pool.name.as_str()];
                 if dir == "download" {
@@ -261,25 +311,22 @@ fn main() {
                 } else {
                     args.extend(["ul", bytes_s.as_str()]);
                 }
-                let relay_cpu = || match name {
-                    "socat" => Some((env::cpu_ticks(socat.pid()), socat.cpu())),
-                    n => proxy_pid(n).map(|pid| (env::cpu_ticks(pid), env::cpu_sched(pid))),
-                };
-                let d0 = env::cpu_ticks(daemon.pid);
-                let r0 = relay_cpu();
+                let d0 = daemon_cpu();
+                let r0 = relay_cpu(name);
                 let mut v = client.json(&args, Duration::from_secs(600));
                 if name == "socat" {
                     socat.wait_idle();
                 }
-                let r1 = relay_cpu();
-                let d1 = env::cpu_ticks(daemon.pid);
+                let r1 = relay_cpu(name);
+                let d1 = daemon_cpu();
                 if let (Some((t0, s0)), Some((t1, s1))) = (r0, r1) {
-                    // socat: own + reaped children (ticks); proxy: live threads (ns),
+                    // socat: own + reaped children (ticks); proxies: live threads (ns),
                     // with the tick-based figure kept for cross-checking
                     v["relay_cpu_s"] = json!(s1 - s0);
                     v["relay_cpu_ticks_s"] = json!((t1.0 + t1.1) - (t0.0 + t0.1));
                 }
-                v["daemon_cpu_s"] = json!((d1.0 + d1.1) - (d0.0 + d0.1));
+                // virtqemud + virtstoraged (clock ticks, iohelper children once reaped)
+                v["daemon_cpu_s"] = json!(d1 - d0);
                 streams.entry((dir, name)).or_default().push(v);
             }
         }
@@ -288,16 +335,34 @@ fn main() {
     laps.lap("streams");
 
     // ---- 4. scale --------------------------------------------------------------------------
+    // On the private libvirtd (see `legacy` above), not the test bed.
+    let legacy_pid = |name: &str| {
+        legacy.as_ref().and_then(|(_, u, e)| match name {
+            "io_uring" => Some(u.pid()),
+            "epoll" => Some(e.pid()),
+            _ => None,
+        })
+    };
+    let legacy_uri = |name: &str| {
+        let (d, u, e) = legacy.as_ref().expect("libvirtd for the scale section");
+        let sock = match name {
+            "io_uring" => &u.rw_sock,
+            "epoll" => &e.rw_sock,
+            _ => &d.rw_sock,
+        };
+        env::unix_uri("test:///default", sock)
+    };
+    let ldaemon_pid = legacy.as_ref().map(|l| l.0.pid).unwrap_or(0);
     // A busy client (one connection, back-to-back calls) while N idle connections are open,
     // against the same busy client with none open. The idle connections reach the daemon
     // either way, so the direct run shows what the daemon itself does with N clients.
     let busy = |name: &str| {
-        let pid = proxy_pid(name);
+        let pid = legacy_pid(name);
         let cpu0 = pid.map(env::cpu_sched);
         let mut v = client.json(
             &[
                 "calls",
-                &test_uri(name),
+                &legacy_uri(name),
                 "libversion",
                 "1",
                 &p.busy_secs.to_string(),
@@ -338,12 +403,12 @@ fn main() {
     }
     let mut scale: Vec<Value> = Vec::new();
     for &name in &scale_endpoints {
-        let pid = proxy_pid(name);
-        let uri = test_uri(name);
+        let pid = legacy_pid(name);
+        let uri = legacy_uri(name);
         let per_proc = 2500;
         eprintln!("scale: {name}, idle {:?}", p.idle_counts);
         let base = snapshot(pid);
-        let d_base = json!({"rss_kib": env::rss_kib(daemon.pid), "fds": env::fds(daemon.pid)});
+        let d_base = json!({"rss_kib": env::rss_kib(ldaemon_pid), "fds": env::fds(ldaemon_pid)});
         let mut points = Vec::new();
         for &n in &p.idle_counts {
             let t0 = Instant::now();
@@ -351,7 +416,8 @@ fn main() {
             let open_secs = t0.elapsed().as_secs_f64();
             thread::sleep(Duration::from_secs(1));
             let idle = snapshot(pid);
-            let d_idle = json!({"rss_kib": env::rss_kib(daemon.pid), "fds": env::fds(daemon.pid)});
+            let d_idle =
+                json!({"rss_kib": env::rss_kib(ldaemon_pid), "fds": env::fds(ldaemon_pid)});
             let b = busy(name);
             let after_busy = snapshot(pid);
             let alive = g.close();
@@ -368,7 +434,7 @@ fn main() {
                 // daemon releases its clients
                 let fds0 = d_base["fds"].as_u64().unwrap_or(0) as usize;
                 env::wait_for(Duration::from_secs(120), || {
-                    env::fds(daemon.pid) <= fds0 + 10
+                    env::fds(ldaemon_pid) <= fds0 + 10
                 });
             }
             eprintln!(
@@ -410,14 +476,16 @@ fn main() {
 
     // ---- 6. TLS handshake burst --------------------------------------------------------------
     let tls = if want("tls") {
-        tls_burst(&p, &client, &daemon)
+        tls_burst(&p, &client, &legacy.as_ref().expect("libvirtd").0)
     } else {
         Value::Null
     };
     laps.lap("tls_burst");
 
     // ---- health ----------------------------------------------------------------------------
-    for p in [&mut uring, &mut epoll] {
+    let mut legacy = legacy;
+    let legacy_proxies = legacy.iter_mut().flat_map(|(_, u, e)| [u, e]);
+    for p in [&mut uring, &mut epoll].into_iter().chain(legacy_proxies) {
         assert!(
             p.running(),
             "virtproxyd ({}) died during the run:\n{}",
@@ -425,6 +493,11 @@ fn main() {
             p.log_tail()
         );
     }
+
+    assert!(
+        std::path::Path::new(&format!("/proc/{libvirt_pid}")).exists(),
+        "libvirt's virtproxyd died during the run"
+    );
 
     meta["elapsed_secs"] = json!(t_start.elapsed().as_secs_f64());
     meta["section_secs"] = json!(laps.0);
@@ -442,7 +515,8 @@ fn main() {
     drop(pool);
     drop(uring);
     drop(epoll);
-    drop(daemon);
+    drop(legacy);
+    drop(tb);
 
     let out = env::target_dir().join("bench-proxy.json");
     let text = serde_json::to_string_pretty(&doc).unwrap();

@@ -35,15 +35,18 @@ fn paired(x: &[Value], d: &[Value], g: impl Fn(&Value, &Value) -> f64) -> f64 {
     median(&x.iter().zip(d).map(|(a, b)| g(a, b)).collect::<Vec<_>>())
 }
 
-const COLS: [&str; 4] = ["direct", "io_uring", "epoll", "socat"];
+/// Endpoint names, in column order; "libvirt" is libvirt's own virtproxyd.
+const COLS: [&str; 5] = ["direct", "io_uring", "epoll", "libvirt", "socat"];
+/// This project's proxies (the ones with targets).
+const OURS: [&str; 2] = ["io_uring", "epoll"];
 
 struct Table {
-    rows: Vec<(String, [String; 4], String)>,
+    rows: Vec<(String, [String; 5], String)>,
     targets: Vec<Value>,
 }
 
 impl Table {
-    fn row(&mut self, what: impl Into<String>, cells: [String; 4], goal: &str) {
+    fn row(&mut self, what: impl Into<String>, cells: [String; 5], goal: &str) {
         self.rows.push((what.into(), cells, goal.to_string()));
     }
 
@@ -68,6 +71,7 @@ impl Table {
             "direct",
             "io_uring",
             "epoll",
+            "libvirt virtproxyd",
             "socat",
             "goal",
         ];
@@ -77,13 +81,13 @@ impl Table {
             for (i, c) in cells.iter().enumerate() {
                 w[i + 1] = w[i + 1].max(c.chars().count());
             }
-            w[5] = w[5].max(goal.chars().count());
+            w[6] = w[6].max(goal.chars().count());
         }
-        let line = |v: [&str; 6]| {
+        let line = |v: [&str; 7]| {
             let mut s = String::from("|");
             for (i, c) in v.iter().enumerate() {
                 let pad = w[i] - c.chars().count();
-                if i == 0 || i == 5 {
+                if i == 0 || i == 6 {
                     s += &format!(" {c}{} |", " ".repeat(pad));
                 } else {
                     s += &format!(" {}{c} |", " ".repeat(pad));
@@ -94,7 +98,7 @@ impl Table {
         println!("{}", line(head));
         let mut sep = String::from("|");
         for (i, n) in w.iter().enumerate() {
-            if i == 0 || i == 5 {
+            if i == 0 || i == 6 {
                 sep += &format!(":{}|", "-".repeat(n + 1));
             } else {
                 sep += &format!("{}:|", "-".repeat(n + 1));
@@ -102,13 +106,21 @@ impl Table {
         }
         println!("{sep}");
         for (what, c, goal) in &self.rows {
-            println!("{}", line([what, &c[0], &c[1], &c[2], &c[3], goal]));
+            println!("{}", line([what, &c[0], &c[1], &c[2], &c[3], &c[4], goal]));
         }
     }
 }
 
 fn dash() -> String {
     "—".to_string()
+}
+
+fn dashes() -> [String; 5] {
+    std::array::from_fn(|_| dash())
+}
+
+fn col(name: &str) -> usize {
+    COLS.iter().position(|c| *c == name).unwrap_or(0)
 }
 
 /// Builds the JSON document and prints the table.
@@ -128,7 +140,7 @@ pub fn build(
         rows: vec![],
         targets: vec![],
     };
-    let backends = ["io_uring", "epoll"];
+    let others = &COLS[1..];
     let mut summary = json!({"calls": [], "open": {}, "streams": [], "scale": []});
 
     // ---- calls --------------------------------------------------------------------------
@@ -136,9 +148,10 @@ pub fn build(
     keys.dedup();
     for (proc_, c) in keys {
         let d = &calls[&(proc_, c, "direct")];
-        let mut rate = [dash(), dash(), dash(), dash()];
-        let mut p50 = rate.clone();
-        let mut p99 = rate.clone();
+        let mut rate = dashes();
+        let mut p50 = dashes();
+        let mut p99 = dashes();
+        let mut cpu = dashes();
         rate[0] = format!("{:.0}", med(d, "rate"));
         p50[0] = format!("{:.1}", med(d, "p50_us"));
         p99[0] = format!("{:.1}", med(d, "p99_us"));
@@ -147,21 +160,27 @@ pub fn build(
             "direct": {"rate": med(d, "rate"), "p50_us": med(d, "p50_us"), "p99_us": med(d, "p99_us")},
             "runs": {"direct": d},
         });
-        for (i, b) in backends.iter().enumerate() {
+        for b in others {
             let Some(x) = calls.get(&(proc_, c, *b)) else {
                 continue;
             };
+            let i = col(b);
+            let ours = OURS.contains(b);
             let rr = paired(x, d, |a, b| f(a, "rate") / f(b, "rate"));
             let add = paired(x, d, |a, b| f(a, "p50_us") - f(b, "p50_us"));
             let r99 = paired(x, d, |a, b| f(a, "p99_us") / f(b, "p99_us"));
-            let m = t.target(
-                format!("{proc_} {c} client(s) call rate, {b}"),
-                rr,
-                ">= 0.90x direct",
-                rr >= 0.90,
-            );
-            rate[i + 1] = format!("{:.0} ({rr:.2}×){m}", med(x, "rate"));
-            let m = if c == 1 {
+            let m = if ours {
+                t.target(
+                    format!("{proc_} {c} client(s) call rate, {b}"),
+                    rr,
+                    ">= 0.90x direct",
+                    rr >= 0.90,
+                )
+            } else {
+                ""
+            };
+            rate[i] = format!("{:.0} ({rr:.2}×){m}", med(x, "rate"));
+            let m = if c == 1 && ours {
                 t.target(
                     format!("{proc_} 1 client p50 added, {b}"),
                     add,
@@ -171,12 +190,15 @@ pub fn build(
             } else {
                 ""
             };
-            p50[i + 1] = format!("{:.1} ({add:+.1}){m}", med(x, "p50_us"));
-            p99[i + 1] = format!("{:.1} ({r99:.2}×)", med(x, "p99_us"));
+            p50[i] = format!("{:.1} ({add:+.1}){m}", med(x, "p50_us"));
+            p99[i] = format!("{:.1} ({r99:.2}×)", med(x, "p99_us"));
+            let cpc = med(x, "relay_cpu_us_per_call");
+            cpu[i] = format!("{cpc:.1}");
             s[b] = json!({
                 "rate": med(x, "rate"), "rate_ratio": rr,
                 "p50_us": med(x, "p50_us"), "p50_added_us": add,
                 "p99_us": med(x, "p99_us"), "p99_ratio": r99,
+                "relay_cpu_us_per_call": cpc,
             });
             s["runs"][b] = json!(x);
         }
@@ -192,27 +214,37 @@ pub fn build(
             if c == 1 { "≤ +10 µs" } else { "" },
         );
         t.row(format!("{proc_}, {who}: p99 µs"), p99, "");
+        if c == 8 {
+            t.row(format!("{proc_}, {who}: relay CPU µs/call"), cpu, "");
+        }
         summary["calls"].as_array_mut().unwrap().push(s);
     }
 
     // ---- connect-open -------------------------------------------------------------------
     if let Some(d) = opens.get("direct") {
-        let mut p50 = [format!("{:.0}", med(d, "p50_us")), dash(), dash(), dash()];
-        let mut p99 = [format!("{:.0}", med(d, "p99_us")), dash(), dash(), dash()];
+        let mut p50 = dashes();
+        let mut p99 = dashes();
+        p50[0] = format!("{:.0}", med(d, "p50_us"));
+        p99[0] = format!("{:.0}", med(d, "p99_us"));
         summary["open"]["direct"] =
             json!({"p50_us": med(d, "p50_us"), "p99_us": med(d, "p99_us"), "runs": d});
-        for (i, b) in backends.iter().enumerate() {
+        for b in others {
             let Some(x) = opens.get(b) else { continue };
+            let i = col(b);
             let r = paired(x, d, |a, b| f(a, "p50_us") / f(b, "p50_us"));
             let r99 = paired(x, d, |a, b| f(a, "p99_us") / f(b, "p99_us"));
-            let m = t.target(
-                format!("connect-open p50, {b}"),
-                r,
-                "<= 1.3x direct",
-                r <= 1.3,
-            );
-            p50[i + 1] = format!("{:.0} ({r:.2}×){m}", med(x, "p50_us"));
-            p99[i + 1] = format!("{:.0} ({r99:.2}×)", med(x, "p99_us"));
+            let m = if OURS.contains(b) {
+                t.target(
+                    format!("connect-open p50, {b}"),
+                    r,
+                    "<= 1.3x direct",
+                    r <= 1.3,
+                )
+            } else {
+                ""
+            };
+            p50[i] = format!("{:.0} ({r:.2}×){m}", med(x, "p50_us"));
+            p99[i] = format!("{:.0} ({r99:.2}×)", med(x, "p99_us"));
             summary["open"][b] = json!({"p50_us": med(x, "p50_us"), "p50_ratio": r,
                 "p99_us": med(x, "p99_us"), "p99_ratio": r99, "runs": x});
         }
@@ -235,44 +267,51 @@ pub fn build(
         let dcpu = |r: &Value| f(r, "daemon_cpu_s") / (f(r, "bytes") / (1u64 << 30) as f64);
         let meds =
             |x: &[Value], g: &dyn Fn(&Value) -> f64| median(&x.iter().map(g).collect::<Vec<_>>());
-        let mut thr = [format!("{:.0}", meds(d, &mibps)), dash(), dash(), dash()];
-        let mut cp = [dash(), dash(), dash(), dash()];
+        let mut thr = dashes();
+        thr[0] = format!("{:.0}", meds(d, &mibps));
+        let mut cp = dashes();
         let socat = streams.get(&(dir, "socat"));
         let mut s = json!({"dir": dir, "bytes": stream_bytes,
             "direct": {"mib_s": meds(d, &mibps), "daemon_cpu_s_per_gib": meds(d, &dcpu), "runs": d}});
-        for (i, name) in ["io_uring", "epoll", "socat"].iter().enumerate() {
+        for name in others {
             let Some(x) = streams.get(&(dir, *name)) else {
                 continue;
             };
+            let i = col(name);
+            let ours = OURS.contains(name);
             let r = paired(x, d, |a, b| mibps(a) / mibps(b));
-            let m = if *name == "socat" {
-                ""
-            } else {
+            let m = if ours {
                 t.target(
                     format!("{dir} throughput, {name}"),
                     r,
                     ">= 0.95x direct",
                     r >= 0.95,
                 )
+            } else {
+                ""
             };
-            thr[i + 1] = format!("{:.0} ({r:.2}×){m}", meds(x, &mibps));
+            thr[i] = format!("{:.0} ({r:.2}×){m}", meds(x, &mibps));
             let c = meds(x, &cpu);
             s[name] = json!({"mib_s": meds(x, &mibps), "ratio": r, "relay_cpu_s_per_gib": c,
                 "daemon_cpu_s_per_gib": meds(x, &dcpu), "runs": x});
             if *name == "socat" {
-                cp[i + 1] = format!("{c:.3}");
+                cp[i] = format!("{c:.3}");
             } else if let Some(sx) = socat {
                 let rc = paired(x, sx, |a, b| cpu(a) / cpu(b));
-                let m = t.target(
-                    format!("{dir} relay CPU per GiB, {name}"),
-                    rc,
-                    "<= 0.3x socat",
-                    rc <= 0.3,
-                );
-                cp[i + 1] = format!("{c:.3} ({rc:.2}× socat){m}");
+                let m = if ours {
+                    t.target(
+                        format!("{dir} relay CPU per GiB, {name}"),
+                        rc,
+                        "<= 0.3x socat",
+                        rc <= 0.3,
+                    )
+                } else {
+                    ""
+                };
+                cp[i] = format!("{c:.3} ({rc:.2}× socat){m}");
                 s[name]["cpu_ratio_to_socat"] = json!(rc);
             } else {
-                cp[i + 1] = format!("{c:.3}");
+                cp[i] = format!("{c:.3}");
             }
         }
         t.row(format!("{dir} {size}: MiB/s"), thr, "≥ 0.95×");
@@ -281,7 +320,6 @@ pub fn build(
     }
 
     // ---- scale --------------------------------------------------------------------------
-    let col = |name: &str| COLS.iter().position(|c| *c == name).unwrap_or(0);
     let mut counts: Vec<u64> = scale
         .iter()
         .flat_map(|e| e["points"].as_array().cloned().unwrap_or_default())
@@ -290,7 +328,7 @@ pub fn build(
     counts.sort();
     counts.dedup();
     // busy p99 with no idle connections
-    let mut base_row = [dash(), dash(), dash(), dash()];
+    let mut base_row = dashes();
     let mut base_p99: BTreeMap<String, f64> = BTreeMap::new();
     for e in scale {
         let name = e["endpoint"].as_str().unwrap_or("?").to_string();
@@ -304,7 +342,7 @@ pub fn build(
     }
     let mut scale_summary = vec![];
     for n in counts {
-        let mut fdr = [dash(), dash(), dash(), dash()];
+        let mut fdr = dashes();
         let mut rss = fdr.clone();
         let mut iou = fdr.clone();
         let mut busy = fdr.clone();
@@ -423,7 +461,7 @@ pub fn build(
     }
     summary["scale"] = json!(scale_summary);
     // busy client's proxy CPU per call with no idle connections
-    let mut cpu0 = [dash(), dash(), dash(), dash()];
+    let mut cpu0 = dashes();
     for e in scale {
         let name = e["endpoint"].as_str().unwrap_or("?");
         if name != "direct" {
@@ -449,7 +487,7 @@ pub fn build(
         );
         let r = c1 / c0;
         let i = col("io_uring");
-        let mut row = [dash(), dash(), dash(), dash()];
+        let mut row = dashes();
         row[i] = format!("{c0:.2}");
         t.row("proxy CPU µs/call, 0 idle (own daemons)", row, "");
         let m = t.target(
@@ -458,14 +496,14 @@ pub fn build(
             "<= 1.2x",
             r <= 1.2,
         );
-        let mut row = [dash(), dash(), dash(), dash()];
+        let mut row = dashes();
         row[i] = format!("{c1:.2} ({r:.2}×){m}");
         t.row(
             format!("proxy CPU µs/call, {n} idle (own daemons)"),
             row,
             "≤ 1.2×",
         );
-        let mut row = [dash(), dash(), dash(), dash()];
+        let mut row = dashes();
         row[i] = format!("{:.1} / {:.1}", med(&none, "p99_us"), med(&many, "p99_us"));
         t.row(format!("busy p99 µs, 0 / {n} idle (own daemons)"), row, "");
         summary["idle_cpu"] = json!({
@@ -485,7 +523,7 @@ pub fn build(
         let r = paired(&loaded, &quiet, |a, b| f(a, "p99_us") / f(b, "p99_us"));
         let r50 = paired(&loaded, &quiet, |a, b| f(a, "p50_us") / f(b, "p50_us"));
         let i = col("io_uring");
-        let mut row = [dash(), dash(), dash(), dash()];
+        let mut row = dashes();
         row[i] = format!("{:.1}", med(&quiet, "p99_us"));
         t.row("busy client p99 µs, no TLS handshakes", row, "");
         let m = t.target(
@@ -494,10 +532,10 @@ pub fn build(
             "<= 1.2x",
             r <= 1.2,
         );
-        let mut row = [dash(), dash(), dash(), dash()];
+        let mut row = dashes();
         row[i] = format!("{:.1} ({r:.2}×){m}", med(&loaded, "p99_us"));
         t.row("busy client p99 µs, TLS handshake bursts", row, "≤ 1.2×");
-        let mut row = [dash(), dash(), dash(), dash()];
+        let mut row = dashes();
         row[i] = format!(
             "{:.0}/s, {:.2} ms CPU each",
             med(&loaded, "handshakes_per_s"),
@@ -515,7 +553,7 @@ pub fn build(
             .unwrap_or_default();
         if !control.is_empty() {
             let rc = paired(&control, &quiet, |a, b| f(a, "p99_us") / f(b, "p99_us"));
-            let mut row = [dash(), dash(), dash(), dash()];
+            let mut row = dashes();
             row[i] = format!("{:.1} ({rc:.2}×)", med(&control, "p99_us"));
             t.row("busy p99 µs, same handshakes on another proxy", row, "");
             summary["tls_burst_elsewhere_p99_ratio"] = json!(rc);
@@ -534,8 +572,10 @@ pub fn build(
     println!(
         "\ntargets met: {met}/{}. Cells: median over repetitions; (x×) = median of per-repetition \
          ratios to the direct run beside it (CPU: to socat's; busy p99: to the same endpoint \
-         with 0 idle); (+x) = added µs. Relay CPU: proxy threads (schedstat), socat incl. its \
-         forked relay (cutime).",
+         with 0 idle); (+x) = added µs. Calls, connect-open and streams: qemu:///system on \
+         libvirt 9.0.0's modular daemons (direct = virtqemud-sock; libvirt virtproxyd = libvirt's \
+         own, same build); scale and TLS rows: private libvirtd. Relay CPU: proxy threads \
+         (schedstat), socat incl. its forked relays (cutime, 10 ms ticks).",
         t.targets.len()
     );
     let missed: Vec<&str> = t
