@@ -78,9 +78,6 @@ pub(crate) struct Conn {
     /// The driver daemon socket the open went to.
     pub(crate) daemon_path: Option<std::path::PathBuf>,
     pub(crate) since: Instant,
-    /// The identity the client last set with its own CONNECT_SET_IDENTITY (kept by the proxy,
-    /// never sent downstream).
-    pub(crate) claimed_identity: Option<Vec<crate::proto::set_identity::TypedParam>>,
     /// Held while the client counts against `max_anonymous_clients` (polkit pending);
     /// dropped on authentication or with the connection.
     pub(crate) unauthenticated: Option<Unauthenticated>,
@@ -151,6 +148,16 @@ pub(crate) fn token(slot: usize, gen: u32, side: Side) -> u64 {
     (u64::from(gen) << 32) | ((slot as u64) << 2) | side as u64
 }
 
+/// Moves the proxy's own replies into `head` once the daemon→client stream is between frames,
+/// the only place they can join it. True when it moved some.
+fn release_answers(answers: &mut Vec<u8>, head: &mut Vec<u8>, d2c: &Pump) -> bool {
+    if answers.is_empty() || !d2c.at_rest() {
+        return false;
+    }
+    head.append(answers);
+    true
+}
+
 /// One step of an open connection's relay: client→daemon, the proxy's own answers, then
 /// daemon→client.
 pub(crate) fn drive_relay(conn: &mut Conn, pools: &mut Pools, shared: &Shared) -> Outcome {
@@ -195,12 +202,9 @@ pub(crate) fn drive_relay(conn: &mut Conn, pools: &mut Pools, shared: &Shared) -
             accepted = answer.identity.is_some(),
             "client's own CONNECT_SET_IDENTITY answered by the proxy, not relayed"
         );
-        if answer.identity.is_some() {
+        if let Some(params) = answer.identity {
             // As libvirt's virtproxyd, client-info reports the identity the client set.
-            if let Some(params) = &answer.identity {
-                shared.registry.set_claimed(conn.id, params.clone());
-            }
-            conn.claimed_identity = answer.identity;
+            shared.registry.set_claimed(conn.id, params);
         }
         answers.extend_from_slice(&answer.reply);
     }
@@ -209,9 +213,7 @@ pub(crate) fn drive_relay(conn: &mut Conn, pools: &mut Pools, shared: &Shared) -
         sys::shutdown_write(daemon.as_fd());
         *daemon_shut = true;
     }
-    if !answers.is_empty() && d2c.at_rest() {
-        head.append(answers);
-    }
+    release_answers(answers, head, d2c);
     if !head.is_empty() {
         if let Err(e) = flush(&conn.client, head, head_cutter.as_mut()) {
             return Outcome::Close(format!("client write: {e}"));
@@ -233,9 +235,7 @@ pub(crate) fn drive_relay(conn: &mut Conn, pools: &mut Pools, shared: &Shared) -
             Ok(d) => d,
         }
     };
-    if !answers.is_empty() && head.is_empty() && d2c.at_rest() {
-        // The daemon's stream reached a frame boundary: the proxy's replies go in there.
-        head.append(answers);
+    if head.is_empty() && release_answers(answers, head, d2c) {
         if let Err(e) = flush(&conn.client, head, head_cutter.as_mut()) {
             return Outcome::Close(format!("client write: {e}"));
         }

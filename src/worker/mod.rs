@@ -449,7 +449,6 @@ impl Worker {
             uri: None,
             daemon_path: None,
             since: Instant::now(),
-            claimed_identity: None,
             unauthenticated,
         });
         if let Some(at) = nc.deadline {
