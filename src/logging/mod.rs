@@ -11,7 +11,6 @@ pub mod spec;
 use std::ffi::CString;
 use std::fmt::Write as _;
 use std::io::Write as _;
-use std::path::Path;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -138,7 +137,8 @@ enum Sink {
 struct Active {
     default: Priority,
     filters: Vec<Filter>,
-    outputs: Vec<(Output, Sink)>,
+    /// Shared between states, so a filter change keeps the open files and syslog as they are.
+    outputs: Arc<Vec<(Output, Sink)>>,
 }
 
 impl Active {
@@ -202,19 +202,23 @@ pub struct LogControl {
 }
 
 impl LogControl {
-    fn swap(
-        &self,
-        default: Priority,
-        filters: Vec<Filter>,
-        outputs: &[Output],
-    ) -> Result<(), String> {
-        let outputs = open_sinks(outputs)?;
+    fn swap(&self, default: Priority, filters: Vec<Filter>, outputs: Arc<Vec<(Output, Sink)>>) {
         self.active.store(Arc::new(Active {
             default,
             filters,
             outputs,
         }));
         tracing::callsite::rebuild_interest_cache();
+    }
+
+    /// Opens `outputs` and installs them with `default` and `filters`.
+    fn swap_outputs(
+        &self,
+        default: Priority,
+        filters: Vec<Filter>,
+        outputs: &[Output],
+    ) -> Result<(), String> {
+        self.swap(default, filters, Arc::new(open_sinks(outputs)?));
         Ok(())
     }
 
@@ -230,16 +234,12 @@ impl LogControl {
         spec::format_outputs(&outs)
     }
 
-    pub fn default_priority(&self) -> Priority {
-        self.active.load().default
-    }
-
     /// Replaces the filters (an admin call); empty text clears them.
     pub fn set_filters(&self, text: &str) -> Result<(), SpecError> {
         let filters = spec::parse_filters(text)?;
         let a = self.active.load();
-        let outs: Vec<Output> = a.outputs.iter().map(|(o, _)| o.clone()).collect();
-        self.swap(a.default, filters, &outs).map_err(SpecError)
+        self.swap(a.default, filters, a.outputs.clone());
+        Ok(())
     }
 
     /// Replaces the outputs (an admin call); empty text restores the default output.
@@ -249,13 +249,13 @@ impl LogControl {
         if outs.is_empty() {
             outs = default_outputs(settings, a.default, stdin_is_tty(), journald_available());
         }
-        self.swap(a.default, a.filters.clone(), &outs)
+        self.swap_outputs(a.default, a.filters.clone(), &outs)
             .map_err(SpecError)
     }
 
     /// Applies a whole new resolution (SIGHUP).
     pub fn apply(&self, r: &Resolved) -> Result<(), String> {
-        self.swap(r.default, r.filters.clone(), &r.outputs)
+        self.swap_outputs(r.default, r.filters.clone(), &r.outputs)
     }
 }
 
@@ -270,7 +270,7 @@ pub fn install(settings: &Settings) -> Result<LogControl, String> {
     let active = Arc::new(ArcSwap::from_pointee(Active {
         default: r.default,
         filters: r.filters,
-        outputs: open_sinks(&r.outputs)?,
+        outputs: Arc::new(open_sinks(&r.outputs)?),
     }));
     let control = LogControl {
         active: active.clone(),
@@ -432,11 +432,6 @@ fn journald(meta: &Metadata<'_>, prio: Priority, msg: &str) {
     let _ = journal_send(p, msg, vars.into_iter());
 }
 
-/// Whether `path` is where journald listens (for tests that replace the socket).
-pub fn journald_socket() -> &'static Path {
-    Path::new(JOURNALD_SOCKET)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -516,7 +511,7 @@ mod tests {
         let a = Active {
             default: Priority::Warn,
             filters: spec::parse_filters("4:rpc.relay 1:rpc").unwrap(),
-            outputs: vec![],
+            outputs: Arc::new(vec![]),
         };
         assert_eq!(a.threshold("virtproxyd::relay::pump"), Priority::Error);
         assert_eq!(a.threshold("virtproxyd::worker"), Priority::Debug);
