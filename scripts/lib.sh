@@ -36,3 +36,22 @@ alive() {
 
 # alive_as PID STARTTIME: the same process is still alive.
 alive_as() { alive "$1" && [ "$(starttime "$1")" = "$2" ]; }
+
+# kill_wait PID STARTTIME [GRACE_SECONDS [SIGNAL]]: SIGNAL (TERM), wait up to the grace,
+# SIGKILL, wait. Fails if the process outlives SIGKILL.
+kill_wait() {
+  local pid=$1 st=$2 grace=${3:-5} sig=${4:-TERM} i
+  alive_as "$pid" "$st" || return 0
+  kill -"$sig" "$pid" 2>/dev/null || true
+  for ((i = 0; i < grace * 20; i++)); do
+    alive_as "$pid" "$st" || return 0
+    sleep 0.05
+  done
+  kill -KILL "$pid" 2>/dev/null || true
+  for ((i = 0; i < 100; i++)); do
+    alive_as "$pid" "$st" || return 0
+    sleep 0.05
+  done
+  echo "${0##*/}: pid $pid survived SIGKILL" >&2
+  return 1
+}

@@ -119,17 +119,6 @@ do_build() {
 
 # ---- running -------------------------------------------------------------------------------
 
-# kill_wait PID STARTTIME [SIGNAL]: signal (TERM), wait, SIGKILL, wait.
-kill_wait() {
-  local pid=$1 st=$2 sig=${3:-TERM} i
-  alive_as "$pid" "$st" || return 0
-  kill -"$sig" "$pid" 2>/dev/null || true
-  for ((i = 0; i < 100; i++)); do alive_as "$pid" "$st" || return 0; sleep 0.05; done
-  kill -KILL "$pid" 2>/dev/null || true
-  for ((i = 0; i < 100; i++)); do alive_as "$pid" "$st" || return 0; sleep 0.05; done
-  return 1
-}
-
 ns_dir() { echo "$1/ns/$2"; }   # STATE_DIR, one of run var etc
 
 # Started inside the namespace by the holder: one daemon, in its own session.
@@ -172,12 +161,12 @@ do_stop() {
   for name in virtproxyd "${DAEMONS[@]}"; do
     [ -s "$sd/$name.pid" ] || continue
     read -r pid st < "$sd/$name.pid" || true
-    [ -n "${pid:-}" ] && kill_wait "$pid" "$st" TERM || true
+    [ -n "${pid:-}" ] && kill_wait "$pid" "$st" 5 || true
     rm -f "$sd/$name.pid"
   done
   if [ -s "$sd/holder.pid" ]; then
     read -r pid st < "$sd/holder.pid" || true
-    [ -n "${pid:-}" ] && kill_wait "$pid" "$st" TERM || true
+    [ -n "${pid:-}" ] && kill_wait "$pid" "$st" 5 || true
     rm -f "$sd/holder.pid"
   fi
 }
@@ -278,7 +267,7 @@ EOF
 do_kill() {
   local sd=$1 name=$2 pid st
   read -r pid st < "$sd/$name.pid" || die "$name not running"
-  kill_wait "$pid" "$st" KILL || die "$name survived SIGKILL"
+  kill_wait "$pid" "$st" 5 KILL || die "$name survived SIGKILL"
 }
 
 do_restart() {

@@ -33,24 +33,6 @@ OVERLAID=(/run/libvirt /var/lib/libvirt /var/cache/libvirt /var/log/libvirt /etc
 die() { echo "private-libvirtd: $*" >&2; exit 1; }
 usage() { die "usage: $0 start STATE_DIR [--watch-pid PID] | stop STATE_DIR"; }
 
-# kill_wait PID STARTTIME [GRACE_SECONDS]: SIGTERM, wait, SIGKILL, wait.
-kill_wait() {
-  local pid=$1 st=$2 grace=${3:-5} i
-  alive_as "$pid" "$st" || return 0
-  kill -TERM "$pid" 2>/dev/null || true
-  for ((i = 0; i < grace * 20; i++)); do
-    alive_as "$pid" "$st" || return 0
-    sleep 0.05
-  done
-  kill -KILL "$pid" 2>/dev/null || true
-  for ((i = 0; i < 100; i++)); do
-    alive_as "$pid" "$st" || return 0
-    sleep 0.05
-  done
-  echo "private-libvirtd: pid $pid survived SIGKILL" >&2
-  return 1
-}
-
 # Stop whatever a previous start left in STATE_DIR: reaper, daemon, qemu processes.
 do_stop() {
   local sd=$1 pid st f

@@ -515,15 +515,20 @@ pub fn virt_admin_sock(admin_sock: &Path, args: &[&str]) -> Output {
 /// The daemon's current clients on server `libvirtd`: `(id, client-info text)` each.
 /// `client-info` has lines like `unix_user_id   : 1001`, `unix_process_id: 4242`.
 pub fn admin_clients(daemon: &Daemon) -> Vec<(u64, String)> {
-    let list = virt_admin(daemon, &["srv-clients-list", "libvirtd"]);
-    assert_success(&list, "virt-admin srv-clients-list libvirtd");
+    clients_via(|args| virt_admin(daemon, args), "libvirtd")
+}
+
+/// A server's clients through `virt_admin` (any admin socket): `(id, client-info text)` each.
+pub fn clients_via(virt_admin: impl Fn(&[&str]) -> Output, server: &str) -> Vec<(u64, String)> {
+    let list = virt_admin(&["srv-clients-list", server]);
+    assert_success(&list, &format!("virt-admin srv-clients-list {server}"));
     let ids: Vec<u64> = String::from_utf8_lossy(&list.stdout)
         .lines()
         .filter_map(|l| l.split_whitespace().next().and_then(|w| w.parse().ok()))
         .collect();
     ids.into_iter()
         .filter_map(|id| {
-            let info = virt_admin(daemon, &["client-info", "libvirtd", &id.to_string()]);
+            let info = virt_admin(&["client-info", server, &id.to_string()]);
             // a client may disconnect between the two calls
             info.status
                 .success()

@@ -57,20 +57,7 @@ impl Testbed {
 
     /// A daemon's current clients: `(id, client-info text)` each.
     pub fn clients(&self, daemon: &str) -> Vec<(u64, String)> {
-        let list = self.virt_admin(daemon, &["srv-clients-list", daemon]);
-        assert_success(&list, &format!("virt-admin srv-clients-list {daemon}"));
-        let ids: Vec<u64> = String::from_utf8_lossy(&list.stdout)
-            .lines()
-            .filter_map(|l| l.split_whitespace().next().and_then(|w| w.parse().ok()))
-            .collect();
-        ids.into_iter()
-            .filter_map(|id| {
-                let info = self.virt_admin(daemon, &["client-info", daemon, &id.to_string()]);
-                info.status
-                    .success()
-                    .then(|| (id, String::from_utf8_lossy(&info.stdout).into_owned()))
-            })
-            .collect()
+        super::clients_via(|args| self.virt_admin(daemon, args), daemon)
     }
 
     /// The daemon's pid now (it changes across `restart`).
