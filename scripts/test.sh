@@ -24,8 +24,23 @@ for line in sys.stdin:
         print(j["executable"])')
 [ -x "$ktls_bin" ] || { echo "kTLS test binary not found" >&2; exit 1; }
 bash scripts/ktls-vm.sh prepare --kernel all
+# A guest kernel under TCG occasionally oopses while booting (seen once with 6.12: int3 in
+# sched_clock_cpu), before the test program starts. Only that case is retried, once; a test
+# that ran and failed, or a timeout, fails the suite as before.
+vm_err=$(mktemp)
+trap 'rm -f "$vm_err"' EXIT
 for kernel in 6.1 6.12; do
-  echo "== kTLS test in a VM with Debian's $kernel kernel"
-  bash scripts/ktls-vm.sh run --kernel "$kernel" --timeout 900 --env VPD_EXPECT_KTLS=1 -- \
-    "$ktls_bin" --test-threads=1 --nocapture
+  for attempt in 1 2; do
+    echo "== kTLS test in a VM with Debian's $kernel kernel (attempt $attempt)"
+    rc=0
+    bash scripts/ktls-vm.sh run --kernel "$kernel" --timeout 900 --env VPD_EXPECT_KTLS=1 -- \
+      "$ktls_bin" --test-threads=1 --nocapture 2>"$vm_err" || rc=$?
+    cat "$vm_err" >&2
+    if [ "$rc" = 125 ] && [ "$attempt" = 1 ] && grep -q 'did not boot to the program' "$vm_err"; then
+      echo "== the $kernel guest did not boot to the test program; booting it again"
+      continue
+    fi
+    [ "$rc" = 0 ] || exit "$rc"
+    break
+  done
 done
