@@ -692,13 +692,21 @@ fn tls_burst(p: &Params, client: &Client, daemon: &env::Daemon) -> Value {
         "tls burst: {reps} reps x {:.1} s, with and without handshakes",
         p.busy_secs
     );
-    let (mut quiet, mut loaded, mut control) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut quiet, mut loaded, mut control, mut spun) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    // Port 0: no handshakes, every CPU kept busy by SCHED_IDLE spinners instead. What that
+    // does to the busy client is what any saturating SCHED_IDLE load costs on this machine
+    // (vCPU wake-ups, the hypervisor), with no TLS and no proxy work in it.
     for rep in 0..reps {
-        for target in rotated(&[None, Some(port), Some(other_port)], rep) {
+        for target in rotated(&[None, Some(port), Some(other_port), Some(0)], rep) {
             let Some(port) = target else {
                 quiet.push(busy());
                 continue;
             };
+            if port == 0 {
+                spun.push(with_idle_spinners(busy));
+                continue;
+            }
             let stop = Arc::new(AtomicBool::new(false));
             let done = Arc::new(AtomicUsize::new(0));
             let failed = Arc::new(AtomicUsize::new(0));
@@ -750,7 +758,33 @@ fn tls_burst(p: &Params, client: &Client, daemon: &env::Daemon) -> Value {
             }
         }
     }
-    json!({"no_burst": quiet, "burst": loaded, "burst_elsewhere": control})
+    json!({"no_burst": quiet, "burst": loaded, "burst_elsewhere": control, "idle_spinners": spun})
+}
+
+/// Runs `f` while one SCHED_IDLE thread per CPU spins.
+fn with_idle_spinners(f: impl FnOnce() -> Value) -> Value {
+    let stop = Arc::new(AtomicBool::new(false));
+    let n = thread::available_parallelism().map_or(2, |n| n.get());
+    let spinners: Vec<_> = (0..n)
+        .map(|_| {
+            let stop = stop.clone();
+            thread::spawn(move || {
+                let param = libc::sched_param { sched_priority: 0 };
+                // SAFETY: pid 0 = this thread; param is valid for the call.
+                unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
+                while !stop.load(Ordering::Relaxed) {
+                    std::hint::spin_loop();
+                }
+            })
+        })
+        .collect();
+    thread::sleep(Duration::from_millis(50));
+    let v = f();
+    stop.store(true, Ordering::Relaxed);
+    for s in spinners {
+        let _ = s.join();
+    }
+    v
 }
 
 /// The proxy's CPU per relayed call with N idle relayed connections, against none: whatever a

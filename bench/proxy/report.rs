@@ -558,6 +558,18 @@ pub fn build(
             t.row("busy p99 µs, same handshakes on another proxy", row, "");
             summary["tls_burst_elsewhere_p99_ratio"] = json!(rc);
         }
+        let spun = tls["idle_spinners"].as_array().cloned().unwrap_or_default();
+        if !spun.is_empty() {
+            let rs = paired(&spun, &quiet, |a, b| f(a, "p99_us") / f(b, "p99_us"));
+            let mut row = dashes();
+            row[i] = format!("{:.1} ({rs:.2}×)", med(&spun, "p99_us"));
+            t.row(
+                "busy p99 µs, CPUs busy with SCHED_IDLE spinners only",
+                row,
+                "",
+            );
+            summary["tls_burst_idle_spinners_p99_ratio"] = json!(rs);
+        }
         summary["tls_burst"] = json!({
             "busy_p99_us_no_burst": med(&quiet, "p99_us"),
             "busy_p99_us_burst": med(&loaded, "p99_us"),
