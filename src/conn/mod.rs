@@ -71,6 +71,10 @@ pub(crate) struct Conn {
     /// a read finds nothing. Saves the EAGAIN read on the side that did not wake us.
     pub(crate) client_readable: bool,
     pub(crate) daemon_readable: bool,
+    /// Whether the client / daemon socket's registration includes writability (see
+    /// `Interest::ReadOnly`): a relaying connection watches it only while a write is blocked.
+    pub(crate) client_write_watched: bool,
+    pub(crate) daemon_write_watched: bool,
     pub(crate) client: OwnedFd,
     pub(crate) daemon: Option<OwnedFd>,
     pub(crate) state: State,

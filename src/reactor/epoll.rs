@@ -27,18 +27,29 @@ impl Epoll {
     }
 
     pub fn add(&mut self, fd: RawFd, token: u64, interest: Interest) -> io::Result<()> {
+        self.ctl(libc::EPOLL_CTL_ADD, fd, token, interest)
+    }
+
+    /// EPOLL_CTL_MOD re-checks readiness against the new mask: what is ready now is reported
+    /// at the next wait even without a new edge.
+    pub fn modify(&mut self, fd: RawFd, token: u64, interest: Interest) -> io::Result<()> {
+        self.ctl(libc::EPOLL_CTL_MOD, fd, token, interest)
+    }
+
+    fn ctl(&mut self, op: i32, fd: RawFd, token: u64, interest: Interest) -> io::Result<()> {
         let events = match interest {
             Interest::Read => libc::EPOLLIN | libc::EPOLLET,
             Interest::ReadWrite => {
                 libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET
             }
+            Interest::ReadOnly => libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLET,
         };
         let mut ev = libc::epoll_event {
             events: events as u32,
             u64: token,
         };
         // SAFETY: ev is valid for the call.
-        if unsafe { libc::epoll_ctl(self.fd.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) } < 0 {
+        if unsafe { libc::epoll_ctl(self.fd.as_raw_fd(), op, fd, &mut ev) } < 0 {
             return Err(io::Error::last_os_error());
         }
         Ok(())

@@ -30,6 +30,10 @@ pub enum Interest {
     Read,
     /// Sockets: readable, writable, peer closed.
     ReadWrite,
+    /// Sockets with nothing waiting to be written: readable, peer closed. Watching
+    /// writability only while a write is blocked saves a wake-up each time the peer reads
+    /// what we sent (one per relayed call and side).
+    ReadOnly,
 }
 
 /// A readiness report.
@@ -78,6 +82,15 @@ impl Reactor {
         }
     }
 
+    /// Changes what a registered `fd` is watched for. Readiness that already holds for the
+    /// new interest is reported at the next wait, so no edge is lost in the switch.
+    pub fn modify(&mut self, fd: RawFd, token: u64, interest: Interest) -> io::Result<()> {
+        match self {
+            Reactor::Uring(u) => u.modify(fd, token, interest),
+            Reactor::Epoll(e) => e.modify(fd, token, interest),
+        }
+    }
+
     /// Stops watching `fd`; must be called before the fd is closed.
     pub fn remove(&mut self, fd: RawFd, token: u64) {
         match self {
@@ -91,6 +104,68 @@ impl Reactor {
         match self {
             Reactor::Uring(u) => u.wait(out, timeout),
             Reactor::Epoll(e) => e.wait(out, timeout),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::os::fd::AsRawFd;
+    use std::os::unix::net::UnixStream;
+
+    fn events(r: &mut Reactor) -> Vec<u64> {
+        let mut out = Vec::new();
+        r.wait(&mut out, Some(Duration::from_millis(50))).unwrap();
+        out.iter().map(|e| e.token).collect()
+    }
+
+    /// `ReadOnly` stops the wake-ups a peer's read causes; switching back to `ReadWrite`
+    /// reports writability that already holds (no edge is lost in the switch); readability
+    /// is reported throughout.
+    #[test]
+    fn write_interest_can_be_dropped_and_taken_up_again() {
+        for kind in [Kind::IoUring, Kind::Epoll] {
+            let Ok(mut r) = Reactor::new(kind) else {
+                continue; // io_uring disabled here: epoll still runs
+            };
+            let (ours, mut peer) = UnixStream::pair().unwrap();
+            ours.set_nonblocking(true).unwrap();
+            r.add(ours.as_raw_fd(), 7, Interest::ReadWrite).unwrap();
+            assert_eq!(events(&mut r), vec![7], "{kind:?}: initially writable");
+            (&ours).write_all(b"call").unwrap();
+            let mut b = [0u8; 4];
+            peer.read_exact(&mut b).unwrap();
+            assert_eq!(
+                events(&mut r),
+                vec![7],
+                "{kind:?}: the peer's read wakes us"
+            );
+            r.modify(ours.as_raw_fd(), 7, Interest::ReadOnly).unwrap();
+            events(&mut r); // a switch may report current readiness once
+            (&ours).write_all(b"call").unwrap();
+            peer.read_exact(&mut b).unwrap();
+            assert!(
+                events(&mut r).is_empty(),
+                "{kind:?}: no wake-up for the peer's read"
+            );
+            r.modify(ours.as_raw_fd(), 7, Interest::ReadWrite).unwrap();
+            assert_eq!(
+                events(&mut r),
+                vec![7],
+                "{kind:?}: writable now is reported"
+            );
+            r.modify(ours.as_raw_fd(), 7, Interest::ReadOnly).unwrap();
+            events(&mut r);
+            peer.write_all(b"reply").unwrap();
+            let mut out = Vec::new();
+            r.wait(&mut out, Some(Duration::from_millis(50))).unwrap();
+            assert!(
+                out.iter().any(|e| e.token == 7 && e.readable),
+                "{kind:?}: readable still reported"
+            );
+            r.remove(ours.as_raw_fd(), 7);
         }
     }
 }

@@ -37,6 +37,7 @@ fn mask(interest: Interest) -> u32 {
     match interest {
         Interest::Read => libc::POLLIN as u32,
         Interest::ReadWrite => (libc::POLLIN | libc::POLLOUT | libc::POLLRDHUP) as u32,
+        Interest::ReadOnly => (libc::POLLIN | libc::POLLRDHUP) as u32,
     }
 }
 
@@ -141,6 +142,27 @@ impl Uring {
             return Err(e);
         }
         Ok(())
+    }
+
+    /// A new registration replaces the old one; both requests go in with the next wait (the
+    /// fd stays open meanwhile). The new poll checks readiness when armed, so an edge the old
+    /// one posted after our last reap (its completion is dropped as stale) is seen again.
+    pub fn modify(&mut self, fd: RawFd, token: u64, interest: Interest) -> io::Result<()> {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.regs.insert(
+            id,
+            Registration {
+                token,
+                fd,
+                mask: mask(interest),
+            },
+        );
+        if let Some(old) = self.by_token.insert(token, id) {
+            self.regs.remove(&old);
+            self.push(opcode::PollRemove::new(old).build().user_data(REMOVE_TAG))?;
+        }
+        self.arm(id)
     }
 
     fn cancel(&mut self, id: u64) {

@@ -193,6 +193,15 @@ impl Pump {
                 && self.fds.is_empty())
     }
 
+    /// Holds bytes for the destination that it did not take yet (a write hit EAGAIN): only
+    /// then is the destination's writability worth a wake-up. A held-back partial header
+    /// waits for the source, not the destination.
+    pub fn wants_writable(&self) -> bool {
+        !self.finished
+            && (self.start + self.hold < self.end
+                || self.splicing.as_ref().is_some_and(|s| s.in_pipe > 0))
+    }
+
     /// Moves what can be moved now. Returns on EAGAIN, on budget exhaustion or at EOF.
     pub fn drive(
         &mut self,
@@ -602,6 +611,52 @@ mod tests {
 
     /// A captured frame leaves the stream whole, however the reads split it, and the frames
     /// around it pass unchanged.
+    /// Writability matters only while bytes wait for the destination: a delivered call and a
+    /// held-back partial header (which waits for the source) do not ask for it.
+    #[test]
+    fn wants_writable_only_while_a_write_is_blocked() {
+        let (mut src_w, src_r) = UnixStream::pair().unwrap();
+        let (dst_w, mut dst_r) = UnixStream::pair().unwrap();
+        src_r.set_nonblocking(true).unwrap();
+        dst_w.set_nonblocking(true).unwrap();
+        let mut pools = Pools::new(64 * 1024, 1 << 20, 16 * 1024);
+        let mut pump = Pump::new(true, &pools);
+        let drive = |pump: &mut Pump, pools: &mut Pools| {
+            pump.drive(
+                src_r.as_fd(),
+                dst_w.as_fd(),
+                pools,
+                &mut |_| Verdict::Forward,
+                &mut true,
+            )
+            .unwrap()
+        };
+        let call = call_frame(4, &[7; 100]);
+        src_w.write_all(&call).unwrap();
+        src_w.write_all(&call[..10]).unwrap(); // the next call's header, in part
+        assert_eq!(drive(&mut pump, &mut pools), Drive::Blocked);
+        assert!(
+            !pump.wants_writable(),
+            "delivered; only a partial header held"
+        );
+        let mut got = vec![0u8; call.len()];
+        dst_r.read_exact(&mut got).unwrap();
+        assert_eq!(got, call);
+        // Fill the destination until a write blocks: then (and only then) it wants writability.
+        src_w.write_all(&call[10..]).unwrap();
+        for _ in 0..100_000 {
+            src_w.write_all(&call).unwrap();
+            drive(&mut pump, &mut pools);
+            if pump.wants_writable() {
+                break;
+            }
+        }
+        assert!(
+            pump.wants_writable(),
+            "a full destination must ask for writability"
+        );
+    }
+
     #[test]
     fn captured_frames_are_taken_out_of_the_stream_whole() {
         let a = call_frame(4, &[1; 40]);

@@ -433,6 +433,8 @@ impl Worker {
             tls: shuttle,
             client_readable: true,
             daemon_readable: true,
+            client_write_watched: true,
+            daemon_write_watched: true,
             client,
             daemon: None,
             state: State::Pre(Box::new(PreOpen {
@@ -493,7 +495,13 @@ impl Worker {
             Some(c) if c.gen == gen => {}
             _ => return, // stale event for a closed connection
         }
-        match self.drive(slot) {
+        let outcome = self.drive(slot);
+        if !matches!(outcome, Outcome::Close(_)) {
+            if let Err(e) = self.watch_blocked_writes(slot) {
+                return self.close(slot, &format!("reactor update failed: {e}"));
+            }
+        }
+        match outcome {
             Outcome::Keep => {}
             Outcome::Yield => {
                 if let Some(c) = self.conns.get_mut(slot) {
@@ -505,6 +513,52 @@ impl Worker {
             }
             Outcome::Close(why) => self.close(slot, &why),
         }
+    }
+
+    /// A relaying connection watches a socket's writability only while bytes for it wait:
+    /// otherwise every read the peer makes of what we sent would wake this worker for
+    /// nothing. Userspace TLS connections keep watching everything (the shuttle's own
+    /// writes are not tracked here).
+    fn watch_blocked_writes(&mut self, slot: usize) -> std::io::Result<()> {
+        let Some(c) = self.conns.get_mut(slot) else {
+            return Ok(());
+        };
+        let State::Relay { c2d, d2c, head, .. } = &c.state else {
+            return Ok(());
+        };
+        if c.tls.is_some() {
+            return Ok(());
+        }
+        let client = !head.is_empty() || d2c.wants_writable();
+        let daemon = c2d.wants_writable();
+        let interest = |w: bool| {
+            if w {
+                Interest::ReadWrite
+            } else {
+                Interest::ReadOnly
+            }
+        };
+        if client != c.client_write_watched {
+            self.reactor.modify(
+                c.client.as_raw_fd(),
+                token(slot, c.gen, Side::Accepted),
+                interest(client),
+            )?;
+            c.client_write_watched = client;
+        }
+        if let Some(d) = c
+            .daemon
+            .as_ref()
+            .filter(|_| daemon != c.daemon_write_watched)
+        {
+            self.reactor.modify(
+                d.as_raw_fd(),
+                token(slot, c.gen, Side::Daemon),
+                interest(daemon),
+            )?;
+            c.daemon_write_watched = daemon;
+        }
+        Ok(())
     }
 
     fn drive(&mut self, slot: usize) -> Outcome {

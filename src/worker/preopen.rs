@@ -175,6 +175,7 @@ impl Worker {
                             self.reactor
                                 .add(raw, token(slot, gen, Side::Daemon), Interest::ReadWrite)
                                 .map_err(|e| e.to_string())?;
+                            conn.daemon_write_watched = true;
                         }
                         Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
                             // The daemon's listen backlog is full: park (the client is blocked
