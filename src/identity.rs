@@ -94,8 +94,7 @@ impl Identity {
             .map_err(std::io::Error::from)?;
         let (uid, gid, pid) = (cred.uid(), cred.gid(), cred.pid());
         let process_time = if pid > 0 {
-            std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .ok()
+            read_proc_stat(pid)
                 .and_then(|s| start_time_from_stat(&s))
                 .unwrap_or(0)
         } else {
@@ -142,6 +141,17 @@ impl Identity {
         }
         p
     }
+}
+
+/// /proc/<pid>/stat in one read: it reports size 0, so `read_to_string` would grow its buffer
+/// from 32 bytes with a syscall per doubling, on every accepted client. The line is well under
+/// 1 KiB (comm is at most 64 bytes); a longer one is read whole all the same.
+fn read_proc_stat(pid: i32) -> Option<String> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(format!("/proc/{pid}/stat")).ok()?;
+    let mut buf = Vec::with_capacity(1024);
+    f.read_to_end(&mut buf).ok()?;
+    String::from_utf8(buf).ok()
 }
 
 /// Field 22 of /proc/<pid>/stat, counted after the last ')' because `comm` may hold spaces

@@ -411,6 +411,17 @@ fn malformed_input_is_closed_cleanly_without_leaks() {
                 "{backend}: bad length after open not closed"
             );
         }
+        // After open, a frame that needs no answer and the client's close in one go: the
+        // close comes with no edge of its own, yet the proxy must see it (fds settle below).
+        {
+            let mut s = raw(&p);
+            open_test_default(&mut s);
+            let mut pong = Vec::new();
+            for v in [28u32, 0x6b65_6570, 1, 2, 2, 0, 0] {
+                pong.extend_from_slice(&v.to_be_bytes());
+            }
+            s.write_all(&pong).unwrap();
+        }
         // Other clients never noticed.
         assert_ok(&virsh(&bystander_uri, &["list"]), backend);
         let settled = wait_for(Duration::from_secs(10), || open_fds(p.pid()) == baseline);

@@ -75,6 +75,10 @@ pub(crate) struct Conn {
     /// `Interest::ReadOnly`): a relaying connection watches it only while a write is blocked.
     pub(crate) client_write_watched: bool,
     pub(crate) daemon_write_watched: bool,
+    /// The client / daemon socket reported its peer's close: from then on reads go on to
+    /// EOF (a short read may hide it, and no new edge would report it).
+    pub(crate) client_hup: bool,
+    pub(crate) daemon_hup: bool,
     pub(crate) client: OwnedFd,
     pub(crate) daemon: Option<OwnedFd>,
     pub(crate) state: State,
@@ -180,6 +184,12 @@ pub(crate) fn drive_relay(conn: &mut Conn, pools: &mut Pools, shared: &Shared) -
         return Outcome::Keep;
     };
     let kind = conn.kind;
+    if conn.client_hup {
+        c2d.distrust_short_reads();
+    }
+    if conn.daemon_hup {
+        d2c.distrust_short_reads();
+    }
     let mut upstream_failed = None;
     let up = match c2d.drive(
         conn.client.as_fd(),

@@ -95,12 +95,20 @@ pub(crate) enum ReadState {
 }
 
 /// Reads what is available into `buf`, never past a frame of `frame_max` plus one chunk. fds
-/// sent before open are dropped, i.e. closed.
+/// sent before open are dropped, i.e. closed. `readable` is the connection's flag for this
+/// socket: no syscall while it is down; it goes down at EAGAIN, and at a short read when
+/// `trust_short` (a plain socket's short read means its queue is empty; not so for kTLS,
+/// where a queued control record also ends a read early).
 pub(crate) fn read_some(
     fd: &OwnedFd,
     buf: &mut Vec<u8>,
     frame_max: usize,
+    readable: &mut bool,
+    trust_short: bool,
 ) -> io::Result<ReadState> {
+    if !*readable {
+        return Ok(ReadState::Blocked);
+    }
     let mut chunk = [0u8; 16 * 1024];
     let limit = frame_max + chunk.len();
     let mut got = false;
@@ -130,13 +138,18 @@ pub(crate) fn read_some(
             Ok(r) => {
                 buf.extend_from_slice(&chunk[..r.n]);
                 got = true;
+                if trust_short && r.n < room {
+                    *readable = false;
+                    return Ok(ReadState::Data);
+                }
             }
             Err(e) if sys::would_block(&e) => {
+                *readable = false;
                 return Ok(if got {
                     ReadState::Data
                 } else {
                     ReadState::Blocked
-                })
+                });
             }
             Err(e) => return Err(e),
         }

@@ -91,6 +91,7 @@ impl Epoll {
             readable: e.events
                 & (libc::EPOLLIN | libc::EPOLLHUP | libc::EPOLLERR | libc::EPOLLRDHUP) as u32
                 != 0,
+            hup: e.events & (libc::EPOLLHUP | libc::EPOLLERR | libc::EPOLLRDHUP) as u32 != 0,
         }));
         Ok(())
     }

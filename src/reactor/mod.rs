@@ -42,6 +42,9 @@ pub struct Event {
     pub token: u64,
     /// Data, EOF or an error may be waiting (so a read is worth a syscall).
     pub readable: bool,
+    /// The peer closed (or the socket failed): a short read no longer proves the queue empty,
+    /// since the EOF behind the data comes with no further edge.
+    pub hup: bool,
 }
 
 /// One worker's readiness source.

@@ -212,9 +212,12 @@ impl Uring {
                 || res as u32
                     & (libc::POLLIN | libc::POLLHUP | libc::POLLERR | libc::POLLRDHUP) as u32
                     != 0;
+            let hup = res < 0
+                || res as u32 & (libc::POLLHUP | libc::POLLERR | libc::POLLRDHUP) as u32 != 0;
             out.push(Event {
                 token: r.token,
                 readable,
+                hup,
             });
             if cqueue::more(cqe.flags()) {
                 continue;

@@ -301,7 +301,7 @@ impl Worker {
                 let slot = ((ev.token & 0xffff_ffff) >> 2) as usize;
                 let gen = (ev.token >> 32) as u32;
                 if ev.readable {
-                    self.mark_readable(slot, gen, (ev.token & 3) as u8);
+                    self.mark_readable(slot, gen, (ev.token & 3) as u8, ev.hup);
                 }
                 self.service(slot, gen);
             }
@@ -423,6 +423,7 @@ impl Worker {
             Side::Accepted
         };
         let raw = client.as_raw_fd();
+        let watch_all = shuttle.is_some();
         let mut timers = [None; TIMER_KINDS];
         timers[TimerKind::PreOpen as usize] = nc.deadline;
         entry.insert(Conn {
@@ -433,8 +434,10 @@ impl Worker {
             tls: shuttle,
             client_readable: true,
             daemon_readable: true,
-            client_write_watched: true,
-            daemon_write_watched: true,
+            client_write_watched: watch_all,
+            daemon_write_watched: false,
+            client_hup: false,
+            daemon_hup: false,
             client,
             daemon: None,
             state: State::Pre(Box::new(PreOpen {
@@ -463,12 +466,17 @@ impl Worker {
                 },
             );
         }
+        // A plain (or kTLS) client starts with nothing to write to it: writability is watched
+        // once a write blocks (`watch_blocked_writes`). The userspace TLS sockets watch all.
+        let first = if matches!(client_side, Side::Accepted) {
+            Interest::ReadOnly
+        } else {
+            Interest::ReadWrite
+        };
         extra.insert(0, (raw, client_side));
-        for (fd, side) in extra {
-            if let Err(e) = self
-                .reactor
-                .add(fd, token(slot, gen, side), Interest::ReadWrite)
-            {
+        for (i, (fd, side)) in extra.into_iter().enumerate() {
+            let interest = if i == 0 { first } else { Interest::ReadWrite };
+            if let Err(e) = self.reactor.add(fd, token(slot, gen, side), interest) {
                 tracing::warn!(conn = nc.id, "cannot watch client socket: {e}");
                 self.close(slot, "reactor registration failed");
                 return;
@@ -477,15 +485,20 @@ impl Worker {
     }
 
     /// Records that a socket may have data, so its pump will read it.
-    fn mark_readable(&mut self, slot: usize, gen: u32, side: u8) {
+    fn mark_readable(&mut self, slot: usize, gen: u32, side: u8, hup: bool) {
         let Some(c) = self.conns.get_mut(slot).filter(|c| c.gen == gen) else {
             return;
         };
         let shuttle = c.tls.is_some();
         match side {
-            s if s == Side::Daemon as u8 => c.daemon_readable = true,
-            s if s == Side::LocalClient as u8 => c.client_readable = true,
-            s if s == Side::Accepted as u8 && !shuttle => c.client_readable = true,
+            s if s == Side::Daemon as u8 => {
+                c.daemon_readable = true;
+                c.daemon_hup |= hup;
+            }
+            s if s == Side::LocalClient as u8 || (s == Side::Accepted as u8 && !shuttle) => {
+                c.client_readable = true;
+                c.client_hup |= hup;
+            }
             _ => {}
         }
     }
@@ -515,7 +528,7 @@ impl Worker {
         }
     }
 
-    /// A relaying connection watches a socket's writability only while bytes for it wait:
+    /// A connection watches a socket's writability only while bytes for it wait:
     /// otherwise every read the peer makes of what we sent would wake this worker for
     /// nothing. Userspace TLS connections keep watching everything (the shuttle's own
     /// writes are not tracked here).
@@ -523,14 +536,16 @@ impl Worker {
         let Some(c) = self.conns.get_mut(slot) else {
             return Ok(());
         };
-        let State::Relay { c2d, d2c, head, .. } = &c.state else {
-            return Ok(());
-        };
         if c.tls.is_some() {
             return Ok(());
         }
-        let client = !head.is_empty() || d2c.wants_writable();
-        let daemon = c2d.wants_writable();
+        let (client, daemon) = match &c.state {
+            State::Relay { c2d, d2c, head, .. } => (
+                !head.is_empty() || d2c.wants_writable(),
+                c2d.wants_writable(),
+            ),
+            State::Pre(p) => (!p.c_tx.is_empty(), !p.d_tx.is_empty()),
+        };
         let interest = |w: bool| {
             if w {
                 Interest::ReadWrite

@@ -39,8 +39,15 @@ impl Worker {
             // piling up (a client that sends without reading must not grow c_tx): past the
             // cap a flush has hit EAGAIN, so writability will wake us.
             if p.hs.wants_client_input() && p.closing.is_none() && p.c_tx.len() < PREOPEN_TX_CAP {
-                let read = read_some(&conn.client, &mut p.c_rx, frame_max)
-                    .map_err(|e| format!("client read: {e}"))?;
+                let trust_short = p.cutter.is_none() && !conn.client_hup;
+                let read = read_some(
+                    &conn.client,
+                    &mut p.c_rx,
+                    frame_max,
+                    &mut conn.client_readable,
+                    trust_short,
+                )
+                .map_err(|e| format!("client read: {e}"))?;
                 progress |= read == ReadState::Data;
                 let mut used = 0;
                 while frames_left > 0 && p.hs.wants_client_input() && p.closing.is_none() {
@@ -70,7 +77,14 @@ impl Worker {
                 }
             }
             if let Some(d) = &conn.daemon {
-                match read_some(d, &mut p.d_rx, PREOPEN_FRAME_MAX) {
+                let trust_short = !conn.daemon_hup;
+                match read_some(
+                    d,
+                    &mut p.d_rx,
+                    PREOPEN_FRAME_MAX,
+                    &mut conn.daemon_readable,
+                    trust_short,
+                ) {
                     Ok(ReadState::Eof) => {
                         p.hs.on_daemon_lost("closed the connection during open", &mut actions)
                     }
@@ -173,9 +187,11 @@ impl Worker {
                                     .arm(at, timer_key(slot, gen, TimerKind::Downstream));
                             }
                             self.reactor
-                                .add(raw, token(slot, gen, Side::Daemon), Interest::ReadWrite)
+                                .add(raw, token(slot, gen, Side::Daemon), Interest::ReadOnly)
                                 .map_err(|e| e.to_string())?;
-                            conn.daemon_write_watched = true;
+                            conn.daemon_write_watched = false;
+                            conn.daemon_readable = true;
+                            conn.daemon_hup = false;
                         }
                         Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
                             // The daemon's listen backlog is full: park (the client is blocked
