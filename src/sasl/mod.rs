@@ -167,6 +167,32 @@ pub fn finish(
     }
 }
 
+/// A socket address as Cyrus wants it and libvirt formats it: "ip;port" (IPv6 without
+/// brackets); a UNIX socket is "127.0.0.1;0".
+pub fn sasl_addr(sa: &nix::sys::socket::SockaddrStorage) -> Option<String> {
+    if let Some(v4) = sa.as_sockaddr_in() {
+        Some(format!("{};{}", v4.ip(), v4.port()))
+    } else if let Some(v6) = sa.as_sockaddr_in6() {
+        Some(format!("{};{}", v6.ip(), v6.port()))
+    } else if sa.as_unix_addr().is_some() {
+        Some("127.0.0.1;0".into())
+    } else {
+        None
+    }
+}
+
+/// Our end's and the client's address of a client socket, for `sasl_server_new`.
+pub fn addresses(fd: &OwnedFd) -> (Option<String>, Option<String>) {
+    use nix::sys::socket::{getpeername, getsockname, SockaddrStorage};
+    let raw = fd.as_raw_fd();
+    let local = getsockname::<SockaddrStorage>(raw).ok();
+    let remote = getpeername::<SockaddrStorage>(raw).ok();
+    (
+        local.as_ref().and_then(sasl_addr),
+        remote.as_ref().and_then(sasl_addr),
+    )
+}
+
 /// How a session is set up (AUTH_SASL_INIT), from the listener the client came through.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Setup {
@@ -443,6 +469,21 @@ mod tests {
         let e = auth_failed();
         assert_eq!((e.code, e.domain), (45, 7));
         assert_eq!(e.message, "authentication failed: authentication failed");
+    }
+
+    #[test]
+    fn addresses_are_formatted_as_libvirt_gives_them_to_cyrus() {
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        drop(b);
+        let fd: OwnedFd = a.into();
+        let (l, _) = addresses(&fd);
+        assert_eq!(l.as_deref(), Some("127.0.0.1;0"));
+        let v6: std::net::SocketAddr = "[::1]:16509".parse().unwrap();
+        let ss = nix::sys::socket::SockaddrStorage::from(v6);
+        assert_eq!(sasl_addr(&ss).as_deref(), Some("::1;16509"));
+        let v4: std::net::SocketAddr = "10.0.0.1:16514".parse().unwrap();
+        let ss = nix::sys::socket::SockaddrStorage::from(v4);
+        assert_eq!(sasl_addr(&ss).as_deref(), Some("10.0.0.1;16514"));
     }
 
     #[test]
