@@ -44,7 +44,21 @@ const ALLOWED: &str = "barsuser";
 struct Sasl {
     conf_dir: PathBuf,
     script: PathBuf,
+    /// TLS server files (the same for libvirt's virtproxyd and ours) and a client pkipath.
+    tls_files: String,
+    pki: PathBuf,
+    /// libvirt's virtproxyd's TCP and TLS ports.
+    lv_tcp: u16,
+    lv_tls: u16,
     _dir: tempfile::TempDir,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn sasl() -> &'static Sasl {
@@ -81,9 +95,24 @@ fn sasl() -> &'static Sasl {
         .unwrap();
         let script = dir.path().join("client.py");
         std::fs::write(&script, CLIENT_PY).unwrap();
+        let ca = support::pki::Ca::new("Test CA");
+        let (cert, key) = ca.server(false);
+        let d = dir.path();
+        std::fs::write(d.join("ca.pem"), &ca.cert_pem).unwrap();
+        std::fs::write(d.join("server.pem"), cert).unwrap();
+        std::fs::write(d.join("server.key"), key).unwrap();
+        let tls_files = format!(
+            "ca_file = \"{d}/ca.pem\"\ncert_file = \"{d}/server.pem\"\nkey_file = \"{d}/server.key\"\n",
+            d = d.display()
+        );
+        let pki = support::pki::client_dir(d, "client", &ca, &ca.client("client1", 1001));
         Sasl {
-            conf_dir: dir.path().to_path_buf(),
+            conf_dir: d.to_path_buf(),
             script,
+            tls_files,
+            pki,
+            lv_tcp: free_port(),
+            lv_tls: free_port(),
             _dir: dir,
         }
     })
@@ -93,13 +122,45 @@ fn conf_path() -> String {
     sasl().conf_dir.display().to_string()
 }
 
-fn auth_conf() -> String {
-    format!("auth_unix_rw = \"sasl\"\nsasl_allowed_username_list = [ \"{ALLOWED}\" ]\n")
+/// SASL on the rw socket, TCP and TLS, listening on `tcp`/`tls`.
+fn auth_conf(tcp: u16, tls: u16) -> String {
+    format!(
+        "auth_unix_rw = \"sasl\"\nauth_tcp = \"sasl\"\nauth_tls = \"sasl\"\n\
+         sasl_allowed_username_list = [ \"{ALLOWED}\" ]\n\
+         listen_tcp = 1\nlisten_tls = 1\nlisten_addr = \"127.0.0.1\"\n\
+         tcp_port = \"{tcp}\"\ntls_port = \"{tls}\"\n{}",
+        sasl().tls_files
+    )
 }
 
 fn bed() -> &'static Testbed {
     let c = conf_path();
-    testbed_with(&auth_conf(), &[("SASL_CONF_PATH", &c)])
+    let s = sasl();
+    testbed_with(&auth_conf(s.lv_tcp, s.lv_tls), &[("SASL_CONF_PATH", &c)])
+}
+
+/// Where a client reaches a server: its rw socket, TCP port and TLS port.
+struct Ends {
+    rw: PathBuf,
+    tcp: u16,
+    tls: u16,
+}
+
+impl Ends {
+    fn uris(&self) -> [(&'static str, String); 3] {
+        [
+            ("unix", unix_uri("qemu+unix:///system", &self.rw)),
+            ("tcp", format!("qemu+tcp://127.0.0.1:{}/system", self.tcp)),
+            (
+                "tls",
+                format!(
+                    "qemu+tls://localhost:{}/system?pkipath={}",
+                    self.tls,
+                    sasl().pki.display()
+                ),
+            ),
+        ]
+    }
 }
 
 /// An auth.conf giving `creds` (user, password) for every libvirt host; `None`: a file with
@@ -121,10 +182,9 @@ fn with_auth(mut cmd: Command, auth: &Path) -> Output {
     output_with_timeout(&mut cmd, CLIENT_TIMEOUT)
 }
 
-fn open_outcome(sock: &Path, creds: Option<(&str, &str)>) -> Value {
+fn open_outcome(uri: &str, creds: Option<(&str, &str)>) -> Value {
     let mut cmd = Command::new(PYTHON);
-    cmd.arg(&sasl().script)
-        .arg(unix_uri("qemu+unix:///system", sock));
+    cmd.arg(&sasl().script).arg(uri);
     if let Some((u, p)) = creds {
         cmd.args([u, p]);
     }
@@ -142,51 +202,71 @@ fn virsh_with(sock: &Path, auth: &Path, args: &[&str]) -> Output {
     with_auth(cmd, auth)
 }
 
-fn proxies() -> Vec<(&'static str, Proxy)> {
+fn proxies() -> Vec<(&'static str, Proxy, Ends)> {
     bed();
     let c = conf_path();
     ["io_uring", "epoll"]
         .into_iter()
         .map(|b| {
+            let (tcp, tls) = (free_port(), free_port());
             let p = support::modular::proxy(
-                &auth_conf(),
+                &auth_conf(tcp, tls),
                 &[("VIRTPROXYD_IO_BACKEND", b), ("SASL_CONF_PATH", &c)],
             );
-            (b, p)
+            let ends = Ends {
+                rw: p.dir().join("libvirt-sock"),
+                tcp,
+                tls,
+            };
+            (b, p, ends)
         })
         .collect()
 }
 
 #[test]
-fn scram_outcomes_on_the_unix_socket_match_libvirt() {
+fn scram_outcomes_on_unix_tls_and_tcp_match_libvirt() {
     let _g = support::modular::daemons_shared();
     let tb = bed();
+    let lv = Ends {
+        rw: tb.libvirt_proxy_rw(),
+        tcp: sasl().lv_tcp,
+        tls: sasl().lv_tls,
+    };
     let cases = [
         ("right", Some((ALLOWED, "barspass"))),
         ("wrong", Some((ALLOWED, "nope"))),
         ("unlisted", Some(("otheruser", "otherpass"))),
         ("no credentials", None),
     ];
-    let reference: Vec<Value> = cases
-        .iter()
-        .map(|(_, c)| open_outcome(&tb.libvirt_proxy_rw(), *c))
-        .collect();
-    // What libvirt's virtproxyd does, so the comparison below is not vacuous.
-    assert_eq!(reference[0]["ok"], true, "{reference:?}");
-    for r in &reference[1..] {
-        assert_eq!(r["ok"], false, "{reference:?}");
+    let mut reference = Vec::new();
+    for (t, uri) in lv.uris() {
+        for (name, c) in &cases {
+            reference.push((t, *name, *c, open_outcome(&uri, *c)));
+        }
     }
-    for r in &reference[1..3] {
-        assert_eq!(r["message"], "authentication failed: authentication failed");
-        assert_eq!(
-            (&r["domain"], &r["code"]),
-            (&Value::from(7), &Value::from(45))
-        );
+    // What libvirt's virtproxyd does, so the comparison below is not vacuous: SCRAM opens on
+    // UNIX and TLS with the right password; every other case fails; on plain TCP nothing
+    // passes (no mechanism reaches tcp_min_ssf).
+    let auth_failed = serde_json::json!({"ok": false, "domain": 7, "code": 45,
+        "message": "authentication failed: authentication failed"});
+    for (t, name, _, r) in &reference {
+        match (*t, *name) {
+            ("unix" | "tls", "right") => assert_eq!(r["ok"], true, "{t} {name}: {r}"),
+            (_, "wrong" | "unlisted") => assert_eq!(r, &auth_failed, "{t} {name}"),
+            // INIT already fails: no mechanism reaches tcp_min_ssf.
+            ("tcp", _) => assert_eq!(r, &auth_failed, "{t} {name}"),
+            (_, _) => assert_eq!(r["code"], 45, "{t} {name}: {r}"),
+        }
     }
-    for (backend, p) in proxies() {
-        for ((name, c), want) in cases.iter().zip(&reference) {
-            let got = open_outcome(&p.dir().join("libvirt-sock"), *c);
-            assert_eq!(&got, want, "{backend}: {name}: {}", p.log_text());
+    for (t, name, _, r) in &reference {
+        println!("libvirt {t:4} {name:14} {r}");
+    }
+    for (backend, p, ends) in proxies() {
+        let uris = ends.uris();
+        for (t, name, c, want) in &reference {
+            let uri = &uris.iter().find(|(k, _)| k == t).unwrap().1;
+            let got = open_outcome(uri, *c);
+            assert_eq!(&got, want, "{backend}: {t}: {name}: {}", p.log_text());
         }
     }
 }
@@ -198,8 +278,8 @@ fn the_driver_daemon_sees_the_sasl_user_name() {
     let auth = auth_file("info", Some((ALLOWED, "barspass")));
     let mut socks = vec![("libvirt".to_string(), tb.libvirt_proxy_rw(), None)];
     let ps = proxies();
-    for (b, p) in &ps {
-        socks.push((b.to_string(), p.dir().join("libvirt-sock"), Some(p)));
+    for (b, p, e) in &ps {
+        socks.push((b.to_string(), e.rw.clone(), Some(p)));
     }
     for (who, sock, proxy) in socks {
         // Held open (a console on stdin) while virtqemud is asked who its clients are.
@@ -246,8 +326,8 @@ fn virsh_works_with_the_right_password_and_reports_libvirts_error_otherwise() {
     let r_bad = virsh_with(&tb.libvirt_proxy_rw(), &wrong, &list);
     assert!(r_ok.status.success(), "{}", stderr(&r_ok));
     assert!(!r_bad.status.success());
-    for (backend, p) in proxies() {
-        let sock = p.dir().join("libvirt-sock");
+    for (backend, p, e) in proxies() {
+        let sock = e.rw.clone();
         let ok = virsh_with(&sock, &right, &list);
         assert!(
             ok.status.success(),
