@@ -4,7 +4,8 @@
 set -euo pipefail
 
 need_pkgs=(libvirt-daemon libvirt-daemon-driver-qemu
-           libvirt-clients python3-libvirt qemu-system-x86 libvirt-dev pkg-config socat)
+           libvirt-clients python3-libvirt qemu-system-x86 libvirt-dev pkg-config socat
+           libsasl2-dev sasl2-bin libsasl2-modules libsasl2-modules-gssapi-mit)
 missing=()
 for p in "${need_pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

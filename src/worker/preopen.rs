@@ -14,9 +14,10 @@ impl Worker {
         let mut actions = Vec::new();
         let mut frames_left = PREOPEN_FRAMES_PER_DRIVE;
         let routes = self.shared.routes.load_full();
-        let frame_max = match self.conns.get(slot).map(|c| c.kind.is_unix()) {
-            Some(false) => PREOPEN_FRAME_MAX_REMOTE,
-            _ => PREOPEN_FRAME_MAX,
+        let frame_max = match self.conns.get(slot).map(|c| c.kind) {
+            Some(k) if k.is_unix() => PREOPEN_FRAME_MAX,
+            Some(k) if self.shared.auth.of(k) == Auth::Sasl => PREOPEN_FRAME_MAX_SASL,
+            _ => PREOPEN_FRAME_MAX_REMOTE,
         };
         loop {
             let mut progress = false;
@@ -141,8 +142,53 @@ impl Worker {
                 Action::ToClient(b) => p.c_tx.extend_from_slice(&b),
                 Action::ToDaemon(b) => p.d_tx.extend_from_slice(&b),
                 Action::Close(why) => p.closing = Some(why),
-                // No longer anonymous: stops counting against max_anonymous_clients.
-                Action::Authenticated => drop(conn.unauthenticated.take()),
+                // No longer anonymous: stops counting against max_anonymous_clients. SASL
+                // adds the user name, which client-info shows from now on.
+                Action::Authenticated => {
+                    drop(conn.unauthenticated.take());
+                    if p.hs.identity().sasl_user_name.is_some() {
+                        self.shared
+                            .registry
+                            .set_identity(conn.id, p.hs.identity().clone());
+                    }
+                }
+                Action::Sasl(op) => {
+                    let req = crate::sasl::Request {
+                        worker: self.index,
+                        slot,
+                        gen,
+                        conn: conn.id,
+                        op,
+                        session: conn.sasl.take(),
+                    };
+                    let sent = match self.sasl.as_ref() {
+                        Some(l) => l.tx.send(req).map_err(|e| e.0.session),
+                        None => Err(req.session),
+                    };
+                    if let Err(session) = sent {
+                        // No SASL thread: the call fails as a Cyrus failure would.
+                        conn.sasl = session;
+                        let mut out = Vec::new();
+                        p.hs.on_sasl_answer(
+                            crate::sasl::Outcome::Failed("SASL is not running".into()),
+                            &mut out,
+                        );
+                        for a in out.into_iter().rev() {
+                            queue.push_front(a);
+                        }
+                    }
+                }
+                Action::SaslEnd => conn.sasl = None,
+                Action::SecurityLayer => {
+                    // The session stays on the connection (`Conn::sasl`) for the copy path
+                    // that encodes and decodes every later byte; until that exists the client
+                    // gets its completing reply, then the close.
+                    tracing::warn!(
+                        conn = conn.id,
+                        "SASL negotiated a security layer; closing after the reply"
+                    );
+                    p.closing = Some("SASL security layer not supported yet".into());
+                }
                 Action::AskPolkit(query) => {
                     let req = crate::polkit::Request {
                         worker: self.index,
