@@ -590,15 +590,12 @@ impl Worker {
 
     /// A connection watches a socket's writability only while bytes for it wait:
     /// otherwise every read the peer makes of what we sent would wake this worker for
-    /// nothing. Userspace TLS connections keep watching everything (the shuttle's own
-    /// writes are not tracked here).
+    /// nothing. A userspace TLS client's own sockets keep watching everything (the
+    /// shuttle's writes are not tracked here).
     fn watch_blocked_writes(&mut self, slot: usize) -> std::io::Result<()> {
         let Some(c) = self.conns.get_mut(slot) else {
             return Ok(());
         };
-        if c.tls.is_some() {
-            return Ok(());
-        }
         let (client, daemon) = match &c.state {
             State::Relay { c2d, d2c, head, .. } => (
                 !head.is_empty() || d2c.wants_writable(),
@@ -613,7 +610,9 @@ impl Worker {
                 Interest::ReadOnly
             }
         };
-        if client != c.client_write_watched {
+        // A userspace TLS client's sockets stay watched for everything; its daemon socket
+        // follows the rule like any other.
+        if c.tls.is_none() && client != c.client_write_watched {
             self.reactor.modify(
                 c.client.as_raw_fd(),
                 token(slot, c.gen, Side::Accepted),
