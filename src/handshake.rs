@@ -39,6 +39,10 @@ pub enum Action {
     AskPolkit(polkit::Query),
     /// The client's authentication is complete (it no longer counts as anonymous).
     Authenticated,
+    /// SASL negotiated a security layer: every client byte after the replies queued so far
+    /// (the one completing authentication last) is encoded, every byte read from now on is
+    /// decoded. Emitted right after that reply; the worker stops feeding client frames here.
+    SecurityLayer(crate::relay::PendingLayer),
 }
 
 /// Highest procedure number known per program in libvirt 9.0.0 (appendix A).

@@ -287,6 +287,11 @@ impl CopyRelay {
             && self.answers.is_empty()
     }
 
+    /// Whether the client has closed its sending side.
+    pub fn client_closed(&self) -> bool {
+        self.client_eof
+    }
+
     /// Whether the daemon has closed and everything it sent reached the client.
     pub fn finished(&self) -> bool {
         self.daemon_eof && self.to_client.pending() == 0

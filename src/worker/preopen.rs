@@ -7,6 +7,7 @@ use super::*;
 use crate::conn::preopen::{flush, frame_at, read_some, retry_delay, ReadState, Retry};
 use crate::handshake::Action;
 use crate::proto::Header;
+use crate::relay::CopyRelay;
 
 impl Worker {
     /// Runs the pre-open exchange until it blocks, switches to relaying, or uses its budget.
@@ -39,7 +40,8 @@ impl Worker {
             // piling up (a client that sends without reading must not grow c_tx): past the
             // cap a flush has hit EAGAIN, so writability will wake us.
             if p.hs.wants_client_input() && p.closing.is_none() && p.c_tx.len() < PREOPEN_TX_CAP {
-                let read = read_some(&conn.client, &mut p.c_rx, frame_max)
+                let read = p
+                    .read_client(&conn.client, frame_max)
                     .map_err(|e| format!("client read: {e}"))?;
                 progress |= read == ReadState::Data;
                 let mut used = 0;
@@ -57,6 +59,14 @@ impl Worker {
                             used = end;
                             frames_left -= 1;
                             progress = true;
+                            if actions
+                                .iter()
+                                .any(|a| matches!(a, Action::SecurityLayer(_)))
+                            {
+                                // Bytes after this frame are layered: decoded once the layer
+                                // is installed (apply, below), never parsed as they are.
+                                break;
+                            }
                         }
                         Ok(None) => break,
                         Err(e) => return Err(format!("client sent a bad frame: {e}")),
@@ -124,7 +134,11 @@ impl Worker {
                 return Ok(());
             };
             match action {
-                Action::ToClient(b) => p.c_tx.extend_from_slice(&b),
+                Action::ToClient(b) => p.queue_client(&b)?,
+                Action::SecurityLayer(layer) => {
+                    conn.install_layer(layer.0)?;
+                    tracing::debug!(conn = conn.id, "SASL security layer on");
+                }
                 Action::ToDaemon(b) => p.d_tx.extend_from_slice(&b),
                 Action::Close(why) => p.closing = Some(why),
                 // No longer anonymous: stops counting against max_anonymous_clients.
@@ -233,6 +247,10 @@ impl Worker {
                         p.closing = Some(format!("client side: {e}"));
                         continue;
                     }
+                    if p.layer.is_some() {
+                        self.start_layered(slot)?;
+                        continue;
+                    }
                     let ktls_client = p.cutter.is_some();
                     let State::Pre(p) = std::mem::replace(
                         &mut conn.state,
@@ -283,6 +301,46 @@ impl Worker {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Hand-over of a connection under a SASL security layer: the copy relay instead of the
+    /// splice pumps. The pre-open replies (already encoded) go out first, then what the daemon
+    /// sent past the handshake; what the client pipelined (already decoded) passes the relay's
+    /// checks like any later frame.
+    fn start_layered(&mut self, slot: usize) -> Result<(), String> {
+        let shared = self.shared.clone();
+        let conn = self.conns.get_mut(slot).ok_or("gone")?;
+        let State::Pre(p) = &mut conn.state else {
+            return Ok(());
+        };
+        let Some(layer) = p.layer.take() else {
+            return Ok(());
+        };
+        let mut relay = Box::new(CopyRelay::new(layer));
+        relay.queue_client_wire(&p.c_tx);
+        relay
+            .daemon_plain(&p.d_rx)
+            .map_err(|e| format!("daemon side: {e}"))?;
+        let kind = conn.kind;
+        relay
+            .client_plain(&p.c_rx, &mut |h| client_frame_verdict(kind, h))
+            .map_err(|e| format!("client side: {e}"))?;
+        for frame in relay.take_captured() {
+            let reply = crate::conn::answer_identity(conn.id, &shared, &frame);
+            relay
+                .answer(&reply)
+                .map_err(|e| format!("client side: {e}"))?;
+        }
+        conn.state = State::Layered(relay);
+        conn.client_readable = true;
+        conn.daemon_readable = true;
+        tracing::info!(
+            conn = conn.id,
+            uri = conn.uri.as_deref().unwrap_or(""),
+            daemon = %conn.daemon_path.as_deref().unwrap_or(Path::new("")).display(),
+            "connection opened and handed to the relay (SASL security layer: copied)"
+        );
         Ok(())
     }
 

@@ -332,6 +332,7 @@ fn sixteen_mib_both_ways_with_edge_triggered_readiness_and_slow_peers() {
     let mut scratch = vec![0u8; 64 * 1024];
     let mut captured = 0;
     let mut peak = (0, 0);
+    let mut peak_len = 0;
     let mut last_progress = Instant::now();
     let mut last = (0, 0);
     let mut outcome = CopyDrive::Blocked;
@@ -363,8 +364,11 @@ fn sixteen_mib_both_ways_with_edge_triggered_readiness_and_slow_peers() {
                 &mut d_readable,
             )
             .unwrap();
-        peak.0 = peak.0.max(r.to_daemon.buf.len());
-        peak.1 = peak.1.max(r.to_client.buf.len());
+        peak.0 = peak.0.max(r.to_daemon.pending());
+        peak.1 = peak.1.max(r.to_client.pending());
+        peak_len = peak_len
+            .max(r.to_daemon.buf.len())
+            .max(r.to_client.buf.len());
         let now = (r.to_daemon_bytes, r.to_client_bytes);
         if now != last {
             last = now;
@@ -401,7 +405,12 @@ fn sixteen_mib_both_ways_with_edge_triggered_readiness_and_slow_peers() {
         .flatten()
         .collect();
     assert!(rest == down_plain, "daemon→client bytes differ");
-    // Bounded buffers: the cap plus one read (and its encoding overhead).
+    // Bounded buffers: the cap plus one read (and its encoding overhead) pending; with the
+    // written prefix not compacted yet, at most twice that allocated.
+    assert!(
+        peak_len <= 2 * (OUT_CAP + READ_CHUNK + 64),
+        "a buffer grew to {peak_len}"
+    );
     assert!(
         peak.0 <= OUT_CAP + READ_CHUNK,
         "to_daemon peaked at {}",
