@@ -9,6 +9,7 @@
 //! (pitfalls 1–3).
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use crate::config::Auth;
 use crate::identity::Identity;
@@ -19,6 +20,7 @@ use crate::proto::{
     auth_type, feature, keepalive_proc, program, remote_proc, Header, MsgStatus, MsgType,
 };
 use crate::route::{RouteTable, Target};
+use crate::sasl;
 
 /// Something the I/O layer must do.
 #[derive(Debug, PartialEq, Eq)]
@@ -37,12 +39,18 @@ pub enum Action {
     Close(String),
     /// Ask polkitd; the answer comes back through `on_polkit_answer`.
     AskPolkit(polkit::Query),
-    /// The client's authentication is complete (it no longer counts as anonymous).
+    /// The client's authentication is complete (it no longer counts as anonymous); its
+    /// identity may have grown (the SASL user name).
     Authenticated,
-    /// SASL negotiated a security layer: every client byte after the replies queued so far
-    /// (the one completing authentication last) is encoded, every byte read from now on is
-    /// decoded. Emitted right after that reply; the worker stops feeding client frames here.
-    SecurityLayer(crate::relay::PendingLayer),
+    /// Run a Cyrus call on the SASL threads with the connection's session (moved there and
+    /// back); the answer comes back through `on_sasl_answer`.
+    Sasl(sasl::Op),
+    /// The connection's SASL session is over: drop it.
+    SaslEnd,
+    /// SASL completed with a security layer (negotiated SSF > 0): every byte after the
+    /// completing reply, queued just before this action, goes through the session's
+    /// encode/decode (`relay::layer::SecurityLayer`); the session stays on the connection.
+    SecurityLayer,
 }
 
 /// Highest procedure number known per program in libvirt 9.0.0 (appendix A).
@@ -82,8 +90,18 @@ enum Phase {
     PreOpen,
     /// AUTH_POLKIT asked polkitd; the header is the call to answer.
     Authorizing(Header),
+    /// A SASL call is on the SASL threads; the header is the call to answer.
+    Sasl(Header),
     Downstream(Box<Pending>),
     Done,
+}
+
+/// What a SASL listener's clients are authenticated with.
+#[derive(Debug, Clone)]
+pub struct SaslParams {
+    pub setup: sasl::Setup,
+    /// `sasl_allowed_username_list`: `None` = everyone, empty = no one.
+    pub allowed: Option<Arc<[String]>>,
 }
 
 /// Pre-open state of one client connection.
@@ -97,6 +115,9 @@ pub struct Handshake {
     identity: Identity,
     phase: Phase,
     next_serial: u32,
+    sasl: Option<SaslParams>,
+    /// A SASL session exists (after a successful AUTH_SASL_INIT, until it ends).
+    sasl_session: bool,
 }
 
 /// Every pre-open call the proxy refuses is logged with the reason the client is given.
@@ -126,6 +147,118 @@ impl Handshake {
             identity,
             phase: Phase::PreOpen,
             next_serial: 0,
+            sasl: None,
+            sasl_session: false,
+        }
+    }
+
+    /// How SASL runs for this client (listeners with `auth_* = "sasl"`).
+    pub fn with_sasl(mut self, params: SaslParams) -> Self {
+        self.sasl = Some(params);
+        self
+    }
+
+    /// The client's identity as it goes downstream.
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    /// AUTH_SASL_INIT: a session is made on the SASL threads, unless the client has none to
+    /// make (not a SASL listener, authenticated already, or a session open).
+    fn sasl_init(&mut self, h: &Header, out: &mut Vec<Action>) {
+        match &self.sasl {
+            Some(p) if self.auth == Auth::Sasl && !self.authenticated && !self.sasl_session => {
+                out.push(Action::Sasl(sasl::Op::Init(p.setup.clone())));
+                self.phase = Phase::Sasl(*h);
+            }
+            _ => {
+                tracing::error!("client tried invalid SASL init request");
+                self.sasl_refuse(h, out);
+            }
+        }
+    }
+
+    /// AUTH_SASL_START / AUTH_SASL_STEP with decoded arguments.
+    fn sasl_exchange(&mut self, h: &Header, op: sasl::Op, out: &mut Vec<Action>) {
+        if self.auth != Auth::Sasl || self.authenticated || !self.sasl_session {
+            tracing::error!("client tried invalid SASL start request");
+            return self.sasl_refuse(h, out);
+        }
+        out.push(Action::Sasl(op));
+        self.phase = Phase::Sasl(*h);
+    }
+
+    /// libvirt's answer to any failed SASL call; a session in progress ends with it.
+    fn sasl_refuse(&mut self, h: &Header, out: &mut Vec<Action>) {
+        if std::mem::take(&mut self.sasl_session) {
+            out.push(Action::SaslEnd);
+        }
+        let e = sasl::auth_failed();
+        refused(h, &e);
+        out.push(Action::ToClient(msg::error_reply(h, &e)));
+    }
+
+    /// The SASL threads answered the call in progress.
+    pub fn on_sasl_answer(&mut self, outcome: sasl::Outcome, out: &mut Vec<Action>) {
+        let Phase::Sasl(h) = self.phase else {
+            return;
+        };
+        self.phase = Phase::PreOpen;
+        let (complete, data, ssf, username) = match outcome {
+            sasl::Outcome::Mechanisms(list) => {
+                tracing::debug!("Available mechanisms for client: '{list}'");
+                self.sasl_session = true;
+                out.push(Action::ToClient(msg::ok_reply(&h, &sasl::init_ret(&list))));
+                return;
+            }
+            sasl::Outcome::Failed(_) => {
+                // The session is gone already (the SASL thread logged why).
+                self.sasl_session = false;
+                return self.sasl_refuse(&h, out);
+            }
+            sasl::Outcome::Exchange {
+                complete,
+                data,
+                ssf,
+                username,
+            } => (complete, data, ssf, username),
+        };
+        let len = data.as_ref().map_or(0, Vec::len);
+        if len > sasl::DATA_MAX {
+            tracing::error!("sasl reply data too long {len}");
+            return self.sasl_refuse(&h, out);
+        }
+        let body = sasl::exchange_ret(complete, data.as_deref());
+        if !complete {
+            out.push(Action::ToClient(msg::ok_reply(&h, &body)));
+            return;
+        }
+        let Some(p) = &self.sasl else {
+            return self.sasl_refuse(&h, out);
+        };
+        match sasl::finish(
+            p.setup.secure,
+            ssf,
+            username.as_deref(),
+            p.allowed.as_deref(),
+        ) {
+            Err(why) => {
+                tracing::error!("{why}");
+                self.sasl_refuse(&h, out)
+            }
+            Ok(user) => {
+                tracing::info!(ssf, "SASL authentication succeeded for '{user}'");
+                self.sasl_session = false;
+                self.authenticated = true;
+                self.identity.sasl_user_name = Some(user);
+                out.push(Action::Authenticated);
+                out.push(Action::ToClient(msg::ok_reply(&h, &body)));
+                out.push(if ssf > 0 {
+                    Action::SecurityLayer
+                } else {
+                    Action::SaslEnd
+                });
+            }
         }
     }
 
@@ -307,15 +440,15 @@ impl Handshake {
         match h.proc_ {
             remote_proc::AUTH_LIST => self.auth_list(h, out),
             remote_proc::AUTH_POLKIT => self.auth_polkit(h, out),
-            // SASL init/start/step: no listener offers SASL.
-            67..=69 => reply_err(
-                out,
-                RemoteError::new(
-                    err_code::AUTH_FAILED,
-                    err_domain::RPC,
-                    "unsupported authentication type",
-                ),
-            ),
+            remote_proc::AUTH_SASL_INIT => self.sasl_init(h, out),
+            remote_proc::AUTH_SASL_START => match sasl::decode_start(body) {
+                Ok(args) => self.sasl_exchange(h, sasl::Op::Start(args), out),
+                Err(_) => reply_err(out, rpc_error("Unable to decode message payload")),
+            },
+            remote_proc::AUTH_SASL_STEP => match sasl::decode_step(body) {
+                Ok(data) => self.sasl_exchange(h, sasl::Op::Step(data), out),
+                Err(_) => reply_err(out, rpc_error("Unable to decode message payload")),
+            },
             remote_proc::CONNECT_SUPPORTS_FEATURE => match msg::decode_i32(body) {
                 Ok(feature::PROGRAM_KEEPALIVE) => {
                     self.keepalive_asked = true;

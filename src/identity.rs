@@ -15,6 +15,8 @@ pub struct Identity {
     /// Distinguished name of a TLS client certificate.
     pub x509_dname: Option<String>,
     pub selinux_context: Option<String>,
+    /// The SASL user name, once SASL authentication succeeded.
+    pub sasl_user_name: Option<String>,
 }
 
 /// Credentials of a UNIX socket peer.
@@ -114,6 +116,7 @@ impl Identity {
             }),
             x509_dname: None,
             selinux_context: peer_security_label(fd),
+            sasl_user_name: None,
         })
     }
 
@@ -139,6 +142,10 @@ impl Identity {
         }
         if let Some(ctx) = &self.selinux_context {
             p.push(("selinux-context", TypedValue::Str(ctx.clone())));
+        }
+        // Set at authentication, after the rest: libvirt appends it last.
+        if let Some(n) = &self.sasl_user_name {
+            p.push(("sasl-user-name", TypedValue::Str(n.clone())));
         }
         p
     }
@@ -230,6 +237,7 @@ mod tests {
             }),
             x509_dname: None,
             selinux_context: Some("unconfined".into()),
+            sasl_user_name: Some("bob".into()),
         };
         let names: Vec<_> = id.params().iter().map(|(n, _)| *n).collect();
         assert_eq!(
@@ -241,9 +249,11 @@ mod tests {
                 "unix-group-id",
                 "process-id",
                 "process-time",
-                "selinux-context"
+                "selinux-context",
+                "sasl-user-name"
             ]
         );
+        assert_eq!(id.params()[7].1, TypedValue::Str("bob".into()));
         assert_eq!(id.params()[1].1, TypedValue::ULLong(1000));
         assert_eq!(id.params()[4].1, TypedValue::LLong(77));
         assert!(Identity::default().params().is_empty());

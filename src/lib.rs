@@ -27,6 +27,7 @@ pub mod reactor;
 pub mod registry;
 pub mod relay;
 pub mod route;
+pub mod sasl;
 pub mod server;
 pub mod sys;
 pub mod timers;

@@ -110,9 +110,7 @@ struct Reloader {
 
 impl Reloader {
     fn reload(&mut self, shared: &Shared) {
-        let new = match Config::load(self.path.as_deref(), &self.env)
-            .and_then(|c| c.validate_supported().map(|_| c))
-        {
+        let new = match Config::load(self.path.as_deref(), &self.env) {
             Ok(c) => c,
             Err(e) => {
                 tracing::error!("reload failed, keeping the running configuration: {e}");
@@ -207,9 +205,7 @@ impl Reloader {
 
 fn run(argv0: &str, cli: cli::Cli) -> i32 {
     let env = Env::from_process();
-    let cfg = match Config::load(cli.config.as_deref(), &env)
-        .and_then(|c| c.validate_supported().map(|_| c))
-    {
+    let cfg = match Config::load(cli.config.as_deref(), &env) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("{argv0}: error: Can't load config file: {e}");
@@ -269,11 +265,7 @@ fn run(argv0: &str, cli: cli::Cli) -> i32 {
                     tracing::info!("'{key}' is ignored under socket activation");
                 }
             }
-            // systemd decides which listeners exist: each must be servable with its auth.
             for listener in &l {
-                if let Err(e) = cfg.check_listener_auth(listener.kind) {
-                    return fail(ready, EXIT_CONFIG, &format!("Can't load config file: {e}"));
-                }
                 if let Some(w) =
                     activation::open_socket_warning(listener, cfg.auth_for(listener.kind).1)
                 {
@@ -332,6 +324,10 @@ fn run(argv0: &str, cli: cli::Cli) -> i32 {
             tls: cfg.auth_tls,
         },
         registry: Default::default(),
+        sasl: virtproxyd::worker::SaslSettings {
+            tcp_min_ssf: cfg.tcp_min_ssf,
+            allowed: cfg.sasl_allowed_username_list.clone().map(Into::into),
+        },
     });
     let workers = match cfg.worker_threads {
         0 => std::thread::available_parallelism()

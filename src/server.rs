@@ -90,7 +90,7 @@ fn peer_addr(kind: ListenerKind, fd: &OwnedFd) -> Option<String> {
 
 /// Whether a listener's clients count against `max_anonymous_clients` when they arrive:
 /// TLS clients until their handshake and certificate checks are done, and the clients of a
-/// listener with an auth step (polkit) until it succeeds (root's bypass included).
+/// listener with an auth step (polkit, SASL) until it succeeds (root's bypass included).
 fn starts_anonymous(shared: &Shared, kind: ListenerKind) -> bool {
     kind == ListenerKind::Tls || shared.auth.of(kind) != crate::config::Auth::None
 }
@@ -159,13 +159,41 @@ pub fn run(mut opts: ServerOpts) -> io::Result<Stopped> {
         }
     }
     links.resize_with(nworkers, || None);
+    // SASL threads likewise, when a listener uses SASL.
+    let uses_sasl = opts
+        .listeners
+        .iter()
+        .any(|l| opts.shared.auth.of(l.kind) == crate::config::Auth::Sasl);
+    let mut sasl_links: Vec<Option<crate::worker::SaslLink>> = Vec::new();
+    if uses_sasl {
+        let mut repliers = Vec::new();
+        let mut answer_rxs = Vec::new();
+        for w in &wakers {
+            let (tx, rx) = channel();
+            repliers.push(crate::sasl::Replier {
+                tx,
+                waker: w.try_clone()?,
+            });
+            answer_rxs.push(rx);
+        }
+        let requests = crate::sasl::spawn(repliers)?;
+        for rx in answer_rxs {
+            sasl_links.push(Some(crate::worker::SaslLink {
+                tx: requests.clone(),
+                rx,
+            }));
+        }
+    }
+    sasl_links.resize_with(nworkers, || None);
     opts.shared.registry.attach_workers(
         wakers
             .iter()
             .map(|w| w.try_clone())
             .collect::<io::Result<Vec<_>>>()?,
     );
-    for (index, (waker, link)) in wakers.into_iter().zip(links).enumerate() {
+    for (index, ((waker, link), sasl_link)) in
+        wakers.into_iter().zip(links).zip(sasl_links).enumerate()
+    {
         let reactor = Reactor::new(opts.backend)?;
         backend_name = reactor.name();
         let (tx, rx) = channel();
@@ -176,6 +204,7 @@ pub fn run(mut opts: ServerOpts) -> io::Result<Stopped> {
             waker.try_clone()?,
             opts.shared.clone(),
             link,
+            sasl_link,
         )?;
         let thread = std::thread::Builder::new()
             .name(format!("relay-{index}"))

@@ -39,20 +39,6 @@ fn bad_config_stops_start_up_with_file_line_and_reason() {
     assert!(err.contains(&format!("{}:3:", conf.display())), "{err}");
     assert!(err.contains("tcp_port"), "{err}");
 
-    std::fs::write(&conf, "auth_unix_rw = \"sasl\"\n").unwrap();
-    let o = proxy(&[
-        "-f",
-        conf.to_str().unwrap(),
-        "-p",
-        dir.path().join("pid").to_str().unwrap(),
-    ]);
-    assert_eq!(o.status.code(), Some(1));
-    assert!(
-        String::from_utf8_lossy(&o.stderr).contains("needs SASL, not supported yet"),
-        "{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-
     let o = proxy(&["-f", dir.path().join("missing.conf").to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(1));
 }

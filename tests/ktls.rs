@@ -103,6 +103,7 @@ fn proxy() -> &'static Proxy {
             tls: arc_swap::ArcSwapOption::new(Some(Arc::new(settings))),
             auth: virtproxyd::worker::ListenerAuth::NONE,
             registry: Default::default(),
+            sasl: Default::default(),
         });
         std::thread::spawn(move || {
             let _ = server::run(ServerOpts {

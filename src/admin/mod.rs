@@ -82,7 +82,7 @@ pub struct ClientRef {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ClientInfo {
     pub readonly: bool,
-    /// Only ever set by a client's own CONNECT_SET_IDENTITY (no SASL here).
+    /// The SASL user name (SASL authentication, or a client's own CONNECT_SET_IDENTITY).
     pub sasl_user_name: Option<String>,
     /// UNIX socket client (uid/gid/pid are reported) or not (address and DN are).
     pub local: bool,

@@ -330,7 +330,7 @@ fn info_of(identity: &Identity, local: bool, readonly: bool, addr: Option<String
     let u = identity.unix.as_ref();
     ClientInfo {
         readonly,
-        sasl_user_name: None,
+        sasl_user_name: identity.sasl_user_name.clone(),
         local,
         sock_addr: addr,
         x509_dname: identity.x509_dname.clone(),

@@ -233,8 +233,7 @@ pub struct Config {
     pub auth_unix_rw: Auth,
     /// Auth on the read-only UNIX socket.
     pub auth_unix_ro: Auth,
-    /// Auth on the TCP listener (SASL by default, which this build cannot do yet: a TCP
-    /// listener then refuses to start).
+    /// Auth on the TCP listener (SASL by default, as in libvirt).
     pub auth_tcp: Auth,
     /// Auth on the TLS listener.
     pub auth_tls: Auth,
@@ -511,24 +510,6 @@ impl Config {
         base.join("libvirt/virtproxyd.conf")
     }
 
-    /// Refuse settings that parse fine but that this daemon cannot honour yet,
-    /// rather than silently running with weaker security than configured. Only listeners
-    /// that will exist are checked (`auth_tcp = "sasl"` is the default and harmless while
-    /// `listen_tcp = 0`); activated listeners are checked with [`Config::check_listener_auth`].
-    pub fn validate_supported(&self) -> Result<(), ConfigError> {
-        self.check_listener_auth(ListenerKind::UnixRw)?;
-        if self.privileged {
-            self.check_listener_auth(ListenerKind::UnixRo)?;
-        }
-        if self.listen_tcp {
-            self.check_listener_auth(ListenerKind::Tcp)?;
-        }
-        if self.listen_tls {
-            self.check_listener_auth(ListenerKind::Tls)?;
-        }
-        Ok(())
-    }
-
     /// The auth key and value that apply to a listener of `kind` (the admin socket has none).
     pub fn auth_for(&self, kind: ListenerKind) -> (&'static str, Auth) {
         match kind {
@@ -538,35 +519,6 @@ impl Config {
             ListenerKind::Tcp => ("auth_tcp", self.auth_tcp),
             ListenerKind::Tls => ("auth_tls", self.auth_tls),
         }
-    }
-
-    /// Whether a listener of `kind` can be served with its configured auth: SASL cannot yet,
-    /// and is never downgraded silently.
-    pub fn check_listener_auth(&self, kind: ListenerKind) -> Result<(), ConfigError> {
-        let (key, auth) = self.auth_for(kind);
-        if auth != Auth::Sasl {
-            return Ok(());
-        }
-        let file = self.origin.file.clone().unwrap_or_default();
-        let how = if self.origin.line_of(key).is_some() {
-            "set"
-        } else {
-            "the default"
-        };
-        let alternative = if kind.is_unix() {
-            format!("set {key} = \"polkit\" or \"none\"")
-        } else if kind == ListenerKind::Tcp {
-            format!(
-                "set {key} = \"none\" (plain TCP without authentication: any host that reaches the port gets full access) or use listen_tls instead"
-            )
-        } else {
-            format!("set {key} = \"none\" (client certificates are still checked)")
-        };
-        Err(ConfigError::new(
-            &file,
-            self.origin.line_of(key).unwrap_or(0),
-            format!("{key} = \"sasl\" ({how}) needs SASL, not supported yet: {alternative}"),
-        ))
     }
 
     /// Path of the read-write socket.

@@ -84,6 +84,9 @@ pub(crate) struct Conn {
     /// Held while the client counts against `max_anonymous_clients` (polkit pending);
     /// dropped on authentication or with the connection.
     pub(crate) unauthenticated: Option<Unauthenticated>,
+    /// The client's SASL session while its exchange runs (absent while a SASL thread holds
+    /// it); at `Action::SecurityLayer` it moves into the security layer (`install_layer`).
+    pub(crate) sasl: Option<crate::sasl::cyrus::ServerSession>,
 }
 
 impl Conn {

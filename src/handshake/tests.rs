@@ -421,3 +421,224 @@ fn polkit_without_a_start_time_fails_without_asking() {
     assert_eq!((e.code, e.domain), (1, 7));
     assert!(hs.auth_pending());
 }
+
+fn sasl_hs(secure: bool, allowed: Option<Vec<String>>) -> Handshake {
+    let kind = if secure {
+        ListenerKind::UnixRw
+    } else {
+        ListenerKind::Tcp
+    };
+    Handshake::new(kind, peer(1000, 9))
+        .with_auth(Auth::Sasl)
+        .with_sasl(SaslParams {
+            setup: sasl::Setup {
+                local: Some("127.0.0.1;0".into()),
+                remote: Some("127.0.0.1;0".into()),
+                external_ssf: None,
+                secure,
+                tcp_min_ssf: 56,
+            },
+            allowed: allowed.map(Into::into),
+        })
+}
+
+fn answer(hs: &mut Handshake, o: sasl::Outcome) -> Vec<Action> {
+    let mut out = vec![];
+    hs.on_sasl_answer(o, &mut out);
+    out
+}
+
+fn done(ssf: u32, user: &str, data: Option<&[u8]>) -> sasl::Outcome {
+    sasl::Outcome::Exchange {
+        complete: true,
+        data: data.map(<[u8]>::to_vec),
+        ssf,
+        username: Some(user.into()),
+    }
+}
+
+/// INIT, then START up to the point where the SASL threads hold the call.
+fn through_start(hs: &mut Handshake) {
+    let out = client(hs, call(remote_proc::AUTH_SASL_INIT, 1), &[]);
+    assert!(
+        matches!(out.as_slice(), [Action::Sasl(sasl::Op::Init(_))]),
+        "{out:?}"
+    );
+    assert!(
+        !hs.wants_client_input(),
+        "the client waits for its INIT reply"
+    );
+    let out = answer(hs, sasl::Outcome::Mechanisms("SCRAM-SHA-256".into()));
+    let [Action::ToClient(f)] = out.as_slice() else {
+        panic!("{out:?}")
+    };
+    assert_eq!(&f[28..], sasl::init_ret("SCRAM-SHA-256"));
+    let out = client(
+        hs,
+        call(remote_proc::AUTH_SASL_START, 2),
+        &sasl::start_args("SCRAM-SHA-256", Some(b"n,,n=u")),
+    );
+    assert_eq!(
+        out,
+        vec![Action::Sasl(sasl::Op::Start(sasl::StartArgs {
+            mech: "SCRAM-SHA-256".into(),
+            data: Some(b"n,,n=u".to_vec())
+        }))]
+    );
+}
+
+#[test]
+fn sasl_listener_offers_sasl_and_blocks_other_calls() {
+    let mut hs = sasl_hs(true, None);
+    let out = client(&mut hs, call(remote_proc::AUTH_LIST, 0), &[]);
+    assert_eq!(
+        &one_reply(&out)[28..],
+        msg::auth_list_body(&[auth_type::SASL])
+    );
+    let out = client(
+        &mut hs,
+        call(remote_proc::CONNECT_OPEN, 1),
+        &open_body(None, 0),
+    );
+    assert_eq!(error_of(one_reply(&out)).message, "authentication required");
+    assert!(hs.auth_pending());
+}
+
+#[test]
+fn sasl_success_sets_the_user_name_and_ends_the_session() {
+    let mut hs = sasl_hs(true, Some(vec!["bars*".into()]));
+    through_start(&mut hs);
+    let out = answer(
+        &mut hs,
+        sasl::Outcome::Exchange {
+            complete: false,
+            data: Some(vec![]),
+            ssf: 0,
+            username: None,
+        },
+    );
+    // An empty server token stays distinct from NULL: nil = 0, length 0.
+    assert_eq!(&one_reply(&out)[28..], sasl::exchange_ret(false, Some(&[])));
+    assert!(hs.auth_pending());
+    let out = client(
+        &mut hs,
+        call(remote_proc::AUTH_SASL_STEP, 3),
+        &sasl::step_args(None),
+    );
+    assert_eq!(out, vec![Action::Sasl(sasl::Op::Step(None))]);
+    let out = answer(&mut hs, done(0, "barsuser", None));
+    match out.as_slice() {
+        [Action::Authenticated, Action::ToClient(f), Action::SaslEnd] => {
+            let h = Header::check(f).unwrap();
+            assert_eq!((h.proc_, h.serial, h.status), (69, 3, MsgStatus::Ok));
+            assert_eq!(&f[28..], sasl::exchange_ret(true, None));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(!hs.auth_pending());
+    assert_eq!(hs.identity().sasl_user_name.as_deref(), Some("barsuser"));
+    let names: Vec<_> = hs.identity().params().iter().map(|(n, _)| *n).collect();
+    assert_eq!(names.last(), Some(&"sasl-user-name"));
+    // Authenticated: AUTH_LIST says none, a new INIT is refused as libvirt refuses it.
+    let out = client(&mut hs, call(remote_proc::AUTH_LIST, 4), &[]);
+    assert_eq!(
+        &one_reply(&out)[28..],
+        msg::auth_list_body(&[auth_type::NONE])
+    );
+    let out = client(&mut hs, call(remote_proc::AUTH_SASL_INIT, 5), &[]);
+    let e = error_of(one_reply(&out));
+    assert_eq!((e.code, e.domain), (45, 7));
+}
+
+#[test]
+fn sasl_user_outside_the_list_is_refused_and_may_start_over() {
+    let mut hs = sasl_hs(true, Some(vec!["barsuser".into()]));
+    through_start(&mut hs);
+    let out = answer(&mut hs, done(0, "intruder", None));
+    match out.as_slice() {
+        [Action::SaslEnd, Action::ToClient(f)] => {
+            let e = error_of(f);
+            assert_eq!((e.code, e.domain), (45, 7));
+            assert_eq!(e.message, "authentication failed: authentication failed");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(hs.auth_pending());
+    // The session is gone: STEP fails, INIT starts a new one.
+    let out = client(
+        &mut hs,
+        call(remote_proc::AUTH_SASL_STEP, 3),
+        &sasl::step_args(None),
+    );
+    assert_eq!(error_of(one_reply(&out)).code, 45);
+    let out = client(&mut hs, call(remote_proc::AUTH_SASL_INIT, 4), &[]);
+    assert!(matches!(out.as_slice(), [Action::Sasl(sasl::Op::Init(_))]));
+}
+
+#[test]
+fn sasl_failures_and_misuse_map_to_auth_failed() {
+    let mut hs = sasl_hs(true, None);
+    // START before INIT, STEP before INIT.
+    for (p, body) in [
+        (remote_proc::AUTH_SASL_START, sasl::start_args("X", None)),
+        (remote_proc::AUTH_SASL_STEP, sasl::step_args(None)),
+    ] {
+        let out = client(&mut hs, call(p, 1), &body);
+        assert_eq!(
+            error_of(one_reply(&out)).message,
+            "authentication failed: authentication failed"
+        );
+    }
+    // An undecodable START is the dispatcher's error, the session untouched.
+    let out = client(&mut hs, call(remote_proc::AUTH_SASL_START, 2), &[0, 0]);
+    let e = error_of(one_reply(&out));
+    assert_eq!(
+        (e.code, e.message.as_str()),
+        (39, "Unable to decode message payload")
+    );
+    // Cyrus failing a step (wrong password): the session ends, auth failed.
+    through_start(&mut hs);
+    let out = answer(
+        &mut hs,
+        sasl::Outcome::Failed("SASL(-13): user not found".into()),
+    );
+    assert!(matches!(out.as_slice(), [Action::ToClient(_)]), "{out:?}");
+    assert_eq!(error_of(one_reply(&out)).code, 45);
+    // A server token over 64 KiB is refused rather than sent.
+    through_start(&mut hs);
+    let big = sasl::Outcome::Exchange {
+        complete: false,
+        data: Some(vec![0; sasl::DATA_MAX + 1]),
+        ssf: 0,
+        username: None,
+    };
+    let out = answer(&mut hs, big);
+    assert!(
+        matches!(out.as_slice(), [Action::SaslEnd, Action::ToClient(_)]),
+        "{out:?}"
+    );
+    // INIT on a listener that is not SASL.
+    let mut hs = Handshake::new(ListenerKind::UnixRw, peer(1000, 9)).with_auth(Auth::Polkit);
+    let out = client(&mut hs, call(remote_proc::AUTH_SASL_INIT, 1), &[]);
+    assert_eq!(error_of(one_reply(&out)).code, 45);
+}
+
+#[test]
+fn sasl_on_plain_tcp_needs_a_security_layer() {
+    let mut hs = sasl_hs(false, None);
+    through_start(&mut hs);
+    let out = answer(&mut hs, done(0, "u", None));
+    assert!(
+        matches!(out.as_slice(), [Action::SaslEnd, Action::ToClient(_)]),
+        "{out:?}"
+    );
+    assert!(hs.auth_pending());
+    through_start(&mut hs);
+    let out = answer(&mut hs, done(256, "u@REALM", Some(b"fin")));
+    match out.as_slice() {
+        [Action::Authenticated, Action::ToClient(f), Action::SecurityLayer] => {
+            assert_eq!(&f[28..], sasl::exchange_ret(true, Some(b"fin")));
+        }
+        other => panic!("{other:?}"),
+    }
+}

@@ -29,6 +29,9 @@ pub mod remote_proc {
     pub const CONNECT_CLOSE: i32 = 2;
     pub const CONNECT_SUPPORTS_FEATURE: i32 = 60;
     pub const AUTH_LIST: i32 = 66;
+    pub const AUTH_SASL_INIT: i32 = 67;
+    pub const AUTH_SASL_START: i32 = 68;
+    pub const AUTH_SASL_STEP: i32 = 69;
     pub const AUTH_POLKIT: i32 = 70;
     pub const CONNECT_SET_IDENTITY: i32 = 419;
 }

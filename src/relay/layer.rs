@@ -39,26 +39,6 @@ pub fn encode_all(
     Ok(())
 }
 
-/// A layer handed from the SASL code to the worker in a handshake action
-/// (`handshake::Action::SecurityLayer`). Actions are compared in the handshake's tests; a layer
-/// has no observable identity, so any two compare equal and the test checks where the action
-/// sits in the sequence.
-pub struct PendingLayer(pub Box<dyn SecurityLayer>);
-
-impl std::fmt::Debug for PendingLayer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "PendingLayer(max_plain {})", self.0.max_plain())
-    }
-}
-
-impl PartialEq for PendingLayer {
-    fn eq(&self, _: &Self) -> bool {
-        true
-    }
-}
-
-impl Eq for PendingLayer {}
-
 /// A stand-in codec for tests (unit and fuzz): each encoded piece is a 4-byte big-endian
 /// length and the piece XORed with a key, like Cyrus's GSSAPI framing with a trivial cipher,
 /// so a test can tell encoded bytes from plain ones and decode them back.

@@ -7,5 +7,5 @@ pub mod pump;
 pub mod tracker;
 
 pub use copy::{CopyDrive, CopyError, CopyRelay};
-pub use layer::{LayerError, PendingLayer, SecurityLayer};
+pub use layer::{LayerError, SecurityLayer};
 pub use pump::{Drive, Pools, Pump, PumpError};

@@ -52,7 +52,11 @@ pub enum Step {
 pub enum Established {
     /// Records are in the kernel: the socket now carries plaintext for us. The confirmation
     /// byte must still be sent (it is the first plaintext byte).
-    Kernel { dn: Option<String> },
+    Kernel {
+        dn: Option<String>,
+        /// The cipher's key size in bits (SASL's external SSF).
+        key_bits: Option<u32>,
+    },
     /// rustls stays in userspace; the confirmation byte is already queued in `conn`.
     User {
         conn: Box<ServerConnection>,
@@ -135,16 +139,16 @@ impl TlsAccept {
                 return Err(format!("client DN '{shown}' is not in tls_allowed_dn_list"));
             }
         }
-        let suite_ok = conn
-            .negotiated_cipher_suite()
-            .is_some_and(ktls::suite_supported);
+        let suite = conn.negotiated_cipher_suite();
+        let key_bits = suite.and_then(key_bits);
+        let suite_ok = suite.is_some_and(ktls::suite_supported);
         if settings.ktls == KtlsMode::Auto && suite_ok && ktls::attach_ulp(fd.as_fd()).is_ok() {
             let tls13 = conn.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_3);
             let secrets = conn
                 .dangerous_extract_secrets()
                 .map_err(|e| format!("TLS secrets: {e}"))?;
             ktls::install(fd.as_fd(), tls13, secrets).map_err(|e| format!("kTLS set-up: {e}"))?;
-            return Ok(Established::Kernel { dn });
+            return Ok(Established::Kernel { dn, key_bits });
         }
         ktls::USERSPACE.fetch_add(1, Ordering::Relaxed);
         conn.writer().write_all(&[1]).map_err(|e| e.to_string())?;
@@ -152,5 +156,23 @@ impl TlsAccept {
             conn: Box::new(conn),
             dn,
         })
+    }
+}
+
+/// The bulk cipher's key size in bits, as gnutls reports it to libvirt (which gives it to
+/// SASL as the external SSF): AES-128 128, AES-256 and ChaCha20 256.
+pub fn key_bits(suite: rustls::SupportedCipherSuite) -> Option<u32> {
+    use rustls::CipherSuite as C;
+    match suite.suite() {
+        C::TLS13_AES_128_GCM_SHA256
+        | C::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256
+        | C::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256 => Some(128),
+        C::TLS13_AES_256_GCM_SHA384
+        | C::TLS13_CHACHA20_POLY1305_SHA256
+        | C::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384
+        | C::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384
+        | C::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256
+        | C::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256 => Some(256),
+        _ => None,
     }
 }

@@ -221,7 +221,7 @@ impl Handshaker {
             Err(why) => return self.closed(nc, &why),
         };
         match &established {
-            Established::Kernel { dn } => {
+            Established::Kernel { dn, .. } => {
                 // The confirmation byte is the first plaintext the kernel encrypts, in a record
                 // of its own as libvirt sends it; a fresh socket takes 1 byte.
                 match sys::send(nc.fd.as_fd(), &[1]) {

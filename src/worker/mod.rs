@@ -115,6 +115,12 @@ pub struct PolkitLink {
     pub rx: Receiver<polkit::Answer>,
 }
 
+/// A worker's line to the SASL threads.
+pub struct SaslLink {
+    pub tx: Sender<crate::sasl::Request>,
+    pub rx: Receiver<crate::sasl::Answer>,
+}
+
 /// Where a thread sends a client to a worker (or a handshake thread): its channel and the
 /// eventfd that wakes it.
 pub struct Inbox {
@@ -192,6 +198,25 @@ pub struct Shared {
     pub auth: ListenerAuth,
     /// Who is connected, for the admin server (written at open, identity change, close).
     pub registry: crate::registry::Registry,
+    /// SASL settings (fixed at start, as libvirt reads them once).
+    pub sasl: SaslSettings,
+}
+
+/// `tcp_min_ssf` and `sasl_allowed_username_list`.
+#[derive(Debug, Clone)]
+pub struct SaslSettings {
+    pub tcp_min_ssf: u32,
+    /// `None` = every user; empty = no one.
+    pub allowed: Option<Arc<[String]>>,
+}
+
+impl Default for SaslSettings {
+    fn default() -> Self {
+        SaslSettings {
+            tcp_min_ssf: 56,
+            allowed: None,
+        }
+    }
 }
 
 /// How long the downstream handshake may take before the client gets an error (connect
@@ -204,6 +229,8 @@ const PREOPEN_FRAME_MAX: usize = 1 << 20;
 /// The same for TCP/TLS clients, who are anonymous before open: this bounds what one of them
 /// makes us buffer (frame plus one read chunk in, `PREOPEN_TX_CAP` plus one reply out).
 const PREOPEN_FRAME_MAX_REMOTE: usize = 64 * 1024;
+/// The same on a SASL listener: a 64 KiB token travels as 256 KiB (4 bytes per byte).
+const PREOPEN_FRAME_MAX_SASL: usize = 320 * 1024;
 const WAKER_TOKEN: u64 = u64::MAX - 1;
 /// Replies queued for a pre-open client beyond which it is not read any more.
 const PREOPEN_TX_CAP: usize = 64 * 1024;
@@ -236,6 +263,8 @@ pub struct Worker {
     runnable: VecDeque<(usize, u32)>,
     /// Present when a listener uses polkit.
     polkit: Option<PolkitLink>,
+    /// Present when a listener uses SASL.
+    sasl: Option<SaslLink>,
     timers: Timers<TimerKey>,
     /// New clients may be waiting in `rx` (the waker fired, or the last turn stopped early).
     inbox_pending: bool,
@@ -249,6 +278,7 @@ impl Worker {
         waker: OwnedFd,
         shared: Arc<Shared>,
         polkit: Option<PolkitLink>,
+        sasl: Option<SaslLink>,
     ) -> io::Result<Worker> {
         let mut w = Worker {
             index,
@@ -261,6 +291,7 @@ impl Worker {
             next_gen: 1,
             runnable: VecDeque::new(),
             polkit,
+            sasl,
             timers: Timers::default(),
             inbox_pending: false,
         };
@@ -295,6 +326,7 @@ impl Worker {
                     self.drain_waker();
                     self.inbox_pending = true;
                     self.polkit_answers();
+                    self.sasl_answers();
                     self.admin_disconnects();
                     continue;
                 }
@@ -382,9 +414,14 @@ impl Worker {
         // Sockets to watch besides the client one: (fd, side).
         let mut extra = Vec::new();
         let tls_established = nc.tls.is_some();
+        // SASL needs the TCP socket's addresses, taken before a userspace TLS client's
+        // socket is swapped for its plaintext end.
+        let sasl_addrs = (nc.auth == Auth::Sasl).then(|| crate::sasl::addresses(&client));
+        let mut key_bits = None;
         match nc.tls {
             None => {}
-            Some(Established::Kernel { dn }) => {
+            Some(Established::Kernel { dn, key_bits: bits }) => {
+                key_bits = bits;
                 // The handshake thread sent the confirmation byte; writes must end at frame
                 // ends from here on (see `FrameCutter`).
                 cutter = Some(FrameCutter::default());
@@ -394,6 +431,9 @@ impl Worker {
                 };
             }
             Some(Established::User { conn, dn }) => {
+                key_bits = conn
+                    .negotiated_cipher_suite()
+                    .and_then(crate::tls::accept::key_bits);
                 let (local_client, local_shuttle) = match socketpair() {
                     Ok(p) => p,
                     Err(e) => {
@@ -413,6 +453,20 @@ impl Worker {
                 };
             }
         }
+        let sasl = sasl_addrs.map(|(local, remote)| {
+            let secure = nc.kind != ListenerKind::Tcp;
+            crate::handshake::SaslParams {
+                setup: crate::sasl::Setup {
+                    local,
+                    remote,
+                    // libvirt tells SASL the TLS cipher's key size in bits.
+                    external_ssf: key_bits.filter(|_| tls_established),
+                    secure,
+                    tcp_min_ssf: self.shared.sasl.tcp_min_ssf,
+                },
+                allowed: self.shared.sasl.allowed.clone(),
+            }
+        });
         if tls_established {
             // client-info shows a TLS client's DN.
             self.shared.registry.set_identity(nc.id, identity.clone());
@@ -436,7 +490,12 @@ impl Worker {
             client,
             daemon: None,
             state: State::Pre(Box::new(PreOpen {
-                hs: Handshake::new(nc.kind, identity).with_auth(nc.auth),
+                hs: match sasl {
+                    Some(params) => Handshake::new(nc.kind, identity)
+                        .with_auth(nc.auth)
+                        .with_sasl(params),
+                    None => Handshake::new(nc.kind, identity).with_auth(nc.auth),
+                },
                 c_rx: Vec::new(),
                 c_tx: Vec::new(),
                 d_rx: Vec::new(),
@@ -451,6 +510,7 @@ impl Worker {
             daemon_path: None,
             since: Instant::now(),
             unauthenticated,
+            sasl: None,
         });
         if let Some(at) = nc.deadline {
             self.timers.arm(
@@ -619,6 +679,32 @@ impl Worker {
                     ..
                 }) if *gen == answer.gen => p.hs.on_polkit_answer(answer.result, &mut out),
                 // The client left while polkitd was thinking.
+                _ => continue,
+            }
+            match self.apply(answer.slot, &mut out) {
+                Ok(()) => self.service(answer.slot, answer.gen),
+                Err(why) => self.close(answer.slot, &why),
+            }
+        }
+    }
+
+    /// Answers from the SASL threads: the session comes back to its connection.
+    fn sasl_answers(&mut self) {
+        loop {
+            let answer = match self.sasl.as_ref().map(|l| l.rx.try_recv()) {
+                Some(Ok(a)) => a,
+                _ => return,
+            };
+            let mut out = Vec::new();
+            match self.conns.get_mut(answer.slot) {
+                Some(c) if c.gen == answer.gen => {
+                    let State::Pre(p) = &mut c.state else {
+                        continue;
+                    };
+                    c.sasl = answer.session;
+                    p.hs.on_sasl_answer(answer.outcome, &mut out);
+                }
+                // The client left during the exchange; its session is dropped here.
                 _ => continue,
             }
             match self.apply(answer.slot, &mut out) {

@@ -15,9 +15,10 @@ impl Worker {
         let mut actions = Vec::new();
         let mut frames_left = PREOPEN_FRAMES_PER_DRIVE;
         let routes = self.shared.routes.load_full();
-        let frame_max = match self.conns.get(slot).map(|c| c.kind.is_unix()) {
-            Some(false) => PREOPEN_FRAME_MAX_REMOTE,
-            _ => PREOPEN_FRAME_MAX,
+        let frame_max = match self.conns.get(slot).map(|c| c.kind) {
+            Some(k) if k.is_unix() => PREOPEN_FRAME_MAX,
+            Some(k) if self.shared.auth.of(k) == Auth::Sasl => PREOPEN_FRAME_MAX_SASL,
+            _ => PREOPEN_FRAME_MAX_REMOTE,
         };
         loop {
             let mut progress = false;
@@ -59,14 +60,6 @@ impl Worker {
                             used = end;
                             frames_left -= 1;
                             progress = true;
-                            if actions
-                                .iter()
-                                .any(|a| matches!(a, Action::SecurityLayer(_)))
-                            {
-                                // Bytes after this frame are layered: decoded once the layer
-                                // is installed (apply, below), never parsed as they are.
-                                break;
-                            }
                         }
                         Ok(None) => break,
                         Err(e) => return Err(format!("client sent a bad frame: {e}")),
@@ -135,14 +128,54 @@ impl Worker {
             };
             match action {
                 Action::ToClient(b) => p.queue_client(&b)?,
-                Action::SecurityLayer(layer) => {
-                    conn.install_layer(layer.0)?;
-                    tracing::debug!(conn = conn.id, "SASL security layer on");
-                }
                 Action::ToDaemon(b) => p.d_tx.extend_from_slice(&b),
                 Action::Close(why) => p.closing = Some(why),
-                // No longer anonymous: stops counting against max_anonymous_clients.
-                Action::Authenticated => drop(conn.unauthenticated.take()),
+                // No longer anonymous: stops counting against max_anonymous_clients. SASL
+                // adds the user name, which client-info shows from now on.
+                Action::Authenticated => {
+                    drop(conn.unauthenticated.take());
+                    if p.hs.identity().sasl_user_name.is_some() {
+                        self.shared
+                            .registry
+                            .set_identity(conn.id, p.hs.identity().clone());
+                    }
+                }
+                Action::Sasl(op) => {
+                    let req = crate::sasl::Request {
+                        worker: self.index,
+                        slot,
+                        gen,
+                        conn: conn.id,
+                        op,
+                        session: conn.sasl.take(),
+                    };
+                    let sent = match self.sasl.as_ref() {
+                        Some(l) => l.tx.send(req).map_err(|e| e.0.session),
+                        None => Err(req.session),
+                    };
+                    if let Err(session) = sent {
+                        // No SASL thread: the call fails as a Cyrus failure would.
+                        conn.sasl = session;
+                        let mut out = Vec::new();
+                        p.hs.on_sasl_answer(
+                            crate::sasl::Outcome::Failed("SASL is not running".into()),
+                            &mut out,
+                        );
+                        for a in out.into_iter().rev() {
+                            queue.push_front(a);
+                        }
+                    }
+                }
+                Action::SaslEnd => conn.sasl = None,
+                Action::SecurityLayer => {
+                    // The session leaves the connection for the layer that encodes and decodes
+                    // every later client byte (pre-open buffers, then the copy relay).
+                    let Some(session) = conn.sasl.take() else {
+                        return Err("SASL security layer without a session".into());
+                    };
+                    conn.install_layer(Box::new(session))?;
+                    tracing::debug!(conn = conn.id, "SASL security layer on");
+                }
                 Action::AskPolkit(query) => {
                     let req = crate::polkit::Request {
                         worker: self.index,
