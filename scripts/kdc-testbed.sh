@@ -3,8 +3,10 @@
 # Kerberos site runs one, and libvirt's own virtproxyd accepting GSSAPI on plain TCP beside it.
 # Nothing goes under /etc: every file is in STATE_DIR and reached through environment variables.
 #
-#   kdc-testbed.sh start STATE_DIR      realm, database, principals, keytab, SASL config; starts
-#                                       krb5kdc; prints the environment (as `env` does)
+#   kdc-testbed.sh start STATE_DIR [--watch-pid PID]
+#                                       realm, database, principals, keytab, SASL config; starts
+#                                       krb5kdc; prints the environment (as `env` does); with
+#                                       --watch-pid, everything stops when PID exits
 #   kdc-testbed.sh env STATE_DIR        KEY=VALUE lines for servers and clients (below)
 #   kdc-testbed.sh kinit STATE_DIR      a ticket for the test user into STATE_DIR/ccache
 #   kdc-testbed.sh stop STATE_DIR
@@ -121,7 +123,7 @@ kdc_up() {
 }
 
 do_start() {
-  local sd=$1 port
+  local sd=$1 watch=${2:-} port
   [ "$(id -u)" = 0 ] || die "must run as root"
   apt_install "${pkgs[@]}"
   mkdir -p "$sd"; sd=$(readlink -f "$sd")
@@ -144,6 +146,10 @@ do_start() {
   # -n: stay in the foreground, so the pid is the KDC's own.
   setsid krb5kdc -n -r "$REALM" </dev/null >>"$sd/kdc.log" 2>&1 &
   echo "$! $(starttime $!)" > "$sd/kdc.pid"
+  if [ -n "$watch" ]; then
+    setsid "$(readlink -f "$0")" __reap "$sd" "$watch" "$(starttime "$watch")" </dev/null \
+      >/dev/null 2>&1 &
+  fi
   local i port
   port=$(cat "$sd/port")
   for ((i = 0; i < 200; i++)); do
@@ -226,9 +232,20 @@ do_proxy_stop() {
   rm -f "$sd/proxy/pid"
 }
 
+do_reap() {
+  local sd=$1 wpid=$2 wst=$3
+  trap '' HUP INT
+  while alive_as "$wpid" "$wst"; do sleep 0.5; done
+  do_stop "$sd"
+}
+
 cmd=${1:-}; shift || true
 case "$cmd" in
-  start) do_start "${1:?usage: start STATE_DIR}" ;;
+  start)
+    sd=${1:?usage: start STATE_DIR [--watch-pid PID]}; watch=""
+    if [ "${2:-}" = --watch-pid ]; then watch=${3:?}; fi
+    do_start "$sd" "$watch" ;;
+  __reap) do_reap "$@" ;;
   env) print_env "$(readlink -f "${1:?usage: env STATE_DIR}")" ;;
   kinit) do_kinit "${1:?usage: kinit STATE_DIR}" ;;
   stop) [ -d "${1:?usage: stop STATE_DIR}" ] && do_stop "$(readlink -f "$1")" ;;
