@@ -215,3 +215,78 @@ pub(crate) fn frame_at(buf: &[u8], frame_max: usize) -> Result<Option<Header>, S
         Ok(h) => Ok(Some(h)),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::Identity;
+    use crate::listen::ListenerKind;
+    use crate::relay::layer::testing::XorLayer;
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+
+    fn preopen() -> PreOpen {
+        PreOpen {
+            hs: Handshake::new(ListenerKind::Tcp, Identity::default()),
+            c_rx: Vec::new(),
+            c_tx: Vec::new(),
+            d_rx: Vec::new(),
+            d_tx: Vec::new(),
+            timers: [None; TIMER_KINDS],
+            connecting: None,
+            closing: None,
+            cutter: None,
+            layer: None,
+        }
+    }
+
+    fn wire(plain: &[u8], max: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        encode_all(&mut XorLayer::new(7, max), plain, &mut out).unwrap();
+        out
+    }
+
+    /// The reply completing authentication leaves plain; what is queued after the layer is
+    /// installed leaves encoded (in pieces the layer accepts), and what the client sent after
+    /// its call (already read) and sends later is decoded.
+    #[test]
+    fn layer_applies_to_bytes_after_the_completing_reply() {
+        let mut p = preopen();
+        p.queue_client(b"completing reply").unwrap();
+        // Pipelined behind the completing call, already read, under the client's layer.
+        p.c_rx = wire(b"open call", 4)[..9].to_vec();
+        let rest = wire(b"open call", 4)[9..].to_vec();
+        p.install_layer(Box::new(XorLayer::new(7, 4))).unwrap();
+        assert_eq!(p.c_rx, b"open"); // one whole piece so far, the rest pending in the layer
+        p.queue_client(b"open reply").unwrap();
+        assert_eq!(
+            p.c_tx,
+            [&b"completing reply"[..], &wire(b"open reply", 4)].concat()
+        );
+
+        let (a, mut b) = UnixStream::pair().unwrap();
+        a.set_nonblocking(true).unwrap();
+        b.write_all(&rest).unwrap();
+        let a: OwnedFd = a.into();
+        assert_eq!(p.read_client(&a, 1024).unwrap(), ReadState::Data);
+        assert_eq!(p.c_rx, b"open call");
+        assert_eq!(p.read_client(&a, 1024).unwrap(), ReadState::Blocked);
+
+        // Flushing sends the bytes as queued.
+        flush(&a, &mut p.c_tx, None).unwrap();
+        let mut got = vec![0u8; 64];
+        let n = b.read(&mut got).unwrap();
+        assert_eq!(
+            &got[..n],
+            &[&b"completing reply"[..], &wire(b"open reply", 4)].concat()[..]
+        );
+
+        // Undecodable input is a read error; a second layer or one over kTLS is refused.
+        b.write_all(&[0xff; 8]).unwrap();
+        assert!(p.read_client(&a, 1024).is_err());
+        assert!(p.install_layer(Box::new(XorLayer::new(7, 4))).is_err());
+        let mut k = preopen();
+        k.cutter = Some(FrameCutter::default());
+        assert!(k.install_layer(Box::new(XorLayer::new(7, 4))).is_err());
+    }
+}

@@ -152,7 +152,9 @@ impl CopyRelay {
             .decode(wire, &mut plain)
             .map_err(CopyError::from)
             .and_then(|()| self.client_plain(&plain, inspect));
-        self.plain = plain;
+        if plain.capacity() <= KEEP_CAPACITY {
+            self.plain = plain;
+        }
         r
     }
 
