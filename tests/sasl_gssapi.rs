@@ -393,3 +393,39 @@ fn without_a_layer_the_capture_shows_the_marker() {
     assert_eq!(r.outcome["stream_bytes"], STREAM_MIB * 1024 * 1024);
     assert!(r.marker_in_capture, "the marker check would see nothing");
 }
+
+/// Back-pressure through the copy path: a client that pauses after every piece of a download
+/// makes the proxy stop reading the daemon again and again; every byte must still arrive (a
+/// stall hangs the client until its watchdog fails it).
+#[test]
+fn a_slow_reader_of_a_layered_stream_gets_every_byte() {
+    let _daemons = support::modular::daemons_shared();
+    for backend in ["io_uring", "epoll"] {
+        let _heavy = heavy();
+        let port = free_port();
+        let p = our_proxy("sasl", backend, port);
+        let pool = pool_dir();
+        let mut cmd = py_command(
+            "slow_download.py",
+            &[
+                &format!("qemu+tcp://localhost:{port}/system"),
+                pool.path().to_str().expect("utf-8 pool dir"),
+                "64",
+                "5",
+                "120",
+            ],
+        );
+        cmd.stdin(Stdio::null());
+        for (k, v) in bed().client_env() {
+            cmd.env(k, v);
+        }
+        let o = output_with_timeout(&mut cmd, Duration::from_secs(180));
+        assert_success(&o, &format!("{backend}: slow_download.py"));
+        assert!(stdout(&o).contains("slow_download ok"), "{}", stdout(&o));
+        assert!(
+            p.log_text().contains("SASL security layer: copied"),
+            "{backend}: not on the copy path"
+        );
+        eprintln!("{backend}: {}", stdout(&o).trim());
+    }
+}
