@@ -103,6 +103,23 @@ pub fn testbed() -> &'static Testbed {
     }
 }
 
+/// Extra lines for libvirt's virtproxyd's config and extra environment for every daemon of
+/// the bed (see [`testbed_with`]).
+static EXTRA: OnceLock<(String, Vec<(String, String)>)> = OnceLock::new();
+
+/// The test bed with `proxy_conf` added to libvirt's virtproxyd's config (first, so it wins)
+/// and `envs` in every daemon's environment. A test process uses one kind of bed; the first
+/// call starts it.
+pub fn testbed_with(proxy_conf: &str, envs: &[(&str, &str)]) -> &'static Testbed {
+    let _ = EXTRA.set((
+        proxy_conf.to_string(),
+        envs.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    ));
+    testbed()
+}
+
 static DEFAULT_AUTH: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// The test bed with libvirt's virtproxyd on its compiled-in auth (polkit for root, sockets
@@ -124,6 +141,10 @@ fn start() -> Result<Testbed, String> {
         .stdin(Stdio::null());
     if DEFAULT_AUTH.load(std::sync::atomic::Ordering::SeqCst) {
         cmd.env("VPD_MODULAR_PROXY_DEFAULT_AUTH", "1");
+    }
+    if let Some((conf, envs)) = EXTRA.get() {
+        cmd.env("VPD_MODULAR_PROXY_CONF", conf);
+        cmd.envs(envs.iter().map(|(k, v)| (k, v)));
     }
     let o = output_with_timeout(&mut cmd, Duration::from_secs(180));
     if !o.status.success() {
