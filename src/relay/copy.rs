@@ -316,17 +316,24 @@ impl CopyRelay {
         let mut budget = DRIVE_BUDGET;
         let n = scratch.len().min(READ_CHUNK);
         let chunk = &mut scratch[..n];
+        // The daemon stopped reading (it is closing): what it already sent still goes to the
+        // client in this pass, as the splice relay does; then the connection ends.
+        let mut daemon_write_failed = None;
+        let done = |r: CopyDrive, failed: Option<io::Error>| match failed {
+            Some(e) => Err(CopyError::DaemonWrite(e)),
+            None => Ok(r),
+        };
         loop {
             let mut progress = false;
             // Writes first: they make room for reads.
-            while !self.pending_to_daemon().is_empty() {
+            while daemon_write_failed.is_none() && !self.pending_to_daemon().is_empty() {
                 match sys::send(daemon, self.pending_to_daemon()) {
                     Ok(n) => {
                         self.wrote_to_daemon(n);
                         progress = true;
                     }
                     Err(e) if sys::would_block(&e) => break,
-                    Err(e) => return Err(CopyError::DaemonWrite(e)),
+                    Err(e) => daemon_write_failed = Some(e),
                 }
             }
             if self.should_shut_daemon() {
@@ -345,12 +352,12 @@ impl CopyRelay {
                 }
             }
             if self.finished() {
-                return Ok(CopyDrive::Finished);
+                return done(CopyDrive::Finished, daemon_write_failed);
             }
             if budget == 0 {
-                return Ok(CopyDrive::Yield);
+                return done(CopyDrive::Yield, daemon_write_failed);
             }
-            if *client_readable && self.may_read_client() {
+            if daemon_write_failed.is_none() && *client_readable && self.may_read_client() {
                 match sys::recv_with_fd(client, chunk) {
                     Err(e) if sys::would_block(&e) => *client_readable = false,
                     Err(e) => return Err(CopyError::ClientRead(e)),
@@ -388,7 +395,7 @@ impl CopyRelay {
                 }
             }
             if !progress {
-                return Ok(CopyDrive::Blocked);
+                return done(CopyDrive::Blocked, daemon_write_failed);
             }
         }
     }

@@ -422,3 +422,35 @@ fn sixteen_mib_both_ways_with_edge_triggered_readiness_and_slow_peers() {
         peak.1
     );
 }
+
+/// A daemon that stops reading (it is closing) after its last reply: that reply still
+/// reaches the client, then the relay ends with the write error.
+#[test]
+fn the_daemons_last_reply_reaches_the_client_when_writing_to_it_fails() {
+    let (client_peer, client_proxy) = std::os::unix::net::UnixStream::pair().unwrap();
+    let (daemon_proxy, mut daemon_peer) = std::os::unix::net::UnixStream::pair().unwrap();
+    client_proxy.set_nonblocking(true).unwrap();
+    daemon_proxy.set_nonblocking(true).unwrap();
+    client_peer.set_nonblocking(true).unwrap();
+    let reply = frame(7, 1, 1, &[5; 40]);
+    daemon_peer.write_all(&reply).unwrap();
+    drop(daemon_peer);
+    (&client_peer)
+        .write_all(&encoded(&frame(8, 0, 2, &[6; 40]), 64))
+        .unwrap();
+    let mut r = CopyRelay::new(Box::new(XorLayer::new(KEY, 64)));
+    let mut scratch = vec![0u8; 4096];
+    let res = r.drive(
+        client_proxy.as_fd(),
+        daemon_proxy.as_fd(),
+        &mut scratch,
+        &mut |_| Verdict::Forward,
+        &mut |_| Vec::new(),
+        &mut true,
+        &mut true,
+    );
+    assert!(matches!(res, Err(CopyError::DaemonWrite(_))), "{res:?}");
+    let mut wire = vec![0u8; 4096];
+    let n = (&client_peer).read(&mut wire).unwrap();
+    assert_eq!(decoded(&wire[..n], 64), reply);
+}
