@@ -6,6 +6,9 @@ set -euo pipefail
 need_pkgs=(libvirt-daemon libvirt-daemon-driver-qemu
            libvirt-clients python3-libvirt qemu-system-x86 libvirt-dev pkg-config socat
            libsasl2-dev sasl2-bin libsasl2-modules libsasl2-modules-gssapi-mit)
+# GSSAPI tests: a private MIT KDC (scripts/kdc-testbed.sh) and tcpdump to show that a security
+# layer hides the RPC bodies on the wire.
+need_pkgs+=(krb5-kdc krb5-admin-server krb5-user tcpdump)
 missing=()
 for p in "${need_pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -36,7 +36,16 @@ fuzz_target!(|data: &[u8]| {
     };
     for env in [root, user] {
         if let Ok(cfg) = Config::from_text(text, file, &env) {
-            let _ = cfg.validate_supported();
+            // (validate_supported went with the SASL branch: every auth value is accepted.)
+            for kind in [
+                virtproxyd::listen::ListenerKind::UnixRw,
+                virtproxyd::listen::ListenerKind::UnixRo,
+                virtproxyd::listen::ListenerKind::Tcp,
+                virtproxyd::listen::ListenerKind::Tls,
+            ] {
+                let _ = cfg.auth_for(kind);
+            }
+            let _ = (cfg.rw_socket_path(), cfg.ro_socket_path(), cfg.admin_socket_path());
         }
     }
 });

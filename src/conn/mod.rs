@@ -10,7 +10,7 @@ use std::time::Instant;
 use crate::listen::ListenerKind;
 use crate::proto::{program, remote_proc, Header, MsgType};
 use crate::relay::tracker::Verdict;
-use crate::relay::{Drive, Pools, Pump, PumpError};
+use crate::relay::{CopyDrive, CopyRelay, Drive, Pools, Pump, PumpError, SecurityLayer};
 use crate::sys::{self, FrameCutter};
 use crate::tls::shuttle::{Flow, Shuttle};
 use crate::worker::{Shared, Unauthenticated};
@@ -57,6 +57,9 @@ pub(crate) enum State {
         /// reach a frame boundary; then they join `head`.
         answers: Vec<u8>,
     },
+    /// A relay whose client bytes pass a SASL security layer: copied, not spliced
+    /// (`relay::copy`).
+    Layered(Box<CopyRelay>),
 }
 
 pub(crate) struct Conn {
@@ -90,7 +93,7 @@ pub(crate) struct Conn {
     /// dropped on authentication or with the connection.
     pub(crate) unauthenticated: Option<Unauthenticated>,
     /// The client's SASL session while its exchange runs (absent while a SASL thread holds
-    /// it) and, after `Action::SecurityLayer`, the security layer every byte goes through.
+    /// it); at `Action::SecurityLayer` it moves into the security layer (`install_layer`).
     pub(crate) sasl: Option<crate::sasl::cyrus::ServerSession>,
 }
 
@@ -102,6 +105,20 @@ impl Conn {
             State::Relay { c2d, d2c, head, .. } => {
                 head.is_empty() && c2d.at_rest() && d2c.at_rest()
             }
+            State::Layered(r) => r.at_rest(),
+        }
+    }
+
+    /// Puts the client side under a SASL security layer (see `PreOpen::install_layer`): every
+    /// client byte queued after those already queued is encoded, every byte read from now on
+    /// decoded; at hand-over the connection takes the copy relay instead of splicing.
+    pub(crate) fn install_layer(&mut self, layer: Box<dyn SecurityLayer>) -> Result<(), String> {
+        if self.tls.is_some() {
+            return Err("a SASL security layer on a TLS connection".into());
+        }
+        match &mut self.state {
+            State::Pre(p) => p.install_layer(layer),
+            _ => Err("a SASL security layer after the open".into()),
         }
     }
 
@@ -169,6 +186,66 @@ fn release_answers(answers: &mut Vec<u8>, head: &mut Vec<u8>, d2c: &Pump) -> boo
     true
 }
 
+/// The proxy's reply to a client's own CONNECT_SET_IDENTITY (captured, never relayed).
+pub(crate) fn answer_identity(conn_id: u64, shared: &Shared, frame: &[u8]) -> Vec<u8> {
+    let Ok(h) = Header::check(frame) else {
+        return Vec::new();
+    };
+    let answer = crate::proto::set_identity::answer(&h, &frame[Header::SIZE..]);
+    tracing::debug!(
+        conn = conn_id,
+        accepted = answer.identity.is_some(),
+        "client's own CONNECT_SET_IDENTITY answered by the proxy, not relayed"
+    );
+    if let Some(params) = answer.identity {
+        // As libvirt's virtproxyd, client-info reports the identity the client set.
+        shared.registry.set_claimed(conn_id, params);
+    }
+    answer.reply
+}
+
+/// One step of a relay through a SASL security layer (`relay::copy`).
+pub(crate) fn drive_layered(conn: &mut Conn, pools: &mut Pools, shared: &Shared) -> Outcome {
+    let Conn {
+        id,
+        kind,
+        client,
+        daemon,
+        state,
+        client_readable,
+        daemon_readable,
+        ..
+    } = conn;
+    let (id, kind) = (*id, *kind);
+    let Some(daemon) = daemon.as_ref() else {
+        return Outcome::Close("relay without a daemon socket".into());
+    };
+    let State::Layered(relay) = state else {
+        return Outcome::Keep;
+    };
+    let mut scratch = pools.take_buf();
+    let r = relay.drive(
+        client.as_fd(),
+        daemon.as_fd(),
+        &mut scratch,
+        &mut |h| client_frame_verdict(kind, h),
+        &mut |frame| answer_identity(id, shared, frame),
+        client_readable,
+        daemon_readable,
+    );
+    pools.put_buf(scratch);
+    match r {
+        Ok(CopyDrive::Blocked) => Outcome::Keep,
+        Ok(CopyDrive::Yield) => Outcome::Yield,
+        Ok(CopyDrive::Finished) => Outcome::Close(if relay.client_closed() {
+            "client closed".into()
+        } else {
+            "daemon closed the connection".into()
+        }),
+        Err(e) => Outcome::Close(e.to_string()),
+    }
+}
+
 /// One step of an open connection's relay: client→daemon, the proxy's own answers, then
 /// daemon→client.
 pub(crate) fn drive_relay(conn: &mut Conn, pools: &mut Pools, shared: &Shared) -> Outcome {
@@ -210,20 +287,7 @@ pub(crate) fn drive_relay(conn: &mut Conn, pools: &mut Pools, shared: &Shared) -
         Ok(d) => d,
     };
     for frame in c2d.take_captured() {
-        let Ok(h) = Header::check(&frame) else {
-            continue;
-        };
-        let answer = crate::proto::set_identity::answer(&h, &frame[Header::SIZE..]);
-        tracing::debug!(
-            conn = conn.id,
-            accepted = answer.identity.is_some(),
-            "client's own CONNECT_SET_IDENTITY answered by the proxy, not relayed"
-        );
-        if let Some(params) = answer.identity {
-            // As libvirt's virtproxyd, client-info reports the identity the client set.
-            shared.registry.set_claimed(conn.id, params);
-        }
-        answers.extend_from_slice(&answer.reply);
+        answers.extend_from_slice(&answer_identity(conn.id, shared, &frame));
     }
     if up == Drive::Finished && !*daemon_shut {
         // Half-close downstream; the daemon answers EOF by closing, which ends d2c.

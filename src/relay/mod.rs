@@ -1,8 +1,11 @@
 //! The data path after CONNECT_OPEN: two frame-aware pumps per connection (client→daemon and
 //! daemon→client). See LIFECYCLE.md beside this file.
 
+pub mod copy;
 pub mod layer;
 pub mod pump;
 pub mod tracker;
 
+pub use copy::{CopyDrive, CopyError, CopyRelay};
+pub use layer::{LayerError, SecurityLayer};
 pub use pump::{Drive, Pools, Pump, PumpError};

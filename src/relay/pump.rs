@@ -39,12 +39,12 @@ impl Pools {
             splice_threshold,
         }
     }
-    fn take_buf(&mut self) -> Box<[u8]> {
+    pub fn take_buf(&mut self) -> Box<[u8]> {
         self.bufs
             .pop()
             .unwrap_or_else(|| vec![0u8; self.buf_size].into_boxed_slice())
     }
-    fn put_buf(&mut self, b: Box<[u8]>) {
+    pub fn put_buf(&mut self, b: Box<[u8]>) {
         if self.bufs.len() < MAX_SPARE_BUFS {
             self.bufs.push(b);
         }

@@ -131,6 +131,19 @@ impl Tracker {
         }
     }
 
+    /// How many of the next `avail` bytes may be consumed without passing the end of the
+    /// current frame (at most to the end of a header while it is incomplete), so an owner can
+    /// stop exactly at a frame boundary.
+    pub fn frame_piece(&self, avail: usize) -> usize {
+        let piece = match self.state {
+            State::Header { got } => Header::SIZE - got,
+            State::FdCount { got, .. } => 4 - got,
+            State::Body { left, .. } | State::Capture { left } => left,
+            State::Carriers { .. } => 1,
+        };
+        avail.min(piece)
+    }
+
     /// Whether the next byte is an fd carrier.
     pub fn at_carrier(&self) -> bool {
         matches!(self.state, State::Carriers { .. })

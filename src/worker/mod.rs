@@ -24,8 +24,8 @@ use crate::polkit;
 mod preopen;
 use crate::conn::preopen::{Pre, PreOpen};
 use crate::conn::{
-    client_frame_verdict, drive_relay, token, Conn, Outcome, Side, State, TimerKey, TimerKind,
-    TIMER_KINDS,
+    client_frame_verdict, drive_layered, drive_relay, token, Conn, Outcome, Side, State, TimerKey,
+    TimerKind, TIMER_KINDS,
 };
 use crate::reactor::{Event, Interest, Reactor};
 use crate::relay::tracker::{Tracker, Verdict};
@@ -509,6 +509,7 @@ impl Worker {
                 connecting: None,
                 closing: None,
                 cutter,
+                layer: None,
             })),
             uri: None,
             daemon_path: None,
@@ -602,6 +603,10 @@ impl Worker {
                 c2d.wants_writable(),
             ),
             State::Pre(p) => (!p.c_tx.is_empty(), !p.d_tx.is_empty()),
+            State::Layered(r) => (
+                !r.pending_to_client().is_empty(),
+                !r.pending_to_daemon().is_empty(),
+            ),
         };
         let interest = |w: bool| {
             if w {
@@ -678,7 +683,10 @@ impl Worker {
         let Some(conn) = conns.get_mut(slot) else {
             return Outcome::Keep;
         };
-        drive_relay(conn, pools, shared)
+        match conn.state {
+            State::Layered(_) => drive_layered(conn, pools, shared),
+            _ => drive_relay(conn, pools, shared),
+        }
     }
 
     fn close(&mut self, slot: usize, why: &str) {
@@ -706,10 +714,14 @@ impl Worker {
                 .remove(d.as_raw_fd(), token(slot, conn.gen, Side::Daemon));
         }
         let mut moved = (0, 0);
-        if let State::Relay { c2d, d2c, .. } = &mut conn.state {
-            moved = (c2d.moved, d2c.moved);
-            c2d.release(&mut self.pools);
-            d2c.release(&mut self.pools);
+        match &mut conn.state {
+            State::Relay { c2d, d2c, .. } => {
+                moved = (c2d.moved, d2c.moved);
+                c2d.release(&mut self.pools);
+                d2c.release(&mut self.pools);
+            }
+            State::Layered(r) => moved = (r.to_daemon_bytes, r.to_client_bytes),
+            State::Pre(_) => {}
         }
         tracing::info!(
             conn = conn.id,

@@ -7,6 +7,7 @@ use super::*;
 use crate::conn::preopen::{flush, frame_at, read_some, retry_delay, ReadState, Retry};
 use crate::handshake::Action;
 use crate::proto::Header;
+use crate::relay::CopyRelay;
 
 impl Worker {
     /// Runs the pre-open exchange until it blocks, switches to relaying, or uses its budget.
@@ -41,14 +42,14 @@ impl Worker {
             // cap a flush has hit EAGAIN, so writability will wake us.
             if p.hs.wants_client_input() && p.closing.is_none() && p.c_tx.len() < PREOPEN_TX_CAP {
                 let trust_short = p.cutter.is_none() && !conn.client_hup;
-                let read = read_some(
-                    &conn.client,
-                    &mut p.c_rx,
-                    frame_max,
-                    &mut conn.client_readable,
-                    trust_short,
-                )
-                .map_err(|e| format!("client read: {e}"))?;
+                let read = p
+                    .read_client(
+                        &conn.client,
+                        frame_max,
+                        &mut conn.client_readable,
+                        trust_short,
+                    )
+                    .map_err(|e| format!("client read: {e}"))?;
                 progress |= read == ReadState::Data;
                 let mut used = 0;
                 while frames_left > 0 && p.hs.wants_client_input() && p.closing.is_none() {
@@ -139,7 +140,7 @@ impl Worker {
                 return Ok(());
             };
             match action {
-                Action::ToClient(b) => p.c_tx.extend_from_slice(&b),
+                Action::ToClient(b) => p.queue_client(&b)?,
                 Action::ToDaemon(b) => p.d_tx.extend_from_slice(&b),
                 Action::Close(why) => p.closing = Some(why),
                 // No longer anonymous: stops counting against max_anonymous_clients. SASL
@@ -180,14 +181,13 @@ impl Worker {
                 }
                 Action::SaslEnd => conn.sasl = None,
                 Action::SecurityLayer => {
-                    // The session stays on the connection (`Conn::sasl`) for the copy path
-                    // that encodes and decodes every later byte; until that exists the client
-                    // gets its completing reply, then the close.
-                    tracing::warn!(
-                        conn = conn.id,
-                        "SASL negotiated a security layer; closing after the reply"
-                    );
-                    p.closing = Some("SASL security layer not supported yet".into());
+                    // The session leaves the connection for the layer that encodes and decodes
+                    // every later client byte (pre-open buffers, then the copy relay).
+                    let Some(session) = conn.sasl.take() else {
+                        return Err("SASL security layer without a session".into());
+                    };
+                    conn.install_layer(Box::new(session))?;
+                    tracing::debug!(conn = conn.id, "SASL security layer on");
                 }
                 Action::AskPolkit(query) => {
                     let req = crate::polkit::Request {
@@ -296,6 +296,10 @@ impl Worker {
                         p.closing = Some(format!("client side: {e}"));
                         continue;
                     }
+                    if p.layer.is_some() {
+                        self.start_layered(slot)?;
+                        continue;
+                    }
                     let ktls_client = p.cutter.is_some();
                     let State::Pre(p) = std::mem::replace(
                         &mut conn.state,
@@ -346,6 +350,46 @@ impl Worker {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Hand-over of a connection under a SASL security layer: the copy relay instead of the
+    /// splice pumps. The pre-open replies (already encoded) go out first, then what the daemon
+    /// sent past the handshake; what the client pipelined (already decoded) passes the relay's
+    /// checks like any later frame.
+    fn start_layered(&mut self, slot: usize) -> Result<(), String> {
+        let shared = self.shared.clone();
+        let conn = self.conns.get_mut(slot).ok_or("gone")?;
+        let State::Pre(p) = &mut conn.state else {
+            return Ok(());
+        };
+        let Some(layer) = p.layer.take() else {
+            return Ok(());
+        };
+        let mut relay = Box::new(CopyRelay::new(layer));
+        relay.queue_client_wire(&p.c_tx);
+        relay
+            .daemon_plain(&p.d_rx)
+            .map_err(|e| format!("daemon side: {e}"))?;
+        let kind = conn.kind;
+        relay
+            .client_plain(&p.c_rx, &mut |h| client_frame_verdict(kind, h))
+            .map_err(|e| format!("client side: {e}"))?;
+        for frame in relay.take_captured() {
+            let reply = crate::conn::answer_identity(conn.id, &shared, &frame);
+            relay
+                .answer(&reply)
+                .map_err(|e| format!("client side: {e}"))?;
+        }
+        conn.state = State::Layered(relay);
+        conn.client_readable = true;
+        conn.daemon_readable = true;
+        tracing::info!(
+            conn = conn.id,
+            uri = conn.uri.as_deref().unwrap_or(""),
+            daemon = %conn.daemon_path.as_deref().unwrap_or(Path::new("")).display(),
+            "connection opened and handed to the relay (SASL security layer: copied)"
+        );
         Ok(())
     }
 
