@@ -8,6 +8,8 @@
 //! - under both `relay` and `tls`, which do not import each other: [`sys`] (syscalls, kTLS
 //!   record types, [`sys::FrameCutter`]);
 //! - the loop: [`worker`] (reactor: [`reactor`], io_uring or epoll; inbox, deadlines, pools);
+//! - a client is authenticated: [`handshake`] drives it; [`polkit`] and [`sasl`] do the slow
+//!   parts on [`offload`] threads; the SASL security layer's copy relay: [`relay::copy`];
 //! - listeners and accept: [`listen`], [`server`]; process lifecycle: [`daemon`]; config: [`config`].
 
 pub mod activation;
@@ -21,6 +23,7 @@ pub mod handshake;
 pub mod identity;
 pub mod listen;
 pub mod logging;
+pub mod offload;
 pub mod polkit;
 pub mod proto;
 pub mod reactor;

@@ -8,9 +8,8 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::mpsc::{channel, Receiver, Sender};
-use std::sync::{Arc, Mutex};
+use std::os::fd::OwnedFd;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use crate::proto::msg::{err_code, err_domain, RemoteError};
@@ -136,50 +135,17 @@ pub struct Answer {
     pub result: Result<(), RemoteError>,
 }
 
-/// Where a worker's answers go: its channel and its eventfd.
-pub struct Replier {
-    pub tx: Sender<Answer>,
-    pub waker: OwnedFd,
-}
-
-impl Replier {
-    fn send(&self, a: Answer) {
-        if self.tx.send(a).is_ok() {
-            let one: u64 = 1;
-            // SAFETY: writing 8 bytes to an eventfd.
-            unsafe { libc::write(self.waker.as_raw_fd(), (&one as *const u64).cast(), 8) };
-        }
+impl crate::offload::Request for Request {
+    fn worker(&self) -> usize {
+        self.worker
     }
 }
 
-/// Starts the polkit threads; returns the channel workers send their requests to. The
-/// threads end when every sender is gone.
-pub fn spawn(repliers: Vec<Replier>) -> io::Result<Sender<Request>> {
-    let (tx, rx) = channel::<Request>();
-    let rx = Arc::new(Mutex::new(rx));
-    let repliers = Arc::new(repliers);
-    let bus: Arc<Mutex<Option<zbus::blocking::Connection>>> = Arc::new(Mutex::new(None));
-    for i in 0..THREADS {
-        let (rx, repliers, bus) = (rx.clone(), repliers.clone(), bus.clone());
-        std::thread::Builder::new()
-            .name(format!("polkit-{i}"))
-            .spawn(move || serve(&rx, &repliers, &bus))?;
-    }
-    Ok(tx)
-}
-
-fn serve(
-    rx: &Mutex<Receiver<Request>>,
-    repliers: &[Replier],
-    bus: &Mutex<Option<zbus::blocking::Connection>>,
-) {
-    loop {
-        // The lock is held only while waiting for the next request, never during a call.
-        let req = match rx.lock().map(|r| r.recv()) {
-            Ok(Ok(r)) => r,
-            _ => return,
-        };
-        let result = check(bus, &req);
+/// Starts the polkit threads; one link per worker eventfd in `wakers`.
+pub fn start(wakers: &[OwnedFd]) -> io::Result<Vec<crate::offload::Link<Request, Answer>>> {
+    let bus: Mutex<Option<zbus::blocking::Connection>> = Mutex::new(None);
+    crate::offload::start("polkit", THREADS, wakers, move |req: Request| {
+        let result = check(&bus, &req);
         match &result {
             Ok(()) => tracing::info!(
                 conn = req.conn,
@@ -197,14 +163,12 @@ fn serve(
                 e.message
             ),
         }
-        if let Some(r) = repliers.get(req.worker) {
-            r.send(Answer {
-                slot: req.slot,
-                gen: req.gen,
-                result,
-            });
+        Answer {
+            slot: req.slot,
+            gen: req.gen,
+            result,
         }
-    }
+    })
 }
 
 /// The system bus, connected on first use and again after a failure (libvirt keeps its
@@ -315,7 +279,7 @@ mod tests {
             e.message,
             "error from service: GDBus.Error:org.freedesktop.DBus.Error.ServiceUnknown: The name is not activatable"
         );
-        let e = bus_unavailable(&zbus::Error::InputOutput(Arc::new(
+        let e = bus_unavailable(&zbus::Error::InputOutput(std::sync::Arc::new(
             io::Error::from_raw_os_error(libc::ENOENT),
         )));
         assert_eq!((e.domain, e.code), (47, 1));

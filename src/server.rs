@@ -140,23 +140,10 @@ pub fn run(mut opts: ServerOpts) -> io::Result<Stopped> {
         .any(|l| opts.shared.auth.of(l.kind) == crate::config::Auth::Polkit);
     let mut links: Vec<Option<crate::worker::PolkitLink>> = Vec::new();
     if uses_polkit {
-        let mut repliers = Vec::new();
-        let mut answer_rxs = Vec::new();
-        for w in &wakers {
-            let (tx, rx) = channel();
-            repliers.push(crate::polkit::Replier {
-                tx,
-                waker: w.try_clone()?,
-            });
-            answer_rxs.push(rx);
-        }
-        let requests = crate::polkit::spawn(repliers)?;
-        for rx in answer_rxs {
-            links.push(Some(crate::worker::PolkitLink {
-                tx: requests.clone(),
-                rx,
-            }));
-        }
+        links = crate::polkit::start(&wakers)?
+            .into_iter()
+            .map(Some)
+            .collect();
     }
     links.resize_with(nworkers, || None);
     // SASL threads likewise, when a listener uses SASL.
@@ -166,23 +153,7 @@ pub fn run(mut opts: ServerOpts) -> io::Result<Stopped> {
         .any(|l| opts.shared.auth.of(l.kind) == crate::config::Auth::Sasl);
     let mut sasl_links: Vec<Option<crate::worker::SaslLink>> = Vec::new();
     if uses_sasl {
-        let mut repliers = Vec::new();
-        let mut answer_rxs = Vec::new();
-        for w in &wakers {
-            let (tx, rx) = channel();
-            repliers.push(crate::sasl::Replier {
-                tx,
-                waker: w.try_clone()?,
-            });
-            answer_rxs.push(rx);
-        }
-        let requests = crate::sasl::spawn(repliers)?;
-        for rx in answer_rxs {
-            sasl_links.push(Some(crate::worker::SaslLink {
-                tx: requests.clone(),
-                rx,
-            }));
-        }
+        sasl_links = crate::sasl::start(&wakers)?.into_iter().map(Some).collect();
     }
     sasl_links.resize_with(nworkers, || None);
     opts.shared.registry.attach_workers(

@@ -160,7 +160,6 @@ fn confirmed(port: u16, ca_pem: &str, client: Option<&(String, String)>) -> bool
 #[test]
 fn bad_client_certificates_are_refused_before_any_downstream_connection() {
     let e = start("tls_allowed_dn_list = [ \"C=GB,ST=London,*,CN=client?\" ]");
-    let before = support::admin_clients(daemon()).len();
     assert!(
         confirmed(
             e.tls_port,
@@ -191,11 +190,9 @@ fn bad_client_certificates_are_refused_before_any_downstream_connection() {
             "{what}: confirmation byte sent"
         );
     }
-    // None of them got as far as the daemon.
-    assert!(
-        support::admin_clients(daemon()).len() <= before,
-        "a refused client reached the daemon"
-    );
+    // None of them got as far as the daemon: without the confirmation byte no frame is read
+    // from them, and no connection of this proxy reached the relay. (Counting the shared
+    // daemon's clients raced with the other tests of this binary.)
     assert!(
         !e.proxy.log_text().contains("handed to the relay"),
         "{}",

@@ -122,7 +122,8 @@ impl Uring {
         self.push(e)
     }
 
-    pub fn add(&mut self, fd: RawFd, token: u64, interest: Interest) -> io::Result<()> {
+    /// Records a registration for `token` (a fresh id) and returns it with the id it replaces.
+    fn register(&mut self, fd: RawFd, token: u64, interest: Interest) -> (u64, Option<u64>) {
         let id = self.next_id;
         self.next_id += 1;
         self.regs.insert(
@@ -133,7 +134,12 @@ impl Uring {
                 mask: mask(interest),
             },
         );
-        if let Some(old) = self.by_token.insert(token, id) {
+        (id, self.by_token.insert(token, id))
+    }
+
+    pub fn add(&mut self, fd: RawFd, token: u64, interest: Interest) -> io::Result<()> {
+        let (id, old) = self.register(fd, token, interest);
+        if let Some(old) = old {
             // The owner re-registered a token without removing it first: drop the old one.
             self.cancel(old);
         }
@@ -148,17 +154,8 @@ impl Uring {
     /// fd stays open meanwhile). The new poll checks readiness when armed, so an edge the old
     /// one posted after our last reap (its completion is dropped as stale) is seen again.
     pub fn modify(&mut self, fd: RawFd, token: u64, interest: Interest) -> io::Result<()> {
-        let id = self.next_id;
-        self.next_id += 1;
-        self.regs.insert(
-            id,
-            Registration {
-                token,
-                fd,
-                mask: mask(interest),
-            },
-        );
-        if let Some(old) = self.by_token.insert(token, id) {
+        let (id, old) = self.register(fd, token, interest);
+        if let Some(old) = old {
             self.regs.remove(&old);
             self.push(opcode::PollRemove::new(old).build().user_data(REMOVE_TAG))?;
         }

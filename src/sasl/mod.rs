@@ -11,8 +11,6 @@ pub mod cyrus;
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::mpsc::{channel, Receiver, Sender};
-use std::sync::{Arc, Mutex};
 
 use crate::proto::msg::{err_code, err_domain, RemoteError};
 use crate::proto::xdr::{Decoder, Encoder, XdrError};
@@ -329,59 +327,32 @@ pub struct Answer {
     pub session: Option<ServerSession>,
 }
 
-/// Where a worker's answers go: its channel and its eventfd.
-pub struct Replier {
-    pub tx: Sender<Answer>,
-    pub waker: OwnedFd,
+impl crate::offload::Request for Request {
+    fn worker(&self) -> usize {
+        self.worker
+    }
 }
 
-/// Starts the SASL threads; returns the channel workers send requests to. The threads end
-/// when every sender is gone.
-pub fn spawn(repliers: Vec<Replier>) -> io::Result<Sender<Request>> {
+/// Starts the SASL threads; one link per worker eventfd in `wakers`.
+pub fn start(wakers: &[OwnedFd]) -> io::Result<Vec<crate::offload::Link<Request, Answer>>> {
     // Fail early, at start-up, if libsasl2 cannot be initialised (bad plugin dir, …).
     if let Err(e) = cyrus::server_init() {
         return Err(io::Error::other(format!(
             "failed to initialize SASL library: {e}"
         )));
     }
-    let (tx, rx) = channel::<Request>();
-    let rx = Arc::new(Mutex::new(rx));
-    let repliers = Arc::new(repliers);
-    for i in 0..THREADS {
-        let (rx, repliers) = (rx.clone(), repliers.clone());
-        std::thread::Builder::new()
-            .name(format!("sasl-{i}"))
-            .spawn(move || serve(&rx, &repliers))?;
-    }
-    Ok(tx)
-}
-
-fn serve(rx: &Mutex<Receiver<Request>>, repliers: &[Replier]) {
-    loop {
-        // The lock is held only while waiting for the next request, never during a call.
-        let req = match rx.lock().map(|r| r.recv()) {
-            Ok(Ok(r)) => r,
-            _ => return,
-        };
+    crate::offload::start("sasl", THREADS, wakers, |req: Request| {
         let (outcome, session) = run(req.op, req.session);
         if let Outcome::Failed(why) = &outcome {
             tracing::info!(conn = req.conn, "SASL authentication failed: {why}");
         }
-        let Some(r) = repliers.get(req.worker) else {
-            continue;
-        };
-        let answer = Answer {
+        Answer {
             slot: req.slot,
             gen: req.gen,
             outcome,
             session,
-        };
-        if r.tx.send(answer).is_ok() {
-            let one: u64 = 1;
-            // SAFETY: writing 8 bytes to an eventfd.
-            unsafe { libc::write(r.waker.as_raw_fd(), (&one as *const u64).cast(), 8) };
         }
-    }
+    })
 }
 
 #[cfg(test)]

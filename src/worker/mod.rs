@@ -110,16 +110,10 @@ impl Drop for Unauthenticated {
 }
 
 /// A worker's line to the polkit threads: requests out, answers back (with its eventfd).
-pub struct PolkitLink {
-    pub tx: Sender<polkit::Request>,
-    pub rx: Receiver<polkit::Answer>,
-}
+pub type PolkitLink = crate::offload::Link<polkit::Request, polkit::Answer>;
 
 /// A worker's line to the SASL threads.
-pub struct SaslLink {
-    pub tx: Sender<crate::sasl::Request>,
-    pub rx: Receiver<crate::sasl::Answer>,
-}
+pub type SaslLink = crate::offload::Link<crate::sasl::Request, crate::sasl::Answer>;
 
 /// Where a thread sends a client to a worker (or a handshake thread): its channel and the
 /// eventfd that wakes it.

@@ -98,3 +98,66 @@ def run(main):
         _report_fail("%s: %s" % (type(e).__name__, e))
     sys.stdout.flush()
     os._exit(0)   # do not wait for the event-loop thread
+
+
+def dir_pool_and_volume(conn, pool_name, pool_dir, vol_name, size):
+    """A transient dir pool on pool_dir and a raw volume of size bytes in it: (pool, vol).
+    The pool is destroyed again if the volume cannot be made."""
+    pool = conn.storagePoolCreateXML(
+        "<pool type='dir'><name>%s</name><target><path>%s</path></target></pool>"
+        % (pool_name, pool_dir), 0)
+    try:
+        vol = pool.createXML(
+            "<volume><name>%s</name><capacity unit='bytes'>%d</capacity>"
+            "<allocation>0</allocation><target><format type='raw'/></target></volume>"
+            % (vol_name, size), 0)
+    except libvirt.libvirtError:
+        pool.destroy()
+        raise
+    return pool, vol
+
+
+def upload_then_download(conn, vol, size, make):
+    """Uploads size bytes made by make(n) into vol (virStream sendAll), downloads them
+    (recvAll) and fails unless length and sha256 match. Returns (sha256 hex, upload s,
+    download s)."""
+    import hashlib
+    up = {"left": size, "sha": hashlib.sha256()}
+
+    def source(_stream, nbytes, st):
+        n = min(nbytes, st["left"])
+        if n <= 0:
+            return b""
+        data = make(n)
+        st["left"] -= n
+        st["sha"].update(data)
+        return data
+
+    t0 = time.monotonic()
+    st = conn.newStream(0)
+    vol.upload(st, 0, size, 0)
+    st.sendAll(source, up)
+    st.finish()
+    t_up = time.monotonic() - t0
+    if up["left"] != 0:
+        fail("upload stopped with %d bytes unsent" % up["left"])
+
+    down = {"n": 0, "sha": hashlib.sha256()}
+
+    def sink(_stream, data, st):
+        st["n"] += len(data)
+        st["sha"].update(data)
+        return len(data)
+
+    t1 = time.monotonic()
+    st = conn.newStream(0)
+    vol.download(st, 0, size, 0)
+    st.recvAll(sink, down)
+    st.finish()
+    t_down = time.monotonic() - t1
+    if down["n"] != size:
+        fail("downloaded %d bytes, uploaded %d" % (down["n"], size))
+    if down["sha"].hexdigest() != up["sha"].hexdigest():
+        fail("sha256 mismatch: uploaded %s, downloaded %s"
+             % (up["sha"].hexdigest(), down["sha"].hexdigest()))
+    return up["sha"].hexdigest(), t_up, t_down

@@ -8,16 +8,15 @@ plaintext capture would show it: in the domain, pool and volume names, and every
 the uploaded data (the rest is pseudo-random, seeded by MARKER so every run sends the same).
 Prints one JSON object of outcomes on stdout; exits non-zero with FAIL on any failure.
 """
-import hashlib
 import json
 import os
 import queue
 import random
 import sys
 import threading
-import time
 
-from _common import fail, libvirt, qemu_domain_xml, run, setup, usage
+from _common import (dir_pool_and_volume, fail, libvirt, qemu_domain_xml, run, setup,
+                     upload_then_download, usage)
 
 
 def main():
@@ -65,58 +64,22 @@ def main():
 
     pool = vol = None
     try:
-        pool = conn.storagePoolCreateXML(
-            "<pool type='dir'><name>pool-%s</name><target><path>%s</path></target></pool>"
-            % (marker, pool_dir), 0)
-        vol = pool.createXML(
-            "<volume><name>vol-%s.img</name><capacity unit='bytes'>%d</capacity>"
-            "<allocation>0</allocation><target><format type='raw'/></target></volume>"
-            % (marker, size), 0)
+        pool, vol = dir_pool_and_volume(
+            conn, "pool-%s" % marker, pool_dir, "vol-%s.img" % marker, size)
         out["vol_listed"] = ("vol-%s.img" % marker) in pool.listVolumes()
 
         rng = random.Random(marker)
-        up = {"left": size, "sha": hashlib.sha256()}
 
-        def source(_stream, nbytes, st):
-            n = min(nbytes, st["left"])
-            if n <= 0:
-                return b""
+        def make(n):
+            # The marker every 512 bytes: a capture of the wire must not show it.
             data = bytearray(rng.randbytes(n))
             for off in range(0, n - len(mark) + 1, 512):
                 data[off:off + len(mark)] = mark
-            st["left"] -= n
-            st["sha"].update(data)
             return bytes(data)
 
-        t0 = time.monotonic()
-        st = conn.newStream(0)
-        vol.upload(st, 0, size, 0)
-        st.sendAll(source, up)
-        st.finish()
-        t_up = time.monotonic() - t0
-        if up["left"] != 0:
-            fail("upload stopped with %d bytes unsent" % up["left"])
-
-        down = {"n": 0, "sha": hashlib.sha256()}
-
-        def sink(_stream, data, st):
-            st["n"] += len(data)
-            st["sha"].update(data)
-            return len(data)
-
-        t1 = time.monotonic()
-        st = conn.newStream(0)
-        vol.download(st, 0, size, 0)
-        st.recvAll(sink, down)
-        st.finish()
-        t_down = time.monotonic() - t1
-        if down["n"] != size:
-            fail("downloaded %d bytes, uploaded %d" % (down["n"], size))
-        if down["sha"].hexdigest() != up["sha"].hexdigest():
-            fail("sha256 mismatch: uploaded %s, downloaded %s"
-                 % (up["sha"].hexdigest(), down["sha"].hexdigest()))
+        sha, t_up, t_down = upload_then_download(conn, vol, size, make)
         out["stream_bytes"] = size
-        out["stream_sha256"] = up["sha"].hexdigest()
+        out["stream_sha256"] = sha
         out["timing"] = {"up_s": round(t_up, 2), "down_s": round(t_down, 2)}
     finally:
         if vol is not None:

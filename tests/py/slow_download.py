@@ -13,7 +13,7 @@ import random
 import sys
 import time
 
-from _common import fail, libvirt, run, setup, unique, usage
+from _common import dir_pool_and_volume, fail, libvirt, run, setup, unique, usage
 
 
 def main():
@@ -27,13 +27,7 @@ def main():
     name = unique("slowpool")
     pool = vol = None
     try:
-        pool = conn.storagePoolCreateXML(
-            "<pool type='dir'><name>%s</name><target><path>%s</path></target></pool>"
-            % (name, pool_dir), 0)
-        vol = pool.createXML(
-            "<volume><name>%s.img</name><capacity unit='bytes'>%d</capacity>"
-            "<allocation>0</allocation><target><format type='raw'/></target></volume>"
-            % (name, size), 0)
+        pool, vol = dir_pool_and_volume(conn, name, pool_dir, name + ".img", size)
         data = random.Random(name).randbytes(size)
         st = conn.newStream(0)
         vol.upload(st, 0, size, 0)
