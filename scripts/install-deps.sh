@@ -4,7 +4,7 @@
 set -euo pipefail
 
 need_pkgs=(libvirt-daemon libvirt-daemon-driver-qemu
-           libvirt-clients python3-libvirt qemu-system-x86 libvirt-dev pkg-config socat
+           libvirt-clients python3-libvirt qemu-system-x86 libvirt-dev pkg-config socat haproxy
            libsasl2-dev sasl2-bin libsasl2-modules libsasl2-modules-gssapi-mit)
 # GSSAPI tests: a private MIT KDC (scripts/kdc-testbed.sh) and tcpdump to show that a security
 # layer hides the RPC bodies on the wire.

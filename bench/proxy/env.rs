@@ -616,6 +616,77 @@ impl Drop for Socat {
 }
 
 // ---------------------------------------------------------------------------------------
+// haproxy: a production splicing TCP relay (no handshake work)
+// ---------------------------------------------------------------------------------------
+
+pub struct Haproxy {
+    pub sock: PathBuf,
+    _dir: TempDir,
+    child: Child,
+}
+
+impl Haproxy {
+    /// `mode tcp` with `option splice-auto` from a fresh socket to `target`, one process
+    /// (its threads' CPU is read like a proxy's). None when haproxy is not installed.
+    pub fn start(target: &Path) -> Option<Haproxy> {
+        let bin = Path::new("/usr/sbin/haproxy");
+        if !bin.exists() {
+            eprintln!("haproxy not installed (scripts/install-deps.sh): no haproxy column");
+            return None;
+        }
+        let dir = tempfile::Builder::new()
+            .prefix(&tmp_prefix("haproxy"))
+            .tempdir()
+            .expect("haproxy dir");
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        let sock = dir.path().join("sock");
+        let conf = dir.path().join("haproxy.cfg");
+        fs::write(
+            &conf,
+            format!(
+                "global\n  maxconn 20000\n  nbthread 2\n\
+                 defaults\n  mode tcp\n  timeout connect 10s\n  timeout client 1h\n  \
+                 timeout server 1h\n  option splice-auto\n\
+                 listen relay\n  bind unix@{} mode 777\n  server virtqemud unix@{}\n",
+                sock.display(),
+                target.display()
+            ),
+        )
+        .unwrap();
+        let log = dir.path().join("haproxy.log");
+        let mut cmd = Command::new(bin);
+        cmd.arg("-db")
+            .arg("-f")
+            .arg(&conf)
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(&log).unwrap())
+            .stderr(fs::File::create(dir.path().join("haproxy.err")).unwrap());
+        let mut child = die_with_bench(&mut cmd).spawn().expect("spawn haproxy");
+        let ok = wait_for(Duration::from_secs(10), || sock.exists());
+        if let Ok(Some(st)) = child.try_wait() {
+            let err = fs::read_to_string(dir.path().join("haproxy.err")).unwrap_or_default();
+            panic!("haproxy exited ({st}): {err}");
+        }
+        assert!(ok, "haproxy did not listen on {}", sock.display());
+        Some(Haproxy {
+            sock,
+            _dir: dir,
+            child,
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        kill_wait(&mut self.child);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
 // The C load client
 // ---------------------------------------------------------------------------------------
 

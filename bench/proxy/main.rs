@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use env::{Client, Daemon, IdleGroup, Pool, Proxy, Socat, Testbed};
+use env::{Client, Daemon, Haproxy, IdleGroup, Pool, Proxy, Socat, Testbed};
 
 /// Run sizes; quick mode trades precision for time.
 struct Params {
@@ -160,6 +160,7 @@ fn main() {
     let mut epoll = Proxy::start_testbed(&tb, "epoll");
     let pool = Pool::create(&qemu_sock, p.stream_bytes);
     let socat = Socat::start(&qemu_sock);
+    let haproxy = Haproxy::start(&qemu_sock);
     let libvirt_pid = tb.pid("virtproxyd");
     let daemon_pids = [tb.pid("virtqemud"), tb.pid("virtstoraged")];
     // The scale and TLS sections stay on a private Debian libvirtd (its client limits raised
@@ -196,13 +197,20 @@ fn main() {
             name: "socat",
             sock: socat.sock.clone(),
         },
-    ];
+    ]
+    .into_iter()
+    .chain(haproxy.as_ref().map(|h| Endpoint {
+        name: "haproxy",
+        sock: h.sock.clone(),
+    }))
+    .collect::<Vec<_>>();
     let ep = |name: &str| endpoints.iter().find(|e| e.name == name).unwrap();
     let qemu_uri = |name: &str| env::unix_uri("qemu:///system", &ep(name).sock);
     let proxy_pid = |name: &str| match name {
         "io_uring" => Some(uring.pid()),
         "epoll" => Some(epoll.pid()),
         "libvirt" => Some(libvirt_pid),
+        "haproxy" => haproxy.as_ref().map(|h| h.pid()),
         _ => None,
     };
     // The relay's CPU seconds so far: proxies from their live threads (schedstat, ns);
@@ -220,7 +228,7 @@ fn main() {
             })
             .sum::<f64>()
     };
-    let all = ["direct", "io_uring", "epoll", "libvirt", "socat"];
+    let all: Vec<&str> = endpoints.iter().map(|e| e.name).collect();
 
     // ---- 1. calls ------------------------------------------------------------------------
     eprintln!("calls: {} reps x {:.1} s", p.reps, p.call_secs);
@@ -332,6 +340,7 @@ fn main() {
         }
     }
     drop(socat);
+    drop(haproxy);
     laps.lap("streams");
 
     // ---- 4. scale --------------------------------------------------------------------------

@@ -36,17 +36,18 @@ fn paired(x: &[Value], d: &[Value], g: impl Fn(&Value, &Value) -> f64) -> f64 {
 }
 
 /// Endpoint names, in column order; "libvirt" is libvirt's own virtproxyd.
-const COLS: [&str; 5] = ["direct", "io_uring", "epoll", "libvirt", "socat"];
+const COLS: [&str; 6] = ["direct", "io_uring", "epoll", "libvirt", "socat", "haproxy"];
+const NCOLS: usize = COLS.len();
 /// This project's proxies (the ones with targets).
 const OURS: [&str; 2] = ["io_uring", "epoll"];
 
 struct Table {
-    rows: Vec<(String, [String; 5], String)>,
+    rows: Vec<(String, [String; NCOLS], String)>,
     targets: Vec<Value>,
 }
 
 impl Table {
-    fn row(&mut self, what: impl Into<String>, cells: [String; 5], goal: &str) {
+    fn row(&mut self, what: impl Into<String>, cells: [String; NCOLS], goal: &str) {
         self.rows.push((what.into(), cells, goal.to_string()));
     }
 
@@ -73,6 +74,7 @@ impl Table {
             "epoll",
             "libvirt virtproxyd",
             "socat",
+            "haproxy",
             "goal",
         ];
         let mut w: Vec<usize> = head.iter().map(|h| h.chars().count()).collect();
@@ -81,13 +83,13 @@ impl Table {
             for (i, c) in cells.iter().enumerate() {
                 w[i + 1] = w[i + 1].max(c.chars().count());
             }
-            w[6] = w[6].max(goal.chars().count());
+            w[NCOLS + 1] = w[NCOLS + 1].max(goal.chars().count());
         }
-        let line = |v: [&str; 7]| {
+        let line = |v: [&str; NCOLS + 2]| {
             let mut s = String::from("|");
             for (i, c) in v.iter().enumerate() {
                 let pad = w[i] - c.chars().count();
-                if i == 0 || i == 6 {
+                if i == 0 || i == NCOLS + 1 {
                     s += &format!(" {c}{} |", " ".repeat(pad));
                 } else {
                     s += &format!(" {}{c} |", " ".repeat(pad));
@@ -98,7 +100,7 @@ impl Table {
         println!("{}", line(head));
         let mut sep = String::from("|");
         for (i, n) in w.iter().enumerate() {
-            if i == 0 || i == 6 {
+            if i == 0 || i == NCOLS + 1 {
                 sep += &format!(":{}|", "-".repeat(n + 1));
             } else {
                 sep += &format!("{}:|", "-".repeat(n + 1));
@@ -106,7 +108,10 @@ impl Table {
         }
         println!("{sep}");
         for (what, c, goal) in &self.rows {
-            println!("{}", line([what, &c[0], &c[1], &c[2], &c[3], &c[4], goal]));
+            println!(
+                "{}",
+                line([what, &c[0], &c[1], &c[2], &c[3], &c[4], &c[5], goal])
+            );
         }
     }
 }
@@ -115,7 +120,7 @@ fn dash() -> String {
     "—".to_string()
 }
 
-fn dashes() -> [String; 5] {
+fn dashes() -> [String; NCOLS] {
     std::array::from_fn(|_| dash())
 }
 
@@ -201,6 +206,21 @@ pub fn build(
                 "relay_cpu_us_per_call": cpc,
             });
             s["runs"][b] = json!(x);
+        }
+        // The bar: ahead of haproxy, a splicing relay with no handshake work.
+        if let Some(h) = calls.get(&(proc_, c, "haproxy")) {
+            for b in OURS {
+                if let Some(x) = calls.get(&(proc_, c, b)) {
+                    let rh = paired(x, h, |a, b| f(a, "rate") / f(b, "rate"));
+                    t.target(
+                        format!("{proc_} {c} client(s) call rate vs haproxy, {b}"),
+                        rh,
+                        ">= 1.0x haproxy",
+                        rh >= 1.0,
+                    );
+                    s[b]["rate_ratio_to_haproxy"] = json!(rh);
+                }
+            }
         }
         let who = if c == 1 {
             "1 client".to_string()
