@@ -644,7 +644,7 @@ impl Haproxy {
         fs::write(
             &conf,
             format!(
-                "global\n  maxconn 20000\n  nbthread 2\n\
+                "global\n  maxconn 4000\n  nbthread 2\n\
                  defaults\n  mode tcp\n  timeout connect 10s\n  timeout client 1h\n  \
                  timeout server 1h\n  option splice-auto\n\
                  listen relay\n  bind unix@{} mode 777\n  server virtqemud unix@{}\n",
