@@ -69,6 +69,7 @@ enum Step {
     Connecting,
     AuthList,
     AuthPolkit,
+    Feature,
     Open,
     Identity,
 }
@@ -80,8 +81,6 @@ struct Pending {
     step: Step,
     /// Serial of the call we are waiting on downstream.
     serial: u32,
-    /// SUPPORTS_FEATURE(keepalive), sent right before the open and not answered yet.
-    feature_serial: Option<u32>,
     open_reply: Option<Vec<u8>>,
 }
 
@@ -503,7 +502,6 @@ impl Handshake {
                     target,
                     step: Step::Connecting,
                     serial: 0,
-                    feature_serial: None,
                     open_reply: None,
                 }));
             }
@@ -565,11 +563,7 @@ impl Handshake {
             }
             return;
         }
-        let feature_reply = p.feature_serial == Some(h.serial) && h.serial != p.serial;
-        if h.mtype != MsgType::Reply
-            || (h.serial != p.serial && !feature_reply)
-            || h.prog != program::REMOTE
-        {
+        if h.mtype != MsgType::Reply || h.serial != p.serial || h.prog != program::REMOTE {
             // Events cannot be registered yet; anything else is a daemon we do not understand.
             if h.mtype == MsgType::Message {
                 return;
@@ -578,18 +572,6 @@ impl Handshake {
                 rpc_error("unexpected message from the driver daemon during open"),
                 out,
             );
-        }
-        if feature_reply {
-            if h.status != MsgStatus::Ok {
-                let e = RemoteError::decode(&mut crate::proto::xdr::Decoder::new(body))
-                    .unwrap_or_else(|_| rpc_error("driver daemon sent an undecodable error"));
-                return self.fail(e, out);
-            }
-            p.feature_serial = None;
-            if p.open_reply.is_some() {
-                self.send_identity(out);
-            }
-            return;
         }
         if h.status == MsgStatus::Error && p.step == Step::Open {
             // The daemon's own refusal of the client's open goes back verbatim.
@@ -633,12 +615,16 @@ impl Handshake {
                     out,
                 ),
             },
+            Step::Feature => self.send_open(out),
             Step::Open => {
                 p.open_reply = Some(msg::build_frame(h, body));
-                // The identity follows once the keepalive question is answered too.
-                if p.feature_serial.is_none() {
-                    self.send_identity(out);
+                let params = self.identity.params();
+                let (serial, frame) = self.call(remote_proc::CONNECT_SET_IDENTITY, &msg::set_identity_body(&params));
+                if let Phase::Downstream(p) = &mut self.phase {
+                    p.step = Step::Identity;
+                    p.serial = serial;
                 }
+                out.push(Action::ToDaemon(frame));
             }
             Step::Identity => {
                 if let Phase::Downstream(p) = std::mem::replace(&mut self.phase, Phase::Done) {
@@ -651,43 +637,22 @@ impl Handshake {
         }
     }
 
-    fn send_identity(&mut self, out: &mut Vec<Action>) {
-        let params = self.identity.params();
-        let (serial, frame) = self.call(
-            remote_proc::CONNECT_SET_IDENTITY,
-            &msg::set_identity_body(&params),
-        );
-        if let Phase::Downstream(p) = &mut self.phase {
-            p.step = Step::Identity;
-            p.serial = serial;
-        }
-        out.push(Action::ToDaemon(frame));
-    }
-
     fn after_auth(&mut self, out: &mut Vec<Action>) {
         if self.keepalive_asked {
             // Keepalive becomes end-to-end after hand-over (trap 9): the daemon must know the
-            // client speaks it. Neither call needs the other's answer (both only need the
-            // authentication that AUTH_LIST/AUTH_POLKIT just completed), so the open goes out
-            // right behind it: one daemon round trip less on every open. The serials differ,
-            // so the replies are told apart in whatever order they come.
-            let open_serial = match &self.phase {
-                Phase::Downstream(p) => p.open_header.serial,
-                _ => return,
-            };
-            if self.next_serial == open_serial {
-                self.next_serial = self.next_serial.wrapping_add(1);
-            }
+            // client speaks it.
             let (serial, frame) = self.call(
                 remote_proc::CONNECT_SUPPORTS_FEATURE,
                 &msg::i32_body(feature::PROGRAM_KEEPALIVE),
             );
             if let Phase::Downstream(p) = &mut self.phase {
-                p.feature_serial = Some(serial);
+                p.step = Step::Feature;
+                p.serial = serial;
             }
             out.push(Action::ToDaemon(frame));
+        } else {
+            self.send_open(out);
         }
-        self.send_open(out);
     }
 
     fn send_open(&mut self, out: &mut Vec<Action>) {

@@ -154,19 +154,20 @@ fn full_open_forwards_ro_bit_identity_and_releases_reply_last() {
     let auth = only_daemon_frame(out);
     assert_eq!(Header::check(&auth).unwrap().proc_, remote_proc::AUTH_LIST);
 
-    // SUPPORTS_FEATURE(keepalive) and the open go out together.
-    let out = daemon(
+    let feat = only_daemon_frame(daemon(
         &mut hs,
         reply_to(&auth, MsgStatus::Ok),
         &msg::auth_list_body(&[0]),
-    );
-    let [Action::ToDaemon(feat), Action::ToDaemon(open)] = out.as_slice() else {
-        panic!("expected feature and open, got {out:?}")
-    };
+    ));
     assert_eq!(&feat[28..], &msg::i32_body(10));
-    let oh = Header::check(open).unwrap();
+
+    let open = only_daemon_frame(daemon(
+        &mut hs,
+        reply_to(&feat, MsgStatus::Ok),
+        &msg::i32_body(1),
+    ));
+    let oh = Header::check(&open).unwrap();
     assert_eq!((oh.proc_, oh.serial), (1, 2));
-    assert_ne!(Header::check(feat).unwrap().serial, oh.serial);
     assert_eq!(
         OpenArgs::decode(&open[28..]).unwrap(),
         OpenArgs {
@@ -175,61 +176,12 @@ fn full_open_forwards_ro_bit_identity_and_releases_reply_last() {
         }
     );
 
-    let open_reply = build(reply_to(open, MsgStatus::Ok), &[]);
-    let out = daemon(&mut hs, reply_to(feat, MsgStatus::Ok), &msg::i32_body(1));
-    assert!(
-        out.is_empty(),
-        "nothing until the open is answered: {out:?}"
-    );
-    let ident = only_daemon_frame(daemon(&mut hs, reply_to(open, MsgStatus::Ok), &[]));
+    let open_reply = build(reply_to(&open, MsgStatus::Ok), &[]);
+    let ident = only_daemon_frame(daemon(&mut hs, reply_to(&open, MsgStatus::Ok), &[]));
     assert_eq!(&ident[28..], &msg::set_identity_body(&id.params()));
 
     let out = daemon(&mut hs, reply_to(&ident, MsgStatus::Ok), &[]);
     assert_eq!(out, vec![Action::ToClient(open_reply), Action::StartRelay]);
-}
-
-/// The daemon may answer the pipelined open before the keepalive question, and the client's
-/// open serial may be the one the proxy would have used next: the replies are still told
-/// apart, and the identity goes out only once both are in.
-#[test]
-fn open_answered_before_the_keepalive_feature() {
-    let mut hs = Handshake::new(ListenerKind::UnixRw, Identity::default());
-    client(&mut hs, call(60, 0), &msg::i32_body(10));
-    client(&mut hs, call(1, 1), &open_body(Some("test:///default"), 0));
-    let mut out = vec![];
-    hs.on_connected(&mut out);
-    let auth = only_daemon_frame(out);
-    assert_eq!(Header::check(&auth).unwrap().serial, 0);
-    let out = daemon(
-        &mut hs,
-        reply_to(&auth, MsgStatus::Ok),
-        &msg::auth_list_body(&[0]),
-    );
-    let [Action::ToDaemon(feat), Action::ToDaemon(open)] = out.as_slice() else {
-        panic!("{out:?}")
-    };
-    let (fs, os) = (
-        Header::check(feat).unwrap().serial,
-        Header::check(open).unwrap().serial,
-    );
-    assert_eq!(os, 1, "the open keeps the client's serial");
-    assert_ne!(fs, os);
-    let out = daemon(&mut hs, reply_to(open, MsgStatus::Ok), &[]);
-    assert!(
-        out.is_empty(),
-        "identity waits for the feature reply: {out:?}"
-    );
-    let ident = only_daemon_frame(daemon(
-        &mut hs,
-        reply_to(feat, MsgStatus::Ok),
-        &msg::i32_body(1),
-    ));
-    assert_eq!(
-        Header::check(&ident).unwrap().proc_,
-        remote_proc::CONNECT_SET_IDENTITY
-    );
-    let out = daemon(&mut hs, reply_to(&ident, MsgStatus::Ok), &[]);
-    assert_eq!(out.last(), Some(&Action::StartRelay));
 }
 
 #[test]
