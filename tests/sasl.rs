@@ -53,14 +53,6 @@ struct Sasl {
     _dir: tempfile::TempDir,
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn sasl() -> &'static Sasl {
     static S: OnceLock<Sasl> = OnceLock::new();
     S.get_or_init(|| {

@@ -71,11 +71,6 @@ fn run_script(args: &[&str]) -> Output {
     output_with_timeout(&mut cmd, Duration::from_secs(300))
 }
 
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-    l.local_addr().expect("local addr").port()
-}
-
 fn bed() -> &'static Bed {
     static BED: OnceLock<Bed> = OnceLock::new();
     BED.get_or_init(|| {

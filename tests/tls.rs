@@ -13,17 +13,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use support::pki::{client_dir, Ca};
-use support::{daemon, py, virsh, Proxy};
+use support::{daemon, free_port, py, virsh, Proxy};
 
 const REVOKED_SERIAL: u64 = 666;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 struct Env {
     _files: tempfile::TempDir,

@@ -708,3 +708,11 @@ pub fn read_frame(r: &mut impl std::io::Read) -> Option<Vec<u8>> {
     r.read_exact(&mut rest).ok()?;
     Some([len.to_vec(), rest].concat())
 }
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port on 127.0.0.1")
+}
