@@ -150,9 +150,10 @@ impl Identity {
     }
 }
 
-/// /proc/<pid>/stat in one read: it reports size 0, so `read_to_string` would grow its buffer
-/// from 32 bytes with a syscall per doubling, on every accepted client. The line is well under
-/// 1 KiB (comm is at most 64 bytes); a longer one is read whole all the same.
+/// /proc/<pid>/stat into a 1 KiB buffer (one read for the line, one for EOF): the file reports
+/// size 0, so `read_to_string` would grow its buffer from 32 bytes with a syscall per
+/// doubling, on every accepted client. The line is well under 1 KiB (comm is at most 64
+/// bytes); a longer one is read whole all the same.
 fn read_proc_stat(pid: i32) -> Option<String> {
     use std::io::Read;
     let mut f = std::fs::File::open(format!("/proc/{pid}/stat")).ok()?;

@@ -4,6 +4,7 @@ Every script: exit 0 only when its assertions hold; on failure print one line
 "FAIL <script>: <reason>" to stderr (and stdout) and exit 1. A watchdog kills a
 hung script (exit 3) so a broken proxy can never hang the Rust test.
 """
+import contextlib
 import faulthandler
 import os
 import sys
@@ -100,27 +101,42 @@ def run(main):
     os._exit(0)   # do not wait for the event-loop thread
 
 
-def dir_pool_and_volume(conn, pool_name, pool_dir, vol_name, size):
-    """A transient dir pool on pool_dir and a raw volume of size bytes in it: (pool, vol).
-    The pool is destroyed again if the volume cannot be made."""
+@contextlib.contextmanager
+def transient_volume(conn, pool_name, pool_dir, vol_name, size):
+    """A transient dir pool on pool_dir and a raw volume of size bytes in it, as (pool, vol);
+    both are removed on the way out. A cleanup error fails a check that passed; after a
+    failure it is only logged, so the first reason is the one reported."""
     pool = conn.storagePoolCreateXML(
         "<pool type='dir'><name>%s</name><target><path>%s</path></target></pool>"
         % (pool_name, pool_dir), 0)
+    vol = None
+    ok = False
     try:
         vol = pool.createXML(
             "<volume><name>%s</name><capacity unit='bytes'>%d</capacity>"
             "<allocation>0</allocation><target><format type='raw'/></target></volume>"
             % (vol_name, size), 0)
-    except libvirt.libvirtError:
-        pool.destroy()
-        raise
-    return pool, vol
+        yield pool, vol
+        ok = True
+    finally:
+        steps = [("destroy pool", pool.destroy)]
+        if vol is not None:
+            steps.insert(0, ("delete volume", lambda: vol.delete(0)))
+        failed = None
+        for what, undo in steps:
+            try:
+                undo()
+            except libvirt.libvirtError as e:
+                sys.stderr.write("cleanup: %s %s: %s\n" % (what, pool_name, e))
+                failed = failed or e
+        if ok and failed is not None:
+            raise failed
 
 
-def upload_then_download(conn, vol, size, make):
+def upload_then_download(conn, vol, size, make, pause_s=0.0):
     """Uploads size bytes made by make(n) into vol (virStream sendAll), downloads them
-    (recvAll) and fails unless length and sha256 match. Returns (sha256 hex, upload s,
-    download s)."""
+    (recvAll; a reader that sleeps pause_s after every piece when asked) and fails unless
+    length and sha256 match. Returns {"sha256", "up_s", "down_s", "pieces"}."""
     import hashlib
     up = {"left": size, "sha": hashlib.sha256()}
 
@@ -142,11 +158,14 @@ def upload_then_download(conn, vol, size, make):
     if up["left"] != 0:
         fail("upload stopped with %d bytes unsent" % up["left"])
 
-    down = {"n": 0, "sha": hashlib.sha256()}
+    down = {"n": 0, "pieces": 0, "sha": hashlib.sha256()}
 
     def sink(_stream, data, st):
         st["n"] += len(data)
+        st["pieces"] += 1
         st["sha"].update(data)
+        if pause_s:
+            time.sleep(pause_s)
         return len(data)
 
     t1 = time.monotonic()
@@ -160,4 +179,5 @@ def upload_then_download(conn, vol, size, make):
     if down["sha"].hexdigest() != up["sha"].hexdigest():
         fail("sha256 mismatch: uploaded %s, downloaded %s"
              % (up["sha"].hexdigest(), down["sha"].hexdigest()))
-    return up["sha"].hexdigest(), t_up, t_down
+    return {"sha256": up["sha"].hexdigest(), "up_s": t_up, "down_s": t_down,
+            "pieces": down["pieces"]}

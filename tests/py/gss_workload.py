@@ -15,7 +15,7 @@ import random
 import sys
 import threading
 
-from _common import (dir_pool_and_volume, fail, libvirt, qemu_domain_xml, run, setup,
+from _common import (fail, libvirt, qemu_domain_xml, run, setup, transient_volume,
                      upload_then_download, usage)
 
 
@@ -62,10 +62,8 @@ def main():
     conn.domainEventDeregisterAny(cb)
     out["events"] = seen
 
-    pool = vol = None
-    try:
-        pool, vol = dir_pool_and_volume(
-            conn, "pool-%s" % marker, pool_dir, "vol-%s.img" % marker, size)
+    with transient_volume(conn, "pool-%s" % marker, pool_dir, "vol-%s.img" % marker,
+                          size) as (pool, vol):
         out["vol_listed"] = ("vol-%s.img" % marker) in pool.listVolumes()
 
         rng = random.Random(marker)
@@ -77,15 +75,10 @@ def main():
                 data[off:off + len(mark)] = mark
             return bytes(data)
 
-        sha, t_up, t_down = upload_then_download(conn, vol, size, make)
+        r = upload_then_download(conn, vol, size, make)
         out["stream_bytes"] = size
-        out["stream_sha256"] = sha
-        out["timing"] = {"up_s": round(t_up, 2), "down_s": round(t_down, 2)}
-    finally:
-        if vol is not None:
-            vol.delete(0)
-        if pool is not None:
-            pool.destroy()
+        out["stream_sha256"] = r["sha256"]
+        out["timing"] = {"up_s": round(r["up_s"], 2), "down_s": round(r["down_s"], 2)}
     conn.close()
     print(json.dumps(out, sort_keys=True))
 

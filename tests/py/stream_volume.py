@@ -12,7 +12,7 @@ import os
 import random
 import sys
 
-from _common import (dir_pool_and_volume, fail, libvirt, run, setup, unique,
+from _common import (fail, libvirt, run, setup, transient_volume, unique,
                      upload_then_download, usage)
 
 
@@ -26,26 +26,16 @@ def main():
 
     name = unique("pool")
     conn = libvirt.open(uri)
-    pool = vol = None
     try:
-        pool, vol = dir_pool_and_volume(conn, name, pool_dir, name + ".img", size)
-        rng = random.Random(os.getpid())
-        sha, t_up, t_down = upload_then_download(conn, vol, size, rng.randbytes)
-        info = vol.info()
-        if info[1] != size:
-            fail("volume capacity %d after upload, want %d" % (info[1], size))
+        with transient_volume(conn, name, pool_dir, name + ".img", size) as (_pool, vol):
+            rng = random.Random(os.getpid())
+            r = upload_then_download(conn, vol, size, rng.randbytes)
+            info = vol.info()
+            if info[1] != size:
+                fail("volume capacity %d after upload, want %d" % (info[1], size))
     finally:
-        if vol is not None:
-            try:
-                vol.delete(0)
-            except libvirt.libvirtError as e:
-                sys.stderr.write("cleanup: delete volume: %s\n" % e)
-        if pool is not None:
-            try:
-                pool.destroy()
-            except libvirt.libvirtError as e:
-                sys.stderr.write("cleanup: destroy pool %s: %s\n" % (name, e))
         conn.close()
+    sha, t_up, t_down = r["sha256"], r["up_s"], r["down_s"]
     mib = size / 1048576.0
     print("stream_volume ok: %d MiB sha256 %s… upload %.2fs (%.0f MiB/s) download %.2fs "
           "(%.0f MiB/s)" % (size_mib, sha[:12], t_up, mib / t_up,
