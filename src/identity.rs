@@ -150,15 +150,26 @@ impl Identity {
     }
 }
 
-/// /proc/<pid>/stat into a 1 KiB buffer (one read for the line, one for EOF): the file reports
-/// size 0, so `read_to_string` would grow its buffer from 32 bytes with a syscall per
-/// doubling, on every accepted client. The line is well under 1 KiB (comm is at most 64
-/// bytes); a longer one is read whole all the same.
+/// /proc/<pid>/stat, read until its closing newline: on every accepted client, so no size
+/// query (the file reports size 0, and `read_to_end` would ask with statx and lseek first) and
+/// no read for EOF. The line is well under 1 KiB (comm is at most 64 bytes); a longer one is
+/// read whole all the same.
 fn read_proc_stat(pid: i32) -> Option<String> {
     use std::io::Read;
     let mut f = std::fs::File::open(format!("/proc/{pid}/stat")).ok()?;
-    let mut buf = Vec::with_capacity(1024);
-    f.read_to_end(&mut buf).ok()?;
+    let mut buf = vec![0u8; 1024];
+    let mut len = 0;
+    loop {
+        if len == buf.len() {
+            buf.resize(len * 2, 0);
+        }
+        let n = f.read(&mut buf[len..]).ok()?;
+        len += n;
+        if n == 0 || buf[..len].ends_with(b"\n") {
+            break;
+        }
+    }
+    buf.truncate(len);
     String::from_utf8(buf).ok()
 }
 
@@ -233,6 +244,22 @@ mod tests {
         let stat = "4242 (we ird) (x) S 1 4242 4242 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1000 10";
         assert_eq!(start_time_from_stat(stat), Some(987654));
         assert_eq!(start_time_from_stat("garbage"), None);
+    }
+
+    /// Our own stat line, read the short way, is whole and agrees with the long way.
+    #[test]
+    fn proc_stat_is_read_whole() {
+        let pid = std::process::id() as i32;
+        let quick = read_proc_stat(pid).unwrap();
+        let full = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        assert!(quick.ends_with('\n'));
+        assert_eq!(
+            quick.split_whitespace().nth(21),
+            full.split_whitespace().nth(21)
+        );
+        assert_eq!(start_time_from_stat(&quick), start_time_from_stat(&full));
+        assert!(start_time_from_stat(&quick).is_some_and(|t| t > 0));
+        assert_eq!(read_proc_stat(-1), None);
     }
 
     #[test]
