@@ -68,7 +68,11 @@ impl Epoll {
     }
 
     pub fn wait(&mut self, out: &mut Vec<Event>, timeout: Option<Duration>) -> io::Result<()> {
-        let ms = timeout.map_or(-1, |d| d.as_millis().min(i32::MAX as u128) as i32);
+        // Rounded up: a deadline less than a millisecond away must not become a zero-timeout
+        // spin until it passes.
+        let ms = timeout.map_or(-1, |d| {
+            d.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32
+        });
         // SAFETY: buf has room for buf.len() events.
         let n = unsafe {
             libc::epoll_wait(
