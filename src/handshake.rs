@@ -31,6 +31,11 @@ pub enum Action {
     ToDaemon(Vec<u8>),
     /// Connect to this daemon socket, then call `on_connected` or `on_connect_failed`.
     Connect(PathBuf),
+    /// Connect to this daemon socket ahead of the client's open (see `connect_early`), then
+    /// call `on_early_connected`, or `on_early_dropped` if it cannot be reached now.
+    ConnectEarly(PathBuf),
+    /// The client's open goes over the early connection: its downstream deadline starts now.
+    UseEarly,
     /// Drop the downstream connection (the open failed); the client stays in pre-open.
     Disconnect,
     /// Handshake complete: relay from now on.
@@ -84,6 +89,17 @@ struct Pending {
     open_reply: Option<Vec<u8>>,
 }
 
+/// A downstream connection made before the client named its URI, on the guess that it opens
+/// the same daemon as the listener's last client did: its connect and AUTH_LIST (the slow part
+/// of a daemon's accept) overlap the client's own AUTH_LIST and authentication.
+#[derive(Debug)]
+struct Early {
+    target: Target,
+    serial: u32,
+    /// The daemon's AUTH_LIST answer, once it came.
+    auth_types: Option<Vec<i32>>,
+}
+
 /// Phase of the pre-open machine.
 #[derive(Debug)]
 enum Phase {
@@ -93,7 +109,8 @@ enum Phase {
     /// A SASL call is on the SASL threads; the header is the call to answer.
     Sasl(Header),
     Downstream(Box<Pending>),
-    Done,
+    /// Opened: the relay has the connection.
+    Done(Target),
 }
 
 /// What a SASL listener's clients are authenticated with.
@@ -118,6 +135,7 @@ pub struct Handshake {
     sasl: Option<SaslParams>,
     /// A SASL session exists (after a successful AUTH_SASL_INIT, until it ends).
     sasl_session: bool,
+    early: Option<Early>,
 }
 
 /// Every pre-open call the proxy refuses is logged with the reason the client is given.
@@ -149,6 +167,7 @@ impl Handshake {
             next_serial: 0,
             sasl: None,
             sasl_session: false,
+            early: None,
         }
     }
 
@@ -370,6 +389,87 @@ impl Handshake {
         matches!(self.phase, Phase::Downstream(_))
     }
 
+    /// Whether frames from the daemon are expected (an open in progress, or an early
+    /// connection's AUTH_LIST).
+    pub fn wants_daemon_input(&self) -> bool {
+        self.in_downstream() || self.has_early()
+    }
+
+    /// Starts the downstream connection to `target` now, before the client's CONNECT_OPEN.
+    /// Nothing is sent on it but AUTH_LIST (which only authenticates virtproxyd itself) until
+    /// the client has authenticated and opened that same daemon; any other open drops it.
+    pub fn connect_early(&mut self, target: Target, out: &mut Vec<Action>) {
+        if matches!(self.phase, Phase::PreOpen) && self.early.is_none() {
+            out.push(Action::ConnectEarly(target.socket.clone()));
+            self.early = Some(Early {
+                target,
+                serial: 0,
+                auth_types: None,
+            });
+        }
+    }
+
+    /// The early connection is up: ask for its authentication types.
+    pub fn on_early_connected(&mut self, out: &mut Vec<Action>) {
+        if self.early.is_none() {
+            return;
+        }
+        let (serial, frame) = self.call(remote_proc::AUTH_LIST, &[]);
+        if let Some(e) = &mut self.early {
+            e.serial = serial;
+            out.push(Action::ToDaemon(frame));
+        }
+    }
+
+    /// The early connection failed, went quiet too long, or was lost before the client's
+    /// open used it: forget it (an open connects afresh, reporting its own errors).
+    pub fn on_early_dropped(&mut self, out: &mut Vec<Action>) {
+        if !matches!(self.phase, Phase::Downstream(_)) && self.early.take().is_some() {
+            out.push(Action::Disconnect);
+        }
+    }
+
+    /// Whether an early connection waits for the client's open.
+    pub fn has_early(&self) -> bool {
+        self.early.is_some() && !matches!(self.phase, Phase::Downstream(_) | Phase::Done(_))
+    }
+
+    /// A daemon frame on the early connection, before the client's open.
+    fn on_early_frame(&mut self, h: &Header, body: &[u8], out: &mut Vec<Action>) {
+        let Some(e) = &mut self.early else {
+            return;
+        };
+        if h.prog == program::KEEPALIVE {
+            if h.mtype == MsgType::Message && h.proc_ == keepalive_proc::PING {
+                out.push(Action::ToDaemon(msg::pong()));
+            }
+            return;
+        }
+        let answer = (h.mtype == MsgType::Reply
+            && h.prog == program::REMOTE
+            && h.serial == e.serial
+            && h.status == MsgStatus::Ok
+            && e.auth_types.is_none())
+        .then(|| msg::decode_auth_list(body).ok())
+        .flatten();
+        match answer {
+            Some(types) => e.auth_types = Some(types),
+            None if h.mtype == MsgType::Message => {}
+            None => {
+                tracing::debug!("early downstream connection dropped: unexpected daemon frame");
+                self.on_early_dropped(out);
+            }
+        }
+    }
+
+    /// The daemon the client opened, once it is open.
+    pub fn opened(&self) -> Option<&Target> {
+        match &self.phase {
+            Phase::Done(t) => Some(t),
+            _ => None,
+        }
+    }
+
     /// The URI being opened, for logs.
     pub fn target(&self) -> Option<&Target> {
         match &self.phase {
@@ -489,6 +589,7 @@ impl Handshake {
         // Only the read-only bit means anything to the daemon (§3.2); it is forced on the ro
         // listener, where the daemon socket is the -ro one as well (trap 5).
         let readonly = self.listener == ListenerKind::UnixRo || args.flags & 1 != 0;
+        let early_was_some = self.early.is_some();
         match routes.resolve(args.name.as_deref(), readonly, exists) {
             Err(e) => {
                 let e = e.to_remote();
@@ -496,14 +597,35 @@ impl Handshake {
                 out.push(Action::ToClient(msg::error_reply(h, &e)))
             }
             Ok(target) => {
-                out.push(Action::Connect(target.socket.clone()));
+                let early = self.early.take();
+                let reuse = early.filter(|e| e.target.socket == target.socket);
+                if reuse.is_none() && early_was_some {
+                    out.push(Action::Disconnect);
+                }
+                let (step, serial) = match &reuse {
+                    Some(e) => (Step::AuthList, e.serial),
+                    None => (Step::Connecting, 0),
+                };
                 self.phase = Phase::Downstream(Box::new(Pending {
                     open_header: *h,
                     target,
-                    step: Step::Connecting,
-                    serial: 0,
+                    step,
+                    serial,
                     open_reply: None,
                 }));
+                match reuse {
+                    None => {
+                        if let Phase::Downstream(p) = &self.phase {
+                            out.push(Action::Connect(p.target.socket.clone()));
+                        }
+                    }
+                    Some(e) => {
+                        out.push(Action::UseEarly);
+                        if let Some(types) = e.auth_types {
+                            self.on_auth_list(Ok(types), out);
+                        }
+                    }
+                }
             }
         }
     }
@@ -534,6 +656,10 @@ impl Handshake {
 
     /// The downstream handshake did not finish in time, or the daemon went away.
     pub fn on_daemon_lost(&mut self, why: &str, out: &mut Vec<Action>) {
+        if self.has_early() {
+            tracing::debug!("early downstream connection dropped: daemon {why}");
+            return self.on_early_dropped(out);
+        }
         if let Phase::Downstream(p) = &self.phase {
             let e = RemoteError::new(
                 err_code::INTERNAL_ERROR,
@@ -554,6 +680,9 @@ impl Handshake {
 
     /// Handles one complete daemon frame during the downstream handshake.
     pub fn on_daemon_frame(&mut self, h: &Header, body: &[u8], out: &mut Vec<Action>) {
+        if self.has_early() {
+            return self.on_early_frame(h, body, out);
+        }
         let Phase::Downstream(p) = &mut self.phase else {
             return;
         };
@@ -589,29 +718,15 @@ impl Handshake {
         }
         match p.step {
             Step::Connecting => {}
-            Step::AuthList => match msg::decode_auth_list(body) {
-                Ok(types) if types.is_empty() || types.contains(&auth_type::NONE) => self.after_auth(out),
-                Ok(types) if types.contains(&auth_type::POLKIT) => {
-                    let (serial, frame) = self.call(remote_proc::AUTH_POLKIT, &[]);
-                    if let Phase::Downstream(p) = &mut self.phase {
-                        p.step = Step::AuthPolkit;
-                        p.serial = serial;
-                    }
-                    out.push(Action::ToDaemon(frame));
-                }
+            Step::AuthList => self.on_auth_list(msg::decode_auth_list(body).map_err(drop), out),
+            Step::AuthPolkit => match msg::decode_i32(body) {
+                Ok(1) => self.after_auth(out),
                 _ => self.fail(
                     RemoteError::new(
                         err_code::AUTH_FAILED,
                         err_domain::RPC,
-                        "the driver daemon requires SASL, which virtproxyd cannot perform downstream",
+                        "polkit authentication of virtproxyd failed",
                     ),
-                    out,
-                ),
-            },
-            Step::AuthPolkit => match msg::decode_i32(body) {
-                Ok(1) => self.after_auth(out),
-                _ => self.fail(
-                    RemoteError::new(err_code::AUTH_FAILED, err_domain::RPC, "polkit authentication of virtproxyd failed"),
                     out,
                 ),
             },
@@ -619,7 +734,10 @@ impl Handshake {
             Step::Open => {
                 p.open_reply = Some(msg::build_frame(h, body));
                 let params = self.identity.params();
-                let (serial, frame) = self.call(remote_proc::CONNECT_SET_IDENTITY, &msg::set_identity_body(&params));
+                let (serial, frame) = self.call(
+                    remote_proc::CONNECT_SET_IDENTITY,
+                    &msg::set_identity_body(&params),
+                );
                 if let Phase::Downstream(p) = &mut self.phase {
                     p.step = Step::Identity;
                     p.serial = serial;
@@ -627,13 +745,40 @@ impl Handshake {
                 out.push(Action::ToDaemon(frame));
             }
             Step::Identity => {
-                if let Phase::Downstream(p) = std::mem::replace(&mut self.phase, Phase::Done) {
+                let phase = std::mem::replace(&mut self.phase, Phase::PreOpen);
+                if let Phase::Downstream(p) = phase {
                     if let Some(reply) = p.open_reply {
                         out.push(Action::ToClient(reply));
                     }
                     out.push(Action::StartRelay);
+                    self.phase = Phase::Done(p.target);
                 }
             }
+        }
+    }
+
+    /// The daemon's AUTH_LIST answer: go on to the open, through AUTH_POLKIT if asked.
+    fn on_auth_list(&mut self, types: Result<Vec<i32>, ()>, out: &mut Vec<Action>) {
+        match types {
+            Ok(types) if types.is_empty() || types.contains(&auth_type::NONE) => {
+                self.after_auth(out)
+            }
+            Ok(types) if types.contains(&auth_type::POLKIT) => {
+                let (serial, frame) = self.call(remote_proc::AUTH_POLKIT, &[]);
+                if let Phase::Downstream(p) = &mut self.phase {
+                    p.step = Step::AuthPolkit;
+                    p.serial = serial;
+                }
+                out.push(Action::ToDaemon(frame));
+            }
+            _ => self.fail(
+                RemoteError::new(
+                    err_code::AUTH_FAILED,
+                    err_domain::RPC,
+                    "the driver daemon requires SASL, which virtproxyd cannot perform downstream",
+                ),
+                out,
+            ),
         }
     }
 

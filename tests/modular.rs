@@ -409,3 +409,60 @@ fn differential_workload_matches_libvirts_virtproxyd() {
         );
     }
 }
+
+/// Connections virtqemud holds from the proxy itself (an early downstream connection before
+/// its client's open carries the proxy's pid; an opened one carries the client's).
+fn proxy_own_clients_at_virtqemud(proxy_pid: u32) -> usize {
+    let pid = proxy_pid.to_string();
+    testbed()
+        .clients("virtqemud")
+        .iter()
+        .filter(|(_, i)| info_field(i, "unix_process_id") == Some(pid.as_str()))
+        .count()
+}
+
+/// After opens of qemu:///system, a new local client is connected to virtqemud as it arrives
+/// (the connect and AUTH_LIST overlap its own pre-open calls); a client that never opens
+/// does not hold that connection beyond a few seconds; and a client that opens another
+/// daemon still gets it.
+#[test]
+fn early_downstream_connection_is_made_bounded_and_dropped_on_a_wrong_guess() {
+    let _daemons = support::modular::daemons_shared();
+    for (backend, p) in proxies("") {
+        // One open per relay worker (clients are spread round-robin), so each has seen one.
+        for _ in 0..std::thread::available_parallelism().map_or(2, |n| n.get()) {
+            assert_ok(&virsh(&p.uri("qemu:///system"), &["uri"]), backend);
+        }
+        assert_eq!(proxy_own_clients_at_virtqemud(p.pid()), 0, "{backend}");
+        let idle = std::os::unix::net::UnixStream::connect(&p.rw_sock).unwrap();
+        assert!(
+            wait_for(Duration::from_secs(3), || proxy_own_clients_at_virtqemud(
+                p.pid()
+            ) == 1),
+            "{backend}: no early connection at virtqemud for a new client"
+        );
+        // It is closed while the client stays connected without opening (5 s bound).
+        let started = std::time::Instant::now();
+        assert!(
+            wait_for(Duration::from_secs(12), || proxy_own_clients_at_virtqemud(
+                p.pid()
+            ) == 0),
+            "{backend}: early connection held by a client that never opened"
+        );
+        assert!(
+            started.elapsed() >= Duration::from_secs(2),
+            "{backend}: dropped too soon to be of use: {:?}",
+            started.elapsed()
+        );
+        drop(idle);
+        // A wrong guess: the open goes to virtnetworkd and works.
+        let o = virsh(&p.uri("network:///system"), &["net-list", "--all"]);
+        assert_ok(&o, backend);
+        assert!(
+            wait_for(Duration::from_secs(3), || proxy_own_clients_at_virtqemud(
+                p.pid()
+            ) == 0),
+            "{backend}: the wrong guess stayed connected"
+        );
+    }
+}

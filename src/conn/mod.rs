@@ -162,8 +162,10 @@ pub(crate) enum TimerKind {
     ConnectRetry = 1,
     /// A TCP/TLS client must have completed its open by then.
     PreOpen = 2,
+    /// An early downstream connection not used by then is dropped.
+    Early = 3,
 }
-pub(crate) const TIMER_KINDS: usize = 3;
+pub(crate) const TIMER_KINDS: usize = 4;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) struct TimerKey {

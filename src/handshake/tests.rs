@@ -642,3 +642,143 @@ fn sasl_on_plain_tcp_needs_a_security_layer() {
         other => panic!("{other:?}"),
     }
 }
+
+fn test_target(socket: &str) -> Target {
+    Target {
+        uri: "test:///default".into(),
+        socket: socket.into(),
+        readonly: false,
+    }
+}
+
+/// An early connection asks for AUTH_LIST and nothing else until the client opens that same
+/// daemon; its answer, arriving before the open, is used as the open's own.
+#[test]
+fn early_connection_answered_before_the_open_is_used_by_it() {
+    let mut hs = Handshake::new(ListenerKind::UnixRw, Identity::default());
+    let mut out = vec![];
+    hs.connect_early(test_target("/d/sock"), &mut out);
+    assert_eq!(out, vec![Action::ConnectEarly("/d/sock".into())]);
+    let mut out = vec![];
+    hs.on_early_connected(&mut out);
+    let auth = only_daemon_frame(out);
+    assert_eq!(Header::check(&auth).unwrap().proc_, remote_proc::AUTH_LIST);
+    assert!(hs.wants_daemon_input() && hs.wants_client_input());
+    // The answer is kept; nothing goes to the daemon or the client.
+    let out = daemon(
+        &mut hs,
+        reply_to(&auth, MsgStatus::Ok),
+        &msg::auth_list_body(&[0]),
+    );
+    assert!(out.is_empty(), "{out:?}");
+    // The client's own pre-open calls are still answered locally.
+    let out = client(&mut hs, call(remote_proc::AUTH_LIST, 0), &[]);
+    assert!(matches!(out.as_slice(), [Action::ToClient(_)]), "{out:?}");
+    // Its open goes straight to CONNECT_OPEN on the early connection.
+    let out = client(&mut hs, call(1, 1), &open_body(Some("test:///default"), 0));
+    let [Action::UseEarly, Action::ToDaemon(open)] = out.as_slice() else {
+        panic!("expected the open on the early connection, got {out:?}");
+    };
+    let oh = Header::check(open).unwrap();
+    assert_eq!((oh.proc_, oh.serial), (1, 1));
+    let ident = only_daemon_frame(daemon(&mut hs, reply_to(open, MsgStatus::Ok), &[]));
+    assert_eq!(
+        Header::check(&ident).unwrap().proc_,
+        remote_proc::CONNECT_SET_IDENTITY
+    );
+    let out = daemon(&mut hs, reply_to(&ident, MsgStatus::Ok), &[]);
+    assert_eq!(out.last(), Some(&Action::StartRelay));
+    assert_eq!(
+        hs.opened().map(|t| t.socket.clone()),
+        Some("/d/sock".into())
+    );
+}
+
+/// An open that comes before the early AUTH_LIST answer waits for it, and goes through
+/// AUTH_POLKIT when the daemon asks for it, as a fresh connection would.
+#[test]
+fn early_connection_still_waiting_takes_the_usual_steps() {
+    let mut hs = Handshake::new(ListenerKind::UnixRw, Identity::default());
+    let mut out = vec![];
+    hs.connect_early(test_target("/d/sock"), &mut out);
+    let mut out = vec![];
+    hs.on_early_connected(&mut out);
+    let auth = only_daemon_frame(out);
+    let out = client(&mut hs, call(1, 5), &open_body(Some("test:///default"), 0));
+    assert_eq!(out, vec![Action::UseEarly]);
+    assert!(hs.in_downstream() && !hs.wants_client_input());
+    let pk = only_daemon_frame(daemon(
+        &mut hs,
+        reply_to(&auth, MsgStatus::Ok),
+        &msg::auth_list_body(&[2]),
+    ));
+    assert_eq!(Header::check(&pk).unwrap().proc_, remote_proc::AUTH_POLKIT);
+    let open = only_daemon_frame(daemon(
+        &mut hs,
+        reply_to(&pk, MsgStatus::Ok),
+        &msg::i32_body(1),
+    ));
+    assert_eq!(Header::check(&open).unwrap().serial, 5);
+}
+
+/// A guess that was wrong costs a disconnect and a fresh connect to the right daemon.
+#[test]
+fn early_connection_to_another_daemon_is_dropped_at_open() {
+    let mut hs = Handshake::new(ListenerKind::UnixRw, Identity::default());
+    let mut out = vec![];
+    hs.connect_early(test_target("/d/other-sock"), &mut out);
+    let mut out = vec![];
+    hs.on_early_connected(&mut out);
+    let out = client(&mut hs, call(1, 1), &open_body(Some("test:///default"), 0));
+    assert_eq!(
+        out,
+        vec![Action::Disconnect, Action::Connect("/d/sock".into())]
+    );
+    assert!(!hs.has_early());
+}
+
+/// A daemon that fails, closes or sends nonsense on the early connection is forgotten
+/// quietly: the client's open connects afresh and reports its own errors.
+#[test]
+fn early_connection_failures_are_silent() {
+    for case in 0..4 {
+        let mut hs = Handshake::new(ListenerKind::UnixRw, Identity::default());
+        let mut out = vec![];
+        hs.connect_early(test_target("/d/sock"), &mut out);
+        let mut out = vec![];
+        hs.on_early_connected(&mut out);
+        let auth = only_daemon_frame(out);
+        let out = match case {
+            0 => daemon(&mut hs, reply_to(&auth, MsgStatus::Error), &[]),
+            1 => {
+                let mut out = vec![];
+                hs.on_daemon_lost("closed the connection during open", &mut out);
+                out
+            }
+            2 => daemon(&mut hs, call(1, 0), &[]),
+            _ => {
+                let mut out = vec![];
+                hs.on_early_dropped(&mut out);
+                out
+            }
+        };
+        assert_eq!(out, vec![Action::Disconnect], "case {case}");
+        assert!(!hs.has_early() && !hs.wants_daemon_input(), "case {case}");
+        let out = client(&mut hs, call(1, 1), &open_body(Some("test:///default"), 0));
+        assert_eq!(out, vec![Action::Connect("/d/sock".into())], "case {case}");
+    }
+}
+
+/// No early connection once an open is under way, and a dropped-early event during an open
+/// does not touch the open's connection.
+#[test]
+fn early_connection_never_disturbs_an_open_in_progress() {
+    let mut hs = Handshake::new(ListenerKind::UnixRw, Identity::default());
+    client(&mut hs, call(1, 1), &open_body(Some("test:///default"), 0));
+    let mut out = vec![];
+    hs.connect_early(test_target("/d/sock"), &mut out);
+    assert!(out.is_empty());
+    hs.on_early_dropped(&mut out);
+    assert!(out.is_empty());
+    assert!(hs.in_downstream());
+}

@@ -30,7 +30,7 @@ use crate::conn::{
 use crate::reactor::{Event, Interest, Reactor};
 use crate::relay::tracker::{Tracker, Verdict};
 use crate::relay::{Pools, Pump};
-use crate::route::RouteTable;
+use crate::route::{RouteTable, Target};
 use crate::sys::FrameCutter;
 use crate::timers::Timers;
 use crate::tls::accept::Established;
@@ -216,6 +216,13 @@ impl Default for SaslSettings {
 /// How long the downstream handshake may take before the client gets an error (connect
 /// retries while the daemon's backlog is full included).
 const DOWNSTREAM_DEADLINE: Duration = Duration::from_secs(30);
+/// A local client is connected downstream as it arrives when the last open on its listener
+/// (in this worker) was this recent: that daemon is up, and most likely the one it opens.
+/// A daemon's idle exit is delayed by this at most (plus `EARLY_UNUSED_FOR`).
+const EARLY_GUESS_FOR: Duration = Duration::from_secs(10);
+/// An early connection the client has not opened by then is closed, so that a client idling
+/// before its open (or waiting on a polkit agent) does not hold a daemon connection.
+const EARLY_UNUSED_FOR: Duration = Duration::from_secs(5);
 /// Longest sleep of a worker with nothing due (a safety net; wake-ups come from the reactor).
 const IDLE_WAIT: Duration = Duration::from_millis(500);
 /// Largest frame accepted before CONNECT_OPEN from a local client; real opens are tiny.
@@ -262,6 +269,9 @@ pub struct Worker {
     timers: Timers<TimerKey>,
     /// New clients may be waiting in `rx` (the waker fired, or the last turn stopped early).
     inbox_pending: bool,
+    /// The daemon the last client of each local listener opened, and when: read-write,
+    /// read-only (see `EARLY_GUESS_FOR`).
+    last_open: [Option<(Target, Instant)>; 2],
 }
 
 impl Worker {
@@ -288,6 +298,7 @@ impl Worker {
             sasl,
             timers: Timers::default(),
             inbox_pending: false,
+            last_open: [None, None],
         };
         let raw = w.waker.as_raw_fd();
         w.reactor.add(raw, WAKER_TOKEN, Interest::Read)?;
@@ -536,6 +547,56 @@ impl Worker {
                 self.close(slot, "reactor registration failed");
                 return;
             }
+        }
+        self.connect_early(slot, nc.kind);
+        // The client has usually sent its first call by now, and an early connection has its
+        // AUTH_LIST queued: both go ahead without waiting for the next readiness report.
+        self.service(slot, gen);
+    }
+
+    /// Index into `last_open` for a local listener.
+    fn last_open_index(kind: ListenerKind) -> Option<usize> {
+        match kind {
+            ListenerKind::UnixRw => Some(0),
+            ListenerKind::UnixRo => Some(1),
+            _ => None,
+        }
+    }
+
+    /// Remembers which daemon a local client opened, for `connect_early`.
+    pub(super) fn note_open(&mut self, kind: ListenerKind, target: Target) {
+        if let Some(i) = Self::last_open_index(kind) {
+            self.last_open[i] = Some((target, Instant::now()));
+        }
+    }
+
+    /// Starts the downstream connection of a local client that just arrived, when the
+    /// listener's last open was recent (see `EARLY_GUESS_FOR`). Remote clients never cause
+    /// a daemon connection before they authenticate; a local one could reach the daemon's
+    /// socket itself.
+    fn connect_early(&mut self, slot: usize, kind: ListenerKind) {
+        let Some(i) = Self::last_open_index(kind) else {
+            return;
+        };
+        let Some((target, at)) = &self.last_open[i] else {
+            return;
+        };
+        if at.elapsed() >= EARLY_GUESS_FOR {
+            self.last_open[i] = None;
+            return;
+        }
+        let target = target.clone();
+        let Some(Conn {
+            state: State::Pre(p),
+            ..
+        }) = self.conns.get_mut(slot)
+        else {
+            return;
+        };
+        let mut out = Vec::new();
+        p.hs.connect_early(target, &mut out);
+        if let Err(why) = self.apply(slot, &mut out) {
+            self.close(slot, &why);
         }
     }
 

@@ -95,7 +95,7 @@ impl Worker {
                     Err(e) => p.hs.on_daemon_lost(&format!("failed: {e}"), &mut actions),
                 }
                 let mut used = 0;
-                while p.hs.in_downstream() {
+                while p.hs.wants_daemon_input() {
                     match frame_at(&p.d_rx[used..], PREOPEN_FRAME_MAX) {
                         Ok(Some(h)) => {
                             let end = used + h.len as usize;
@@ -276,8 +276,56 @@ impl Worker {
                         queue.push_front(a);
                     }
                 }
+                Action::ConnectEarly(path) => {
+                    let mut out = Vec::new();
+                    match crate::route::connect_nonblocking(&path) {
+                        Ok(sock) => {
+                            let raw = sock.as_raw_fd();
+                            self.reactor
+                                .add(raw, token(slot, gen, Side::Daemon), Interest::ReadOnly)
+                                .map_err(|e| e.to_string())?;
+                            conn.daemon = Some(sock);
+                            conn.daemon_path = Some(path);
+                            conn.daemon_write_watched = false;
+                            conn.daemon_readable = true;
+                            conn.daemon_hup = false;
+                            p.hs.on_early_connected(&mut out);
+                            let at = Instant::now() + EARLY_UNUSED_FOR;
+                            p.timers[TimerKind::Early as usize] = Some(at);
+                            self.timers.arm(at, timer_key(slot, gen, TimerKind::Early));
+                        }
+                        Err(e) => {
+                            // The client's open (if it comes) connects and reports for itself.
+                            tracing::debug!(
+                                conn = conn.id,
+                                "early connect to {}: {e}",
+                                path.display()
+                            );
+                            p.hs.on_early_dropped(&mut out);
+                        }
+                    }
+                    for a in out.into_iter().rev() {
+                        queue.push_front(a);
+                    }
+                }
+                Action::UseEarly => {
+                    conn.uri = p.hs.target().map(|t| t.uri.clone());
+                    p.timers[TimerKind::Early as usize] = None;
+                    let at = Instant::now() + DOWNSTREAM_DEADLINE;
+                    p.timers[TimerKind::Downstream as usize] = Some(at);
+                    self.timers
+                        .arm(at, timer_key(slot, gen, TimerKind::Downstream));
+                }
                 Action::Disconnect => {
-                    p.timers = [None; TIMER_KINDS];
+                    // Every timer of the downstream side; a remote client's own open deadline
+                    // stays.
+                    for kind in [
+                        TimerKind::Downstream,
+                        TimerKind::ConnectRetry,
+                        TimerKind::Early,
+                    ] {
+                        p.timers[kind as usize] = None;
+                    }
                     p.connecting = None;
                     p.d_rx.clear();
                     p.d_tx.clear();
@@ -341,12 +389,16 @@ impl Worker {
                         client_frame_verdict(kind, h)
                     })
                     .map_err(|e| format!("client side: {e}"))?;
+                    let opened = (conn.kind, p.hs.opened().cloned());
                     tracing::info!(
                         conn = conn.id,
                         uri = conn.uri.as_deref().unwrap_or(""),
                         daemon = %conn.daemon_path.as_deref().unwrap_or(Path::new("")).display(),
                         "connection opened and handed to the relay"
                     );
+                    if let (kind, Some(target)) = opened {
+                        self.note_open(kind, target);
+                    }
                 }
             }
         }
@@ -405,6 +457,7 @@ impl Worker {
             let Some(Conn {
                 state: State::Pre(p),
                 gen,
+                id,
                 ..
             }) = self.conns.get_mut(key.slot)
             else {
@@ -430,6 +483,10 @@ impl Worker {
                     Some(r) => out.push(Action::Connect(r.path.clone())),
                     None => continue,
                 },
+                TimerKind::Early => {
+                    tracing::debug!(conn = *id, "early downstream connection unused: dropped");
+                    p.hs.on_early_dropped(&mut out);
+                }
                 TimerKind::PreOpen => {
                     // libvirt drops dead peers by keepalive, which only runs once a client
                     // asks for it; an anonymous peer gets a fixed time to open instead.
