@@ -31,9 +31,6 @@ pub enum Action {
     ToDaemon(Vec<u8>),
     /// Connect to this daemon socket, then call `on_connected` or `on_connect_failed`.
     Connect(PathBuf),
-    /// Connect to this daemon socket ahead of the client's open (see `connect_early`), then
-    /// call `on_early_connected`, or `on_early_dropped` if it cannot be reached now.
-    ConnectEarly(PathBuf),
     /// The client's open goes over the early connection: its downstream deadline starts now.
     UseEarly,
     /// Drop the downstream connection (the open failed); the client stays in pre-open.
@@ -98,6 +95,14 @@ struct Early {
     serial: u32,
     /// The daemon's AUTH_LIST answer, once it came.
     auth_types: Option<Vec<i32>>,
+}
+
+/// Serial of the AUTH_LIST an early connection starts with (sent by the accept thread).
+const EARLY_SERIAL: u32 = 0;
+
+/// The first (and, until the client's open, only) call on an early connection.
+pub fn early_auth_list() -> Vec<u8> {
+    msg::call(program::REMOTE, remote_proc::AUTH_LIST, EARLY_SERIAL, &[])
 }
 
 /// Phase of the pre-open machine.
@@ -395,30 +400,22 @@ impl Handshake {
         self.in_downstream() || self.has_early()
     }
 
-    /// Starts the downstream connection to `target` now, before the client's CONNECT_OPEN.
-    /// Nothing is sent on it but AUTH_LIST (which only authenticates virtproxyd itself) until
-    /// the client has authenticated and opened that same daemon; any other open drops it.
-    pub fn connect_early(&mut self, target: Target, out: &mut Vec<Action>) {
-        if matches!(self.phase, Phase::PreOpen) && self.early.is_none() {
-            out.push(Action::ConnectEarly(target.socket.clone()));
-            self.early = Some(Early {
-                target,
-                serial: 0,
-                auth_types: None,
-            });
+    /// The client comes with a downstream connection to `target`, made before its
+    /// CONNECT_OPEN, on which `early_auth_list()` was sent. Nothing else is sent on it (the
+    /// AUTH_LIST only authenticates virtproxyd itself) until the client has authenticated
+    /// and opened that same daemon; any other open drops it. False if it cannot be taken
+    /// (the pre-open exchange has begun).
+    pub fn with_early(&mut self, target: Target) -> bool {
+        if !matches!(self.phase, Phase::PreOpen) || self.early.is_some() {
+            return false;
         }
-    }
-
-    /// The early connection is up: ask for its authentication types.
-    pub fn on_early_connected(&mut self, out: &mut Vec<Action>) {
-        if self.early.is_none() {
-            return;
-        }
-        let (serial, frame) = self.call(remote_proc::AUTH_LIST, &[]);
-        if let Some(e) = &mut self.early {
-            e.serial = serial;
-            out.push(Action::ToDaemon(frame));
-        }
+        self.early = Some(Early {
+            target,
+            serial: EARLY_SERIAL,
+            auth_types: None,
+        });
+        self.next_serial = self.next_serial.max(EARLY_SERIAL + 1);
+        true
     }
 
     /// The early connection failed, went quiet too long, or was lost before the client's

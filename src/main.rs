@@ -328,6 +328,7 @@ fn run(argv0: &str, cli: cli::Cli) -> i32 {
             tcp_min_ssf: cfg.tcp_min_ssf,
             allowed: cfg.sasl_allowed_username_list.clone().map(Into::into),
         },
+        last_open: Default::default(),
     });
     let workers = match cfg.worker_threads {
         0 => std::thread::available_parallelism()

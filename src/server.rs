@@ -379,6 +379,12 @@ pub fn run(mut opts: ServerOpts) -> io::Result<Stopped> {
                             worker: owner,
                             unauthenticated: starts_anonymous(shared, l.kind)
                                 .then(|| Unauthenticated::new(shared)),
+                            // Started here, not in the worker: the daemon's accept then
+                            // overlaps the hand-over too.
+                            early: shared
+                                .last_open
+                                .guess(l.kind)
+                                .and_then(crate::worker::connect_early),
                         };
                         let to = if tls && !handshakers.is_empty() {
                             next_handshaker = next_handshaker.wrapping_add(1);

@@ -104,6 +104,7 @@ fn proxy() -> &'static Proxy {
             auth: virtproxyd::worker::ListenerAuth::NONE,
             registry: Default::default(),
             sasl: Default::default(),
+            last_open: Default::default(),
         });
         std::thread::spawn(move || {
             let _ = server::run(ServerOpts {

@@ -656,13 +656,9 @@ fn test_target(socket: &str) -> Target {
 #[test]
 fn early_connection_answered_before_the_open_is_used_by_it() {
     let mut hs = Handshake::new(ListenerKind::UnixRw, Identity::default());
-    let mut out = vec![];
-    hs.connect_early(test_target("/d/sock"), &mut out);
-    assert_eq!(out, vec![Action::ConnectEarly("/d/sock".into())]);
-    let mut out = vec![];
-    hs.on_early_connected(&mut out);
-    let auth = only_daemon_frame(out);
+    let auth = early_auth_list();
     assert_eq!(Header::check(&auth).unwrap().proc_, remote_proc::AUTH_LIST);
+    assert!(hs.with_early(test_target("/d/sock")));
     assert!(hs.wants_daemon_input() && hs.wants_client_input());
     // The answer is kept; nothing goes to the daemon or the client.
     let out = daemon(
@@ -682,10 +678,9 @@ fn early_connection_answered_before_the_open_is_used_by_it() {
     let oh = Header::check(open).unwrap();
     assert_eq!((oh.proc_, oh.serial), (1, 1));
     let ident = only_daemon_frame(daemon(&mut hs, reply_to(open, MsgStatus::Ok), &[]));
-    assert_eq!(
-        Header::check(&ident).unwrap().proc_,
-        remote_proc::CONNECT_SET_IDENTITY
-    );
+    let ih = Header::check(&ident).unwrap();
+    assert_eq!(ih.proc_, remote_proc::CONNECT_SET_IDENTITY);
+    assert_ne!(ih.serial, Header::check(&auth).unwrap().serial);
     let out = daemon(&mut hs, reply_to(&ident, MsgStatus::Ok), &[]);
     assert_eq!(out.last(), Some(&Action::StartRelay));
     assert_eq!(
@@ -699,11 +694,8 @@ fn early_connection_answered_before_the_open_is_used_by_it() {
 #[test]
 fn early_connection_still_waiting_takes_the_usual_steps() {
     let mut hs = Handshake::new(ListenerKind::UnixRw, Identity::default());
-    let mut out = vec![];
-    hs.connect_early(test_target("/d/sock"), &mut out);
-    let mut out = vec![];
-    hs.on_early_connected(&mut out);
-    let auth = only_daemon_frame(out);
+    assert!(hs.with_early(test_target("/d/sock")));
+    let auth = early_auth_list();
     let out = client(&mut hs, call(1, 5), &open_body(Some("test:///default"), 0));
     assert_eq!(out, vec![Action::UseEarly]);
     assert!(hs.in_downstream() && !hs.wants_client_input());
@@ -725,10 +717,7 @@ fn early_connection_still_waiting_takes_the_usual_steps() {
 #[test]
 fn early_connection_to_another_daemon_is_dropped_at_open() {
     let mut hs = Handshake::new(ListenerKind::UnixRw, Identity::default());
-    let mut out = vec![];
-    hs.connect_early(test_target("/d/other-sock"), &mut out);
-    let mut out = vec![];
-    hs.on_early_connected(&mut out);
+    assert!(hs.with_early(test_target("/d/other-sock")));
     let out = client(&mut hs, call(1, 1), &open_body(Some("test:///default"), 0));
     assert_eq!(
         out,
@@ -743,11 +732,8 @@ fn early_connection_to_another_daemon_is_dropped_at_open() {
 fn early_connection_failures_are_silent() {
     for case in 0..4 {
         let mut hs = Handshake::new(ListenerKind::UnixRw, Identity::default());
-        let mut out = vec![];
-        hs.connect_early(test_target("/d/sock"), &mut out);
-        let mut out = vec![];
-        hs.on_early_connected(&mut out);
-        let auth = only_daemon_frame(out);
+        assert!(hs.with_early(test_target("/d/sock")));
+        let auth = early_auth_list();
         let out = match case {
             0 => daemon(&mut hs, reply_to(&auth, MsgStatus::Error), &[]),
             1 => {
@@ -775,9 +761,8 @@ fn early_connection_failures_are_silent() {
 fn early_connection_never_disturbs_an_open_in_progress() {
     let mut hs = Handshake::new(ListenerKind::UnixRw, Identity::default());
     client(&mut hs, call(1, 1), &open_body(Some("test:///default"), 0));
+    assert!(!hs.with_early(test_target("/d/sock")));
     let mut out = vec![];
-    hs.connect_early(test_target("/d/sock"), &mut out);
-    assert!(out.is_empty());
     hs.on_early_dropped(&mut out);
     assert!(out.is_empty());
     assert!(hs.in_downstream());

@@ -54,6 +54,80 @@ pub struct NewConn {
     /// The listener's auth; with anything but none the client keeps `unauthenticated` until
     /// it has authenticated.
     pub auth: Auth,
+    /// A downstream connection made on accepting it (see `LastOpen`).
+    pub early: Option<EarlyConn>,
+}
+
+/// A daemon connection made as its client was accepted, with `handshake::early_auth_list()`
+/// sent on it.
+#[derive(Debug)]
+pub struct EarlyConn {
+    pub target: Target,
+    pub fd: OwnedFd,
+}
+
+/// The daemon the last local client of each listener opened, and when: the accept thread
+/// connects a new client of that listener to that daemon right away if it was recent
+/// (`EARLY_GUESS_FOR`), so that the daemon's accept and first call overlap the client's own
+/// pre-open calls. Written once per open, read once per accept: never on a relay path.
+#[derive(Debug, Default)]
+pub struct LastOpen(std::sync::Mutex<[Option<(Target, Instant)>; 2]>);
+
+impl LastOpen {
+    fn index(kind: ListenerKind) -> Option<usize> {
+        match kind {
+            ListenerKind::UnixRw => Some(0),
+            ListenerKind::UnixRo => Some(1),
+            _ => None,
+        }
+    }
+
+    fn slots(&self) -> std::sync::MutexGuard<'_, [Option<(Target, Instant)>; 2]> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn note(&self, kind: ListenerKind, target: &Target) {
+        if let Some(i) = Self::index(kind) {
+            let mut slots = self.slots();
+            match &mut slots[i] {
+                Some((t, at)) if t == target => *at = Instant::now(),
+                slot => *slot = Some((target.clone(), Instant::now())),
+            }
+        }
+    }
+
+    /// Where a new client of `kind` most likely goes, if a client of it opened recently.
+    pub fn guess(&self, kind: ListenerKind) -> Option<Target> {
+        let i = Self::index(kind)?;
+        let slots = self.slots();
+        let (target, at) = slots[i].as_ref()?;
+        (at.elapsed() < EARLY_GUESS_FOR).then(|| target.clone())
+    }
+}
+
+/// Connects to `target` and sends the early AUTH_LIST; `None` (logged) when the daemon
+/// cannot be reached now: the client's open will connect and report for itself.
+pub fn connect_early(target: Target) -> Option<EarlyConn> {
+    let fd = match crate::route::connect_nonblocking(&target.socket) {
+        Ok(fd) => fd,
+        Err(e) => {
+            tracing::debug!("early connect to {}: {e}", target.socket.display());
+            return None;
+        }
+    };
+    let frame = crate::handshake::early_auth_list();
+    // A fresh UNIX socket takes a 28-byte write whole.
+    match nix::sys::socket::send(
+        fd.as_raw_fd(),
+        &frame,
+        nix::sys::socket::MsgFlags::MSG_DONTWAIT | nix::sys::socket::MsgFlags::MSG_NOSIGNAL,
+    ) {
+        Ok(n) if n == frame.len() => Some(EarlyConn { target, fd }),
+        r => {
+            tracing::debug!("early AUTH_LIST to {}: {r:?}", target.socket.display());
+            None
+        }
+    }
 }
 
 /// The auth each listener kind asks for (fixed at start; a change needs a restart).
@@ -194,6 +268,8 @@ pub struct Shared {
     pub registry: crate::registry::Registry,
     /// SASL settings (fixed at start, as libvirt reads them once).
     pub sasl: SaslSettings,
+    /// Where local clients' opens went lately, for early connections.
+    pub last_open: LastOpen,
 }
 
 /// `tcp_min_ssf` and `sasl_allowed_username_list`.
@@ -217,8 +293,8 @@ impl Default for SaslSettings {
 /// retries while the daemon's backlog is full included).
 const DOWNSTREAM_DEADLINE: Duration = Duration::from_secs(30);
 /// A local client is connected downstream as it arrives when the last open on its listener
-/// (in this worker) was this recent: that daemon is up, and most likely the one it opens.
-/// A daemon's idle exit is delayed by this at most (plus `EARLY_UNUSED_FOR`).
+/// was this recent: that daemon is up, and most likely the one it opens. A daemon's idle exit
+/// is delayed by this at most (plus `EARLY_UNUSED_FOR`).
 const EARLY_GUESS_FOR: Duration = Duration::from_secs(10);
 /// An early connection the client has not opened by then is closed, so that a client idling
 /// before its open (or waiting on a polkit agent) does not hold a daemon connection.
@@ -269,9 +345,6 @@ pub struct Worker {
     timers: Timers<TimerKey>,
     /// New clients may be waiting in `rx` (the waker fired, or the last turn stopped early).
     inbox_pending: bool,
-    /// The daemon the last client of each local listener opened, and when: read-write,
-    /// read-only (see `EARLY_GUESS_FOR`).
-    last_open: [Option<(Target, Instant)>; 2],
 }
 
 impl Worker {
@@ -298,7 +371,6 @@ impl Worker {
             sasl,
             timers: Timers::default(),
             inbox_pending: false,
-            last_open: [None, None],
         };
         let raw = w.waker.as_raw_fd();
         w.reactor.add(raw, WAKER_TOKEN, Interest::Read)?;
@@ -548,56 +620,53 @@ impl Worker {
                 return;
             }
         }
-        self.connect_early(slot, nc.kind);
-        // The client has usually sent its first call by now, and an early connection has its
-        // AUTH_LIST queued: both go ahead without waiting for the next readiness report.
+        if let Some(early) = nc.early {
+            self.take_early(slot, gen, early);
+        }
+        // The client has usually sent its first call by now, and an early connection's
+        // answer may be in: both are read without waiting for the next readiness report.
         self.service(slot, gen);
     }
 
-    /// Index into `last_open` for a local listener.
-    fn last_open_index(kind: ListenerKind) -> Option<usize> {
-        match kind {
-            ListenerKind::UnixRw => Some(0),
-            ListenerKind::UnixRo => Some(1),
-            _ => None,
+    /// Gives a new client the daemon connection the accept thread made for it.
+    fn take_early(&mut self, slot: usize, gen: u32, early: EarlyConn) {
+        let Some(conn) = self.conns.get_mut(slot) else {
+            return;
+        };
+        let State::Pre(p) = &mut conn.state else {
+            return;
+        };
+        if !p.hs.with_early(early.target) {
+            return;
         }
+        if let Err(e) = self.reactor.add(
+            early.fd.as_raw_fd(),
+            token(slot, gen, Side::Daemon),
+            Interest::ReadOnly,
+        ) {
+            tracing::warn!(conn = conn.id, "cannot watch the early daemon socket: {e}");
+            p.hs.on_early_dropped(&mut Vec::new());
+            return;
+        }
+        conn.daemon = Some(early.fd);
+        conn.daemon_write_watched = false;
+        conn.daemon_readable = true;
+        conn.daemon_hup = false;
+        let at = Instant::now() + EARLY_UNUSED_FOR;
+        p.timers[TimerKind::Early as usize] = Some(at);
+        self.timers.arm(
+            at,
+            TimerKey {
+                slot,
+                gen,
+                kind: TimerKind::Early,
+            },
+        );
     }
 
-    /// Remembers which daemon a local client opened, for `connect_early`.
+    /// Remembers which daemon a local client opened, for the next clients' early connections.
     pub(super) fn note_open(&mut self, kind: ListenerKind, target: Target) {
-        if let Some(i) = Self::last_open_index(kind) {
-            self.last_open[i] = Some((target, Instant::now()));
-        }
-    }
-
-    /// Starts the downstream connection of a local client that just arrived, when the
-    /// listener's last open was recent (see `EARLY_GUESS_FOR`). Remote clients never cause
-    /// a daemon connection before they authenticate; a local one could reach the daemon's
-    /// socket itself.
-    fn connect_early(&mut self, slot: usize, kind: ListenerKind) {
-        let Some(i) = Self::last_open_index(kind) else {
-            return;
-        };
-        let Some((target, at)) = &self.last_open[i] else {
-            return;
-        };
-        if at.elapsed() >= EARLY_GUESS_FOR {
-            self.last_open[i] = None;
-            return;
-        }
-        let target = target.clone();
-        let Some(Conn {
-            state: State::Pre(p),
-            ..
-        }) = self.conns.get_mut(slot)
-        else {
-            return;
-        };
-        let mut out = Vec::new();
-        p.hs.connect_early(target, &mut out);
-        if let Err(why) = self.apply(slot, &mut out) {
-            self.close(slot, &why);
-        }
+        self.shared.last_open.note(kind, &target);
     }
 
     /// Records that a socket may have data, so its pump will read it.

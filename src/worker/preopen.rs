@@ -276,40 +276,9 @@ impl Worker {
                         queue.push_front(a);
                     }
                 }
-                Action::ConnectEarly(path) => {
-                    let mut out = Vec::new();
-                    match crate::route::connect_nonblocking(&path) {
-                        Ok(sock) => {
-                            let raw = sock.as_raw_fd();
-                            self.reactor
-                                .add(raw, token(slot, gen, Side::Daemon), Interest::ReadOnly)
-                                .map_err(|e| e.to_string())?;
-                            conn.daemon = Some(sock);
-                            conn.daemon_path = Some(path);
-                            conn.daemon_write_watched = false;
-                            conn.daemon_readable = true;
-                            conn.daemon_hup = false;
-                            p.hs.on_early_connected(&mut out);
-                            let at = Instant::now() + EARLY_UNUSED_FOR;
-                            p.timers[TimerKind::Early as usize] = Some(at);
-                            self.timers.arm(at, timer_key(slot, gen, TimerKind::Early));
-                        }
-                        Err(e) => {
-                            // The client's open (if it comes) connects and reports for itself.
-                            tracing::debug!(
-                                conn = conn.id,
-                                "early connect to {}: {e}",
-                                path.display()
-                            );
-                            p.hs.on_early_dropped(&mut out);
-                        }
-                    }
-                    for a in out.into_iter().rev() {
-                        queue.push_front(a);
-                    }
-                }
                 Action::UseEarly => {
                     conn.uri = p.hs.target().map(|t| t.uri.clone());
+                    conn.daemon_path = p.hs.target().map(|t| t.socket.clone());
                     p.timers[TimerKind::Early as usize] = None;
                     let at = Instant::now() + DOWNSTREAM_DEADLINE;
                     p.timers[TimerKind::Downstream as usize] = Some(at);
