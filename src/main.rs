@@ -331,8 +331,12 @@ fn run(argv0: &str, cli: cli::Cli) -> i32 {
         last_open: Default::default(),
     });
     let workers = match cfg.worker_threads {
+        // One per two CPUs: the daemons behind the proxy need CPU as much as the relay, and
+        // fewer workers each take more events per wake-up. On 2 vCPUs, 1 worker against 2
+        // cost 15-20 % less CPU per relayed call at 8 clients (fewer context switches: 0.6
+        // per call against 1.1), at an equal or better call rate; equal at 1 client.
         0 => std::thread::available_parallelism()
-            .map(|n| n.get())
+            .map(|n| n.get().div_ceil(2))
             .unwrap_or(1),
         n => n as usize,
     };

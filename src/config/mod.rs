@@ -327,7 +327,7 @@ pub struct Config {
     pub driver_sockets: Vec<(String, PathBuf)>,
     /// Reactor backend (`$VIRTPROXYD_IO_BACKEND` wins over the file).
     pub io_backend: IoBackend,
-    /// Reactor worker threads; 0 = number of CPUs.
+    /// Reactor worker threads; 0 = one per two CPUs, at least one.
     pub worker_threads: u32,
 
     // --- not keys ---
