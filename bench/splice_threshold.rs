@@ -4,23 +4,16 @@
 //!
 //! `cargo bench --bench splice_threshold` (env VPD_BENCH_MIB sets the volume per run).
 
+#[path = "util.rs"]
+mod util;
 use std::io::{Read, Write};
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::time::Instant;
+use util::thread_cpu;
 
 use virtproxyd::relay::tracker::Verdict;
 use virtproxyd::relay::{Drive, Pools, Pump};
-
-fn thread_cpu() -> f64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid timespec out-pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
-}
 
 fn frame(body: usize) -> Vec<u8> {
     let mut f = Vec::with_capacity(28 + body);

@@ -13,6 +13,8 @@
 //! `cargo bench --bench uring_relay` (VPD_BENCH_SECS per run, default 1.5; VPD_BENCH_REPS,
 //! default 5).
 
+#[path = "util.rs"]
+mod util;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
@@ -20,21 +22,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
+use util::thread_cpu;
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
 /// A libvirt call header's size: the relay's typical small message.
 const MSG: usize = 28;
-
-fn thread_cpu() -> f64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid timespec out-pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
-}
 
 fn voluntary_switches() -> u64 {
     std::fs::read_to_string("/proc/thread-self/status")
@@ -98,7 +91,9 @@ impl Ends {
     }
 }
 
-fn relay_epoll(ends: &Ends, stop: &AtomicBool) {
+/// Edge-triggered epoll over every socket of `ends`, calling `ready(i)` for each readable
+/// one, until `stop`.
+fn epoll_loop(ends: &Ends, stop: &AtomicBool, mut ready: impl FnMut(usize)) {
     // SAFETY: plain syscalls on fds we own for the duration.
     let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
     for i in 0..ends.ends.len() {
@@ -110,16 +105,20 @@ fn relay_epoll(ends: &Ends, stop: &AtomicBool) {
         unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, ends.fd(i), &mut ev) };
     }
     let mut evs = vec![libc::epoll_event { events: 0, u64: 0 }; 64];
-    let mut buf = vec![0u8; 64 * 1024];
     while !stop.load(Ordering::Relaxed) {
         // SAFETY: evs has room for 64 events.
         let n = unsafe { libc::epoll_wait(ep, evs.as_mut_ptr(), 64, 50) };
         for ev in evs.iter().take(n.max(0) as usize) {
-            ends.forward(ev.u64 as usize, &mut buf);
+            ready(ev.u64 as usize);
         }
     }
     // SAFETY: closing our epoll fd.
     unsafe { libc::close(ep) };
+}
+
+fn relay_epoll(ends: &Ends, stop: &AtomicBool) {
+    let mut buf = vec![0u8; 64 * 1024];
+    epoll_loop(ends, stop, |i| ends.forward(i, &mut buf));
 }
 
 fn wait(ring: &mut IoUring) {
@@ -275,31 +274,14 @@ fn run(mode: Mode, clients: usize, secs: f64) -> Sample {
         thread::spawn(move || {
             let ends = Ends { ends: daemon_ends };
             // The echo side answers each message back on its own socket.
-            // SAFETY: plain syscalls on fds we own.
-            let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-            for i in 0..ends.ends.len() {
-                let mut ev = libc::epoll_event {
-                    events: (libc::EPOLLIN | libc::EPOLLET) as u32,
-                    u64: i as u64,
-                };
-                unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, ends.fd(i), &mut ev) };
-            }
-            let mut evs = vec![libc::epoll_event { events: 0, u64: 0 }; 64];
             let mut buf = vec![0u8; 64 * 1024];
-            while !stop.load(Ordering::Relaxed) {
-                let n = unsafe { libc::epoll_wait(ep, evs.as_mut_ptr(), 64, 50) };
-                for ev in evs.iter().take(n.max(0) as usize) {
-                    let fd = ends.fd(ev.u64 as usize);
-                    loop {
-                        let n = recv(fd, &mut buf);
-                        if n <= 0 {
-                            break;
-                        }
-                        send_all(fd, &buf[..n as usize]);
-                    }
+            epoll_loop(&ends, &stop, |i| loop {
+                let n = recv(ends.fd(i), &mut buf);
+                if n <= 0 {
+                    break;
                 }
-            }
-            unsafe { libc::close(ep) };
+                send_all(ends.fd(i), &buf[..n as usize]);
+            });
         })
     };
     let relay = {

@@ -279,18 +279,20 @@ fn polkit_downstream_is_performed() {
     let mut out = vec![];
     hs.on_connected(&mut out);
     let auth = only_daemon_frame(out);
+    let open = polkit_then_open(&mut hs, &auth);
+    assert_eq!(Header::check(&open).unwrap().proc_, 1);
+}
+
+/// The daemon answers `auth` (AUTH_LIST) with polkit: AUTH_POLKIT goes down, and once it
+/// succeeds the open; returns the open's frame.
+fn polkit_then_open(hs: &mut Handshake, auth: &[u8]) -> Vec<u8> {
     let pk = only_daemon_frame(daemon(
-        &mut hs,
-        reply_to(&auth, MsgStatus::Ok),
+        hs,
+        reply_to(auth, MsgStatus::Ok),
         &msg::auth_list_body(&[2]),
     ));
     assert_eq!(Header::check(&pk).unwrap().proc_, remote_proc::AUTH_POLKIT);
-    let open = only_daemon_frame(daemon(
-        &mut hs,
-        reply_to(&pk, MsgStatus::Ok),
-        &msg::i32_body(1),
-    ));
-    assert_eq!(Header::check(&open).unwrap().proc_, 1);
+    only_daemon_frame(daemon(hs, reply_to(&pk, MsgStatus::Ok), &msg::i32_body(1)))
 }
 
 fn peer(uid: u32, process_time: u64) -> Identity {
@@ -699,17 +701,7 @@ fn early_connection_still_waiting_takes_the_usual_steps() {
     let out = client(&mut hs, call(1, 5), &open_body(Some("test:///default"), 0));
     assert_eq!(out, vec![Action::UseEarly]);
     assert!(hs.in_downstream() && !hs.wants_client_input());
-    let pk = only_daemon_frame(daemon(
-        &mut hs,
-        reply_to(&auth, MsgStatus::Ok),
-        &msg::auth_list_body(&[2]),
-    ));
-    assert_eq!(Header::check(&pk).unwrap().proc_, remote_proc::AUTH_POLKIT);
-    let open = only_daemon_frame(daemon(
-        &mut hs,
-        reply_to(&pk, MsgStatus::Ok),
-        &msg::i32_body(1),
-    ));
+    let open = polkit_then_open(&mut hs, &auth);
     assert_eq!(Header::check(&open).unwrap().serial, 5);
 }
 
