@@ -1,6 +1,7 @@
 #![no_main]
 //! Arbitrary client bytes, cut into frames, fed to the pre-open machine, with arbitrary daemon
-//! replies: it must never panic, and every reply it emits must be a well-formed frame.
+//! replies (some before the client's open, on an early downstream connection): it must never
+//! panic, and every reply it emits must be a well-formed frame.
 use libfuzzer_sys::fuzz_target;
 use virtproxyd::handshake::{Action, Handshake};
 use virtproxyd::identity::Identity;
@@ -28,13 +29,23 @@ fuzz_target!(|data: &[u8]| {
     } else {
         Handshake::new(kind, Identity::default())
     };
+    // The fourth bit: the client comes with an early downstream connection to the test driver.
+    if flags & 8 == 8 {
+        hs.with_early(virtproxyd::route::Target {
+            uri: "test:///default".into(),
+            socket: "/nonexistent/s".into(),
+            readonly: flags & 16 == 16,
+        });
+    }
     let mut rest = data;
     let mut out = Vec::new();
     let mut to_daemon = false;
     while let Ok(h) = Header::check(rest) {
         let len = (h.len as usize).min(rest.len());
         let body = &rest[Header::SIZE..len];
-        if to_daemon {
+        // Replies go to the early connection while it waits for the client's open.
+        let early_reply = hs.has_early() && h.mtype == virtproxyd::proto::MsgType::Reply;
+        if to_daemon || early_reply {
             hs.on_daemon_frame(&h, body, &mut out);
         } else {
             hs.on_client_frame(&h, body, &routes, &|_| true, &mut out);
@@ -53,6 +64,7 @@ fuzz_target!(|data: &[u8]| {
                     to_daemon = true;
                     pending.extend(more);
                 }
+                Action::UseEarly => to_daemon = true,
                 Action::Disconnect | Action::StartRelay | Action::Close(_) => to_daemon = false,
                 Action::AskPolkit(q) => {
                     let mut more = Vec::new();
