@@ -421,14 +421,15 @@ impl Handshake {
     /// The early connection failed, went quiet too long, or was lost before the client's
     /// open used it: forget it (an open connects afresh, reporting its own errors).
     pub fn on_early_dropped(&mut self, out: &mut Vec<Action>) {
-        if !matches!(self.phase, Phase::Downstream(_)) && self.early.take().is_some() {
+        if self.early.take().is_some() {
             out.push(Action::Disconnect);
         }
     }
 
-    /// Whether an early connection waits for the client's open.
+    /// Whether an early connection waits for the client's open (it is set only before the
+    /// open and taken by it, so never during or after a downstream handshake).
     pub fn has_early(&self) -> bool {
-        self.early.is_some() && !matches!(self.phase, Phase::Downstream(_) | Phase::Done(_))
+        self.early.is_some()
     }
 
     /// A daemon frame on the early connection, before the client's open.
@@ -586,7 +587,6 @@ impl Handshake {
         // Only the read-only bit means anything to the daemon (§3.2); it is forced on the ro
         // listener, where the daemon socket is the -ro one as well (trap 5).
         let readonly = self.listener == ListenerKind::UnixRo || args.flags & 1 != 0;
-        let early_was_some = self.early.is_some();
         match routes.resolve(args.name.as_deref(), readonly, exists) {
             Err(e) => {
                 let e = e.to_remote();
@@ -595,13 +595,20 @@ impl Handshake {
             }
             Ok(target) => {
                 let early = self.early.take();
+                let had_early = early.is_some();
                 let reuse = early.filter(|e| e.target.socket == target.socket);
-                if reuse.is_none() && early_was_some {
-                    out.push(Action::Disconnect);
-                }
                 let (step, serial) = match &reuse {
-                    Some(e) => (Step::AuthList, e.serial),
-                    None => (Step::Connecting, 0),
+                    Some(e) => {
+                        out.push(Action::UseEarly);
+                        (Step::AuthList, e.serial)
+                    }
+                    None => {
+                        if had_early {
+                            out.push(Action::Disconnect);
+                        }
+                        out.push(Action::Connect(target.socket.clone()));
+                        (Step::Connecting, 0)
+                    }
                 };
                 self.phase = Phase::Downstream(Box::new(Pending {
                     open_header: *h,
@@ -610,18 +617,9 @@ impl Handshake {
                     serial,
                     open_reply: None,
                 }));
-                match reuse {
-                    None => {
-                        if let Phase::Downstream(p) = &self.phase {
-                            out.push(Action::Connect(p.target.socket.clone()));
-                        }
-                    }
-                    Some(e) => {
-                        out.push(Action::UseEarly);
-                        if let Some(types) = e.auth_types {
-                            self.on_auth_list(Ok(types), out);
-                        }
-                    }
+                // An answer the early connection already has is this open's own.
+                if let Some(types) = reuse.and_then(|e| e.auth_types) {
+                    self.on_auth_list(Ok(types), out);
                 }
             }
         }
