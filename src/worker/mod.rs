@@ -639,34 +639,15 @@ impl Worker {
         if !p.hs.with_early(early.target) {
             return;
         }
-        if let Err(e) = self.reactor.add(
-            early.fd.as_raw_fd(),
-            token(slot, gen, Side::Daemon),
-            Interest::ReadOnly,
-        ) {
-            tracing::warn!(conn = conn.id, "cannot watch the early daemon socket: {e}");
-            p.hs.on_early_dropped(&mut Vec::new());
-            return;
-        }
-        conn.daemon = Some(early.fd);
-        conn.daemon_write_watched = false;
-        conn.daemon_readable = true;
-        conn.daemon_hup = false;
         let at = Instant::now() + EARLY_UNUSED_FOR;
-        p.timers[TimerKind::Early as usize] = Some(at);
-        self.timers.arm(
-            at,
-            TimerKey {
-                slot,
-                gen,
-                kind: TimerKind::Early,
-            },
-        );
-    }
-
-    /// Remembers which daemon a local client opened, for the next clients' early connections.
-    pub(super) fn note_open(&mut self, kind: ListenerKind, target: Target) {
-        self.shared.last_open.note(kind, &target);
+        preopen::arm_timer(&mut self.timers, p, slot, gen, TimerKind::Early, at);
+        if let Err(e) = preopen::attach_daemon(&mut self.reactor, conn, slot, gen, early.fd) {
+            tracing::warn!(conn = conn.id, "cannot watch the early daemon socket: {e}");
+            if let State::Pre(p) = &mut conn.state {
+                p.hs.on_early_dropped(&mut Vec::new());
+                p.timers[TimerKind::Early as usize] = None;
+            }
+        }
     }
 
     /// Records that a socket may have data, so its pump will read it.

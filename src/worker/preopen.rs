@@ -219,8 +219,6 @@ impl Worker {
                     let first = p.connecting.is_none();
                     match crate::route::connect_nonblocking(&path) {
                         Ok(sock) => {
-                            let raw = sock.as_raw_fd();
-                            conn.daemon = Some(sock);
                             conn.uri = p.hs.target().map(|t| t.uri.clone());
                             conn.daemon_path = Some(path.clone());
                             p.connecting = None;
@@ -228,16 +226,17 @@ impl Worker {
                             p.hs.on_connected(&mut out);
                             if first {
                                 let at = Instant::now() + DOWNSTREAM_DEADLINE;
-                                p.timers[TimerKind::Downstream as usize] = Some(at);
-                                self.timers
-                                    .arm(at, timer_key(slot, gen, TimerKind::Downstream));
+                                arm_timer(
+                                    &mut self.timers,
+                                    p,
+                                    slot,
+                                    gen,
+                                    TimerKind::Downstream,
+                                    at,
+                                );
                             }
-                            self.reactor
-                                .add(raw, token(slot, gen, Side::Daemon), Interest::ReadOnly)
+                            attach_daemon(&mut self.reactor, conn, slot, gen, sock)
                                 .map_err(|e| e.to_string())?;
-                            conn.daemon_write_watched = false;
-                            conn.daemon_readable = true;
-                            conn.daemon_hup = false;
                         }
                         Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
                             // The daemon's listen backlog is full: park (the client is blocked
@@ -252,18 +251,21 @@ impl Worker {
                                     path.display()
                                 );
                                 let at = now + DOWNSTREAM_DEADLINE;
-                                p.timers[TimerKind::Downstream as usize] = Some(at);
-                                self.timers
-                                    .arm(at, timer_key(slot, gen, TimerKind::Downstream));
+                                arm_timer(
+                                    &mut self.timers,
+                                    p,
+                                    slot,
+                                    gen,
+                                    TimerKind::Downstream,
+                                    at,
+                                );
                             }
                             let at = now + retry_delay(attempts, conn.id);
                             p.connecting = Some(Retry {
                                 path,
                                 attempts: attempts.saturating_add(1),
                             });
-                            p.timers[TimerKind::ConnectRetry as usize] = Some(at);
-                            self.timers
-                                .arm(at, timer_key(slot, gen, TimerKind::ConnectRetry));
+                            arm_timer(&mut self.timers, p, slot, gen, TimerKind::ConnectRetry, at);
                         }
                         Err(e) => {
                             tracing::info!(conn = conn.id, "cannot reach {}: {e}", path.display());
@@ -281,9 +283,7 @@ impl Worker {
                     conn.daemon_path = p.hs.target().map(|t| t.socket.clone());
                     p.timers[TimerKind::Early as usize] = None;
                     let at = Instant::now() + DOWNSTREAM_DEADLINE;
-                    p.timers[TimerKind::Downstream as usize] = Some(at);
-                    self.timers
-                        .arm(at, timer_key(slot, gen, TimerKind::Downstream));
+                    arm_timer(&mut self.timers, p, slot, gen, TimerKind::Downstream, at);
                 }
                 Action::Disconnect => {
                     // Every timer of the downstream side; a remote client's own open deadline
@@ -358,15 +358,14 @@ impl Worker {
                         client_frame_verdict(kind, h)
                     })
                     .map_err(|e| format!("client side: {e}"))?;
-                    let opened = (conn.kind, p.hs.opened().cloned());
                     tracing::info!(
                         conn = conn.id,
                         uri = conn.uri.as_deref().unwrap_or(""),
                         daemon = %conn.daemon_path.as_deref().unwrap_or(Path::new("")).display(),
                         "connection opened and handed to the relay"
                     );
-                    if let (kind, Some(target)) = opened {
-                        self.note_open(kind, target);
+                    if let Some(target) = p.hs.opened() {
+                        self.shared.last_open.note(conn.kind, target);
                     }
                 }
             }
@@ -483,4 +482,39 @@ impl Worker {
 
 fn timer_key(slot: usize, gen: u32, kind: TimerKind) -> TimerKey {
     TimerKey { slot, gen, kind }
+}
+
+/// Arms a pre-open deadline: the connection records it (to tell the live entry from stale
+/// ones) and the worker's heap holds it.
+pub(super) fn arm_timer(
+    timers: &mut Timers<TimerKey>,
+    p: &mut PreOpen,
+    slot: usize,
+    gen: u32,
+    kind: TimerKind,
+    at: Instant,
+) {
+    p.timers[kind as usize] = Some(at);
+    timers.arm(at, timer_key(slot, gen, kind));
+}
+
+/// Makes `sock` the connection's daemon socket, watched for reading only until a write to it
+/// blocks (`watch_blocked_writes`).
+pub(super) fn attach_daemon(
+    reactor: &mut Reactor,
+    conn: &mut Conn,
+    slot: usize,
+    gen: u32,
+    sock: OwnedFd,
+) -> io::Result<()> {
+    reactor.add(
+        sock.as_raw_fd(),
+        token(slot, gen, Side::Daemon),
+        Interest::ReadOnly,
+    )?;
+    conn.daemon = Some(sock);
+    conn.daemon_write_watched = false;
+    conn.daemon_readable = true;
+    conn.daemon_hup = false;
+    Ok(())
 }
