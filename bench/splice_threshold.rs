@@ -10,7 +10,7 @@ use std::io::{Read, Write};
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::time::Instant;
-use util::thread_cpu;
+use util::{median, thread_cpu};
 
 use virtproxyd::relay::tracker::Verdict;
 use virtproxyd::relay::{Drive, Pools, Pump};
@@ -88,22 +88,11 @@ fn run(body: usize, threshold: usize, total: usize) -> (f64, f64) {
     (expect as f64 / secs / 1e9, cpu / gib)
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
-}
-
 fn main() {
-    // `cargo test --all-targets` builds and runs bench binaries too; only measure under
-    // `cargo bench`, which passes --bench.
-    if !std::env::args().any(|a| a == "--bench") {
-        println!("splice_threshold: measures only under `cargo bench`");
+    if !util::measuring("splice_threshold") {
         return;
     }
-    let mib: usize = std::env::var("VPD_BENCH_MIB")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(512);
+    let mib: usize = util::env_or("VPD_BENCH_MIB", 512);
     let total = mib << 20;
     println!("body size | copy GB/s | splice GB/s | copy CPU s/GiB | splice CPU s/GiB  (median of 5, {mib} MiB each)");
     for body in [

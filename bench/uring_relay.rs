@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
-use util::thread_cpu;
+use util::{median, thread_cpu};
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
@@ -330,26 +330,12 @@ fn run(mode: Mode, clients: usize, secs: f64) -> Sample {
     }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 fn main() {
-    // `cargo test --all-targets` builds and runs bench binaries too; only measure under
-    // `cargo bench`, which passes --bench.
-    if !std::env::args().any(|a| a == "--bench") {
-        println!("uring_relay: measures only under `cargo bench`");
+    if !util::measuring("uring_relay") {
         return;
     }
-    let secs: f64 = std::env::var("VPD_BENCH_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(1.5);
-    let reps: usize = std::env::var("VPD_BENCH_REPS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(5);
+    let secs: f64 = util::env_or("VPD_BENCH_SECS", 1.5);
+    let reps: usize = util::env_or("VPD_BENCH_REPS", 5);
     let modes = [Mode::Epoll, Mode::UringPoll, Mode::UringOps];
     println!(
         "relay of {MSG}-byte ping-pong messages, one relay thread, {reps} interleaved \

@@ -221,6 +221,16 @@ fn tmp_prefix(kind: &str) -> String {
     format!("vpd-bench-{kind}-{}-", std::process::id())
 }
 
+/// A fresh directory (mode 0755) for one endpoint's socket and files.
+fn endpoint_dir(kind: &str) -> TempDir {
+    let dir = tempfile::Builder::new()
+        .prefix(&tmp_prefix(kind))
+        .tempdir()
+        .unwrap_or_else(|e| panic!("{kind} dir: {e}"));
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    dir
+}
+
 /// Removes /tmp directories of earlier bench processes that are gone (a bench killed by a
 /// signal cannot run its destructors; its children died with it, its pool dir stays).
 pub fn remove_stale_tmp() {
@@ -474,11 +484,7 @@ impl Proxy {
     /// `routing`: the config line(s) naming the driver daemons' sockets. Auth is set to
     /// "none" explicitly (the proxy's default is polkit on UNIX sockets).
     fn start_routed(routing: &str, backend: &'static str, extra: &str) -> Proxy {
-        let dir = tempfile::Builder::new()
-            .prefix(&tmp_prefix("proxy"))
-            .tempdir()
-            .expect("proxy dir");
-        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        let dir = endpoint_dir("proxy");
         let conf = dir.path().join("virtproxyd.conf");
         fs::write(
             &conf,
@@ -559,11 +565,7 @@ pub struct Socat {
 impl Socat {
     /// Listens on a fresh socket and relays every connection to `target`.
     pub fn start(target: &Path) -> Socat {
-        let dir = tempfile::Builder::new()
-            .prefix(&tmp_prefix("socat"))
-            .tempdir()
-            .expect("socat dir");
-        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        let dir = endpoint_dir("socat");
         let sock = dir.path().join("sock");
         let log = dir.path().join("socat.log");
         let mut cmd = Command::new("socat");
@@ -634,11 +636,7 @@ impl Haproxy {
             eprintln!("haproxy not installed (scripts/install-deps.sh): no haproxy column");
             return None;
         }
-        let dir = tempfile::Builder::new()
-            .prefix(&tmp_prefix("haproxy"))
-            .tempdir()
-            .expect("haproxy dir");
-        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        let dir = endpoint_dir("haproxy");
         let sock = dir.path().join("sock");
         let conf = dir.path().join("haproxy.cfg");
         fs::write(
