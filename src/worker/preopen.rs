@@ -217,6 +217,12 @@ impl Worker {
                 Action::Connect(path) => {
                     let mut out = Vec::new();
                     let first = p.connecting.is_none();
+                    if first {
+                        // The deadline covers the connect, its retries and the handshake (a
+                        // failed connect disconnects, which cancels it).
+                        let at = Instant::now() + DOWNSTREAM_DEADLINE;
+                        arm_timer(&mut self.timers, p, slot, gen, TimerKind::Downstream, at);
+                    }
                     match crate::route::connect_nonblocking(&path) {
                         Ok(sock) => {
                             conn.uri = p.hs.target().map(|t| t.uri.clone());
@@ -224,17 +230,6 @@ impl Worker {
                             p.connecting = None;
                             p.timers[TimerKind::ConnectRetry as usize] = None;
                             p.hs.on_connected(&mut out);
-                            if first {
-                                let at = Instant::now() + DOWNSTREAM_DEADLINE;
-                                arm_timer(
-                                    &mut self.timers,
-                                    p,
-                                    slot,
-                                    gen,
-                                    TimerKind::Downstream,
-                                    at,
-                                );
-                            }
                             attach_daemon(&mut self.reactor, conn, slot, gen, sock)
                                 .map_err(|e| e.to_string())?;
                         }
@@ -249,15 +244,6 @@ impl Worker {
                                     conn = conn.id,
                                     "{} is busy (backlog full); retrying",
                                     path.display()
-                                );
-                                let at = now + DOWNSTREAM_DEADLINE;
-                                arm_timer(
-                                    &mut self.timers,
-                                    p,
-                                    slot,
-                                    gen,
-                                    TimerKind::Downstream,
-                                    at,
                                 );
                             }
                             let at = now + retry_delay(attempts, conn.id);
