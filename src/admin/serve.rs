@@ -38,8 +38,12 @@ pub struct AdminOpts {
     pub max_clients: u32,
 }
 
-/// Bytes an admin client may have unanswered before it is dropped.
-const RX_LIMIT: usize = 8 << 20;
+/// Largest admin frame (the biggest real call, a log filter or output list, is a few KiB):
+/// a client whose pending frame says more is dropped.
+const RX_LIMIT: usize = 256 * 1024;
+/// Replies queued for an admin client beyond which it is neither read nor answered until it
+/// reads (a client that never reads cannot grow this).
+const TX_CAP: usize = 64 * 1024;
 
 struct AdminConn {
     stream: UnixStream,
@@ -119,7 +123,12 @@ impl AdminServer {
                 );
             }
             for c in self.conns.values() {
-                let mut f = PollFlags::POLLIN;
+                // poll is level-triggered: a client not read now must not be polled for input.
+                let mut f = if c.tx.len() < TX_CAP {
+                    PollFlags::POLLIN
+                } else {
+                    PollFlags::empty()
+                };
                 if !c.tx.is_empty() {
                     f |= PollFlags::POLLOUT;
                 }
@@ -224,7 +233,9 @@ impl AdminServer {
         {
             let c = self.conns.get_mut(&id).ok_or("gone")?;
             let mut chunk = [0u8; 16 * 1024];
-            loop {
+            // Read only while the client takes its replies; at most one frame past the
+            // frames it has complete.
+            while c.tx.len() < TX_CAP && c.rx.len() <= RX_LIMIT {
                 match c.stream.read(&mut chunk) {
                     Ok(0) => {
                         eof = true;
@@ -232,9 +243,6 @@ impl AdminServer {
                     }
                     Ok(n) => {
                         c.rx.extend_from_slice(&chunk[..n]);
-                        if c.rx.len() > RX_LIMIT {
-                            return Err("admin client sent too much".into());
-                        }
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -242,60 +250,71 @@ impl AdminServer {
                 }
             }
         }
-        // Frames are handled one at a time: a frame may close another admin client.
+        // Answer and write until the client stops taking replies or has no whole frame left.
         loop {
-            let Some(c) = self.conns.get_mut(&id) else {
-                return Ok(());
-            };
-            if c.closing.is_some() {
+            // Frames are handled one at a time: a frame may close another admin client.
+            loop {
+                let Some(c) = self.conns.get_mut(&id) else {
+                    return Ok(());
+                };
+                if c.closing.is_some() || c.tx.len() >= TX_CAP {
+                    break;
+                }
+                let h = match Header::check(&c.rx) {
+                    Ok(h) if h.len as usize > RX_LIMIT => {
+                        return Err(format!("admin frame of {} bytes is too large", h.len))
+                    }
+                    Ok(h) if c.rx.len() >= h.len as usize => h,
+                    Ok(_) | Err(FrameError::Incomplete) => break,
+                    Err(e) => return Err(format!("bad frame: {e}")),
+                };
+                let frame: Vec<u8> = c.rx.drain(..h.len as usize).collect();
+                let mut session = std::mem::take(&mut c.session);
+                let mut out = Vec::new();
+                let mut to_close = Vec::new();
+                {
+                    let mut host = self.host(&mut to_close);
+                    session.on_frame(&h, &frame[Header::SIZE..], &mut host, &mut out);
+                    let (max, unauth) = (host.admin_max, host.admin_unauth_max);
+                    self.max_clients = max;
+                    self.unauth_max = unauth;
+                }
+                if let Some(c) = self.conns.get_mut(&id) {
+                    c.session = session;
+                    for a in out {
+                        match a {
+                            Action::ToClient(b) => c.tx.extend_from_slice(&b),
+                            Action::Close(why) => c.closing = Some(why),
+                        }
+                    }
+                }
+                for other in to_close {
+                    if other == id {
+                        if let Some(c) = self.conns.get_mut(&id) {
+                            c.closing.get_or_insert_with(|| "closed by itself".into());
+                        }
+                    } else {
+                        self.drop_conn(other, "closed by an admin request");
+                    }
+                }
+            }
+            let c = self.conns.get_mut(&id).ok_or("gone")?;
+            while !c.tx.is_empty() {
+                match c.stream.write(&c.tx) {
+                    Ok(n) => {
+                        c.tx.drain(..n);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(format!("write: {e}")),
+                }
+            }
+            let whole_frame = Header::check(&c.rx).is_ok_and(|h| c.rx.len() >= h.len as usize);
+            if c.closing.is_some() || c.tx.len() >= TX_CAP || !whole_frame {
                 break;
-            }
-            let h = match Header::check(&c.rx) {
-                Ok(h) if c.rx.len() >= h.len as usize => h,
-                Ok(_) | Err(FrameError::Incomplete) => break,
-                Err(e) => return Err(format!("bad frame: {e}")),
-            };
-            let frame: Vec<u8> = c.rx.drain(..h.len as usize).collect();
-            let mut session = std::mem::take(&mut c.session);
-            let mut out = Vec::new();
-            let mut to_close = Vec::new();
-            {
-                let mut host = self.host(&mut to_close);
-                session.on_frame(&h, &frame[Header::SIZE..], &mut host, &mut out);
-                let (max, unauth) = (host.admin_max, host.admin_unauth_max);
-                self.max_clients = max;
-                self.unauth_max = unauth;
-            }
-            if let Some(c) = self.conns.get_mut(&id) {
-                c.session = session;
-                for a in out {
-                    match a {
-                        Action::ToClient(b) => c.tx.extend_from_slice(&b),
-                        Action::Close(why) => c.closing = Some(why),
-                    }
-                }
-            }
-            for other in to_close {
-                if other == id {
-                    if let Some(c) = self.conns.get_mut(&id) {
-                        c.closing.get_or_insert_with(|| "closed by itself".into());
-                    }
-                } else {
-                    self.drop_conn(other, "closed by an admin request");
-                }
             }
         }
         let c = self.conns.get_mut(&id).ok_or("gone")?;
-        while !c.tx.is_empty() {
-            match c.stream.write(&c.tx) {
-                Ok(n) => {
-                    c.tx.drain(..n);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(format!("write: {e}")),
-            }
-        }
         if c.tx.is_empty() {
             if let Some(why) = c.closing.take() {
                 return Err(why);

@@ -9,8 +9,9 @@ use std::time::Instant;
 
 use crate::listen::ListenerKind;
 use crate::proto::{program, remote_proc, Header, MsgType};
+use crate::relay::owed::OWED_CAP;
 use crate::relay::tracker::Verdict;
-use crate::relay::{CopyDrive, CopyRelay, Drive, Pools, Pump, PumpError, SecurityLayer};
+use crate::relay::{CopyDrive, CopyRelay, Drive, Owed, Pools, Pump, PumpError, SecurityLayer};
 use crate::sys::{self, FrameCutter};
 use crate::tls::shuttle::{Flow, Shuttle};
 use crate::worker::{Shared, Unauthenticated};
@@ -53,9 +54,9 @@ pub(crate) enum State {
         /// out before anything the daemon→client pump moves.
         head: Vec<u8>,
         head_cutter: Option<FrameCutter>,
-        /// The proxy's own replies to captured calls, waiting for the daemon→client stream to
-        /// reach a frame boundary; then they join `head`.
-        answers: Vec<u8>,
+        /// The client's captured calls and the proxy's own replies to them, waiting for the
+        /// daemon→client stream to reach a frame boundary; then they join `head`.
+        owed: Owed,
     },
     /// A relay whose client bytes pass a SASL security layer: copied, not spliced
     /// (`relay::copy`).
@@ -102,9 +103,13 @@ impl Conn {
     pub(crate) fn at_rest(&self) -> bool {
         match &self.state {
             State::Pre(p) => !p.hs.in_downstream(),
-            State::Relay { c2d, d2c, head, .. } => {
-                head.is_empty() && c2d.at_rest() && d2c.at_rest()
-            }
+            State::Relay {
+                c2d,
+                d2c,
+                head,
+                owed,
+                ..
+            } => head.is_empty() && owed.is_empty() && c2d.at_rest() && d2c.at_rest(),
             State::Layered(r) => r.at_rest(),
         }
     }
@@ -260,25 +265,33 @@ pub(crate) fn drive_relay(conn: &mut Conn, pools: &mut Pools, shared: &Shared) -
         daemon_shut,
         head,
         head_cutter,
-        answers,
+        owed,
     } = &mut conn.state
     else {
         return Outcome::Keep;
     };
-    let kind = conn.kind;
+    let (id, kind) = (conn.id, conn.kind);
+    let answer = &mut |frame: &[u8]| answer_identity(id, shared, frame);
     if conn.client_hup {
         c2d.distrust_short_reads();
     }
     if conn.daemon_hup {
         d2c.distrust_short_reads();
     }
+    // Frames captured before hand-over (pipelined behind the open) wait in the tracker.
+    owed.push_captured(c2d.take_captured());
+    owed.answer(head.len(), OWED_CAP, answer);
+    // A client owed replies it does not read is not read either (`relay::owed`); its
+    // readable flag is kept, so it is read again once it has caught up.
+    let may_read = owed.may_read_client(head.len(), OWED_CAP);
+    let mut client_readable = conn.client_readable && may_read;
     let mut upstream_failed = None;
     let up = match c2d.drive(
         conn.client.as_fd(),
         daemon.as_fd(),
         pools,
         &mut |h| client_frame_verdict(kind, h),
-        &mut conn.client_readable,
+        &mut client_readable,
     ) {
         // The daemon stopped reading (it is closing): still deliver what it already sent.
         Err(e @ PumpError::Write(_)) => {
@@ -288,15 +301,17 @@ pub(crate) fn drive_relay(conn: &mut Conn, pools: &mut Pools, shared: &Shared) -
         Err(e) => return Outcome::Close(format!("client side: {e}")),
         Ok(d) => d,
     };
-    for frame in c2d.take_captured() {
-        answers.extend_from_slice(&answer_identity(conn.id, shared, &frame));
+    if may_read {
+        conn.client_readable = client_readable;
     }
+    owed.push_captured(c2d.take_captured());
+    owed.answer(head.len(), OWED_CAP, answer);
     if up == Drive::Finished && !*daemon_shut {
         // Half-close downstream; the daemon answers EOF by closing, which ends d2c.
         sys::shutdown_write(daemon.as_fd());
         *daemon_shut = true;
     }
-    release_answers(answers, head, d2c);
+    release_answers(&mut owed.answers, head, d2c);
     if !head.is_empty() {
         if let Err(e) = flush(&conn.client, head, head_cutter.as_mut()) {
             return Outcome::Close(format!("client write: {e}"));
@@ -318,7 +333,7 @@ pub(crate) fn drive_relay(conn: &mut Conn, pools: &mut Pools, shared: &Shared) -
             Ok(d) => d,
         }
     };
-    if head.is_empty() && release_answers(answers, head, d2c) {
+    if head.is_empty() && release_answers(&mut owed.answers, head, d2c) {
         if let Err(e) = flush(&conn.client, head, head_cutter.as_mut()) {
             return Outcome::Close(format!("client write: {e}"));
         }
@@ -334,7 +349,11 @@ pub(crate) fn drive_relay(conn: &mut Conn, pools: &mut Pools, shared: &Shared) -
             "daemon closed the connection".into()
         });
     }
-    if up == Drive::Yield || down == Drive::Yield {
+    // The client caught up with what it was owed in this step: answer and read it again
+    // soon (no readiness report will come for bytes already queued).
+    let caught_up = (!owed.all_answered() && head.len() + owed.answers.len() < OWED_CAP)
+        || (!may_read && conn.client_readable && owed.may_read_client(head.len(), OWED_CAP));
+    if up == Drive::Yield || down == Drive::Yield || caught_up {
         Outcome::Yield
     } else {
         Outcome::Keep

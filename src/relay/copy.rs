@@ -17,6 +17,7 @@ use std::io;
 use std::os::fd::BorrowedFd;
 
 use super::layer::{encode_all, LayerError, SecurityLayer};
+use super::owed::Owed;
 use super::tracker::{TrackError, Tracker, Verdict};
 use crate::proto::Header;
 use crate::sys;
@@ -101,8 +102,10 @@ pub struct CopyRelay {
     /// its verdict is known, as the splice relay holds them.
     hold: usize,
     to_client: Outbox,
-    /// The proxy's own replies, waiting for the daemon→client stream to reach a frame boundary.
-    answers: Vec<u8>,
+    /// The client's captured calls and the proxy's own replies to them (waiting for the
+    /// daemon→client stream to reach a frame boundary). Answered while `to_client` holds
+    /// under `OUT_CAP`; the client is read only when all are answered (`relay::owed`).
+    owed: Owed,
     /// Decoded client bytes, reused between reads.
     plain: Vec<u8>,
     client_eof: bool,
@@ -123,7 +126,7 @@ impl CopyRelay {
             to_daemon: Outbox::default(),
             hold: 0,
             to_client: Outbox::default(),
-            answers: Vec::new(),
+            owed: Owed::default(),
             plain: Vec::new(),
             client_eof: false,
             daemon_shut: false,
@@ -182,22 +185,26 @@ impl CopyRelay {
         Ok(())
     }
 
-    /// Client frames taken out of the stream for the proxy to answer (`Verdict::Capture`).
-    pub fn take_captured(&mut self) -> Vec<Vec<u8>> {
-        self.c2d.take_captured()
-    }
-
-    /// A reply of the proxy's own: it joins the daemon→client stream at its next frame
-    /// boundary.
-    pub fn answer(&mut self, reply: &[u8]) -> Result<(), CopyError> {
-        self.answers.extend_from_slice(reply);
+    /// Answers the client frames taken out of the stream (`Verdict::Capture`) with `reply`, in
+    /// order, while the bytes queued for the client stay under `OUT_CAP`; the replies join the
+    /// daemon→client stream at its next frame boundary.
+    pub fn answer_captured(
+        &mut self,
+        reply: &mut dyn FnMut(&[u8]) -> Vec<u8>,
+    ) -> Result<(), CopyError> {
+        self.owed.push_captured(self.c2d.take_captured());
+        self.owed.answer(self.to_client.pending(), OUT_CAP, reply);
         self.release_answers()
     }
 
     fn release_answers(&mut self) -> Result<(), CopyError> {
-        if !self.answers.is_empty() && self.d2c.at_boundary() {
-            encode_all(&mut *self.layer, &self.answers, &mut self.to_client.buf)?;
-            self.answers.clear();
+        if !self.owed.answers.is_empty() && self.d2c.at_boundary() {
+            encode_all(
+                &mut *self.layer,
+                &self.owed.answers,
+                &mut self.to_client.buf,
+            )?;
+            self.owed.answers = Vec::new();
         }
         Ok(())
     }
@@ -206,7 +213,7 @@ impl CopyRelay {
     pub fn daemon_plain(&mut self, mut plain: &[u8]) -> Result<(), CopyError> {
         while !plain.is_empty() {
             // With answers waiting, stop at the end of the current frame to slot them in.
-            let n = if self.answers.is_empty() {
+            let n = if self.owed.answers.is_empty() {
                 plain.len()
             } else {
                 self.d2c.frame_piece(plain.len())
@@ -245,9 +252,11 @@ impl CopyRelay {
         self.to_client.consumed(n);
     }
 
-    /// Whether the client may be read: its decoded bytes have room toward the daemon.
+    /// Whether the client may be read: its decoded bytes have room toward the daemon, and
+    /// every frame it had captured is answered (which happens only while what is queued for
+    /// it is under `OUT_CAP`: a client that does not read is not read).
     pub fn may_read_client(&self) -> bool {
-        !self.client_eof && self.to_daemon.pending() < OUT_CAP
+        !self.client_eof && self.to_daemon.pending() < OUT_CAP && self.owed.all_answered()
     }
 
     /// Whether the daemon may be read: its encoded bytes have room toward the client.
@@ -286,7 +295,7 @@ impl CopyRelay {
             && self.d2c.at_boundary()
             && self.to_daemon.pending() == 0
             && self.to_client.pending() == 0
-            && self.answers.is_empty()
+            && self.owed.is_empty()
     }
 
     /// Whether the client has closed its sending side.
@@ -351,6 +360,10 @@ impl CopyRelay {
                     Err(e) => return Err(CopyError::ClientWrite(e)),
                 }
             }
+            if !self.owed.all_answered() {
+                // The client took some of what it is owed: answer more of its frames.
+                self.answer_captured(on_captured)?;
+            }
             if self.finished() {
                 return done(CopyDrive::Finished, daemon_write_failed);
             }
@@ -368,10 +381,7 @@ impl CopyRelay {
                     Ok(r) => {
                         // A TCP socket carries no fds; nothing to drop.
                         self.client_wire(&chunk[..r.n], inspect)?;
-                        for frame in self.take_captured() {
-                            let reply = on_captured(&frame);
-                            self.answer(&reply)?;
-                        }
+                        self.answer_captured(on_captured)?;
                         budget = budget.saturating_sub(r.n);
                         progress = true;
                     }

@@ -3,9 +3,11 @@
 
 pub mod copy;
 pub mod layer;
+pub mod owed;
 pub mod pump;
 pub mod tracker;
 
 pub use copy::{CopyDrive, CopyError, CopyRelay};
 pub use layer::{LayerError, SecurityLayer};
+pub use owed::Owed;
 pub use pump::{Drive, Pools, Pump, PumpError};

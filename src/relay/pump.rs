@@ -308,6 +308,11 @@ impl Pump {
                     self.hold = self.tracker.partial_header_len();
                     self.splice_refused = false;
                     budget = budget.saturating_sub(n);
+                    if self.tracker.has_captured() {
+                        // The owner answers captured frames and decides whether this source
+                        // may be read again (`relay::owed`): a read's worth of them at most.
+                        return Ok(Drive::Yield);
+                    }
                 }
             }
         }
@@ -388,8 +393,9 @@ impl Pump {
         }
     }
 
-    /// Frames taken out of the stream for the owner to answer (`Verdict::Capture`).
-    pub fn take_captured(&mut self) -> Vec<Vec<u8>> {
+    /// Frames taken out of the stream for the owner to answer (`Verdict::Capture`), one after
+    /// the other.
+    pub fn take_captured(&mut self) -> Vec<u8> {
         self.tracker.take_captured()
     }
 
@@ -679,27 +685,33 @@ mod tests {
             for piece in stream.chunks(chunk) {
                 src_w.write_all(piece).unwrap();
                 let mut readable = true;
-                pump.drive(
-                    src_r.as_fd(),
-                    dst_w.as_fd(),
-                    &mut pools,
-                    &mut |h| {
-                        if h.proc_ == 419 {
-                            Verdict::Capture
-                        } else {
-                            Verdict::Forward
-                        }
-                    },
-                    &mut readable,
-                )
-                .unwrap();
+                // A read that captured a frame yields to the owner, who drives again.
+                while pump
+                    .drive(
+                        src_r.as_fd(),
+                        dst_w.as_fd(),
+                        &mut pools,
+                        &mut |h| {
+                            if h.proc_ == 419 {
+                                Verdict::Capture
+                            } else {
+                                Verdict::Forward
+                            }
+                        },
+                        &mut readable,
+                    )
+                    .unwrap()
+                    == Drive::Yield
+                {
+                    captured.extend(pump.take_captured());
+                }
                 captured.extend(pump.take_captured());
                 while let Ok(n) = dst_r.read(&mut buf) {
                     got.extend_from_slice(&buf[..n]);
                 }
             }
             assert_eq!(got, want, "chunk {chunk}");
-            assert_eq!(captured, vec![b.clone(), d.clone()], "chunk {chunk}");
+            assert_eq!(captured, [b.clone(), d.clone()].concat(), "chunk {chunk}");
             assert!(pump.at_rest());
         }
     }

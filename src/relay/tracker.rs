@@ -22,8 +22,11 @@ enum State {
     Capture { left: usize },
 }
 
-/// Largest frame the relay takes out of the stream to answer itself.
-pub const CAPTURE_MAX: usize = 1 << 20;
+/// Largest frame the relay takes out of the stream to answer itself. The only such frame is a
+/// client's own CONNECT_SET_IDENTITY (at most 20 short parameters, a few hundred bytes from
+/// real clients); a larger one closes the connection, so a client cannot make the proxy hold
+/// more than this for a frame it is still sending, nor keep more as its claimed identity.
+pub const CAPTURE_MAX: usize = 64 * 1024;
 
 /// Why the stream must be closed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -62,8 +65,10 @@ pub struct Tracker {
     large_threshold: usize,
     /// The frame being captured, header first.
     capturing: Vec<u8>,
-    /// Captured frames, complete, for the owner to answer.
-    captured: Vec<Vec<u8>>,
+    /// Captured frames, complete, for the owner to answer: one after the other, each starting
+    /// with its length word (one buffer, not one allocation per frame: a read of header-only
+    /// frames holds thousands).
+    captured: Vec<u8>,
     /// Byte ranges of the last `consume` input that belong to captured frames and must not be
     /// forwarded, relative to that input's start. A start may be negative: the header began
     /// in bytes the owner held back (see `partial_header_len`).
@@ -99,9 +104,21 @@ impl Tracker {
         std::mem::take(&mut self.cuts)
     }
 
-    /// Frames captured so far, complete.
-    pub fn take_captured(&mut self) -> Vec<Vec<u8>> {
+    /// Frames captured so far, complete, one after the other (see `relay::owed::frames`).
+    pub fn take_captured(&mut self) -> Vec<u8> {
         std::mem::take(&mut self.captured)
+    }
+
+    /// The frame being captured is complete: it joins `captured`, and its buffer is freed (a
+    /// connection that sent one identity keeps no capture buffer).
+    fn finish_capture(&mut self) {
+        let frame = std::mem::take(&mut self.capturing);
+        self.captured.extend_from_slice(&frame);
+    }
+
+    /// Whether a complete captured frame waits to be taken.
+    pub fn has_captured(&self) -> bool {
+        !self.captured.is_empty()
     }
 
     /// True between frames (the only place a clean EOF may happen).
@@ -187,7 +204,7 @@ impl Tracker {
                                     self.capturing = self.hdr.to_vec();
                                     self.last_body_large = false;
                                     if body == 0 {
-                                        self.captured.push(std::mem::take(&mut self.capturing));
+                                        self.finish_capture();
                                         self.cuts.push((cut_open.take().unwrap_or(0), end));
                                         self.state = State::Header { got: 0 };
                                     } else {
@@ -253,7 +270,7 @@ impl Tracker {
                     self.capturing.extend_from_slice(&bytes[..n]);
                     bytes = &bytes[n..];
                     if left == n {
-                        self.captured.push(std::mem::take(&mut self.capturing));
+                        self.finish_capture();
                         self.cuts
                             .push((cut_open.take().unwrap_or(0), total - bytes.len()));
                         self.state = State::Header { got: 0 };

@@ -301,11 +301,13 @@ const EARLY_GUESS_FOR: Duration = Duration::from_secs(10);
 const EARLY_UNUSED_FOR: Duration = Duration::from_secs(5);
 /// Longest sleep of a worker with nothing due (a safety net; wake-ups come from the reactor).
 const IDLE_WAIT: Duration = Duration::from_millis(500);
-/// Largest frame accepted before CONNECT_OPEN from a local client; real opens are tiny.
-const PREOPEN_FRAME_MAX: usize = 1 << 20;
-/// The same for TCP/TLS clients, who are anonymous before open: this bounds what one of them
-/// makes us buffer (frame plus one read chunk in, `PREOPEN_TX_CAP` plus one reply out).
-const PREOPEN_FRAME_MAX_REMOTE: usize = 64 * 1024;
+/// Largest frame the driver daemon may send during the downstream handshake (it is trusted;
+/// its real replies are tiny).
+const PREOPEN_DAEMON_FRAME_MAX: usize = 1 << 20;
+/// Largest frame accepted from a client before its open, local or remote (every client is
+/// untrusted until then; real opens are tiny): this bounds what one of them makes us buffer
+/// (frame plus one read chunk in, `PREOPEN_TX_CAP` plus one reply out).
+const PREOPEN_FRAME_MAX: usize = 64 * 1024;
 /// The same on a SASL listener: a 64 KiB token travels as 256 KiB (4 bytes per byte).
 const PREOPEN_FRAME_MAX_SASL: usize = 320 * 1024;
 const WAKER_TOKEN: u64 = u64::MAX - 1;

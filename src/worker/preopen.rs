@@ -16,9 +16,8 @@ impl Worker {
         let mut frames_left = PREOPEN_FRAMES_PER_DRIVE;
         let routes = self.shared.routes.load_full();
         let frame_max = match self.conns.get(slot).map(|c| c.kind) {
-            Some(k) if k.is_unix() => PREOPEN_FRAME_MAX,
             Some(k) if self.shared.auth.of(k) == Auth::Sasl => PREOPEN_FRAME_MAX_SASL,
-            _ => PREOPEN_FRAME_MAX_REMOTE,
+            _ => PREOPEN_FRAME_MAX,
         };
         loop {
             let mut progress = false;
@@ -83,7 +82,7 @@ impl Worker {
                 match read_some(
                     d,
                     &mut p.d_rx,
-                    PREOPEN_FRAME_MAX,
+                    PREOPEN_DAEMON_FRAME_MAX,
                     &mut conn.daemon_readable,
                     trust_short,
                 ) {
@@ -96,7 +95,7 @@ impl Worker {
                 }
                 let mut used = 0;
                 while p.hs.wants_daemon_input() {
-                    match frame_at(&p.d_rx[used..], PREOPEN_FRAME_MAX) {
+                    match frame_at(&p.d_rx[used..], PREOPEN_DAEMON_FRAME_MAX) {
                         Ok(Some(h)) => {
                             let end = used + h.len as usize;
                             p.hs.on_daemon_frame(
@@ -312,7 +311,7 @@ impl Worker {
                             daemon_shut: false,
                             head: Vec::new(),
                             head_cutter: None,
-                            answers: Vec::new(),
+                            owed: Default::default(),
                         },
                     ) else {
                         return Ok(());
@@ -381,12 +380,10 @@ impl Worker {
         relay
             .client_plain(&p.c_rx, &mut |h| client_frame_verdict(kind, h))
             .map_err(|e| format!("client side: {e}"))?;
-        for frame in relay.take_captured() {
-            let reply = crate::conn::answer_identity(conn.id, &shared, &frame);
-            relay
-                .answer(&reply)
-                .map_err(|e| format!("client side: {e}"))?;
-        }
+        let id = conn.id;
+        relay
+            .answer_captured(&mut |frame| crate::conn::answer_identity(id, &shared, frame))
+            .map_err(|e| format!("client side: {e}"))?;
         conn.state = State::Layered(relay);
         conn.client_readable = true;
         conn.daemon_readable = true;

@@ -77,7 +77,11 @@ fn decoded_client_frames_reach_the_daemon_with_identity_calls_captured() {
         let mut captured = Vec::new();
         for piece in wire.chunks(chunk) {
             r.client_wire(piece, &mut capture_identity).unwrap();
-            captured.extend(r.take_captured());
+            r.answer_captured(&mut |f| {
+                captured.extend_from_slice(f);
+                Vec::new()
+            })
+            .unwrap();
             // A partial header is never released: it might belong to a captured frame.
             let out = r.pending_to_daemon().to_vec();
             assert!(!out.windows(8).any(|w| w == &b[..8]), "chunk {chunk}");
@@ -85,7 +89,7 @@ fn decoded_client_frames_reach_the_daemon_with_identity_calls_captured() {
             got.extend(out);
         }
         assert_eq!(got, want, "chunk {chunk}");
-        assert_eq!(captured, vec![b.clone(), d.clone()], "chunk {chunk}");
+        assert_eq!(captured, [b.clone(), d.clone()].concat(), "chunk {chunk}");
         assert!(r.at_rest(), "chunk {chunk}");
     }
 }
@@ -111,7 +115,9 @@ fn daemon_frames_are_encoded_and_answers_join_at_a_frame_boundary() {
                 fed += piece.len();
                 // The answer is produced once the daemon is past the start of y.
                 if answered_at.is_none() && fed > x.len() + 10 {
-                    r.answer(&answer).unwrap();
+                    let call = frame(SET_IDENTITY, 0, 99, &[]);
+                    r.client_plain(&call, &mut capture_identity).unwrap();
+                    r.answer_captured(&mut |_| answer.clone()).unwrap();
                     answered_at = Some(fed);
                 }
                 let out = r.pending_to_client().to_vec();
@@ -453,4 +459,96 @@ fn the_daemons_last_reply_reaches_the_client_when_writing_to_it_fails() {
     let mut wire = vec![0u8; 4096];
     let n = (&client_peer).read(&mut wire).unwrap();
     assert_eq!(decoded(&wire[..n], 64), reply);
+}
+
+/// A client that writes header-only CONNECT_SET_IDENTITY calls under the security layer and
+/// never reads: the proxy's answers fill what is queued for it up to `OUT_CAP`, then the
+/// client is not read any more (so it cannot make the relay hold more), until it reads.
+#[test]
+fn identity_flood_from_a_client_that_never_reads_is_bounded() {
+    let (client_peer, client_proxy) = std::os::unix::net::UnixStream::pair().unwrap();
+    let (_daemon_peer, daemon_proxy) = std::os::unix::net::UnixStream::pair().unwrap();
+    for s in [&client_peer, &client_proxy, &daemon_proxy] {
+        s.set_nonblocking(true).unwrap();
+    }
+    let plain: Vec<u8> = (0..40_000)
+        .flat_map(|i| frame(SET_IDENTITY, 0, i, &[]))
+        .collect();
+    let wire = encoded(&plain, 4096);
+    let mut sent = 0;
+    let mut r = CopyRelay::new(Box::new(XorLayer::new(KEY, 4096)));
+    let mut scratch = vec![0u8; 64 * 1024];
+    let mut answered = 0usize;
+    let reply = frame(SET_IDENTITY, 1, 0, &[0; 100]);
+    let mut peak = 0;
+    for _ in 0..200 {
+        // The attacker writes as much as the socket takes.
+        while sent < wire.len() {
+            match (&client_peer).write(&wire[sent..]) {
+                Ok(n) => sent += n,
+                Err(_) => break,
+            }
+        }
+        let (mut cr, mut dr) = (true, false);
+        r.drive(
+            client_proxy.as_fd(),
+            daemon_proxy.as_fd(),
+            &mut scratch,
+            &mut capture_identity,
+            &mut |_| {
+                answered += 1;
+                reply.clone()
+            },
+            &mut cr,
+            &mut dr,
+        )
+        .unwrap();
+        peak = peak.max(r.to_client.pending() + r.owed.answers.len());
+    }
+    assert!(answered > 1000, "the relay answered only {answered} calls");
+    assert!(
+        sent < wire.len(),
+        "the relay took the whole flood ({sent} bytes)"
+    );
+    assert!(
+        !r.may_read_client(),
+        "a client that does not read is still read"
+    );
+    // OUT_CAP, plus one socket buffer's worth of replies written before the cap was hit.
+    assert!(
+        peak <= OUT_CAP + 2 * reply.len() + 64 * 1024,
+        "{peak} bytes queued for the client"
+    );
+    // The client reads everything: it is answered in full and read again.
+    let mut buf = vec![0u8; 1 << 20];
+    for _ in 0..10_000 {
+        while (&client_peer).read(&mut buf).is_ok_and(|n| n > 0) {}
+        while sent < wire.len() {
+            match (&client_peer).write(&wire[sent..]) {
+                Ok(n) => sent += n,
+                Err(_) => break,
+            }
+        }
+        let (mut cr, mut dr) = (true, false);
+        r.drive(
+            client_proxy.as_fd(),
+            daemon_proxy.as_fd(),
+            &mut scratch,
+            &mut capture_identity,
+            &mut |_| {
+                answered += 1;
+                reply.clone()
+            },
+            &mut cr,
+            &mut dr,
+        )
+        .unwrap();
+        if answered == 40_000 {
+            break;
+        }
+    }
+    assert_eq!(
+        answered, 40_000,
+        "every call is answered once the client reads"
+    );
 }

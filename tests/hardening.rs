@@ -1,0 +1,282 @@
+//! Hardening against hostile clients, on both io backends, through the modular test bed's real
+//! daemons: no client can make the proxy hold more than a fixed amount of memory on its
+//! behalf, whatever it sends or refuses to read, while another client's calls keep working.
+
+mod support;
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::thread;
+use std::time::Duration;
+
+use support::modular::{daemons_exclusive, proxy, testbed};
+use support::*;
+
+/// The README's bound on what one connection can make the proxy hold, for every kind of
+/// connection this test attacks (pre-open, relayed UNIX, admin): see "Hostile clients".
+const BOUND_PER_CONN: usize = 512 * 1024;
+
+/// What each flooding client tries to write before giving up; a proxy that keeps reading
+/// (and answering) takes all of it.
+const FLOOD: usize = 16 << 20;
+
+const REMOTE_PROGRAM: u32 = 0x2000_8086;
+const ADMIN_PROGRAM: u32 = 0x0690_0690;
+
+fn rss_bytes(pid: u32) -> usize {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<usize>().ok())
+        .map_or(0, |kib| kib * 1024)
+}
+
+fn header(len: usize, prog: u32, proc_: i32, serial: u32) -> Vec<u8> {
+    [len as u32, prog, 1, proc_ as u32, 0, serial, 0]
+        .iter()
+        .flat_map(|v| v.to_be_bytes())
+        .collect()
+}
+
+fn xdr_string(s: &str) -> Vec<u8> {
+    let mut b = (s.len() as u32).to_be_bytes().to_vec();
+    b.extend_from_slice(s.as_bytes());
+    b.resize(b.len().div_ceil(4) * 4, 0);
+    b
+}
+
+/// A raw client of `sock` that opened `uri` (auth "none" on the test proxy).
+fn raw_open(sock: &Path, uri: &str) -> UnixStream {
+    let mut s = UnixStream::connect(sock).expect("connect to the proxy");
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut body = vec![0, 0, 0, 1];
+    body.extend(xdr_string(uri));
+    body.extend([0, 0, 0, 0]);
+    s.write_all(&frame(1, 0, 1, &body)).unwrap();
+    let r = read_frame(&mut s).expect("open reply");
+    assert_eq!(&r[24..28], &[0, 0, 0, 0], "open of {uri} failed");
+    s
+}
+
+/// Writes `unit` again and again until `FLOOD` bytes are written or a write blocks for a
+/// second (the proxy stopped reading). Returns the bytes written.
+fn flood(mut s: UnixStream, unit: Vec<u8>) -> (UnixStream, usize) {
+    s.set_write_timeout(Some(Duration::from_secs(1))).unwrap();
+    let batch: Vec<u8> = unit
+        .iter()
+        .copied()
+        .cycle()
+        .take(unit.len() * (64 * 1024 / unit.len()).max(1))
+        .collect();
+    let mut written = 0;
+    while written < FLOOD {
+        match s.write(&batch) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => written += n,
+        }
+    }
+    (s, written)
+}
+
+/// Header-only CONNECT_SET_IDENTITY calls: each is answered by the proxy itself.
+fn identity_unit() -> Vec<u8> {
+    header(28, REMOTE_PROGRAM, 419, 9)
+}
+
+struct Stopped(u32);
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-CONT", &self.0.to_string()])
+            .status();
+    }
+}
+
+/// A client's calls keep working during the attack: `calls` rounds of getLibVersion +
+/// listAllDomains through `uri`, each answered within `limit`.
+fn victim_keeps_working(uri: &str, calls: usize, limit: Duration) {
+    let script = format!(
+        "import sys, time, libvirt\n\
+         libvirt.registerErrorHandler(lambda *a: None, None)\n\
+         c = libvirt.open({uri:?})\n\
+         worst = 0.0\n\
+         for i in range({calls}):\n\
+         \x20   t = time.monotonic()\n\
+         \x20   assert c.getLibVersion() > 0 and len(c.listAllDomains()) >= 0\n\
+         \x20   worst = max(worst, time.monotonic() - t)\n\
+         print('worst %.3f' % worst)\n"
+    );
+    let out = output_with_timeout(
+        Command::new(PYTHON).args(["-c", &script]),
+        Duration::from_secs(120),
+    );
+    assert_success(&out, "victim client");
+    let worst: f64 = stdout(&out)
+        .trim()
+        .strip_prefix("worst ")
+        .and_then(|w| w.parse().ok())
+        .expect("worst latency line");
+    assert!(
+        worst < limit.as_secs_f64(),
+        "a victim call took {worst:.3} s during the attack"
+    );
+}
+
+fn memory_stays_bounded_under_attack(backend: &str) {
+    let _excl = daemons_exclusive();
+    let tb = testbed();
+    let p = proxy("", &[("VIRTPROXYD_IO_BACKEND", backend)]);
+    let qemu = p.uri("qemu:///system");
+    victim_keeps_working(&qemu, 5, Duration::from_secs(5));
+    let before = rss_bytes(p.pid());
+    let mut conns = 0usize;
+    let mut held: Vec<UnixStream> = Vec::new();
+
+    // 1. Identity floods: CONNECT_SET_IDENTITY without reading the proxy's answers.
+    let floods: Vec<_> = (0..8)
+        .map(|_| {
+            let s = raw_open(&p.rw_sock, "qemu:///system");
+            thread::spawn(move || flood(s, identity_unit()))
+        })
+        .collect();
+    conns += 8;
+
+    // 2. Pre-open: AUTH_LIST calls without reading, and frames left half-sent.
+    let preopen: Vec<_> = (0..8)
+        .map(|_| {
+            let s = UnixStream::connect(&p.rw_sock).unwrap();
+            thread::spawn(move || flood(s, header(28, REMOTE_PROGRAM, 66, 1)))
+        })
+        .collect();
+    conns += 8;
+    for _ in 0..8 {
+        let mut s = UnixStream::connect(&p.rw_sock).unwrap();
+        let mut f = header(60_000, REMOTE_PROGRAM, 66, 1);
+        f.resize(40_000, 7);
+        s.write_all(&f).unwrap();
+        held.push(s);
+    }
+    conns += 8;
+
+    // 3. A daemon that stops reading while its clients write (virtnetworkd, stopped).
+    let net: Vec<UnixStream> = (0..4)
+        .map(|_| raw_open(&p.rw_sock, "network:///system"))
+        .collect();
+    let stopped = Stopped(tb.pid("virtnetworkd"));
+    assert!(Command::new("kill")
+        .args(["-STOP", &stopped.0.to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let to_stopped: Vec<_> = net
+        .into_iter()
+        .enumerate()
+        .map(|(i, s)| {
+            thread::spawn(move || flood(s, header(28, REMOTE_PROGRAM, 157, i as u32 + 10)))
+        })
+        .collect();
+    conns += 4;
+
+    // 4. Clients that never read a volume download.
+    let pools = pool_dir();
+    let mut readers: Vec<Child> = (0..4)
+        .map(|i| {
+            let mut c = Command::new(PYTHON)
+                .arg(py_script("stalled_reader.py"))
+                .arg(p.uri("storage:///system"))
+                .arg(pools.path().join(format!("p{i}")))
+                .args(["256", "60"])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let mut line = String::new();
+            BufReader::new(c.stdout.take().unwrap())
+                .read_line(&mut line)
+                .unwrap();
+            assert_eq!(
+                line.trim(),
+                "stalled",
+                "stalled_reader did not start its download"
+            );
+            c
+        })
+        .collect();
+    conns += 4;
+
+    // 5. The admin socket: calls without reading the replies.
+    let admin_sock = p.dir().join("libvirt-admin-sock");
+    let admins: Vec<_> = (0..4)
+        .map(|_| {
+            let mut s = UnixStream::connect(&admin_sock).expect("admin socket");
+            let mut open = header(32, ADMIN_PROGRAM, 1, 1);
+            open.extend([0, 0, 0, 0]);
+            s.write_all(&open).unwrap();
+            thread::spawn(move || flood(s, header(28, ADMIN_PROGRAM, 3, 2)))
+        })
+        .collect();
+    conns += 4;
+
+    let mut written = Vec::new();
+    for t in floods
+        .into_iter()
+        .chain(preopen)
+        .chain(to_stopped)
+        .chain(admins)
+    {
+        let (s, n) = t.join().unwrap();
+        written.push(n);
+        held.push(s);
+    }
+    // The attack is at its height: every attacker is blocked or done.
+    thread::sleep(Duration::from_millis(500));
+    let during = rss_bytes(p.pid());
+    victim_keeps_working(&qemu, 20, Duration::from_secs(2));
+    let grew = during.saturating_sub(before);
+    let bound = conns * BOUND_PER_CONN;
+    eprintln!(
+        "{backend}: RSS {} KiB before, {} KiB under attack by {conns} connections \
+         (bound {} KiB); written per attacker: {written:?}",
+        before / 1024,
+        during / 1024,
+        bound / 1024
+    );
+    assert!(
+        grew <= bound,
+        "{backend}: the proxy grew by {} KiB for {conns} hostile connections (bound {} KiB)",
+        grew / 1024,
+        bound / 1024
+    );
+    assert!(
+        written.iter().all(|&n| n < FLOOD),
+        "{backend}: some attacker wrote all {FLOOD} bytes: the proxy never pushed back \
+         ({written:?})"
+    );
+    drop(stopped);
+    for mut r in readers.drain(..) {
+        drop(r.stdin.take());
+        let _ = r.wait();
+    }
+    drop(held);
+    // Nothing leaked and the proxy still serves.
+    assert!(
+        wait_for(Duration::from_secs(20), || open_fds(p.pid()) < 64),
+        "{backend}: {} fds open after the attackers left",
+        open_fds(p.pid())
+    );
+    victim_keeps_working(&qemu, 3, Duration::from_secs(5));
+}
+
+#[test]
+fn memory_stays_bounded_under_attack_io_uring() {
+    memory_stays_bounded_under_attack("io_uring");
+}
+
+#[test]
+fn memory_stays_bounded_under_attack_epoll() {
+    memory_stays_bounded_under_attack("epoll");
+}
+
