@@ -4,6 +4,7 @@
 //! credentials at accept time, and hands the socket to a worker round-robin. Workers never
 //! share a connection, so the per-message path has no lock (design.md "Reactor and threads").
 
+use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::Ordering;
@@ -88,11 +89,138 @@ fn peer_addr(kind: ListenerKind, fd: &OwnedFd) -> Option<String> {
     }
 }
 
-/// Whether a listener's clients count against `max_anonymous_clients` when they arrive:
-/// TLS clients until their handshake and certificate checks are done, and the clients of a
-/// listener with an auth step (polkit, SASL) until it succeeds (root's bypass included).
-fn starts_anonymous(shared: &Shared, kind: ListenerKind) -> bool {
-    kind == ListenerKind::Tls || shared.auth.of(kind) != crate::config::Auth::None
+/// Whether a client counts against `max_anonymous_clients` when it arrives: TLS clients until
+/// their handshake and certificate checks are done, and the clients of a listener with an
+/// auth step (polkit, SASL) until it succeeds. Root on a polkit socket is authenticated by
+/// AUTH_LIST alone (the handshake's bypass), so it never counts.
+fn starts_anonymous(shared: &Shared, kind: ListenerKind, identity: &Identity) -> bool {
+    let auth = shared.auth.of(kind);
+    let root = identity.unix.as_ref().is_some_and(|u| u.uid == 0);
+    kind == ListenerKind::Tls
+        || auth == crate::config::Auth::Sasl
+        || (auth == crate::config::Auth::Polkit && !root)
+}
+
+/// Local clients accepted while `max_anonymous_clients` is reached wait here at most this many
+/// (libvirt's default `max_queued_clients`); beyond it the local listeners pause too.
+const PARKED_MAX: usize = 1000;
+
+/// A local client that would count as anonymous, accepted while the anonymous limit is
+/// reached. libvirt leaves every client in the listen backlog then, root's included; here the
+/// local listeners keep accepting so that clients who are not anonymous (root on a polkit
+/// socket, clients of an auth "none" socket) get in, and the others wait in this queue in
+/// arrival order, as they would have in the backlog, for at most the pre-open deadline.
+struct Parked {
+    fd: OwnedFd,
+    kind: ListenerKind,
+    identity: Identity,
+    since: Instant,
+}
+
+/// Hands accepted clients to the relay workers (through a TLS handshake thread for TLS).
+struct Admission<'a> {
+    shared: &'a Arc<Shared>,
+    workers: &'a [WorkerHandle],
+    handshakers: &'a [WorkerHandle],
+    next_worker: usize,
+    next_handshaker: usize,
+    next_id: u64,
+}
+
+impl Admission<'_> {
+    fn admit(&mut self, fd: OwnedFd, kind: ListenerKind, identity: Identity) {
+        let shared = self.shared;
+        let id = self.next_id;
+        self.next_id += 1;
+        match &identity.unix {
+            Some(u) => {
+                tracing::info!(conn = id, uid = u.uid, pid = u.pid, listener = ?kind, "client connected")
+            }
+            None => tracing::info!(conn = id, listener = ?kind, "client connected"),
+        }
+        shared.clients.fetch_add(1, Ordering::AcqRel);
+        // The relay worker that will own it (a TLS client reaches it through a handshake
+        // thread, which hands it to this worker).
+        let owner = self.next_worker % self.workers.len();
+        self.next_worker = self.next_worker.wrapping_add(1);
+        let anonymous = starts_anonymous(shared, kind, &identity);
+        shared.registry.insert(crate::registry::ClientRecord {
+            id,
+            timestamp: crate::registry::now_epoch(),
+            kind,
+            identity: identity.clone(),
+            peer_addr: peer_addr(kind, &fd),
+            worker: owner,
+            claimed: None,
+        });
+        let nc = NewConn {
+            id,
+            fd,
+            kind,
+            identity,
+            auth: shared.auth.of(kind),
+            // Remote clients must open in time; local ones must authenticate in time if they
+            // count as anonymous (see `worker::preopen`'s deadline).
+            deadline: (!kind.is_unix() || anonymous)
+                .then(|| Instant::now() + shared.preopen_deadline),
+            tls: None,
+            worker: owner,
+            unauthenticated: anonymous.then(|| Unauthenticated::new(shared)),
+            // Started here, not in the worker: the daemon's accept then overlaps the
+            // hand-over too.
+            early: shared
+                .last_open
+                .guess(kind)
+                .and_then(crate::worker::connect_early),
+        };
+        let to = if kind == ListenerKind::Tls && !self.handshakers.is_empty() {
+            self.next_handshaker = self.next_handshaker.wrapping_add(1);
+            &self.handshakers[self.next_handshaker % self.handshakers.len()]
+        } else {
+            &self.workers[owner]
+        };
+        if to.inbox.send(nc).is_err() {
+            shared.clients.fetch_sub(1, Ordering::AcqRel);
+            shared.registry.remove(id);
+            tracing::error!("relay worker is gone; dropping client");
+        }
+    }
+}
+
+/// Whether the client limits leave room: `max_clients` for anyone, `max_anonymous_clients`
+/// for a client that would count as anonymous.
+fn has_room(shared: &Shared, anonymous: bool) -> bool {
+    let max_clients = shared.max_clients.load(Ordering::Acquire);
+    let max_anonymous = shared.max_anonymous_clients.load(Ordering::Acquire);
+    (max_clients == 0 || shared.clients.load(Ordering::Acquire) < max_clients)
+        && !(anonymous
+            && max_anonymous != 0
+            && shared.unauthenticated.load(Ordering::Acquire) >= max_anonymous)
+}
+
+/// Admits parked clients while the limits leave room, and drops those that waited past the
+/// pre-open deadline (they would have been closed by it once admitted).
+fn admit_parked(parked: &mut VecDeque<Parked>, admission: &mut Admission<'_>) {
+    let shared = admission.shared;
+    while let Some(front) = parked.front() {
+        if front.since.elapsed() >= shared.preopen_deadline {
+            if let Some(p) = parked.pop_front() {
+                tracing::info!(
+                    listener = ?p.kind,
+                    uid = p.identity.unix.as_ref().map(|u| u.uid),
+                    "dropping a local client that waited {:?} for an anonymous slot",
+                    shared.preopen_deadline
+                );
+            }
+            continue;
+        }
+        if !has_room(shared, true) {
+            return;
+        }
+        if let Some(p) = parked.pop_front() {
+            admission.admit(p.fd, p.kind, p.identity);
+        }
+    }
 }
 
 /// Signals the acceptor handles; blocked in every thread so only the signalfd sees them.
@@ -205,7 +333,6 @@ pub fn run(mut opts: ServerOpts) -> io::Result<Stopped> {
             });
         }
     }
-    let mut next_handshaker = 0usize;
     tracing::info!(
         workers = workers.len(),
         backend = backend_name,
@@ -229,12 +356,20 @@ pub fn run(mut opts: ServerOpts) -> io::Result<Stopped> {
     let mut last_status = (0usize, Instant::now());
 
     let shared = &opts.shared;
-    let mut next_worker = 0usize;
-    let mut next_id = 1u64;
+    let mut admission = Admission {
+        shared,
+        workers: &workers,
+        handshakers: &handshakers,
+        next_worker: 0,
+        next_handshaker: 0,
+        next_id: 1,
+    };
+    let mut parked: VecDeque<Parked> = VecDeque::new();
     let mut idle_since = Some(Instant::now());
     let mut accept_backoff: Option<Instant> = None;
     let mut names = NameCache::default();
     let stopped = loop {
+        admit_parked(&mut parked, &mut admission);
         let clients = shared.clients.load(Ordering::Acquire);
         if clients != last_status.0 && last_status.1.elapsed() >= Duration::from_secs(1) {
             notify(&[sd_notify::NotifyState::Status(&format!(
@@ -242,22 +377,27 @@ pub fn run(mut opts: ServerOpts) -> io::Result<Stopped> {
             ))]);
             last_status = (clients, Instant::now());
         }
-        let max_clients = shared.max_clients.load(Ordering::Acquire);
-        let max_anonymous = shared.max_anonymous_clients.load(Ordering::Acquire);
         // As libvirt's virNetServerCheckLimits: at max_clients no listener accepts. At
-        // max_anonymous_clients libvirt pauses every listener too; here only the listeners
-        // whose clients start out anonymous pause (today: TLS, see `starts_anonymous`), so
-        // remote peers that stall their handshakes cannot lock local clients out. The kernel
-        // keeps new clients in the backlog until a client leaves or authenticates.
-        let paused = |kind: ListenerKind| {
+        // max_anonymous_clients libvirt pauses every listener too; here the remote listeners
+        // pause (a TCP/TLS client counts as anonymous until it authenticates), and the local
+        // ones go on accepting: a client that would count as anonymous waits in `parked`, and
+        // root on a polkit socket gets in (see `Parked`). The kernel keeps new clients of a
+        // paused listener in its backlog until a client leaves or authenticates.
+        let paused = |kind: ListenerKind, parked: usize| {
+            let max_clients = shared.max_clients.load(Ordering::Acquire);
+            let max_anonymous = shared.max_anonymous_clients.load(Ordering::Acquire);
+            let anonymous_full = max_anonymous != 0
+                && shared.unauthenticated.load(Ordering::Acquire) >= max_anonymous;
             (max_clients != 0 && shared.clients.load(Ordering::Acquire) >= max_clients)
-                || (max_anonymous != 0
-                    && starts_anonymous(shared, kind)
-                    && shared.unauthenticated.load(Ordering::Acquire) >= max_anonymous)
+                || if kind.is_unix() {
+                    parked >= PARKED_MAX
+                } else {
+                    anonymous_full && starts_anonymous(shared, kind, &Identity::default())
+                }
         };
         // Admin clients keep the daemon up too, as in libvirt; the limit can change at run
         // time (daemon-timeout).
-        if clients == 0 && shared.registry.admin_clients() == 0 {
+        if clients == 0 && parked.is_empty() && shared.registry.admin_clients() == 0 {
             idle_since.get_or_insert_with(Instant::now);
         } else {
             idle_since = None;
@@ -274,7 +414,7 @@ pub fn run(mut opts: ServerOpts) -> io::Result<Stopped> {
             Vec::new()
         } else {
             (0..opts.listeners.len())
-                .filter(|&i| !paused(opts.listeners[i].kind))
+                .filter(|&i| !paused(opts.listeners[i].kind, parked.len()))
                 .collect()
         };
         let accepting = open.len() == opts.listeners.len();
@@ -286,9 +426,9 @@ pub fn run(mut opts: ServerOpts) -> io::Result<Stopped> {
             open.iter()
                 .map(|&i| PollFd::new(opts.listeners[i].fd.as_fd(), PollFlags::POLLIN)),
         );
-        // Wake periodically while we cannot accept (a client may have left) or to check the
-        // idle timer.
-        let timeout = if !accepting || idle_timeout.is_some() {
+        // Wake periodically while we cannot accept or clients are parked (a client may have
+        // left, a parked one may expire) or to check the idle timer.
+        let timeout = if !accepting || !parked.is_empty() || idle_timeout.is_some() {
             200u16
         } else {
             1000u16
@@ -327,7 +467,7 @@ pub fn run(mut opts: ServerOpts) -> io::Result<Stopped> {
             }
             let l = &opts.listeners[i];
             loop {
-                if paused(l.kind) {
+                if paused(l.kind, parked.len()) {
                     break;
                 }
                 match nix::sys::socket::accept4(
@@ -341,62 +481,27 @@ pub fn run(mut opts: ServerOpts) -> io::Result<Stopped> {
                         let Some(identity) = client_identity(l.kind, &fd, &mut names) else {
                             continue;
                         };
-                        let id = next_id;
-                        next_id += 1;
-                        match &identity.unix {
-                            Some(u) => {
-                                tracing::info!(conn = id, uid = u.uid, pid = u.pid, listener = ?l.kind, "client connected")
-                            }
-                            None => {
-                                tracing::info!(conn = id, listener = ?l.kind, "client connected")
+                        let anonymous = starts_anonymous(shared, l.kind, &identity);
+                        if l.kind.is_unix() && (!parked.is_empty() || !has_room(shared, anonymous))
+                        {
+                            // Behind those already waiting, unless it is not anonymous and
+                            // there is room for it.
+                            if anonymous || !has_room(shared, false) {
+                                tracing::debug!(
+                                    listener = ?l.kind,
+                                    uid = identity.unix.as_ref().map(|u| u.uid),
+                                    "client limit reached: the client waits"
+                                );
+                                parked.push_back(Parked {
+                                    fd,
+                                    kind: l.kind,
+                                    identity,
+                                    since: Instant::now(),
+                                });
+                                continue;
                             }
                         }
-                        shared.clients.fetch_add(1, Ordering::AcqRel);
-                        let tls = l.kind == ListenerKind::Tls;
-                        let auth = shared.auth.of(l.kind);
-                        // The relay worker that will own it (a TLS client reaches it through a
-                        // handshake thread, which hands it to this worker).
-                        let owner = next_worker % workers.len();
-                        next_worker = next_worker.wrapping_add(1);
-                        shared.registry.insert(crate::registry::ClientRecord {
-                            id,
-                            timestamp: crate::registry::now_epoch(),
-                            kind: l.kind,
-                            identity: identity.clone(),
-                            peer_addr: peer_addr(l.kind, &fd),
-                            worker: owner,
-                            claimed: None,
-                        });
-                        let nc = NewConn {
-                            id,
-                            fd,
-                            kind: l.kind,
-                            identity,
-                            auth,
-                            deadline: (!l.kind.is_unix())
-                                .then(|| Instant::now() + shared.preopen_deadline),
-                            tls: None,
-                            worker: owner,
-                            unauthenticated: starts_anonymous(shared, l.kind)
-                                .then(|| Unauthenticated::new(shared)),
-                            // Started here, not in the worker: the daemon's accept then
-                            // overlaps the hand-over too.
-                            early: shared
-                                .last_open
-                                .guess(l.kind)
-                                .and_then(crate::worker::connect_early),
-                        };
-                        let to = if tls && !handshakers.is_empty() {
-                            next_handshaker = next_handshaker.wrapping_add(1);
-                            &handshakers[next_handshaker % handshakers.len()]
-                        } else {
-                            &workers[owner]
-                        };
-                        if to.inbox.send(nc).is_err() {
-                            shared.clients.fetch_sub(1, Ordering::AcqRel);
-                            shared.registry.remove(id);
-                            tracing::error!("relay worker is gone; dropping client");
-                        }
+                        admission.admit(fd, l.kind, identity);
                     }
                     Err(nix::errno::Errno::EAGAIN) | Err(nix::errno::Errno::EINTR) => break,
                     Err(e @ (nix::errno::Errno::EMFILE | nix::errno::Errno::ENFILE)) => {
@@ -413,6 +518,8 @@ pub fn run(mut opts: ServerOpts) -> io::Result<Stopped> {
             }
         }
     };
+    // Clients still waiting for an anonymous slot were never admitted: they just close.
+    drop(parked);
 
     notify(&[sd_notify::NotifyState::Stopping]);
     // Stop accepting first: close the listeners (unlinking only the sockets we created).

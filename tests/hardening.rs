@@ -280,3 +280,118 @@ fn memory_stays_bounded_under_attack_epoll() {
     memory_stays_bounded_under_attack("epoll");
 }
 
+/// Connects to `sock` as user vpdtest (so the proxy counts it as anonymous under polkit),
+/// prints "connected"; with "stall" sends nothing and prints the seconds until the proxy
+/// closed it; with "authlist" sends AUTH_LIST and prints the seconds until its reply.
+const LOCAL_CLIENT_PY: &str = r#"
+import socket, struct, sys, time
+path, mode = sys.argv[1], sys.argv[2]
+s = socket.socket(socket.AF_UNIX)
+s.connect(path)
+t = time.monotonic()
+print("connected", flush=True)
+s.settimeout(60)
+if mode == "authlist":
+    s.sendall(struct.pack(">7I", 28, 0x20008086, 1, 66, 0, 1, 0))
+data = s.recv(4)
+print("%s %.3f" % ("reply" if data else "closed", time.monotonic() - t), flush=True)
+"#;
+
+fn local_client(sock: &Path, mode: &str) -> (Child, BufReader<std::process::ChildStdout>) {
+    let mut c = Command::new("runuser")
+        .args(["-u", "vpdtest", "--", PYTHON, "-c", LOCAL_CLIENT_PY])
+        .arg(sock)
+        .arg(mode)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("runuser");
+    let mut out = BufReader::new(c.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "connected");
+    (c, out)
+}
+
+fn last_line(mut c: Child, mut out: BufReader<std::process::ChildStdout>) -> (String, f64) {
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let _ = c.wait();
+    let (what, secs) = line.trim().split_once(' ').expect("outcome line");
+    (what.to_string(), secs.parse().expect("seconds"))
+}
+
+/// Root opens through `sock` with libvirt's default polkit auth (AUTH_LIST, then the open):
+/// returns the time it took, or None if the proxy did not answer within 5 s.
+fn root_opens(sock: &Path) -> Option<Duration> {
+    let t = std::time::Instant::now();
+    let mut s = UnixStream::connect(sock).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(&frame(66, 0, 1, &[])).ok()?;
+    let r = read_frame(&mut s)?;
+    assert_eq!(&r[24..28], &[0, 0, 0, 0], "AUTH_LIST failed");
+    let mut body = vec![0, 0, 0, 1];
+    body.extend(xdr_string("qemu:///system"));
+    body.extend([0, 0, 0, 0]);
+    s.write_all(&frame(1, 0, 2, &body)).ok()?;
+    let r = read_frame(&mut s)?;
+    assert_eq!(&r[24..28], &[0, 0, 0, 0], "root's open failed");
+    Some(t.elapsed())
+}
+
+/// `max_anonymous_clients` local connections that never authenticate: libvirt (and this
+/// proxy before) stops accepting on every socket, root's included, for as long as they stay.
+/// Here root still opens at once, other users wait their turn as in libvirt, and the stalled
+/// connections are closed at the pre-open deadline.
+fn stalled_local_clients_lock_nobody_out(backend: &str) {
+    let _shared = support::modular::daemons_shared();
+    let deadline_ms = 3000;
+    let p = proxy(
+        &format!("{DEFAULT_AUTH}\nmax_anonymous_clients = 3\n"),
+        &[
+            ("VIRTPROXYD_IO_BACKEND", backend),
+            ("VIRTPROXYD_PREOPEN_TIMEOUT_MS", &deadline_ms.to_string()),
+        ],
+    );
+    let stalled: Vec<_> = (0..3).map(|_| local_client(&p.ro_sock, "stall")).collect();
+    // The limit is reached: another user's client waits for a slot.
+    thread::sleep(Duration::from_millis(300));
+    let waiting = local_client(&p.ro_sock, "authlist");
+    for sock in [&p.rw_sock, &p.ro_sock] {
+        let took = root_opens(sock);
+        assert!(
+            took.is_some_and(|t| t < Duration::from_secs(2)),
+            "{backend}: root could not open through {} with 3 stalled clients: {took:?}\n{}",
+            sock.display(),
+            p.log_text()
+        );
+    }
+    let deadline = deadline_ms as f64 / 1000.0;
+    for (c, out) in stalled {
+        let (what, secs) = last_line(c, out);
+        assert_eq!(what, "closed", "{backend}: a stalled client was answered");
+        assert!(
+            secs >= deadline - 0.2 && secs < deadline + 3.0,
+            "{backend}: a stalled client was closed after {secs} s (deadline {deadline} s)"
+        );
+    }
+    // The waiting client got in once the stalled ones were gone, not before.
+    let (what, secs) = last_line(waiting.0, waiting.1);
+    assert_eq!(
+        what, "reply",
+        "{backend}: the waiting client was not served"
+    );
+    assert!(
+        secs >= deadline - 0.7 && secs < deadline + 3.0,
+        "{backend}: the waiting client got its reply after {secs} s"
+    );
+}
+
+#[test]
+fn stalled_local_clients_lock_nobody_out_io_uring() {
+    stalled_local_clients_lock_nobody_out("io_uring");
+}
+
+#[test]
+fn stalled_local_clients_lock_nobody_out_epoll() {
+    stalled_local_clients_lock_nobody_out("epoll");
+}

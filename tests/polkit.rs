@@ -293,56 +293,72 @@ fn polkitd_gone_gives_a_clear_error_and_open_clients_keep_working() {
     }
 }
 
-fn auth_list_frame(serial: u32) -> Vec<u8> {
-    let mut f = Vec::new();
-    for w in [28u32, 0x2000_8086, 1, 66, 0, serial, 0] {
-        f.extend_from_slice(&w.to_be_bytes());
-    }
-    f
-}
+/// 30 connected-but-silent clients of one user: how many the server serves before the rest
+/// wait (probing with AUTH_LIST from the last, stopping at the first answered); after a line
+/// on stdin the served ones leave, and whether the last waiting one is then answered.
+const FLOOD_PY: &str = r#"
+import socket, struct, sys, time
+idle = []
+for _ in range(30):
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(sys.argv[1])
+    idle.append(s)
+time.sleep(0.5)
+def answers(s, limit):
+    s.settimeout(limit)
+    try:
+        s.sendall(struct.pack(">7I", 28, 0x20008086, 1, 66, 0, 7, 0))
+        return len(s.recv(28)) > 0
+    except OSError:
+        return False
+waiting = 0
+for s in reversed(idle):
+    if answers(s, 0.7):
+        break
+    waiting += 1
+served = 30 - waiting
+print(served, flush=True)
+sys.stdin.readline()
+for s in idle[:served]:
+    s.close()
+later = True
+if served < 30:
+    idle[-1].settimeout(5)
+    try:
+        later = len(idle[-1].recv(28)) > 0
+    except OSError:
+        later = False
+print(later, flush=True)
+"#;
 
-/// Whether AUTH_LIST on `s` is answered within `limit`.
-fn answers_auth_list(s: &mut UnixStream, limit: Duration) -> bool {
-    s.set_read_timeout(Some(limit)).unwrap();
-    if s.write_all(&auth_list_frame(7)).is_err() {
-        return false;
-    }
-    let mut hdr = [0u8; 28];
-    s.read_exact(&mut hdr).is_ok()
-}
-
-/// What 30 connected-but-silent clients do to a server at `sock`: how many are served before
-/// the rest wait, and whether a client authenticated before them keeps working.
-fn flood(sock: &Path, held: &mut Held) -> (usize, bool, bool) {
-    let mut idle: Vec<UnixStream> = (0..30)
-        .map(|_| UnixStream::connect(sock).unwrap())
-        .collect();
-    std::thread::sleep(Duration::from_millis(500));
-    // Which ones the server accepted: those that answer AUTH_LIST (which also ends their
-    // pending state for root, so probe from the end, one at a time, stopping at the first
-    // answered).
-    let mut waiting = 0;
-    for s in idle.iter_mut().rev() {
-        if answers_auth_list(s, Duration::from_millis(700)) {
-            break;
-        }
-        waiting += 1;
-    }
-    let served = 30 - waiting;
+/// What 30 connected-but-silent clients of `user` do to a server at `sock`: how many are
+/// served before the rest wait, whether a client authenticated before them keeps working,
+/// whether the waiting ones are served once the others leave, and whether root's AUTH_LIST
+/// was answered while they held the slots.
+fn flood(user: &str, sock: &Path, held: &mut Held) -> ((usize, bool, bool), bool) {
+    let mut child = Command::new("runuser")
+        .args(["-u", user, "--", PYTHON, "-c", FLOOD_PY])
+        .arg(sock)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let served: usize = line.trim().parse().expect("served count");
     let held_ok = held.poke()["ok"] == true;
-    // Leaving frees the slots: the first waiting one is now accepted and answered.
-    let rest = idle.split_off(served);
-    drop(idle);
-    let mut rest = rest;
-    let later = rest
-        .last_mut()
-        .map(|s| {
-            let mut hdr = [0u8; 28];
-            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-            s.read_exact(&mut hdr).is_ok()
-        })
-        .unwrap_or(true);
-    (served, held_ok, later)
+    let root_served = UnixStream::connect(sock).is_ok_and(|mut s| {
+        s.set_read_timeout(Some(Duration::from_millis(1500)))
+            .unwrap();
+        let mut hdr = [0u8; 28];
+        s.write_all(&frame(66, 0, 7, &[])).is_ok() && s.read_exact(&mut hdr).is_ok()
+    });
+    child.stdin.take().unwrap().write_all(b"leave\n").unwrap();
+    line.clear();
+    out.read_line(&mut line).unwrap();
+    let _ = child.wait();
+    ((served, held_ok, line.trim() == "True"), root_served)
 }
 
 #[test]
@@ -351,12 +367,21 @@ fn unauthenticated_clients_beyond_max_anonymous_clients_wait_as_in_libvirt() {
     let _pk = polkitd_lock().read().unwrap_or_else(|e| e.into_inner());
     let _d = support::modular::daemons_shared();
     let mut lv_held = Held::open("vpdpk", &b.tb.libvirt_proxy_rw());
-    let theirs = flood(&b.tb.libvirt_proxy_rw(), &mut lv_held);
+    let (theirs, root_theirs) = flood("vpdpk", &b.tb.libvirt_proxy_rw(), &mut lv_held);
+    // The one difference, on purpose: libvirt locks root out as well.
+    assert!(
+        !root_theirs,
+        "libvirt's virtproxyd served root at the anonymous limit"
+    );
     for backend in ["io_uring", "epoll"] {
         let p = our_proxy(backend);
         let mut held = Held::open("vpdpk", &p.rw_sock);
         let fds_before = open_fds(p.pid());
-        let ours = flood(&p.rw_sock, &mut held);
+        let (ours, root_ours) = flood("vpdpk", &p.rw_sock, &mut held);
+        assert!(
+            root_ours,
+            "{backend}: root locked out by another user's silent clients"
+        );
         eprintln!("30 silent clients: libvirt (served, held ok, next served after leaving) {theirs:?} | ours {ours:?}");
         assert_eq!(ours, theirs, "{backend}");
         assert_eq!(ours.0, 20, "{backend}: max_anonymous_clients");

@@ -409,6 +409,8 @@ impl Worker {
                 state: State::Pre(p),
                 gen,
                 id,
+                kind,
+                unauthenticated,
                 ..
             }) = self.conns.get_mut(key.slot)
             else {
@@ -439,10 +441,20 @@ impl Worker {
                     p.hs.on_early_dropped(&mut out);
                 }
                 TimerKind::PreOpen => {
+                    // A local client that authenticated may take its time to open, as with
+                    // libvirt; only one still counted as anonymous is stalling the others.
+                    if kind.is_unix() && unauthenticated.is_none() {
+                        continue;
+                    }
                     // libvirt drops dead peers by keepalive, which only runs once a client
                     // asks for it; an anonymous peer gets a fixed time to open instead.
+                    let what = if kind.is_unix() {
+                        "not authenticated"
+                    } else {
+                        "no connection opened"
+                    };
                     let why = format!(
-                        "no connection opened within {:?} of connecting (pre-open deadline)",
+                        "{what} within {:?} of connecting (pre-open deadline)",
                         self.shared.preopen_deadline
                     );
                     self.close(key.slot, &why);
