@@ -141,7 +141,15 @@ pub struct Handshake {
     /// A SASL session exists (after a successful AUTH_SASL_INIT, until it ends).
     sasl_session: bool,
     early: Option<Early>,
+    /// Lines logged for this client's misbehaviour, and those suppressed past the budget.
+    log_lines: u32,
+    log_suppressed: u32,
 }
+
+/// Lines a client's own misbehaviour may put in the log; past them the lines are only counted
+/// (see `Handshake::client_error`), so a peer repeating a refused call at line rate cannot
+/// flood the log (libvirt writes one line per call).
+pub const CLIENT_LOG_LINES: u32 = 5;
 
 /// Every pre-open call the proxy refuses is logged with the reason the client is given.
 fn refused(h: &Header, e: &RemoteError) {
@@ -173,6 +181,8 @@ impl Handshake {
             sasl: None,
             sasl_session: false,
             early: None,
+            log_lines: 0,
+            log_suppressed: 0,
         }
     }
 
@@ -180,6 +190,31 @@ impl Handshake {
     pub fn with_sasl(mut self, params: SaslParams) -> Self {
         self.sasl = Some(params);
         self
+    }
+
+    /// Logs a line about the client's own misbehaviour, within `CLIENT_LOG_LINES` per client;
+    /// the last one allowed says that the rest are suppressed.
+    fn client_error(&mut self, warn: bool, what: std::fmt::Arguments<'_>) {
+        if self.log_lines >= CLIENT_LOG_LINES {
+            self.log_suppressed += 1;
+            return;
+        }
+        self.log_lines += 1;
+        let more = if self.log_lines == CLIENT_LOG_LINES {
+            " (further such lines about this client are suppressed)"
+        } else {
+            ""
+        };
+        if warn {
+            tracing::warn!("{what}{more}");
+        } else {
+            tracing::error!("{what}{more}");
+        }
+    }
+
+    /// Lines about this client's misbehaviour that were not logged.
+    pub fn log_suppressed(&self) -> u32 {
+        self.log_suppressed
     }
 
     /// The client's identity as it goes downstream.
@@ -196,7 +231,10 @@ impl Handshake {
                 self.phase = Phase::Sasl(*h);
             }
             _ => {
-                tracing::error!("client tried invalid SASL init request");
+                self.client_error(
+                    false,
+                    format_args!("client tried invalid SASL init request"),
+                );
                 self.sasl_refuse(h, out);
             }
         }
@@ -205,7 +243,10 @@ impl Handshake {
     /// AUTH_SASL_START / AUTH_SASL_STEP with decoded arguments.
     fn sasl_exchange(&mut self, h: &Header, op: sasl::Op, out: &mut Vec<Action>) {
         if self.auth != Auth::Sasl || self.authenticated || !self.sasl_session {
-            tracing::error!("client tried invalid SASL start request");
+            self.client_error(
+                false,
+                format_args!("client tried invalid SASL start request"),
+            );
             return self.sasl_refuse(h, out);
         }
         out.push(Action::Sasl(op));
@@ -249,7 +290,7 @@ impl Handshake {
         };
         let len = data.as_ref().map_or(0, Vec::len);
         if len > sasl::DATA_MAX {
-            tracing::error!("sasl reply data too long {len}");
+            self.client_error(false, format_args!("sasl reply data too long {len}"));
             return self.sasl_refuse(&h, out);
         }
         let body = sasl::exchange_ret(complete, data.as_deref());
@@ -267,7 +308,7 @@ impl Handshake {
             p.allowed.as_deref(),
         ) {
             Err(why) => {
-                tracing::error!("{why}");
+                self.client_error(false, format_args!("{why}"));
                 self.sasl_refuse(&h, out)
             }
             Ok(user) => {
@@ -348,9 +389,12 @@ impl Handshake {
         match peer {
             Some(u) if self.auth == Auth::Polkit && !self.authenticated => {
                 if u.process_time == 0 {
-                    tracing::warn!(
-                        "Failing polkit auth due to missing client (pid={}) start time",
-                        u.pid
+                    let pid = u.pid;
+                    self.client_error(
+                        true,
+                        format_args!(
+                            "Failing polkit auth due to missing client (pid={pid}) start time"
+                        ),
                     );
                 } else {
                     let action = if self.listener == ListenerKind::UnixRo {
@@ -369,7 +413,10 @@ impl Handshake {
                 }
             }
             _ if self.auth != Auth::Polkit || self.authenticated => {
-                tracing::error!("client tried invalid PolicyKit init request");
+                self.client_error(
+                    false,
+                    format_args!("client tried invalid PolicyKit init request"),
+                );
             }
             _ => {}
         }

@@ -362,6 +362,16 @@ fn run(argv0: &str, cli: cli::Cli) -> i32 {
         })),
         max_clients: cfg.admin_max_clients,
     };
+    // Past the fork and the start-up checks: from here a slow log output costs lines, not
+    // the relay workers' time. The writer thread, like every other, must not take the
+    // signals the acceptor reads from its signalfd: they are blocked before it starts.
+    if let Err(e) = server::handled_signals().thread_block() {
+        return fail(None, EXIT_CONFIG, &format!("cannot block signals: {e}"));
+    }
+    if let Err(e) = log.start_writer() {
+        tracing::warn!("cannot start the log writer thread ({e}); logging inline");
+    }
+    let flush_log = log.clone();
     let mut reloader = Reloader {
         path: cli.config.clone(),
         env: env.clone(),
@@ -379,7 +389,7 @@ fn run(argv0: &str, cli: cli::Cli) -> i32 {
         on_reload: Box::new(move |shared| reloader.reload(shared)),
         admin,
     };
-    match server::run(opts) {
+    let code = match server::run(opts) {
         Ok(Stopped::IdleTimeout) => {
             // The limit may have come from daemon-timeout rather than --timeout.
             tracing::info!("no client for the idle timeout; exiting");
@@ -390,7 +400,9 @@ fn run(argv0: &str, cli: cli::Cli) -> i32 {
             tracing::error!("server failed: {e}");
             EXIT_NETWORK
         }
-    }
+    };
+    flush_log.flush(Duration::from_secs(2));
+    code
 }
 
 /// Creates the UNIX sockets from the config (no socket activation).

@@ -395,3 +395,119 @@ fn stalled_local_clients_lock_nobody_out_io_uring() {
 fn stalled_local_clients_lock_nobody_out_epoll() {
     stalled_local_clients_lock_nobody_out("epoll");
 }
+
+/// A TCP peer that sends a refused AUTH_POLKIT at line rate: libvirt logs one error line per
+/// call. Here its lines stop at `CLIENT_LOG_LINES` (the last says so), its close line counts
+/// the rest, and a relayed client's calls keep working meanwhile.
+fn log_flood_is_bounded(backend: &str) {
+    let _shared = support::modular::daemons_shared();
+    let port = free_port();
+    let p = proxy(
+        &format!(
+            "listen_tcp = 1\nlisten_addr = \"127.0.0.1\"\ntcp_port = \"{port}\"\nauth_tcp = \"none\"\n"
+        ),
+        &[("VIRTPROXYD_IO_BACKEND", backend)],
+    );
+    let calls = 20_000usize;
+    let mut peer = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let mut reader = peer.try_clone().unwrap();
+    let drain = thread::spawn(move || {
+        let mut replies = 0;
+        while replies < calls && read_frame(&mut reader).is_some() {
+            replies += 1;
+        }
+        replies
+    });
+    let flood: Vec<u8> = (0..calls as u32)
+        .flat_map(|serial| frame(70, 0, serial, &[]))
+        .collect();
+    peer.write_all(&flood).unwrap();
+    victim_keeps_working(&p.uri("qemu:///system"), 10, Duration::from_secs(2));
+    assert_eq!(
+        drain.join().unwrap(),
+        calls,
+        "{backend}: every call is answered"
+    );
+    drop(peer);
+    assert!(
+        wait_for(Duration::from_secs(10), || p
+            .log_text()
+            .contains("log lines about it were suppressed")),
+        "{backend}: no close line with the suppressed count"
+    );
+    let log = p.log_text();
+    let lines = log
+        .lines()
+        .filter(|l| l.contains("invalid PolicyKit init request"))
+        .count();
+    assert_eq!(
+        lines, 5,
+        "{backend}: {lines} log lines for {calls} refused calls"
+    );
+    assert!(log.contains("further such lines about this client are suppressed"));
+    assert!(log.contains(&format!("({} log lines about it", calls - 5)));
+}
+
+#[test]
+fn log_flood_is_bounded_io_uring() {
+    log_flood_is_bounded("io_uring");
+}
+
+#[test]
+fn log_flood_is_bounded_epoll() {
+    log_flood_is_bounded("epoll");
+}
+
+/// A log output that stops taking lines (a FIFO whose reader never reads, as a stuck journald
+/// or syslog would) costs lines, never the relay: 300 connections, each logging three info
+/// lines, go through while the FIFO is full. Before, the first write to the full FIFO blocked
+/// a relay worker and every client on it.
+fn a_stuck_log_output_does_not_stall_clients(backend: &str) {
+    let _shared = support::modular::daemons_shared();
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("log.fifo");
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    // Held open and never read: the proxy's writes fill it and then block.
+    use std::os::unix::fs::OpenOptionsExt;
+    let _reader = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&fifo)
+        .unwrap();
+    let p = proxy(
+        &format!("log_outputs = \"1:file:{}\"\n", fifo.display()),
+        &[("VIRTPROXYD_IO_BACKEND", backend)],
+    );
+    let script = format!(
+        "import libvirt\n\
+         libvirt.registerErrorHandler(lambda *a: None, None)\n\
+         for i in range(300):\n\
+         \x20   c = libvirt.open({:?})\n\
+         \x20   assert c.getLibVersion() > 0\n\
+         \x20   c.close()\n\
+         print('done')\n",
+        p.uri("qemu:///system")
+    );
+    let out = output_with_timeout(
+        Command::new(PYTHON).args(["-c", &script]),
+        Duration::from_secs(120),
+    );
+    assert_success(
+        &out,
+        &format!("{backend}: 300 opens with a stuck log output"),
+    );
+}
+
+#[test]
+fn a_stuck_log_output_does_not_stall_clients_io_uring() {
+    a_stuck_log_output_does_not_stall_clients("io_uring");
+}
+
+#[test]
+fn a_stuck_log_output_does_not_stall_clients_epoll() {
+    a_stuck_log_output_does_not_stall_clients("epoll");
+}

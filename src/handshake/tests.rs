@@ -759,3 +759,15 @@ fn early_connection_never_disturbs_an_open_in_progress() {
     assert!(out.is_empty());
     assert!(hs.in_downstream());
 }
+
+/// A peer repeating a refused AUTH_POLKIT at line rate gets every error reply, but only
+/// `CLIENT_LOG_LINES` log lines; the rest are counted for the close line.
+#[test]
+fn repeated_refused_calls_log_a_bounded_number_of_lines() {
+    let mut hs = Handshake::new(ListenerKind::Tcp, Identity::default());
+    for serial in 1..=1000 {
+        let e = error_of(one_reply(&client(&mut hs, call(70, serial), &[])));
+        assert_eq!((e.code, e.domain), (1, 7));
+    }
+    assert_eq!(hs.log_suppressed(), 1000 - CLIENT_LOG_LINES);
+}

@@ -199,6 +199,123 @@ fn open_sinks(outputs: &[Output]) -> Result<Vec<(Output, Sink)>, String> {
 #[derive(Clone)]
 pub struct LogControl {
     active: Arc<ArcSwap<Active>>,
+    writer: Arc<Writer>,
+}
+
+/// Lines waiting for the writer thread beyond which new ones are dropped (and counted): a
+/// slow disk, journald or syslog then costs lines, never a relay worker's time.
+const WRITER_QUEUE: usize = 4096;
+
+/// One event, formatted where it happened, written by the writer thread.
+struct Record {
+    outputs: Arc<Vec<(Output, Sink)>>,
+    meta: &'static Metadata<'static>,
+    prio: Priority,
+    msg: String,
+    /// The file/stderr line (it names the thread that logged, so it is made there).
+    line: Option<String>,
+}
+
+enum Job {
+    Write(Record),
+    /// Everything queued before it is written: answer on the channel.
+    Flush(std::sync::mpsc::Sender<()>),
+}
+
+/// The writer thread's queue, once started (`LogControl::start_writer`); before that (and
+/// before a daemon's fork, which no thread survives) events are written where they happen.
+#[derive(Default)]
+struct Writer {
+    queue: std::sync::OnceLock<std::sync::mpsc::SyncSender<Job>>,
+    dropped: std::sync::atomic::AtomicU64,
+}
+
+impl Writer {
+    fn submit(&self, record: Record) {
+        match self.queue.get() {
+            None => record.write(),
+            Some(q) => {
+                if q.try_send(Job::Write(record)).is_err() {
+                    self.dropped
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    fn run(&self, jobs: std::sync::mpsc::Receiver<Job>) {
+        for job in jobs {
+            match job {
+                Job::Write(record) => {
+                    let dropped = self.dropped.swap(0, std::sync::atomic::Ordering::Relaxed);
+                    if dropped > 0 {
+                        Record {
+                            msg: format!(
+                                "{dropped} log messages dropped: the log outputs did not keep up"
+                            ),
+                            line: None,
+                            prio: Priority::Warn,
+                            ..record.clone_meta()
+                        }
+                        .write();
+                    }
+                    record.write();
+                }
+                Job::Flush(done) => {
+                    let _ = done.send(());
+                }
+            }
+        }
+    }
+}
+
+impl Record {
+    fn clone_meta(&self) -> Record {
+        Record {
+            outputs: self.outputs.clone(),
+            meta: self.meta,
+            prio: self.prio,
+            msg: String::new(),
+            line: None,
+        }
+    }
+
+    fn write(self) {
+        let Record {
+            outputs,
+            meta,
+            prio,
+            msg,
+            mut line,
+        } = self;
+        for (out, sink) in outputs.iter() {
+            if prio < out.priority {
+                continue;
+            }
+            match sink {
+                Sink::Stderr | Sink::File(_) => {
+                    let l = line.get_or_insert_with(|| file_line(meta, prio, &msg));
+                    let _ = match sink {
+                        Sink::File(f) => (&*f).write_all(l.as_bytes()),
+                        _ => std::io::stderr().write_all(l.as_bytes()),
+                    };
+                }
+                Sink::Journald => journald(meta, prio, &msg),
+                Sink::Syslog(_) => {
+                    if let Ok(c) = CString::new(msg.replace('\0', " ")) {
+                        // SAFETY: a constant format and a NUL-terminated argument.
+                        unsafe {
+                            libc::syslog(
+                                libc::LOG_DAEMON | i32::from(prio.syslog()),
+                                c"%s".as_ptr(),
+                                c.as_ptr(),
+                            )
+                        };
+                    }
+                }
+            }
+        }
+    }
 }
 
 impl LogControl {
@@ -257,6 +374,28 @@ impl LogControl {
     pub fn apply(&self, r: &Resolved) -> Result<(), String> {
         self.swap_outputs(r.default, r.filters.clone(), &r.outputs)
     }
+
+    /// From now on events are written by a thread of their own, so a slow output never
+    /// stalls the thread that logged (a relay worker). Call once, after any fork.
+    pub fn start_writer(&self) -> std::io::Result<()> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(WRITER_QUEUE);
+        let writer = self.writer.clone();
+        std::thread::Builder::new()
+            .name("log-writer".into())
+            .spawn(move || writer.run(rx))?;
+        let _ = self.writer.queue.set(tx);
+        Ok(())
+    }
+
+    /// Waits (at most `limit`) until everything logged so far is written.
+    pub fn flush(&self, limit: std::time::Duration) {
+        if let Some(q) = self.writer.queue.get() {
+            let (tx, rx) = std::sync::mpsc::channel();
+            if q.send(Job::Flush(tx)).is_ok() {
+                let _ = rx.recv_timeout(limit);
+            }
+        }
+    }
 }
 
 fn stdin_is_tty() -> bool {
@@ -272,13 +411,15 @@ pub fn install(settings: &Settings) -> Result<LogControl, String> {
         filters: r.filters,
         outputs: Arc::new(open_sinks(&r.outputs)?),
     }));
+    let writer = Arc::new(Writer::default());
     let control = LogControl {
         active: active.clone(),
+        writer: writer.clone(),
     };
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
     tracing_subscriber::registry()
-        .with(LibvirtLayer { active })
+        .with(LibvirtLayer { active, writer })
         .try_init()
         .map_err(|e| format!("cannot install the logger: {e}"))?;
     Ok(control)
@@ -286,6 +427,7 @@ pub fn install(settings: &Settings) -> Result<LogControl, String> {
 
 struct LibvirtLayer {
     active: Arc<ArcSwap<Active>>,
+    writer: Arc<Writer>,
 }
 
 impl<S: Subscriber> Layer<S> for LibvirtLayer {
@@ -311,34 +453,17 @@ impl<S: Subscriber> Layer<S> for LibvirtLayer {
         let mut text = Message::default();
         event.record(&mut text);
         let msg = text.0;
-        let mut line: Option<String> = None;
-        for (out, sink) in a.outputs.iter() {
-            if prio < out.priority {
-                continue;
-            }
-            match sink {
-                Sink::Stderr | Sink::File(_) => {
-                    let l = line.get_or_insert_with(|| file_line(meta, prio, &msg));
-                    let _ = match sink {
-                        Sink::File(f) => (&*f).write_all(l.as_bytes()),
-                        _ => std::io::stderr().write_all(l.as_bytes()),
-                    };
-                }
-                Sink::Journald => journald(meta, prio, &msg),
-                Sink::Syslog(_) => {
-                    if let Ok(c) = CString::new(msg.replace('\0', " ")) {
-                        // SAFETY: a constant format and a NUL-terminated argument.
-                        unsafe {
-                            libc::syslog(
-                                libc::LOG_DAEMON | i32::from(prio.syslog()),
-                                c"%s".as_ptr(),
-                                c.as_ptr(),
-                            )
-                        };
-                    }
-                }
-            }
-        }
+        let to_file = a
+            .outputs
+            .iter()
+            .any(|(o, s)| prio >= o.priority && matches!(s, Sink::Stderr | Sink::File(_)));
+        self.writer.submit(Record {
+            outputs: a.outputs.clone(),
+            meta,
+            prio,
+            line: to_file.then(|| file_line(meta, prio, &msg)),
+            msg,
+        });
     }
 }
 

@@ -821,7 +821,7 @@ impl Worker {
             self.reactor
                 .remove(d.as_raw_fd(), token(slot, conn.gen, Side::Daemon));
         }
-        let mut moved = (0, 0);
+        let (mut moved, mut suppressed) = ((0, 0), 0);
         match &mut conn.state {
             State::Relay { c2d, d2c, .. } => {
                 moved = (c2d.moved, d2c.moved);
@@ -829,7 +829,7 @@ impl Worker {
                 d2c.release(&mut self.pools);
             }
             State::Layered(r) => moved = (r.to_daemon_bytes, r.to_client_bytes),
-            State::Pre(_) => {}
+            State::Pre(p) => suppressed = p.hs.log_suppressed(),
         }
         tracing::info!(
             conn = conn.id,
@@ -837,7 +837,12 @@ impl Worker {
             secs = conn.since.elapsed().as_secs_f32(),
             to_daemon = moved.0,
             to_client = moved.1,
-            "connection closed: {why}"
+            "connection closed: {why}{}",
+            if suppressed > 0 {
+                format!(" ({suppressed} log lines about it were suppressed)")
+            } else {
+                String::new()
+            }
         );
         self.shared.registry.remove(conn.id);
         drop(conn);
