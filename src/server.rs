@@ -95,6 +95,15 @@ fn starts_anonymous(shared: &Shared, kind: ListenerKind) -> bool {
     kind == ListenerKind::Tls || shared.auth.of(kind) != crate::config::Auth::None
 }
 
+/// Whether `max_clients` keeps the listeners from accepting, as libvirt's
+/// virNetServerCheckLimits decides it: `nclients >= nclients_max`, so 0 lets no client in (it
+/// is not "unlimited"). libvirt's listeners start enabled and that check only runs once a
+/// client comes, goes or authenticates or the limits are set, so a config file's
+/// `max_clients = 0` still lets the first client in; `checked` says whether that has happened.
+pub fn over_max_clients(clients: usize, max: usize, checked: bool) -> bool {
+    clients >= max && (max != 0 || checked)
+}
+
 /// Signals the acceptor handles; blocked in every thread so only the signalfd sees them.
 pub fn handled_signals() -> SigSet {
     let mut set = SigSet::empty();
@@ -231,6 +240,8 @@ pub fn run(mut opts: ServerOpts) -> io::Result<Stopped> {
     let shared = &opts.shared;
     let mut next_worker = 0usize;
     let mut next_id = 1u64;
+    // A Cell: `paused` reads it between the accepts of one wakeup.
+    let accepted_any = std::cell::Cell::new(false);
     let mut idle_since = Some(Instant::now());
     let mut accept_backoff: Option<Instant> = None;
     let mut names = NameCache::default();
@@ -242,18 +253,22 @@ pub fn run(mut opts: ServerOpts) -> io::Result<Stopped> {
             ))]);
             last_status = (clients, Instant::now());
         }
-        let max_clients = shared.max_clients.load(Ordering::Acquire);
-        let max_anonymous = shared.max_anonymous_clients.load(Ordering::Acquire);
         // As libvirt's virNetServerCheckLimits: at max_clients no listener accepts. At
         // max_anonymous_clients libvirt pauses every listener too; here only the listeners
         // whose clients start out anonymous pause (today: TLS, see `starts_anonymous`), so
         // remote peers that stall their handshakes cannot lock local clients out. The kernel
         // keeps new clients in the backlog until a client leaves or authenticates.
+        // The limits are read at each accept, not once per wakeup: an admin call lowering
+        // them while poll() waits must hold for the client that wakes it.
         let paused = |kind: ListenerKind| {
-            (max_clients != 0 && shared.clients.load(Ordering::Acquire) >= max_clients)
-                || (max_anonymous != 0
-                    && starts_anonymous(shared, kind)
-                    && shared.unauthenticated.load(Ordering::Acquire) >= max_anonymous)
+            let max_anonymous = shared.max_anonymous_clients.load(Ordering::Acquire);
+            over_max_clients(
+                shared.clients.load(Ordering::Acquire),
+                shared.max_clients.load(Ordering::Acquire),
+                accepted_any.get() || shared.limits_set.load(Ordering::Acquire),
+            ) || (max_anonymous != 0
+                && starts_anonymous(shared, kind)
+                && shared.unauthenticated.load(Ordering::Acquire) >= max_anonymous)
         };
         // Admin clients keep the daemon up too, as in libvirt; the limit can change at run
         // time (daemon-timeout).
@@ -343,6 +358,7 @@ pub fn run(mut opts: ServerOpts) -> io::Result<Stopped> {
                         };
                         let id = next_id;
                         next_id += 1;
+                        accepted_any.set(true);
                         match &identity.unix {
                             Some(u) => {
                                 tracing::info!(conn = id, uid = u.uid, pid = u.pid, listener = ?l.kind, "client connected")
@@ -434,4 +450,21 @@ pub fn run(mut opts: ServerOpts) -> io::Result<Stopped> {
         let _ = t.join();
     }
     Ok(stopped)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::over_max_clients;
+
+    #[test]
+    fn max_clients_zero_is_a_limit_not_unlimited() {
+        // Set at run time (or once a client came): nothing is accepted, as in libvirt.
+        assert!(over_max_clients(0, 0, true));
+        assert!(over_max_clients(3, 0, true));
+        // From the config file, before any client: libvirt's listeners start enabled.
+        assert!(!over_max_clients(0, 0, false));
+        assert!(over_max_clients(2, 2, false));
+        assert!(!over_max_clients(1, 2, true));
+        assert!(!over_max_clients(usize::MAX - 1, usize::MAX, true));
+    }
 }

@@ -354,6 +354,67 @@ fn max_clients_is_set_live() {
     }
 }
 
+/// `--max-clients 0` stops accepting, as libvirt's virNetServerCheckLimits (`nclients >=
+/// nclients_max`) does; clients already in keep working, and raising it lets the next in.
+#[test]
+fn max_clients_zero_stops_accepting() {
+    let _daemons = support::modular::daemons_shared();
+    for (backend, p) in proxies("") {
+        let uri = p.uri("qemu:///system");
+        let mut c1 = Client::start(&uri);
+        ok(
+            &ours(
+                &p,
+                &[
+                    "srv-clients-set",
+                    "virtproxyd",
+                    "--max-unauth-clients",
+                    "0",
+                    "--max-clients",
+                    "0",
+                ],
+            ),
+            "srv-clients-set 0",
+        );
+        let mut second = Command::new("virsh")
+            .args(["-c", &uri, "uri"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_secs(2));
+        let early = second.try_wait().unwrap();
+        if early.is_some() {
+            let o = second.wait_with_output().unwrap();
+            panic!(
+                "{backend}: a client was served with max_clients 0: {o:?}\n{}",
+                p.log_text()
+            );
+        }
+        assert_eq!(c1.call(), "ok", "{backend}: the client already in");
+        ok(
+            &ours(
+                &p,
+                &["srv-clients-set", "virtproxyd", "--max-clients", "5000"],
+            ),
+            "raise",
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Some(s) = second.try_wait().unwrap() {
+                break s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{backend}: second client still waiting"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert!(status.success(), "{backend}");
+    }
+}
+
 #[test]
 fn log_filters_and_outputs_are_set_and_read_back() {
     let _daemons = support::modular::daemons_shared();

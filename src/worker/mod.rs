@@ -244,8 +244,12 @@ pub struct Shared {
     pub routes: arc_swap::ArcSwap<RouteTable>,
     /// Connected clients on all listeners.
     pub clients: AtomicUsize,
-    /// 0 = unlimited; changed by SIGHUP.
+    /// No listener accepts at this many clients; 0 lets none in (see
+    /// `server::over_max_clients`). Changed by SIGHUP and the admin interface.
     pub max_clients: AtomicUsize,
+    /// Set when SIGHUP or the admin interface changed the client limits: from then on
+    /// `max_clients = 0` applies even before the first client (libvirt checks it then).
+    pub limits_set: AtomicBool,
     /// Clients holding an `Unauthenticated`.
     pub unauthenticated: AtomicUsize,
     /// 0 = unlimited; changed by SIGHUP and the admin interface. At the limit the listeners
