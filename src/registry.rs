@@ -36,6 +36,8 @@ pub struct ClientRecord {
     /// The identity the client set with its own CONNECT_SET_IDENTITY; it replaces `identity`
     /// for the admin server, as `virNetServerClientSetIdentity` does in libvirt.
     pub claimed: Option<Vec<TypedParam>>,
+    /// The open that was relayed asked for VIR_CONNECT_RO (or was forced to it).
+    pub opened_readonly: bool,
 }
 
 impl ClientRecord {
@@ -47,8 +49,10 @@ impl ClientRecord {
         }
     }
 
+    /// As `virNetServerClientGetReadonly`: the ro socket's clients, and any client whose
+    /// open succeeded with VIR_CONNECT_RO (remoteDispatchConnectOpen sets it then).
     pub fn readonly(&self) -> bool {
-        self.kind == ListenerKind::UnixRo
+        self.kind == ListenerKind::UnixRo || self.opened_readonly
     }
 }
 
@@ -114,6 +118,13 @@ impl Registry {
     pub fn set_claimed(&self, id: u64, params: Vec<TypedParam>) {
         if let Some(r) = self.lock().get_mut(&id) {
             r.claimed = Some(params);
+        }
+    }
+
+    /// Records the read-only flag of a client's successful open.
+    pub fn set_opened_readonly(&self, id: u64, readonly: bool) {
+        if let Some(r) = self.lock().get_mut(&id) {
+            r.opened_readonly = readonly;
         }
     }
 
@@ -198,6 +209,7 @@ mod tests {
             peer_addr: None,
             worker,
             claimed: None,
+            opened_readonly: false,
         }
     }
 
@@ -221,5 +233,22 @@ mod tests {
         assert_eq!((n, u64::from_ne_bytes(b)), (8, 1));
         r.remove(7);
         assert_eq!(r.list().iter().map(|c| c.id).collect::<Vec<_>>(), vec![8]);
+    }
+
+    #[test]
+    fn a_read_only_open_makes_any_client_read_only() {
+        let r = Registry::default();
+        let mut tcp = rec(3, 0);
+        tcp.kind = ListenerKind::Tcp;
+        r.insert(rec(1, 0));
+        r.insert(tcp);
+        let mut ro = rec(2, 0);
+        ro.kind = ListenerKind::UnixRo;
+        r.insert(ro);
+        let readonly = |id| r.get(id).is_some_and(|c| c.readonly());
+        assert!(!readonly(1) && readonly(2) && !readonly(3));
+        r.set_opened_readonly(1, true);
+        r.set_opened_readonly(3, true);
+        assert!(readonly(1) && readonly(2) && readonly(3));
     }
 }

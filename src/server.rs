@@ -382,6 +382,7 @@ pub fn run(mut opts: ServerOpts) -> io::Result<Stopped> {
                             peer_addr: peer_addr(l.kind, &fd),
                             worker: owner,
                             claimed: None,
+                            opened_readonly: false,
                         });
                         let nc = NewConn {
                             id,

@@ -52,6 +52,11 @@ struct Client {
 
 impl Client {
     fn start(uri: &str) -> Client {
+        Client::start_with(uri, &[])
+    }
+
+    /// `extra`: `["ro"]` opens read-only (VIR_CONNECT_RO).
+    fn start_with(uri: &str, extra: &[&str]) -> Client {
         let dir = tempfile::tempdir().unwrap();
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -62,6 +67,7 @@ impl Client {
             .args(["-u", "vpdtest", "--", "/usr/bin/python3"])
             .arg(dir.path().join("admin_client.py"))
             .arg(uri)
+            .args(extra)
             .current_dir(dir.path())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -269,6 +275,45 @@ fn two_clients_counted_described_and_one_disconnected() {
         let a = ours(&p, &["client-disconnect", "virtproxyd", "999999"]);
         let b = theirs(&["client-disconnect", "virtproxyd", "999999"]);
         assert_eq!(stderr(&a), stderr(&b), "{backend}");
+    }
+}
+
+/// A client that opens with VIR_CONNECT_RO on the read-write socket is read-only in
+/// client-info, as libvirt's remoteDispatchConnectOpen makes it.
+#[test]
+fn client_opened_read_only_on_the_rw_socket_is_reported_read_only() {
+    let _daemons = support::modular::daemons_shared();
+    let _clients = libvirt_clients();
+    let tb = testbed();
+    let va_ref = |a: &[&str]| theirs(a);
+    let uri_ref = unix_uri("qemu:///system", &tb.libvirt_proxy_rw());
+    let (ro_ref, rw_ref) = {
+        let ro = Client::start_with(&uri_ref, &["ro"]);
+        let rw = Client::start(&uri_ref);
+        (
+            field(&client_with_pid(&va_ref, &ro.pid).1, "readonly"),
+            field(&client_with_pid(&va_ref, &rw.pid).1, "readonly"),
+        )
+    };
+    assert_eq!(
+        (ro_ref.as_deref(), rw_ref.as_deref()),
+        (Some("yes"), Some("no"))
+    );
+    for (backend, p) in proxies("") {
+        let va = |a: &[&str]| ours(&p, a);
+        let uri = p.uri("qemu:///system");
+        let ro = Client::start_with(&uri, &["ro"]);
+        let rw = Client::start(&uri);
+        assert_eq!(
+            field(&client_with_pid(&va, &ro.pid).1, "readonly"),
+            ro_ref,
+            "{backend}: read-only open"
+        );
+        assert_eq!(
+            field(&client_with_pid(&va, &rw.pid).1, "readonly"),
+            rw_ref,
+            "{backend}: read-write open"
+        );
     }
 }
 
