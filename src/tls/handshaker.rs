@@ -167,7 +167,8 @@ impl Handshaker {
                 Ok(a) => a,
                 Err(e) => {
                     tracing::warn!(conn = nc.id, "cannot start TLS: {e}");
-                    self.shared.clients.fetch_sub(1, Ordering::AcqRel);
+                    // Out of the registry too, or it stays listed as a ghost.
+                    self.closed(nc, &format!("cannot start TLS: {e}"));
                     continue;
                 }
             };
@@ -266,5 +267,50 @@ impl Handshaker {
         self.shared.registry.remove(nc.id);
         drop(nc);
         self.shared.clients.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::listen::ListenerKind;
+    use crate::registry::ClientRecord;
+
+    #[test]
+    fn a_client_whose_tls_cannot_start_leaves_the_registry() {
+        let shared = Arc::new(crate::worker::test_shared());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let waker = crate::worker::eventfd().unwrap();
+        let mut h = Handshaker::new(0, rx, waker, shared.clone(), Vec::new()).unwrap();
+        let (ours, _peer) = std::os::unix::net::UnixStream::pair().unwrap();
+        shared.registry.insert(ClientRecord {
+            id: 9,
+            timestamp: 1,
+            kind: ListenerKind::Tls,
+            identity: Default::default(),
+            peer_addr: None,
+            worker: 0,
+            claimed: None,
+            opened_readonly: false,
+        });
+        shared.clients.fetch_add(1, Ordering::AcqRel);
+        let nc = NewConn {
+            id: 9,
+            fd: ours.into(),
+            kind: ListenerKind::Tls,
+            identity: Default::default(),
+            deadline: None,
+            tls: None,
+            unauthenticated: Some(crate::worker::Unauthenticated::new(&shared)),
+            worker: 0,
+            auth: crate::config::Auth::None,
+            early: None,
+        };
+        assert!(tx.send(nc).is_ok());
+        // No TLS settings: TlsAccept cannot start.
+        h.take_new();
+        assert_eq!(shared.clients.load(Ordering::Acquire), 0);
+        assert_eq!(shared.unauthenticated.load(Ordering::Acquire), 0);
+        assert!(shared.registry.list().is_empty(), "a ghost is listed");
     }
 }

@@ -276,6 +276,33 @@ pub struct Shared {
     pub last_open: LastOpen,
 }
 
+/// A `Shared` with the defaults and no TLS, for unit tests.
+#[cfg(test)]
+pub(crate) fn test_shared() -> Shared {
+    Shared {
+        routes: arc_swap::ArcSwap::from_pointee(RouteTable::new(
+            "/nonexistent".into(),
+            Vec::new(),
+            false,
+        )),
+        clients: AtomicUsize::new(0),
+        max_clients: AtomicUsize::new(5000),
+        limits_set: AtomicBool::new(false),
+        unauthenticated: AtomicUsize::new(0),
+        max_anonymous_clients: AtomicUsize::new(20),
+        preopen_deadline: Duration::from_secs(60),
+        limit_waker: eventfd().expect("eventfd"),
+        shutdown: AtomicBool::new(false),
+        drain_grace: Duration::from_secs(1),
+        splice_threshold: 16 * 1024,
+        tls: arc_swap::ArcSwapOption::empty(),
+        auth: ListenerAuth::NONE,
+        registry: Default::default(),
+        sasl: Default::default(),
+        last_open: Default::default(),
+    }
+}
+
 /// `tcp_min_ssf` and `sasl_allowed_username_list`.
 #[derive(Debug, Clone)]
 pub struct SaslSettings {
