@@ -213,6 +213,12 @@ pub fn run(mut opts: ServerOpts) -> io::Result<Stopped> {
                 thread,
             });
         }
+        opts.shared.registry.attach_handshakers(
+            handshakers
+                .iter()
+                .map(|h| h.inbox.waker.try_clone())
+                .collect::<io::Result<Vec<_>>>()?,
+        );
     }
     let mut next_handshaker = 0usize;
     tracing::info!(
@@ -383,6 +389,7 @@ pub fn run(mut opts: ServerOpts) -> io::Result<Stopped> {
                             worker: owner,
                             claimed: None,
                             opened_readonly: false,
+                            disconnect_requested: false,
                         });
                         let nc = NewConn {
                             id,

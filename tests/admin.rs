@@ -668,6 +668,63 @@ fn srv_update_tls_picks_up_a_new_certificate() {
     assert_eq!(field(info, "unix_user_id"), None, "{info}");
 }
 
+/// client-disconnect of a TLS client still in its handshake (it never sends a ClientHello)
+/// closes it: the peer sees EOF and the client leaves srv-clients-list.
+#[test]
+fn client_disconnect_closes_a_client_in_its_tls_handshake() {
+    use std::io::Read;
+    let files = tempfile::tempdir().unwrap();
+    let ca = Ca::new("Handshake CA");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let conf = format!(
+        "listen_tls = 1\nlisten_addr = \"127.0.0.1\"\ntls_port = \"{port}\"\n{}",
+        server_files(files.path(), &ca)
+    );
+    let p = Proxy::start(daemon(), &conf, &[]);
+    let mut silent = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let tls_ids = || -> Vec<u64> {
+        let list = ok(&ours(&p, &["srv-clients-list", "virtproxyd"]), "list");
+        list.lines()
+            .filter(|l| l.contains("tls"))
+            .filter_map(|l| l.split_whitespace().next().and_then(|w| w.parse().ok()))
+            .collect()
+    };
+    let mut ids = Vec::new();
+    assert!(
+        wait_for(Duration::from_secs(5), || {
+            ids = tls_ids();
+            !ids.is_empty()
+        }),
+        "the handshaking client is not listed"
+    );
+    ok(
+        &ours(
+            &p,
+            &["client-disconnect", "virtproxyd", &ids[0].to_string()],
+        ),
+        "client-disconnect",
+    );
+    silent
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut b = [0u8; 16];
+    let n = silent.read(&mut b);
+    assert!(
+        matches!(n, Ok(0))
+            || n.as_ref()
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+        "the client was not closed: {n:?}"
+    );
+    assert!(
+        wait_for(Duration::from_secs(5), || tls_ids().is_empty()),
+        "the client is still listed"
+    );
+}
+
 #[test]
 fn srv_update_tls_without_tls_fails_as_libvirt() {
     let _daemons = support::modular::daemons_shared();

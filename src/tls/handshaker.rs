@@ -65,6 +65,8 @@ pub struct Handshaker {
     conns: Slab<Pending>,
     next_gen: u32,
     timers: Timers<(usize, u32)>,
+    /// The registry's disconnect generation last scanned for.
+    disconnects_seen: u64,
 }
 
 fn token(slot: usize, gen: u32) -> u64 {
@@ -92,6 +94,7 @@ impl Handshaker {
             conns: Slab::new(),
             next_gen: 1,
             timers: Timers::default(),
+            disconnects_seen: 0,
         })
     }
 
@@ -112,6 +115,7 @@ impl Handshaker {
                 if ev.token == WAKER_TOKEN {
                     drain_eventfd(&self.waker);
                     self.take_new();
+                    self.admin_disconnects();
                     continue;
                 }
                 let slot = (ev.token & 0xffff_ffff) as usize;
@@ -172,6 +176,11 @@ impl Handshaker {
                     continue;
                 }
             };
+            // Marked while queued here (the scan below may have run before it arrived).
+            if self.shared.registry.disconnect_requested(nc.id) {
+                self.closed(nc, "disconnected by an admin request");
+                continue;
+            }
             let gen = self.next_gen;
             self.next_gen = self.next_gen.wrapping_add(1).max(1);
             let deadline = nc
@@ -191,6 +200,25 @@ impl Handshaker {
             }
             // Edge-triggered: the ClientHello may already be waiting.
             self.drive(slot);
+        }
+    }
+
+    /// Closes the handshaking clients an admin client asked to disconnect (client-disconnect);
+    /// one that already went on to its worker is closed by the worker's adoption instead.
+    fn admin_disconnects(&mut self) {
+        let gen = self.shared.registry.disconnect_generation();
+        if gen == self.disconnects_seen {
+            return;
+        }
+        self.disconnects_seen = gen;
+        let marked: Vec<usize> = self
+            .conns
+            .iter()
+            .filter(|(_, p)| self.shared.registry.disconnect_requested(p.nc.id))
+            .map(|(k, _)| k)
+            .collect();
+        for slot in marked {
+            self.close(slot, "disconnected by an admin request");
         }
     }
 
@@ -292,6 +320,7 @@ mod tests {
             worker: 0,
             claimed: None,
             opened_readonly: false,
+            disconnect_requested: false,
         });
         shared.clients.fetch_add(1, Ordering::AcqRel);
         let nc = NewConn {

@@ -504,6 +504,17 @@ impl Worker {
     }
 
     fn adopt(&mut self, nc: NewConn) {
+        // client-disconnect while it was queued here or in its TLS handshake.
+        if self.shared.registry.disconnect_requested(nc.id) {
+            tracing::info!(
+                conn = nc.id,
+                "connection closed: disconnected by an admin request"
+            );
+            self.shared.registry.remove(nc.id);
+            drop(nc);
+            self.shared.clients.fetch_sub(1, Ordering::AcqRel);
+            return;
+        }
         // A client is authenticated once it is here (a TLS client's session is up), unless its
         // listener asks for polkit: then it stays counted until AUTH_POLKIT or root's bypass.
         let unauthenticated = if nc.auth != Auth::None {
