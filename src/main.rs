@@ -129,6 +129,7 @@ impl Reloader {
             shared
                 .max_anonymous_clients
                 .store(new.max_anonymous_clients as usize, Ordering::Release);
+            shared.limits_set.store(true, Ordering::Release);
             applied.push(format!(
                 "max_clients {} -> {}, max_anonymous_clients {} -> {}",
                 old.max_clients,
@@ -309,6 +310,7 @@ fn run(argv0: &str, cli: cli::Cli) -> i32 {
         routes: arc_swap::ArcSwap::from_pointee(route_table(&cfg, &env)),
         clients: AtomicUsize::new(0),
         max_clients: AtomicUsize::new(cfg.max_clients as usize),
+        limits_set: AtomicBool::new(false),
         unauthenticated: AtomicUsize::new(0),
         max_anonymous_clients: AtomicUsize::new(cfg.max_anonymous_clients as usize),
         preopen_deadline: preopen_deadline(),

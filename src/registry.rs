@@ -2,11 +2,13 @@
 //! which relay worker owns them. Written only when a client is accepted, when its identity
 //! changes (TLS handshake) and when it closes — never per message — so a plain mutex is
 //! enough. Disconnect requests travel to the owning worker through a per-worker inbox and the
-//! worker's eventfd; the worker closes the connection itself, so no one else touches it.
+//! worker's eventfd; the worker closes the connection itself, so no one else touches it. A
+//! client not yet on its worker (in a TLS handshake, or queued for adoption) is marked instead:
+//! the handshake threads (woken too) and the worker's adoption check the mark and close it.
 
 use std::collections::BTreeMap;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
@@ -36,6 +38,10 @@ pub struct ClientRecord {
     /// The identity the client set with its own CONNECT_SET_IDENTITY; it replaces `identity`
     /// for the admin server, as `virNetServerClientSetIdentity` does in libvirt.
     pub claimed: Option<Vec<TypedParam>>,
+    /// The open that was relayed asked for VIR_CONNECT_RO (or was forced to it).
+    pub opened_readonly: bool,
+    /// An admin client asked to disconnect it (client-disconnect).
+    pub disconnect_requested: bool,
 }
 
 impl ClientRecord {
@@ -47,8 +53,10 @@ impl ClientRecord {
         }
     }
 
+    /// As `virNetServerClientGetReadonly`: the ro socket's clients, and any client whose
+    /// open succeeded with VIR_CONNECT_RO (remoteDispatchConnectOpen sets it then).
     pub fn readonly(&self) -> bool {
-        self.kind == ListenerKind::UnixRo
+        self.kind == ListenerKind::UnixRo || self.opened_readonly
     }
 }
 
@@ -65,10 +73,22 @@ struct Inbox {
 pub struct Registry {
     clients: Mutex<BTreeMap<u64, ClientRecord>>,
     inboxes: OnceLock<Vec<Inbox>>,
+    /// The TLS handshake threads' eventfds: a disconnect wakes them all (they are few, and
+    /// disconnects rare), each closes the marked clients it holds.
+    handshakers: OnceLock<Vec<OwnedFd>>,
+    /// Bumped on each disconnect request, so a handshake thread rescans only after one and
+    /// an adoption skips the lock while none was ever made.
+    disconnect_gen: AtomicU64,
     /// Connected admin clients (they keep the daemon from idling out, as in libvirt).
     admin_clients: AtomicUsize,
     /// The `--timeout` idle exit in seconds; 0 = never. Set at start and by daemon-timeout.
     idle_timeout: AtomicU32,
+}
+
+fn wake(fd: &OwnedFd) {
+    let one: u64 = 1;
+    // SAFETY: writing 8 bytes to an eventfd.
+    unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
 }
 
 /// Seconds since the epoch, now.
@@ -90,6 +110,11 @@ impl Registry {
             })
             .collect();
         let _ = self.inboxes.set(inboxes);
+    }
+
+    /// The handshake threads' eventfds; once, at start.
+    pub fn attach_handshakers(&self, wakers: Vec<OwnedFd>) {
+        let _ = self.handshakers.set(wakers);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, ClientRecord>> {
@@ -117,6 +142,13 @@ impl Registry {
         }
     }
 
+    /// Records the read-only flag of a client's successful open.
+    pub fn set_opened_readonly(&self, id: u64, readonly: bool) {
+        if let Some(r) = self.lock().get_mut(&id) {
+            r.opened_readonly = readonly;
+        }
+    }
+
     /// Every client, by id (= accept order).
     pub fn list(&self) -> Vec<ClientRecord> {
         self.lock().values().cloned().collect()
@@ -126,20 +158,39 @@ impl Registry {
         self.lock().get(&id).cloned()
     }
 
-    /// Asks the worker owning `id` to close it. False: no such client.
+    /// Asks whoever holds `id` to close it: its worker, or, before the worker has it, the
+    /// handshake thread or the worker's adoption (through the mark). False: no such client.
     pub fn request_disconnect(&self, id: u64) -> bool {
-        let Some(worker) = self.lock().get(&id).map(|r| r.worker) else {
-            return false;
+        let worker = {
+            let mut clients = self.lock();
+            let Some(r) = clients.get_mut(&id) else {
+                return false;
+            };
+            r.disconnect_requested = true;
+            r.worker
         };
-        let Some(inbox) = self.inboxes.get().and_then(|v| v.get(worker)) else {
-            return false;
-        };
-        inbox.ids.lock().unwrap_or_else(|p| p.into_inner()).push(id);
-        inbox.pending.store(true, Ordering::Release);
-        let one: u64 = 1;
-        // SAFETY: writing 8 bytes to an eventfd.
-        unsafe { libc::write(inbox.waker.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        // After the mark: whoever sees the new generation sees the mark.
+        self.disconnect_gen.fetch_add(1, Ordering::AcqRel);
+        if let Some(inbox) = self.inboxes.get().and_then(|v| v.get(worker)) {
+            inbox.ids.lock().unwrap_or_else(|p| p.into_inner()).push(id);
+            inbox.pending.store(true, Ordering::Release);
+            wake(&inbox.waker);
+        }
+        for w in self.handshakers.get().into_iter().flatten() {
+            wake(w);
+        }
         true
+    }
+
+    /// Whether an admin client asked to disconnect `id` (checked where a client changes hands).
+    pub fn disconnect_requested(&self, id: u64) -> bool {
+        self.disconnect_gen.load(Ordering::Acquire) != 0
+            && self.lock().get(&id).is_some_and(|r| r.disconnect_requested)
+    }
+
+    /// Changes after every disconnect request.
+    pub fn disconnect_generation(&self) -> u64 {
+        self.disconnect_gen.load(Ordering::Acquire)
     }
 
     /// The ids worker `index` must close (called on its eventfd wake).
@@ -198,6 +249,8 @@ mod tests {
             peer_addr: None,
             worker,
             claimed: None,
+            opened_readonly: false,
+            disconnect_requested: false,
         }
     }
 
@@ -221,5 +274,44 @@ mod tests {
         assert_eq!((n, u64::from_ne_bytes(b)), (8, 1));
         r.remove(7);
         assert_eq!(r.list().iter().map(|c| c.id).collect::<Vec<_>>(), vec![8]);
+    }
+
+    #[test]
+    fn a_read_only_open_makes_any_client_read_only() {
+        let r = Registry::default();
+        let mut tcp = rec(3, 0);
+        tcp.kind = ListenerKind::Tcp;
+        r.insert(rec(1, 0));
+        r.insert(tcp);
+        let mut ro = rec(2, 0);
+        ro.kind = ListenerKind::UnixRo;
+        r.insert(ro);
+        let readonly = |id| r.get(id).is_some_and(|c| c.readonly());
+        assert!(!readonly(1) && readonly(2) && !readonly(3));
+        r.set_opened_readonly(1, true);
+        r.set_opened_readonly(3, true);
+        assert!(readonly(1) && readonly(2) && readonly(3));
+    }
+
+    #[test]
+    fn a_disconnect_marks_the_client_and_wakes_the_handshakers() {
+        let r = Registry::default();
+        let hs = eventfd();
+        let probe = hs.try_clone().unwrap();
+        r.attach_workers(vec![eventfd()]);
+        r.attach_handshakers(vec![hs]);
+        r.insert(rec(5, 0));
+        r.insert(rec(6, 0));
+        assert!(!r.disconnect_requested(5));
+        let g = r.disconnect_generation();
+        assert!(r.request_disconnect(5));
+        assert!(r.disconnect_requested(5) && !r.disconnect_requested(6));
+        assert_ne!(r.disconnect_generation(), g);
+        let mut b = [0u8; 8];
+        // SAFETY: reading an eventfd counter into an 8-byte buffer.
+        let n = unsafe { libc::read(probe.as_raw_fd(), b.as_mut_ptr().cast(), 8) };
+        assert_eq!(n, 8);
+        r.remove(5);
+        assert!(!r.disconnect_requested(5));
     }
 }

@@ -125,6 +125,8 @@ struct Admission<'a> {
     next_worker: usize,
     next_handshaker: usize,
     next_id: u64,
+    /// Whether a client was admitted yet (see `over_max_clients`).
+    admitted_any: bool,
 }
 
 impl Admission<'_> {
@@ -132,6 +134,7 @@ impl Admission<'_> {
         let shared = self.shared;
         let id = self.next_id;
         self.next_id += 1;
+        self.admitted_any = true;
         match &identity.unix {
             Some(u) => {
                 tracing::info!(conn = id, uid = u.uid, pid = u.pid, listener = ?kind, "client connected")
@@ -152,6 +155,8 @@ impl Admission<'_> {
             peer_addr: peer_addr(kind, &fd),
             worker: owner,
             claimed: None,
+            opened_readonly: false,
+            disconnect_requested: false,
         });
         let nc = NewConn {
             id,
@@ -187,15 +192,23 @@ impl Admission<'_> {
     }
 }
 
+/// Whether `max_clients` keeps the listeners from accepting now (`checked`: see
+/// `over_max_clients`).
+fn at_max_clients(shared: &Shared, checked: bool) -> bool {
+    over_max_clients(
+        shared.clients.load(Ordering::Acquire),
+        shared.max_clients.load(Ordering::Acquire),
+        checked || shared.limits_set.load(Ordering::Acquire),
+    )
+}
+
 /// Whether the client limits leave room: `max_clients` for anyone, `max_anonymous_clients`
 /// for a client that would count as anonymous.
-fn has_room(shared: &Shared, anonymous: bool) -> bool {
-    let max_clients = shared.max_clients.load(Ordering::Acquire);
+fn has_room(shared: &Shared, anonymous: bool, checked: bool) -> bool {
     let max_anonymous = shared.max_anonymous_clients.load(Ordering::Acquire);
-    (max_clients == 0 || shared.clients.load(Ordering::Acquire) < max_clients)
-        && !(anonymous
-            && max_anonymous != 0
-            && shared.unauthenticated.load(Ordering::Acquire) >= max_anonymous)
+    let anonymous_full =
+        max_anonymous != 0 && shared.unauthenticated.load(Ordering::Acquire) >= max_anonymous;
+    !(at_max_clients(shared, checked) || (anonymous && anonymous_full))
 }
 
 /// Admits parked clients while the limits leave room, and drops those that waited past the
@@ -214,13 +227,22 @@ fn admit_parked(parked: &mut VecDeque<Parked>, admission: &mut Admission<'_>) {
             }
             continue;
         }
-        if !has_room(shared, true) {
+        if !has_room(shared, true, admission.admitted_any) {
             return;
         }
         if let Some(p) = parked.pop_front() {
             admission.admit(p.fd, p.kind, p.identity);
         }
     }
+}
+
+/// Whether `max_clients` keeps the listeners from accepting, as libvirt's
+/// virNetServerCheckLimits decides it: `nclients >= nclients_max`, so 0 lets no client in (it
+/// is not "unlimited"). libvirt's listeners start enabled and that check only runs once a
+/// client comes, goes or authenticates or the limits are set, so a config file's
+/// `max_clients = 0` still lets the first client in; `checked` says whether that has happened.
+pub fn over_max_clients(clients: usize, max: usize, checked: bool) -> bool {
+    clients >= max && (max != 0 || checked)
 }
 
 /// Signals the acceptor handles; blocked in every thread so only the signalfd sees them.
@@ -332,6 +354,12 @@ pub fn run(mut opts: ServerOpts) -> io::Result<Stopped> {
                 thread,
             });
         }
+        opts.shared.registry.attach_handshakers(
+            handshakers
+                .iter()
+                .map(|h| h.inbox.waker.try_clone())
+                .collect::<io::Result<Vec<_>>>()?,
+        );
     }
     tracing::info!(
         workers = workers.len(),
@@ -363,6 +391,7 @@ pub fn run(mut opts: ServerOpts) -> io::Result<Stopped> {
         next_worker: 0,
         next_handshaker: 0,
         next_id: 1,
+        admitted_any: false,
     };
     let mut parked: VecDeque<Parked> = VecDeque::new();
     let mut idle_since = Some(Instant::now());
@@ -383,12 +412,13 @@ pub fn run(mut opts: ServerOpts) -> io::Result<Stopped> {
         // ones go on accepting: a client that would count as anonymous waits in `parked`, and
         // root on a polkit socket gets in (see `Parked`). The kernel keeps new clients of a
         // paused listener in its backlog until a client leaves or authenticates.
-        let paused = |kind: ListenerKind, parked: usize| {
-            let max_clients = shared.max_clients.load(Ordering::Acquire);
+        // The limits are read at each accept, not once per wakeup: an admin call lowering
+        // them while poll() waits must hold for the client that wakes it.
+        let paused = |kind: ListenerKind, parked: usize, admitted_any: bool| {
             let max_anonymous = shared.max_anonymous_clients.load(Ordering::Acquire);
             let anonymous_full = max_anonymous != 0
                 && shared.unauthenticated.load(Ordering::Acquire) >= max_anonymous;
-            (max_clients != 0 && shared.clients.load(Ordering::Acquire) >= max_clients)
+            at_max_clients(shared, admitted_any)
                 || if kind.is_unix() {
                     parked >= PARKED_MAX
                 } else {
@@ -414,7 +444,7 @@ pub fn run(mut opts: ServerOpts) -> io::Result<Stopped> {
             Vec::new()
         } else {
             (0..opts.listeners.len())
-                .filter(|&i| !paused(opts.listeners[i].kind, parked.len()))
+                .filter(|&i| !paused(opts.listeners[i].kind, parked.len(), admission.admitted_any))
                 .collect()
         };
         let accepting = open.len() == opts.listeners.len();
@@ -467,7 +497,7 @@ pub fn run(mut opts: ServerOpts) -> io::Result<Stopped> {
             }
             let l = &opts.listeners[i];
             loop {
-                if paused(l.kind, parked.len()) {
+                if paused(l.kind, parked.len(), admission.admitted_any) {
                     break;
                 }
                 match nix::sys::socket::accept4(
@@ -482,11 +512,13 @@ pub fn run(mut opts: ServerOpts) -> io::Result<Stopped> {
                             continue;
                         };
                         let anonymous = starts_anonymous(shared, l.kind, &identity);
-                        if l.kind.is_unix() && (!parked.is_empty() || !has_room(shared, anonymous))
+                        let checked = admission.admitted_any;
+                        if l.kind.is_unix()
+                            && (!parked.is_empty() || !has_room(shared, anonymous, checked))
                         {
                             // Behind those already waiting, unless it is not anonymous and
                             // there is room for it.
-                            if anonymous || !has_room(shared, false) {
+                            if anonymous || !has_room(shared, false, checked) {
                                 tracing::debug!(
                                     listener = ?l.kind,
                                     uid = identity.unix.as_ref().map(|u| u.uid),
@@ -541,4 +573,21 @@ pub fn run(mut opts: ServerOpts) -> io::Result<Stopped> {
         let _ = t.join();
     }
     Ok(stopped)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::over_max_clients;
+
+    #[test]
+    fn max_clients_zero_is_a_limit_not_unlimited() {
+        // Set at run time (or once a client came): nothing is accepted, as in libvirt.
+        assert!(over_max_clients(0, 0, true));
+        assert!(over_max_clients(3, 0, true));
+        // From the config file, before any client: libvirt's listeners start enabled.
+        assert!(!over_max_clients(0, 0, false));
+        assert!(over_max_clients(2, 2, false));
+        assert!(!over_max_clients(1, 2, true));
+        assert!(!over_max_clients(usize::MAX - 1, usize::MAX, true));
+    }
 }

@@ -52,6 +52,11 @@ struct Client {
 
 impl Client {
     fn start(uri: &str) -> Client {
+        Client::start_with(uri, &[])
+    }
+
+    /// `extra`: `["ro"]` opens read-only (VIR_CONNECT_RO).
+    fn start_with(uri: &str, extra: &[&str]) -> Client {
         let dir = tempfile::tempdir().unwrap();
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -62,6 +67,7 @@ impl Client {
             .args(["-u", "vpdtest", "--", "/usr/bin/python3"])
             .arg(dir.path().join("admin_client.py"))
             .arg(uri)
+            .args(extra)
             .current_dir(dir.path())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -272,6 +278,45 @@ fn two_clients_counted_described_and_one_disconnected() {
     }
 }
 
+/// A client that opens with VIR_CONNECT_RO on the read-write socket is read-only in
+/// client-info, as libvirt's remoteDispatchConnectOpen makes it.
+#[test]
+fn client_opened_read_only_on_the_rw_socket_is_reported_read_only() {
+    let _daemons = support::modular::daemons_shared();
+    let _clients = libvirt_clients();
+    let tb = testbed();
+    let va_ref = |a: &[&str]| theirs(a);
+    let uri_ref = unix_uri("qemu:///system", &tb.libvirt_proxy_rw());
+    let (ro_ref, rw_ref) = {
+        let ro = Client::start_with(&uri_ref, &["ro"]);
+        let rw = Client::start(&uri_ref);
+        (
+            field(&client_with_pid(&va_ref, &ro.pid).1, "readonly"),
+            field(&client_with_pid(&va_ref, &rw.pid).1, "readonly"),
+        )
+    };
+    assert_eq!(
+        (ro_ref.as_deref(), rw_ref.as_deref()),
+        (Some("yes"), Some("no"))
+    );
+    for (backend, p) in proxies("") {
+        let va = |a: &[&str]| ours(&p, a);
+        let uri = p.uri("qemu:///system");
+        let ro = Client::start_with(&uri, &["ro"]);
+        let rw = Client::start(&uri);
+        assert_eq!(
+            field(&client_with_pid(&va, &ro.pid).1, "readonly"),
+            ro_ref,
+            "{backend}: read-only open"
+        );
+        assert_eq!(
+            field(&client_with_pid(&va, &rw.pid).1, "readonly"),
+            rw_ref,
+            "{backend}: read-write open"
+        );
+    }
+}
+
 #[test]
 fn max_clients_is_set_live() {
     let _daemons = support::modular::daemons_shared();
@@ -332,6 +377,67 @@ fn max_clients_is_set_live() {
             second.try_wait().unwrap().is_none(),
             "{backend}: second client was served at the limit"
         );
+        ok(
+            &ours(
+                &p,
+                &["srv-clients-set", "virtproxyd", "--max-clients", "5000"],
+            ),
+            "raise",
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Some(s) = second.try_wait().unwrap() {
+                break s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{backend}: second client still waiting"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert!(status.success(), "{backend}");
+    }
+}
+
+/// `--max-clients 0` stops accepting, as libvirt's virNetServerCheckLimits (`nclients >=
+/// nclients_max`) does; clients already in keep working, and raising it lets the next in.
+#[test]
+fn max_clients_zero_stops_accepting() {
+    let _daemons = support::modular::daemons_shared();
+    for (backend, p) in proxies("") {
+        let uri = p.uri("qemu:///system");
+        let mut c1 = Client::start(&uri);
+        ok(
+            &ours(
+                &p,
+                &[
+                    "srv-clients-set",
+                    "virtproxyd",
+                    "--max-unauth-clients",
+                    "0",
+                    "--max-clients",
+                    "0",
+                ],
+            ),
+            "srv-clients-set 0",
+        );
+        let mut second = Command::new("virsh")
+            .args(["-c", &uri, "uri"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_secs(2));
+        let early = second.try_wait().unwrap();
+        if early.is_some() {
+            let o = second.wait_with_output().unwrap();
+            panic!(
+                "{backend}: a client was served with max_clients 0: {o:?}\n{}",
+                p.log_text()
+            );
+        }
+        assert_eq!(c1.call(), "ok", "{backend}: the client already in");
         ok(
             &ours(
                 &p,
@@ -560,6 +666,63 @@ fn srv_update_tls_picks_up_a_new_certificate() {
         "{info}"
     );
     assert_eq!(field(info, "unix_user_id"), None, "{info}");
+}
+
+/// client-disconnect of a TLS client still in its handshake (it never sends a ClientHello)
+/// closes it: the peer sees EOF and the client leaves srv-clients-list.
+#[test]
+fn client_disconnect_closes_a_client_in_its_tls_handshake() {
+    use std::io::Read;
+    let files = tempfile::tempdir().unwrap();
+    let ca = Ca::new("Handshake CA");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let conf = format!(
+        "listen_tls = 1\nlisten_addr = \"127.0.0.1\"\ntls_port = \"{port}\"\n{}",
+        server_files(files.path(), &ca)
+    );
+    let p = Proxy::start(daemon(), &conf, &[]);
+    let mut silent = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let tls_ids = || -> Vec<u64> {
+        let list = ok(&ours(&p, &["srv-clients-list", "virtproxyd"]), "list");
+        list.lines()
+            .filter(|l| l.contains("tls"))
+            .filter_map(|l| l.split_whitespace().next().and_then(|w| w.parse().ok()))
+            .collect()
+    };
+    let mut ids = Vec::new();
+    assert!(
+        wait_for(Duration::from_secs(5), || {
+            ids = tls_ids();
+            !ids.is_empty()
+        }),
+        "the handshaking client is not listed"
+    );
+    ok(
+        &ours(
+            &p,
+            &["client-disconnect", "virtproxyd", &ids[0].to_string()],
+        ),
+        "client-disconnect",
+    );
+    silent
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut b = [0u8; 16];
+    let n = silent.read(&mut b);
+    assert!(
+        matches!(n, Ok(0))
+            || n.as_ref()
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+        "the client was not closed: {n:?}"
+    );
+    assert!(
+        wait_for(Duration::from_secs(5), || tls_ids().is_empty()),
+        "the client is still listed"
+    );
 }
 
 #[test]

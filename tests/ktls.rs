@@ -92,7 +92,8 @@ fn proxy() -> &'static Proxy {
         let shared = Arc::new(Shared {
             routes: arc_swap::ArcSwap::from_pointee(RouteTable::new(dir.path().into(), cfg.driver_sockets.clone(), false)),
             clients: AtomicUsize::new(0),
-            max_clients: AtomicUsize::new(0),
+            max_clients: AtomicUsize::new(5000),
+            limits_set: AtomicBool::new(false),
             unauthenticated: AtomicUsize::new(0),
             max_anonymous_clients: AtomicUsize::new(0),
             preopen_deadline: Duration::from_secs(60),

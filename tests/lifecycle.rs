@@ -404,6 +404,39 @@ fn sighup_applies_a_new_client_limit_without_dropping_clients() {
     assert!(wait_exit(&mut p, Duration::from_secs(10)).is_some());
 }
 
+/// libvirt's `max_clients = 0` from the config file: its listeners start enabled and the limit
+/// is first checked when a client is added, so exactly one client gets in.
+#[test]
+fn config_max_clients_zero_admits_the_first_client_only() {
+    let dir = tempdir();
+    let conf = conf_for(dir.path(), "max_clients = 0\nmax_anonymous_clients = 0");
+    let mut p = spawn(
+        &[
+            "-v",
+            "-f",
+            conf.to_str().unwrap(),
+            "-p",
+            dir.path().join("pid").to_str().unwrap(),
+        ],
+        dir.path(),
+        &[],
+    );
+    let sock = dir.path().join("s/libvirt-sock");
+    assert!(wait_for(Duration::from_secs(10), || sock.exists()));
+    let mut a = raw_open(&sock);
+    let mut b = UnixStream::connect(&sock).unwrap();
+    b.set_read_timeout(Some(Duration::from_millis(600)))
+        .unwrap();
+    b.write_all(&support::frame(66, 0, 0, &[])).unwrap();
+    assert!(
+        support::read_frame(&mut b).is_none(),
+        "second client served with max_clients = 0"
+    );
+    assert!(lib_version_works(&mut a, 3), "first client not served");
+    sigterm(p.id());
+    assert!(wait_exit(&mut p, Duration::from_secs(10)).is_some());
+}
+
 #[test]
 fn daemon_mode_writes_a_locked_pid_file_and_removes_it() {
     let dir = tempdir();

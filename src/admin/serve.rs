@@ -75,11 +75,8 @@ pub fn spawn(
     workers: usize,
     opts: AdminOpts,
 ) -> io::Result<JoinHandle<()>> {
-    let max_clients = if opts.max_clients == 0 {
-        5000
-    } else {
-        opts.max_clients
-    };
+    // 0 is kept: as for the proxy server, libvirt then lets one client in and no more.
+    let max_clients = opts.max_clients;
     let mut server = AdminServer {
         listeners,
         shared,
@@ -110,7 +107,11 @@ impl AdminServer {
     }
 
     fn turn(&mut self) {
-        let accepting = (self.conns.len() as u32) < self.max_clients;
+        let accepting = !crate::server::over_max_clients(
+            self.conns.len(),
+            self.max_clients as usize,
+            self.next_id > 1,
+        );
         let ids: Vec<u64> = self.conns.keys().copied().collect();
         let mut ready: Vec<bool> = Vec::new();
         {
@@ -209,7 +210,7 @@ impl AdminServer {
                     identity,
                 },
             );
-            if self.conns.len() as u32 >= self.max_clients {
+            if crate::server::over_max_clients(self.conns.len(), self.max_clients as usize, true) {
                 return;
             }
         }
@@ -446,6 +447,7 @@ impl Host for Live<'_> {
                 s.max_clients.store(max as usize, Ordering::Release);
                 s.max_anonymous_clients
                     .store(unauth_max as usize, Ordering::Release);
+                s.limits_set.store(true, Ordering::Release);
                 tracing::info!(
                     max_clients = max,
                     max_anonymous_clients = unauth_max,

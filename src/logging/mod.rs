@@ -129,8 +129,8 @@ fn default_outputs(
 enum Sink {
     Stderr,
     Journald,
-    /// syslog keeps a pointer to the identity given to `openlog`: it lives here.
-    Syslog(#[allow(dead_code)] CString),
+    /// Its identity lives in `syslog_ident`'s never-freed storage.
+    Syslog,
     File(std::fs::File),
 }
 
@@ -159,6 +159,31 @@ impl Active {
     }
 }
 
+/// The NUL-terminated copy of `ident` that `openlog` is given, made once per distinct identity
+/// and never freed. glibc keeps the pointer, and Cyrus SASL (any library, any thread) calls
+/// syslog(3) on its own at any time, so the identity must outlive every output swap; freeing
+/// it after a `closelog` would still race a reader of an old output set that logs (and so
+/// reopens) concurrently. Interning bounds the leak to the identities ever configured.
+fn syslog_ident(ident: &str) -> Result<&'static std::ffi::CStr, String> {
+    static IDENTS: std::sync::Mutex<Vec<&'static std::ffi::CStr>> =
+        std::sync::Mutex::new(Vec::new());
+    let mut idents = IDENTS.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(id) = idents.iter().find(|id| id.to_bytes() == ident.as_bytes()) {
+        return Ok(id);
+    }
+    let id = CString::new(ident).map_err(|_| format!("syslog identity '{ident}' contains NUL"))?;
+    let id: &'static std::ffi::CStr = Box::leak(id.into_boxed_c_str());
+    idents.push(id);
+    Ok(id)
+}
+
+/// Tests also copy syslog's lines to stderr, where they can see the identity it used.
+const OPENLOG_FLAGS: libc::c_int = if cfg!(test) {
+    libc::LOG_PID | libc::LOG_PERROR
+} else {
+    libc::LOG_PID
+};
+
 fn open_sinks(outputs: &[Output]) -> Result<Vec<(Output, Sink)>, String> {
     let mut syslog_open = false;
     outputs
@@ -168,15 +193,13 @@ fn open_sinks(outputs: &[Output]) -> Result<Vec<(Output, Sink)>, String> {
                 Dest::Stderr => Sink::Stderr,
                 Dest::Journald => Sink::Journald,
                 Dest::Syslog(ident) => {
-                    let id = CString::new(ident.as_str())
-                        .map_err(|_| format!("syslog identity '{ident}' contains NUL"))?;
+                    let id = syslog_ident(ident)?;
                     if !syslog_open {
-                        // SAFETY: `id` is kept alive in the sink for as long as syslog uses it
-                        // (the previous identity stays alive until the next openlog).
-                        unsafe { libc::openlog(id.as_ptr(), libc::LOG_PID, libc::LOG_DAEMON) };
+                        // SAFETY: `id` is 'static, so valid for as long as syslog keeps it.
+                        unsafe { libc::openlog(id.as_ptr(), OPENLOG_FLAGS, libc::LOG_DAEMON) };
                         syslog_open = true;
                     }
-                    Sink::Syslog(id)
+                    Sink::Syslog
                 }
                 Dest::File(path) => {
                     if let Some(dir) = path.parent() {
@@ -193,6 +216,10 @@ fn open_sinks(outputs: &[Output]) -> Result<Vec<(Output, Sink)>, String> {
             Ok((o.clone(), sink))
         })
         .collect()
+}
+
+fn has_syslog(sinks: &[(Output, Sink)]) -> bool {
+    sinks.iter().any(|(_, s)| matches!(s, Sink::Syslog))
 }
 
 /// Changes logging at run time (SIGHUP, admin calls). Cheap to clone.
@@ -301,7 +328,7 @@ impl Record {
                     };
                 }
                 Sink::Journald => journald(meta, prio, &msg),
-                Sink::Syslog(_) => {
+                Sink::Syslog => {
                     if let Ok(c) = CString::new(msg.replace('\0', " ")) {
                         // SAFETY: a constant format and a NUL-terminated argument.
                         unsafe {
@@ -335,7 +362,16 @@ impl LogControl {
         filters: Vec<Filter>,
         outputs: &[Output],
     ) -> Result<(), String> {
-        self.swap(default, filters, Arc::new(open_sinks(outputs)?));
+        let had_syslog = has_syslog(&self.active.load().outputs);
+        let sinks = Arc::new(open_sinks(outputs)?);
+        let closing = had_syslog && !has_syslog(&sinks);
+        self.swap(default, filters, sinks);
+        if closing {
+            // As libvirt's syslog output close: later foreign syslog(3) calls (SASL) go out
+            // under glibc's default identity rather than ours.
+            // SAFETY: no arguments; the identity stays valid regardless (see syslog_ident).
+            unsafe { libc::closelog() };
+        }
         Ok(())
     }
 
@@ -647,5 +683,82 @@ mod tests {
     fn timestamps_are_utc_civil_dates() {
         let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(1_795_755_481_123);
         assert_eq!(timestamp(t), "2026-11-27 04:58:01.123+0000");
+    }
+
+    const SYSLOG_CHILD: &str = "VIRTPROXYD_TEST_SYSLOG_CHILD";
+
+    fn control(outputs: &str) -> LogControl {
+        let outs = spec::parse_outputs(outputs).unwrap();
+        LogControl {
+            active: Arc::new(ArcSwap::from_pointee(Active {
+                default: Priority::Info,
+                filters: vec![],
+                outputs: Arc::new(open_sinks(&outs).unwrap()),
+            })),
+            writer: Arc::new(Writer::default()),
+        }
+    }
+
+    /// What Cyrus SASL does on its own: log through syslog(3) with whatever ident is set.
+    fn foreign_syslog(msg: &str) {
+        let c = CString::new(msg).unwrap();
+        // SAFETY: a constant format and a NUL-terminated argument.
+        unsafe { libc::syslog(libc::LOG_INFO, c"%s".as_ptr(), c.as_ptr()) };
+    }
+
+    /// Runs in a child process (syslog's state is process-wide): switches syslog away and
+    /// back, reusing the heap in between as any later allocation would.
+    fn syslog_switch_child() {
+        let c = control("1:syslog:identA");
+        foreign_syslog("probe-a");
+        c.apply(&Resolved {
+            default: Priority::Info,
+            filters: vec![],
+            outputs: spec::parse_outputs("1:stderr").unwrap(),
+        })
+        .unwrap();
+        let spray: Vec<CString> = (0..4096).map(|_| CString::new("XXXXXX").unwrap()).collect();
+        foreign_syslog("probe-none");
+        drop(spray);
+        c.apply(&Resolved {
+            default: Priority::Info,
+            filters: vec![],
+            outputs: spec::parse_outputs("1:syslog:identB").unwrap(),
+        })
+        .unwrap();
+        foreign_syslog("probe-b");
+    }
+
+    #[test]
+    fn syslog_ident_stays_valid_after_switching_away() {
+        if std::env::var_os(SYSLOG_CHILD).is_some() {
+            syslog_switch_child();
+            return;
+        }
+        let exe = std::env::current_exe().unwrap();
+        let out = std::process::Command::new(&exe)
+            .args([
+                "--exact",
+                "logging::tests::syslog_ident_stays_valid_after_switching_away",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(SYSLOG_CHILD, "1")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "child failed: {out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        let ident = |l: &str| l.split('[').next().unwrap_or("").to_string();
+        let line = |probe: &str| {
+            err.lines()
+                .find(|l| l.ends_with(&format!("]: {probe}")))
+                .unwrap_or_else(|| panic!("no {probe} in {err}"))
+                .to_string()
+        };
+        assert_eq!(ident(&line("probe-a")), "identA");
+        // Away from syslog, syslog is closed as libvirt does: glibc's own default ident.
+        let prog = exe.file_name().unwrap().to_string_lossy().into_owned();
+        assert_eq!(ident(&line("probe-none")), prog);
+        assert_eq!(ident(&line("probe-b")), "identB");
     }
 }

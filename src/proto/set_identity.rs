@@ -168,6 +168,25 @@ pub struct Answer {
 }
 
 pub fn answer(h: &Header, body: &[u8]) -> Answer {
+    // libvirt's dispatch checks come first and leave the connection open: no program is
+    // (REMOTE, vers) but version 1 (virNetServerProgramUnknownError), and a call must have
+    // status OK (virNetServerProgramDispatchCall). Both replies echo the request's header.
+    let dispatch_error = if h.vers != 1 {
+        Some(format!(
+            "Cannot find program {} version {}",
+            h.prog as i32, h.vers as i32
+        ))
+    } else if h.status != super::MsgStatus::Ok {
+        Some(format!("Unexpected message status {}", h.status.to_wire()))
+    } else {
+        None
+    };
+    if let Some(detail) = dispatch_error {
+        return Answer {
+            reply: msg::error_reply(h, &RemoteError::new(err_code::RPC, err_domain::RPC, detail)),
+            identity: None,
+        };
+    }
     let result = decode_params(body)
         .map_err(|_| {
             RemoteError::new(
@@ -231,6 +250,38 @@ mod tests {
         assert_eq!(a.reply.len(), 28);
         let id = a.identity.unwrap();
         assert_eq!(id[1].value, Value::ULLong(0));
+    }
+
+    #[test]
+    fn a_wrong_version_or_status_gets_libvirts_dispatch_errors() {
+        // No program matches (REMOTE, 2): virNetServerProgramUnknownError.
+        let body = set_identity_body(&[("unix-user-id", TypedValue::ULLong(0))]);
+        let h = Header {
+            vers: 2,
+            ..header()
+        };
+        let a = answer(&h, &body);
+        let reply = Header::check(&a.reply).unwrap();
+        assert_eq!(
+            (reply.prog, reply.vers, reply.proc_, reply.mtype),
+            (
+                program::REMOTE,
+                2,
+                remote_proc::CONNECT_SET_IDENTITY,
+                MsgType::Reply
+            )
+        );
+        let e = error_of(&a);
+        assert_eq!((e.code, e.domain), (err_code::RPC, err_domain::RPC));
+        assert_eq!(e.message, "Cannot find program 536903814 version 2");
+        // A call whose status is not OK: virNetServerProgramDispatchCall's check.
+        let h = Header {
+            status: MsgStatus::Error,
+            ..header()
+        };
+        let e = error_of(&answer(&h, &body));
+        assert_eq!((e.code, e.domain), (err_code::RPC, err_domain::RPC));
+        assert_eq!(e.message, "Unexpected message status 1");
     }
 
     #[test]

@@ -65,6 +65,8 @@ pub struct Handshaker {
     conns: Slab<Pending>,
     next_gen: u32,
     timers: Timers<(usize, u32)>,
+    /// The registry's disconnect generation last scanned for.
+    disconnects_seen: u64,
 }
 
 fn token(slot: usize, gen: u32) -> u64 {
@@ -92,6 +94,7 @@ impl Handshaker {
             conns: Slab::new(),
             next_gen: 1,
             timers: Timers::default(),
+            disconnects_seen: 0,
         })
     }
 
@@ -112,6 +115,7 @@ impl Handshaker {
                 if ev.token == WAKER_TOKEN {
                     drain_eventfd(&self.waker);
                     self.take_new();
+                    self.admin_disconnects();
                     continue;
                 }
                 let slot = (ev.token & 0xffff_ffff) as usize;
@@ -167,10 +171,16 @@ impl Handshaker {
                 Ok(a) => a,
                 Err(e) => {
                     tracing::warn!(conn = nc.id, "cannot start TLS: {e}");
-                    self.shared.clients.fetch_sub(1, Ordering::AcqRel);
+                    // Out of the registry too, or it stays listed as a ghost.
+                    self.closed(nc, &format!("cannot start TLS: {e}"));
                     continue;
                 }
             };
+            // Marked while queued here (the scan below may have run before it arrived).
+            if self.shared.registry.disconnect_requested(nc.id) {
+                self.closed(nc, "disconnected by an admin request");
+                continue;
+            }
             let gen = self.next_gen;
             self.next_gen = self.next_gen.wrapping_add(1).max(1);
             let deadline = nc
@@ -190,6 +200,25 @@ impl Handshaker {
             }
             // Edge-triggered: the ClientHello may already be waiting.
             self.drive(slot);
+        }
+    }
+
+    /// Closes the handshaking clients an admin client asked to disconnect (client-disconnect);
+    /// one that already went on to its worker is closed by the worker's adoption instead.
+    fn admin_disconnects(&mut self) {
+        let gen = self.shared.registry.disconnect_generation();
+        if gen == self.disconnects_seen {
+            return;
+        }
+        self.disconnects_seen = gen;
+        let marked: Vec<usize> = self
+            .conns
+            .iter()
+            .filter(|(_, p)| self.shared.registry.disconnect_requested(p.nc.id))
+            .map(|(k, _)| k)
+            .collect();
+        for slot in marked {
+            self.close(slot, "disconnected by an admin request");
         }
     }
 
@@ -266,5 +295,51 @@ impl Handshaker {
         self.shared.registry.remove(nc.id);
         drop(nc);
         self.shared.clients.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::listen::ListenerKind;
+    use crate::registry::ClientRecord;
+
+    #[test]
+    fn a_client_whose_tls_cannot_start_leaves_the_registry() {
+        let shared = Arc::new(crate::worker::test_shared());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let waker = crate::worker::eventfd().unwrap();
+        let mut h = Handshaker::new(0, rx, waker, shared.clone(), Vec::new()).unwrap();
+        let (ours, _peer) = std::os::unix::net::UnixStream::pair().unwrap();
+        shared.registry.insert(ClientRecord {
+            id: 9,
+            timestamp: 1,
+            kind: ListenerKind::Tls,
+            identity: Default::default(),
+            peer_addr: None,
+            worker: 0,
+            claimed: None,
+            opened_readonly: false,
+            disconnect_requested: false,
+        });
+        shared.clients.fetch_add(1, Ordering::AcqRel);
+        let nc = NewConn {
+            id: 9,
+            fd: ours.into(),
+            kind: ListenerKind::Tls,
+            identity: Default::default(),
+            deadline: None,
+            tls: None,
+            unauthenticated: Some(crate::worker::Unauthenticated::new(&shared)),
+            worker: 0,
+            auth: crate::config::Auth::None,
+            early: None,
+        };
+        assert!(tx.send(nc).is_ok());
+        // No TLS settings: TlsAccept cannot start.
+        h.take_new();
+        assert_eq!(shared.clients.load(Ordering::Acquire), 0);
+        assert_eq!(shared.unauthenticated.load(Ordering::Acquire), 0);
+        assert!(shared.registry.list().is_empty(), "a ghost is listed");
     }
 }

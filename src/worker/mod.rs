@@ -244,8 +244,12 @@ pub struct Shared {
     pub routes: arc_swap::ArcSwap<RouteTable>,
     /// Connected clients on all listeners.
     pub clients: AtomicUsize,
-    /// 0 = unlimited; changed by SIGHUP.
+    /// No listener accepts at this many clients; 0 lets none in (see
+    /// `server::over_max_clients`). Changed by SIGHUP and the admin interface.
     pub max_clients: AtomicUsize,
+    /// Set when SIGHUP or the admin interface changed the client limits: from then on
+    /// `max_clients = 0` applies even before the first client (libvirt checks it then).
+    pub limits_set: AtomicBool,
     /// Clients holding an `Unauthenticated`.
     pub unauthenticated: AtomicUsize,
     /// 0 = unlimited; changed by SIGHUP and the admin interface. At the limit the listeners
@@ -271,6 +275,33 @@ pub struct Shared {
     pub sasl: SaslSettings,
     /// Where local clients' opens went lately, for early connections.
     pub last_open: LastOpen,
+}
+
+/// A `Shared` with the defaults and no TLS, for unit tests.
+#[cfg(test)]
+pub(crate) fn test_shared() -> Shared {
+    Shared {
+        routes: arc_swap::ArcSwap::from_pointee(RouteTable::new(
+            "/nonexistent".into(),
+            Vec::new(),
+            false,
+        )),
+        clients: AtomicUsize::new(0),
+        max_clients: AtomicUsize::new(5000),
+        limits_set: AtomicBool::new(false),
+        unauthenticated: AtomicUsize::new(0),
+        max_anonymous_clients: AtomicUsize::new(20),
+        preopen_deadline: Duration::from_secs(60),
+        limit_waker: eventfd().expect("eventfd"),
+        shutdown: AtomicBool::new(false),
+        drain_grace: Duration::from_secs(1),
+        splice_threshold: 16 * 1024,
+        tls: arc_swap::ArcSwapOption::empty(),
+        auth: ListenerAuth::NONE,
+        registry: Default::default(),
+        sasl: Default::default(),
+        last_open: Default::default(),
+    }
 }
 
 /// `tcp_min_ssf` and `sasl_allowed_username_list`.
@@ -476,6 +507,17 @@ impl Worker {
     }
 
     fn adopt(&mut self, nc: NewConn) {
+        // client-disconnect while it was queued here or in its TLS handshake.
+        if self.shared.registry.disconnect_requested(nc.id) {
+            tracing::info!(
+                conn = nc.id,
+                "connection closed: disconnected by an admin request"
+            );
+            self.shared.registry.remove(nc.id);
+            drop(nc);
+            self.shared.clients.fetch_sub(1, Ordering::AcqRel);
+            return;
+        }
         // A client is authenticated once it is here (a TLS client's session is up), unless its
         // listener asks for polkit: then it stays counted until AUTH_POLKIT or root's bypass.
         let unauthenticated = if nc.auth != Auth::None {

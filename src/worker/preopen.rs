@@ -290,6 +290,13 @@ impl Worker {
                     conn.uri = None;
                 }
                 Action::StartRelay => {
+                    // The open succeeded: as libvirt, its RO flag makes the client read-only
+                    // for the admin interface.
+                    if let Some(t) = p.hs.opened() {
+                        self.shared
+                            .registry
+                            .set_opened_readonly(conn.id, t.readonly);
+                    }
                     // Bytes the client pipelined behind its open must pass the relay's checks;
                     // if they do not, the client still gets its open reply, then the close.
                     let kind = conn.kind;
