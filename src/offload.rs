@@ -19,7 +19,8 @@ pub struct Sender<R>(async_channel::Sender<R>);
 
 impl<R> Sender<R> {
     /// Queues `r`; fails only when nothing takes requests any more. Never blocks: the queue
-    /// is unbounded, and bounded in practice by the connections (one auth step each).
+    /// is unbounded; the polkit thread takes each request as it comes, and a connection has
+    /// one SASL step at a time.
     pub fn send(&self, r: R) -> Result<(), SendError<R>> {
         self.0.try_send(r).map_err(|e| SendError(e.into_inner()))
     }

@@ -34,7 +34,8 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 const PER_CONNECTION: usize = 128;
 /// Bus connections, each opened only once those before it are full.
 const CONNECTIONS: usize = 16;
-/// Checks in flight at once; later ones wait in the queue, which the connections bound.
+/// Checks in flight at once; beyond it a check fails at once, as one beyond the bus's own limit
+/// would (waiting instead would let the queue grow with every client that asks and leaves).
 const IN_FLIGHT: usize = PER_CONNECTION * CONNECTIONS;
 /// Checks in flight for one uid: one user's stuck checks (or connections that left while
 /// waiting, whose checks run on) cannot take every place.
@@ -177,18 +178,10 @@ async fn serve(
 ) {
     let pool = Rc::new(Pool::new(ex.clone()));
     let repliers = Rc::new(repliers);
-    let room = Arc::new(async_lock::Semaphore::new(IN_FLIGHT));
-    loop {
-        // Beyond IN_FLIGHT the requests wait in the queue, in order: they are bounded by the
-        // connections (one auth step each), and waiting is what libvirt's busy workers do too.
-        let place = room.acquire_arc().await;
-        let Ok(req) = requests.recv().await else {
-            return;
-        };
+    while let Ok(req) = requests.recv().await {
         let (pool, repliers) = (pool.clone(), repliers.clone());
         ex.spawn(async move {
             let answer = answer(&pool, req).await;
-            drop(place);
             repliers.reply(answer.0, answer.1);
         })
         .detach();
@@ -196,7 +189,14 @@ async fn serve(
 }
 
 async fn answer(pool: &Pool, req: Request) -> (usize, Answer) {
-    let result = check(pool, &req).await;
+    let result = if pool.in_flight.get() >= IN_FLIGHT {
+        Err(too_many(format!(
+            "{IN_FLIGHT} polkit checks already in progress"
+        )))
+    } else {
+        let _place = Use::new(&pool.in_flight);
+        check(pool, &req).await
+    };
     match &result {
         Ok(()) => tracing::info!(
             conn = req.conn,
@@ -228,6 +228,7 @@ async fn answer(pool: &Pool, req: Request) -> (usize, Answer) {
 struct Pool {
     ex: Rc<LocalExecutor<'static>>,
     lanes: Vec<Lane>,
+    in_flight: Cell<usize>,
     per_uid: RefCell<HashMap<u32, usize>>,
 }
 
@@ -279,6 +280,7 @@ impl Pool {
         Pool {
             ex,
             lanes: (0..CONNECTIONS).map(|_| Lane::default()).collect(),
+            in_flight: Cell::new(0),
             per_uid: RefCell::new(HashMap::new()),
         }
     }
@@ -294,16 +296,13 @@ impl Pool {
     }
 }
 
-/// What a check beyond its uid's share gets: the error libvirt reports when the bus refuses a
-/// call for too many pending replies.
-fn too_many(uid: u32) -> RemoteError {
+/// What a check beyond a bound gets: the error libvirt reports when the bus refuses a call
+/// for too many pending replies.
+fn too_many(what: String) -> RemoteError {
     RemoteError::new(
         err_code::DBUS_SERVICE,
         err_domain::DBUS,
-        format!(
-            "GDBus.Error:org.freedesktop.DBus.Error.LimitsExceeded: \
-             {PER_UID} polkit checks already in progress for uid {uid}"
-        ),
+        format!("GDBus.Error:org.freedesktop.DBus.Error.LimitsExceeded: {what}"),
     )
 }
 
@@ -372,11 +371,16 @@ type Subject<'a> = (&'a str, HashMap<&'a str, zbus::zvariant::Value<'a>>);
 async fn check(pool: &Pool, req: &Request) -> Result<(), RemoteError> {
     let q = &req.query;
     let Some(_uid) = pool.enter_uid(q.uid) else {
-        return Err(too_many(q.uid));
+        return Err(too_many(format!(
+            "{PER_UID} polkit checks already in progress for uid {}",
+            q.uid
+        )));
     };
     // The first connection with room (there is one: IN_FLIGHT places in all, one per check).
     let Some(lane) = pool.lanes.iter().find(|l| l.busy.get() < PER_CONNECTION) else {
-        return Err(too_many(q.uid));
+        return Err(too_many(format!(
+            "{IN_FLIGHT} polkit checks already in progress"
+        )));
     };
     let _busy = Use::new(&lane.busy);
     let conn = lane.connection(&pool.ex).await?;
@@ -467,8 +471,12 @@ mod tests {
             pool.per_uid.borrow().is_empty(),
             "no entry outlives its checks"
         );
-        let e = too_many(1000);
+        let e = too_many("x".into());
         assert_eq!((e.domain, e.code), (47, 89));
+        assert_eq!(
+            e.message,
+            "error from service: GDBus.Error:org.freedesktop.DBus.Error.LimitsExceeded: x"
+        );
     }
 
     #[test]
