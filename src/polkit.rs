@@ -12,7 +12,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::OwnedFd;
-use std::rc::Rc;
+use std::rc::{Rc, Weak};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -169,14 +169,13 @@ pub fn start(wakers: &[OwnedFd]) -> io::Result<Vec<crate::offload::Link<Request,
     Ok(links)
 }
 
-/// Takes requests while there is room and runs each as a task; ends when every worker's
-/// link is gone.
+/// Runs each request as a task as it comes; ends when every worker's link is gone.
 async fn serve(
     ex: Rc<LocalExecutor<'static>>,
     requests: async_channel::Receiver<Request>,
     repliers: crate::offload::Repliers<Answer>,
 ) {
-    let pool = Rc::new(Pool::new(ex.clone()));
+    let pool = Rc::new(Pool::new(Rc::downgrade(&ex)));
     let repliers = Rc::new(repliers);
     while let Ok(req) = requests.recv().await {
         let (pool, repliers) = (pool.clone(), repliers.clone());
@@ -226,7 +225,8 @@ async fn answer(pool: &Pool, req: Request) -> (usize, Answer) {
 
 /// The bus connections and who is using them; the polkit thread's alone.
 struct Pool {
-    ex: Rc<LocalExecutor<'static>>,
+    /// Weak: the executor holds the tasks that hold the pool.
+    ex: Weak<LocalExecutor<'static>>,
     lanes: Vec<Lane>,
     in_flight: Cell<usize>,
     per_uid: RefCell<HashMap<u32, usize>>,
@@ -276,7 +276,7 @@ impl Drop for UidUse<'_> {
 }
 
 impl Pool {
-    fn new(ex: Rc<LocalExecutor<'static>>) -> Self {
+    fn new(ex: Weak<LocalExecutor<'static>>) -> Self {
         Pool {
             ex,
             lanes: (0..CONNECTIONS).map(|_| Lane::default()).collect(),
@@ -309,7 +309,7 @@ fn too_many(what: String) -> RemoteError {
 impl Lane {
     async fn connection(
         &self,
-        ex: &Rc<LocalExecutor<'static>>,
+        ex: &Weak<LocalExecutor<'static>>,
     ) -> Result<zbus::Connection, RemoteError> {
         if let Some(c) = self.conn.borrow().as_ref() {
             return Ok(c.clone());
@@ -336,7 +336,7 @@ impl Lane {
     }
 }
 
-async fn connect(ex: &Rc<LocalExecutor<'static>>) -> Result<zbus::Connection, RemoteError> {
+async fn connect(ex: &Weak<LocalExecutor<'static>>) -> Result<zbus::Connection, RemoteError> {
     let build = async {
         zbus::connection::Builder::system()?
             .method_timeout(CALL_TIMEOUT)
@@ -356,6 +356,10 @@ async fn connect(ex: &Rc<LocalExecutor<'static>>) -> Result<zbus::Connection, Re
         .await
         .map_err(|e| bus_unavailable(&e))?;
     let zbus_ex = c.executor().clone();
+    // The thread is ending: nothing will ask on this connection.
+    let Some(ex) = ex.upgrade() else {
+        return Err(unexplained_failure());
+    };
     // As zbus's own executor thread does: run while the connection has tasks.
     ex.spawn(async move {
         while !zbus_ex.is_empty() {
@@ -459,7 +463,7 @@ mod tests {
     /// One uid gets PER_UID places, no more; others are unaffected, and a place comes back.
     #[test]
     fn one_uid_cannot_take_every_place() {
-        let pool = Pool::new(Rc::new(LocalExecutor::new()));
+        let pool = Pool::new(Weak::new());
         let mut held: Vec<_> = (0..PER_UID).map(|_| pool.enter_uid(1000)).collect();
         assert!(held.iter().all(Option::is_some));
         assert!(pool.enter_uid(1000).is_none());
