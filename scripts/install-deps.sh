@@ -9,6 +9,8 @@ need_pkgs=(libvirt-daemon libvirt-daemon-driver-qemu
 # GSSAPI tests: a private MIT KDC (scripts/kdc-testbed.sh) and tcpdump to show that a security
 # layer hides the RPC bodies on the wire.
 need_pkgs+=(krb5-kdc krb5-admin-server krb5-user tcpdump)
+# tests/polkit_slow.rs: a private bus for its stand-in polkitd.
+need_pkgs+=(dbus-daemon)
 missing=()
 for p in "${need_pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

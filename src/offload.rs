@@ -1,16 +1,29 @@
-//! Blocking work kept off the relay workers (polkit's D-Bus calls, Cyrus SASL exchanges): a
-//! few threads take requests from one queue and send each answer back to the worker that
-//! asked, through that worker's own channel, then wake it through its eventfd. A worker
-//! never waits: it sends a request and goes on serving its other connections.
+//! Work kept off the relay workers (polkit's D-Bus calls, Cyrus SASL exchanges): requests
+//! go from every worker into one queue; each answer goes back to the worker that asked,
+//! through that worker's own channel, then wakes it through its eventfd. A worker never
+//! waits: it sends a request and goes on serving its other connections. SASL's blocking
+//! calls run on a few threads ([`start`]); polkit's run as tasks on one thread of its own
+//! (`polkit::start`), which takes the queue and the repliers from [`links`].
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::mpsc::{channel, Receiver, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::mpsc::{channel, Receiver, SendError};
 
 /// A request names the worker its answer goes to.
 pub trait Request: Send + 'static {
     fn worker(&self) -> usize;
+}
+
+/// The requests' end of the queue, as a worker holds it.
+pub struct Sender<R>(async_channel::Sender<R>);
+
+impl<R> Sender<R> {
+    /// Queues `r`; fails only when nothing takes requests any more. Never blocks: the queue
+    /// is unbounded; the polkit thread takes each request as it comes, and a connection has
+    /// one SASL step at a time.
+    pub fn send(&self, r: R) -> Result<(), SendError<R>> {
+        self.0.try_send(r).map_err(|e| SendError(e.into_inner()))
+    }
 }
 
 /// A worker's line to a pool: requests out, answers back.
@@ -20,8 +33,52 @@ pub struct Link<R, A> {
 }
 
 struct Replier<A> {
-    tx: Sender<A>,
+    tx: std::sync::mpsc::Sender<A>,
     waker: OwnedFd,
+}
+
+/// The way back to every worker, in the order of their eventfds.
+pub struct Repliers<A>(Vec<Replier<A>>);
+
+impl<A> Repliers<A> {
+    /// Sends `answer` to `worker` and wakes it (unless that worker is gone).
+    pub fn reply(&self, worker: usize, answer: A) {
+        let Some(r) = self.0.get(worker) else {
+            return;
+        };
+        if r.tx.send(answer).is_ok() {
+            let one: u64 = 1;
+            // SAFETY: writing 8 bytes to an eventfd.
+            unsafe { libc::write(r.waker.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        }
+    }
+}
+
+/// One link per worker, in the order of `wakers` (the workers' eventfds), and the other ends:
+/// the queue every link feeds and the repliers. The queue closes when every link is gone.
+#[allow(clippy::type_complexity)]
+pub fn links<R, A>(
+    wakers: &[OwnedFd],
+) -> io::Result<(Vec<Link<R, A>>, async_channel::Receiver<R>, Repliers<A>)> {
+    let mut repliers = Vec::with_capacity(wakers.len());
+    let mut answers = Vec::with_capacity(wakers.len());
+    for w in wakers {
+        let (tx, rx) = channel();
+        repliers.push(Replier {
+            tx,
+            waker: w.try_clone()?,
+        });
+        answers.push(rx);
+    }
+    let (tx, rx) = async_channel::unbounded::<R>();
+    let links = answers
+        .into_iter()
+        .map(|a| Link {
+            tx: Sender(tx.clone()),
+            rx: a,
+        })
+        .collect();
+    Ok((links, rx, Repliers(repliers)))
 }
 
 /// Starts `threads` threads named `{name}-{i}` that run `work` on each request, and returns
@@ -38,50 +95,21 @@ where
     A: Send + 'static,
     F: Fn(R) -> A + Send + Sync + 'static,
 {
-    let mut repliers = Vec::with_capacity(wakers.len());
-    let mut answers = Vec::with_capacity(wakers.len());
-    for w in wakers {
-        let (tx, rx) = channel();
-        repliers.push(Replier {
-            tx,
-            waker: w.try_clone()?,
-        });
-        answers.push(rx);
-    }
-    let (tx, rx) = channel::<R>();
-    let rx = Arc::new(Mutex::new(rx));
-    let repliers = Arc::new(repliers);
-    let work = Arc::new(work);
+    let (links, rx, repliers) = links::<R, A>(wakers)?;
+    let repliers = std::sync::Arc::new(repliers);
+    let work = std::sync::Arc::new(work);
     for i in 0..threads {
         let (rx, repliers, work) = (rx.clone(), repliers.clone(), work.clone());
         std::thread::Builder::new()
             .name(format!("{name}-{i}"))
-            .spawn(move || serve(&rx, &repliers, &*work))?;
+            .spawn(move || {
+                while let Ok(req) = rx.recv_blocking() {
+                    let worker = req.worker();
+                    repliers.reply(worker, work(req));
+                }
+            })?;
     }
-    Ok(answers
-        .into_iter()
-        .map(|rx| Link { tx: tx.clone(), rx })
-        .collect())
-}
-
-fn serve<R: Request, A>(rx: &Mutex<Receiver<R>>, repliers: &[Replier<A>], work: &dyn Fn(R) -> A) {
-    loop {
-        // The lock is held only while waiting for the next request, never during the work.
-        let req = match rx.lock().map(|r| r.recv()) {
-            Ok(Ok(r)) => r,
-            _ => return,
-        };
-        let worker = req.worker();
-        let answer = work(req);
-        let Some(r) = repliers.get(worker) else {
-            continue;
-        };
-        if r.tx.send(answer).is_ok() {
-            let one: u64 = 1;
-            // SAFETY: writing 8 bytes to an eventfd.
-            unsafe { libc::write(r.waker.as_raw_fd(), (&one as *const u64).cast(), 8) };
-        }
-    }
+    Ok(links)
 }
 
 #[cfg(test)]
