@@ -553,7 +553,7 @@ fn the_21st_anonymous_peer_waits_until_one_of_the_first_20_goes() {
 }
 
 #[test]
-fn tcp_peers_may_not_send_frames_over_64_kib_before_open() {
+fn peers_may_not_send_frames_over_64_kib_before_open() {
     use std::io::Write;
     let e = start("");
     let mut s = TcpStream::connect(("127.0.0.1", e.tcp_port)).unwrap();
@@ -565,15 +565,23 @@ fn tcp_peers_may_not_send_frames_over_64_kib_before_open() {
         secs_until_closed(&mut s, Duration::from_secs(5)).is_some(),
         "oversized pre-open frame from a TCP peer not refused"
     );
-    // A local client may still send up to 1 MiB before open (nothing changed there): it gets
-    // an answer to a 100 KiB call.
+    // A local client is held to the same bound (any local user reaches the ro socket; see
+    // README "Hostile clients"): its 100 KiB call closes the connection instead of being
+    // buffered, and a 60 KiB one is still answered.
     let mut u = std::os::unix::net::UnixStream::connect(&e.proxy.rw_sock).unwrap();
     u.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    u.write_all(&frame(66, 0, 0, &vec![0u8; 100 * 1024 - 28]))
+    let _ = u.write_all(&frame(66, 0, 0, &vec![0u8; 100 * 1024 - 28]));
+    assert!(
+        read_frame(&mut u).is_none(),
+        "UNIX client's 100 KiB pre-open call was answered"
+    );
+    let mut u = std::os::unix::net::UnixStream::connect(&e.proxy.rw_sock).unwrap();
+    u.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    u.write_all(&frame(66, 0, 0, &vec![0u8; 60 * 1024]))
         .unwrap();
     assert!(
         read_frame(&mut u).is_some(),
-        "UNIX client's 100 KiB call not answered"
+        "UNIX client's 60 KiB call not answered"
     );
     assert!(e.proxy.log_text().contains("before CONNECT_OPEN"));
 }
