@@ -370,7 +370,7 @@ pub struct Testbed {
     pub sock_dir: PathBuf,
 }
 
-fn testbed_script() -> PathBuf {
+pub fn testbed_script() -> PathBuf {
     Path::new(MANIFEST_DIR).join("scripts/modular-testbed.sh")
 }
 
@@ -468,6 +468,15 @@ impl Proxy {
             &format!("driver_socket_dir = \"{}\"", tb.sock_dir.display()),
             backend,
             "",
+        )
+    }
+
+    /// `start_testbed` with `extra` config lines first.
+    pub fn start_testbed_conf(tb: &Testbed, backend: &'static str, extra: &str) -> Proxy {
+        Self::start_routed(
+            &format!("driver_socket_dir = \"{}\"", tb.sock_dir.display()),
+            backend,
+            extra,
         )
     }
 

@@ -11,6 +11,7 @@
 //!   cargo bench --bench proxy -- --quick      or VPD_BENCH_QUICK=1: a few minutes
 //!   VPD_BENCH_ONLY=tls,idlecpu cargo bench …  only those sections
 //!   VPD_BENCH_PROXY_BIN=/path/virtproxyd      measure another build of the proxy
+//!   VPD_BENCH_ONLY=soak VPD_SOAK_SECS=1800 …  the soak alone (`soak.rs`; not in a full run)
 //!
 //! Measures: cheap-call rate and latency (1 and 8 clients) and the relay's CPU per call,
 //! connect-open time, volume download/upload throughput (virtqemud → virtstoraged) and the
@@ -21,9 +22,11 @@
 //! `target/bench-proxy-history/`).
 
 mod env;
+mod logflood;
 #[path = "../../tests/support/pki.rs"]
 mod pki;
 mod report;
+mod soak;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -133,10 +136,14 @@ fn main() {
         || std::env::var("VPD_BENCH_QUICK").is_ok_and(|v| !v.is_empty() && v != "0");
     let t_start = Instant::now();
     // VPD_BENCH_ONLY=tls,idlecpu,… runs only those sections (calls, open, streams, scale,
-    // idlecpu, tls); the table then has only their rows.
+    // idlecpu, tls, logflood); the table then has only their rows.
     let only = std::env::var("VPD_BENCH_ONLY").unwrap_or_default();
     let want = |section: &str| only.is_empty() || only.split(',').any(|s| s.trim() == section);
     let nofile = raise_nofile();
+    if only.trim() == "soak" {
+        // Not part of a full run: it takes VPD_SOAK_SECS (default 10 minutes).
+        std::process::exit(soak::run());
+    }
     let p = Params::new(quick, nofile);
     eprintln!(
         "proxy bench: {} mode, fd limit {nofile}, idle counts {:?}",
@@ -491,6 +498,14 @@ fn main() {
     };
     laps.lap("tls_burst");
 
+    // ---- 7. log flood ------------------------------------------------------------------------
+    let logflood = if want("logflood") {
+        logflood::run(&tb, &client, p.reps.max(3), p.busy_secs)
+    } else {
+        Value::Null
+    };
+    laps.lap("logflood");
+
     // ---- health ----------------------------------------------------------------------------
     let mut legacy = legacy;
     let legacy_proxies = legacy.iter_mut().flat_map(|(_, u, e)| [u, e]);
@@ -521,6 +536,11 @@ fn main() {
         &tls,
         p.stream_bytes,
     );
+    let mut doc = doc;
+    if !logflood.is_null() {
+        doc["summary"]["logflood_p99_ratio"] = logflood["p99_ratio"].clone();
+        doc["raw"]["logflood"] = logflood;
+    }
     drop(pool);
     drop(uring);
     drop(epoll);

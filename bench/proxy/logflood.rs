@@ -1,0 +1,136 @@
+//! The log-flood row (`VPD_BENCH_ONLY=logflood`, also part of a full run): a busy client's
+//! call latency through the proxy while a TCP peer sends refused AUTH_POLKIT calls as fast as
+//! it can (each one an error line in libvirt's log), against the same client with no flood,
+//! interleaved. Reports the p99 ratio (goal <= 1.2x) and how much the proxy's log grew per
+//! flood (bounded: 5 lines per connection).
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::env::{self, Client, Proxy, Testbed};
+
+/// REMOTE_PROC_AUTH_POLKIT, header only: refused on a TCP listener with auth "none".
+fn auth_polkit(serial: u32) -> [u8; 28] {
+    let mut f = [0u8; 28];
+    for (i, w) in [28u32, 0x2000_8086, 1, 70, 0, serial, 0].iter().enumerate() {
+        f[i * 4..i * 4 + 4].copy_from_slice(&w.to_be_bytes());
+    }
+    f
+}
+
+/// Floods `port` until `stop`, reconnecting every 20,000 calls; returns the calls answered.
+fn flood(port: u16, stop: Arc<AtomicBool>) -> u64 {
+    let answered = Arc::new(AtomicU64::new(0));
+    while !stop.load(Ordering::Relaxed) {
+        let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+            thread::sleep(Duration::from_millis(10));
+            continue;
+        };
+        let Ok(mut r) = s.try_clone() else { continue };
+        let counted = answered.clone();
+        let reader = thread::spawn(move || {
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut bytes = 0u64;
+            while let Ok(n) = r.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                bytes += n as u64;
+            }
+            // Every reply to a refused AUTH_POLKIT has the same length.
+            counted.fetch_add(bytes, Ordering::Relaxed);
+        });
+        let batch: Vec<u8> = (0..1000u32).flat_map(auth_polkit).collect();
+        for _ in 0..20 {
+            if stop.load(Ordering::Relaxed) || s.write_all(&batch).is_err() {
+                break;
+            }
+        }
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        let _ = reader.join();
+    }
+    answered.load(Ordering::Relaxed)
+}
+
+pub fn run(tb: &Testbed, client: &Client, reps: usize, busy_secs: f64) -> Value {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port");
+    let proxy = Proxy::start_testbed_conf(
+        tb,
+        "io_uring",
+        &format!(
+            "listen_tcp = 1\nlisten_addr = \"127.0.0.1\"\ntcp_port = \"{port}\"\nauth_tcp = \"none\"\n"
+        ),
+    );
+    let uri = env::unix_uri("qemu:///system", &proxy.rw_sock);
+    let busy = || {
+        client.json(
+            &["calls", &uri, "libversion", "1", &busy_secs.to_string()],
+            Duration::from_secs(120),
+        )
+    };
+    let log_len = || std::fs::metadata(&proxy.log).map_or(0, |m| m.len());
+    eprintln!("log flood: {reps} reps x {busy_secs:.1} s, with and without a flooding TCP peer");
+    let (mut quiet, mut flooded, mut ratios, mut log_growth, mut reply_bytes) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for rep in 0..reps {
+        let mut q = None;
+        let mut f = None;
+        for with_flood in crate::rotated(&[false, true], rep) {
+            if !with_flood {
+                q = Some(busy());
+                continue;
+            }
+            let before = log_len();
+            let stop = Arc::new(AtomicBool::new(false));
+            let flooder = {
+                let stop = stop.clone();
+                thread::spawn(move || flood(port, stop))
+            };
+            // Let the flood reach full speed first.
+            thread::sleep(Duration::from_millis(200));
+            f = Some(busy());
+            stop.store(true, Ordering::Relaxed);
+            reply_bytes.push(flooder.join().unwrap_or(0));
+            thread::sleep(Duration::from_millis(200));
+            log_growth.push(log_len().saturating_sub(before));
+        }
+        let (q, f) = (q.unwrap_or(Value::Null), f.unwrap_or(Value::Null));
+        if let (Some(a), Some(b)) = (q["p99_us"].as_f64(), f["p99_us"].as_f64()) {
+            ratios.push(b / a);
+        }
+        quiet.push(q);
+        flooded.push(f);
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+    };
+    let p99 = |runs: &[Value]| {
+        let mut v: Vec<f64> = runs.iter().filter_map(|r| r["p99_us"].as_f64()).collect();
+        median(&mut v)
+    };
+    let ratio = median(&mut ratios.clone());
+    eprintln!(
+        "log flood: busy client p99 {:.0} us quiet, {:.0} us flooded (ratio {ratio:.2}, goal <= 1.2); \
+         log grew {log_growth:?} bytes per flood, replies {reply_bytes:?} bytes",
+        p99(&quiet),
+        p99(&flooded)
+    );
+    json!({
+        "p99_ratio": ratio,
+        "ratios": ratios,
+        "quiet": quiet,
+        "flooded": flooded,
+        "log_growth_bytes": log_growth,
+        "flood_reply_bytes": reply_bytes,
+    })
+}
