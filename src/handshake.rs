@@ -195,7 +195,7 @@ impl Handshake {
     /// Logs a line about the client's own misbehaviour, within `CLIENT_LOG_LINES` per client;
     /// the last one allowed says that the rest are suppressed.
     fn client_error(&mut self, warn: bool, what: std::fmt::Arguments<'_>) {
-        if self.log_lines >= CLIENT_LOG_LINES {
+        if self.log_lines >= CLIENT_LOG_LINES || !crate::logging::client_line_allowed() {
             self.log_suppressed += 1;
             return;
         }
@@ -215,6 +215,11 @@ impl Handshake {
     /// Lines about this client's misbehaviour that were not logged.
     pub fn log_suppressed(&self) -> u32 {
         self.log_suppressed
+    }
+
+    /// Lines about this client's misbehaviour that were logged.
+    pub fn log_lines(&self) -> u32 {
+        self.log_lines
     }
 
     /// The client's identity as it goes downstream.

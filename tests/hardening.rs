@@ -398,7 +398,8 @@ fn stalled_local_clients_lock_nobody_out_epoll() {
 
 /// A TCP peer that sends a refused AUTH_POLKIT at line rate: libvirt logs one error line per
 /// call. Here its lines stop at `CLIENT_LOG_LINES` (the last says so), its close line counts
-/// the rest, and a relayed client's calls keep working meanwhile.
+/// the rest, past 256 frames it is answered at 100 calls a second, and a relayed client's
+/// calls keep working meanwhile.
 fn log_flood_is_bounded(backend: &str) {
     let _shared = support::modular::daemons_shared();
     let port = free_port();
@@ -408,7 +409,9 @@ fn log_flood_is_bounded(backend: &str) {
         ),
         &[("VIRTPROXYD_IO_BACKEND", backend)],
     );
-    let calls = 20_000usize;
+    // Past 256 pre-open frames a connection gets one answer per 10 ms: 600 calls take > 3 s.
+    let calls = 600usize;
+    let t = std::time::Instant::now();
     let mut peer = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     let mut reader = peer.try_clone().unwrap();
     let drain = thread::spawn(move || {
@@ -428,6 +431,11 @@ fn log_flood_is_bounded(backend: &str) {
         calls,
         "{backend}: every call is answered"
     );
+    assert!(
+        t.elapsed() >= Duration::from_millis(344 * 10 * 9 / 10),
+        "{backend}: {calls} refused pre-open calls answered in {:?}: not throttled",
+        t.elapsed()
+    );
     drop(peer);
     assert!(
         wait_for(Duration::from_secs(10), || p
@@ -446,6 +454,65 @@ fn log_flood_is_bounded(backend: &str) {
     );
     assert!(log.contains("further such lines about this client are suppressed"));
     assert!(log.contains(&format!("({} log lines about it", calls - 5)));
+}
+
+/// A peer that reconnects for every few refused calls: the per-connection budget alone would
+/// log 5 lines per connection; the process-wide limit keeps it to 50 lines a second, and says
+/// how many it suppressed.
+fn reconnecting_log_flood_is_bounded(backend: &str) {
+    let _shared = support::modular::daemons_shared();
+    let port = free_port();
+    let p = proxy(
+        &format!(
+            "listen_tcp = 1\nlisten_addr = \"127.0.0.1\"\ntcp_port = \"{port}\"\nauth_tcp = \"none\"\n"
+        ),
+        &[("VIRTPROXYD_IO_BACKEND", backend)],
+    );
+    let refused = |calls: u32| {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let f: Vec<u8> = (0..calls).flat_map(|i| frame(70, 0, i, &[])).collect();
+        s.write_all(&f).unwrap();
+        for _ in 0..calls {
+            assert!(
+                read_frame(&mut s).is_some(),
+                "{backend}: a refused call unanswered"
+            );
+        }
+    };
+    let t = std::time::Instant::now();
+    for _ in 0..100 {
+        refused(10);
+    }
+    let secs = t.elapsed().as_secs() + 1;
+    // A call in a later second reports what was suppressed before it.
+    thread::sleep(Duration::from_millis(1100));
+    refused(1);
+    assert!(
+        wait_for(Duration::from_secs(5), || p
+            .log_text()
+            .contains("log lines about misbehaving clients were suppressed")),
+        "{backend}: no line says what was suppressed"
+    );
+    let lines = p
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("invalid PolicyKit init request"))
+        .count();
+    assert!(
+        lines as u64 <= 50 * (secs + 1) + 1,
+        "{backend}: {lines} lines for 100 connections in {secs} s"
+    );
+}
+
+#[test]
+fn reconnecting_log_flood_is_bounded_io_uring() {
+    reconnecting_log_flood_is_bounded("io_uring");
+}
+
+#[test]
+fn reconnecting_log_flood_is_bounded_epoll() {
+    reconnecting_log_flood_is_bounded("epoll");
 }
 
 #[test]

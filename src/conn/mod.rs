@@ -169,8 +169,10 @@ pub(crate) enum TimerKind {
     PreOpen = 2,
     /// An early downstream connection not used by then is dropped.
     Early = 3,
+    /// A client past its free pre-open frames is read again then (see `worker::preopen`).
+    Throttle = 4,
 }
-pub(crate) const TIMER_KINDS: usize = 4;
+pub(crate) const TIMER_KINDS: usize = 5;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) struct TimerKey {

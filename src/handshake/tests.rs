@@ -769,5 +769,8 @@ fn repeated_refused_calls_log_a_bounded_number_of_lines() {
         let e = error_of(one_reply(&client(&mut hs, call(70, serial), &[])));
         assert_eq!((e.code, e.domain), (1, 7));
     }
-    assert_eq!(hs.log_suppressed(), 1000 - CLIENT_LOG_LINES);
+    // The process-wide limit (`logging::client_line_allowed`) may take some of the five
+    // when other tests log at the same time.
+    assert!(hs.log_lines() <= CLIENT_LOG_LINES);
+    assert_eq!(hs.log_lines() + hs.log_suppressed(), 1000);
 }

@@ -20,6 +20,39 @@ use tracing_subscriber::layer::{Context, Layer};
 
 pub use spec::{Dest, Filter, Output, Priority, SpecError};
 
+/// Lines about clients' misbehaviour the whole process may log per second: the per-connection
+/// budget (`handshake::CLIENT_LOG_LINES`) alone would let a peer that reconnects at line rate
+/// grow the log without bound.
+const CLIENT_LINES_PER_SEC: u32 = 50;
+
+static CLIENT_LINES_SECOND: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+static CLIENT_LINES_IN_SECOND: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+static CLIENT_LINES_SUPPRESSED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Whether a line about a client's misbehaviour may be logged now (at most
+/// `CLIENT_LINES_PER_SEC` a second, process-wide). The first line of a second says how many
+/// were suppressed before it. Races between threads at a second's edge only let a few more
+/// through.
+pub fn client_line_allowed() -> bool {
+    use std::sync::atomic::Ordering::Relaxed;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    if CLIENT_LINES_SECOND.swap(now, Relaxed) != now {
+        CLIENT_LINES_IN_SECOND.store(0, Relaxed);
+        let suppressed = CLIENT_LINES_SUPPRESSED.swap(0, Relaxed);
+        if suppressed > 0 {
+            tracing::warn!("{suppressed} log lines about misbehaving clients were suppressed");
+        }
+    }
+    if CLIENT_LINES_IN_SECOND.fetch_add(1, Relaxed) < CLIENT_LINES_PER_SEC {
+        true
+    } else {
+        CLIENT_LINES_SUPPRESSED.fetch_add(1, Relaxed);
+        false
+    }
+}
+
 /// Where libvirt's default outputs and its journald check look.
 const JOURNALD_SOCKET: &str = "/run/systemd/journal/socket";
 

@@ -39,7 +39,12 @@ impl Worker {
             // Read the client only while the handshake wants input and our replies are not
             // piling up (a client that sends without reading must not grow c_tx): past the
             // cap a flush has hit EAGAIN, so writability will wake us.
-            if p.hs.wants_client_input() && p.closing.is_none() && p.c_tx.len() < PREOPEN_TX_CAP {
+            let throttled = p.timers[TimerKind::Throttle as usize].is_some();
+            if p.hs.wants_client_input()
+                && p.closing.is_none()
+                && p.c_tx.len() < PREOPEN_TX_CAP
+                && !throttled
+            {
                 let trust_short = p.cutter.is_none() && !conn.client_hup;
                 let read = p
                     .read_client(
@@ -65,6 +70,20 @@ impl Worker {
                             used = end;
                             frames_left -= 1;
                             progress = true;
+                            p.frames_in = p.frames_in.saturating_add(1);
+                            if p.frames_in > PREOPEN_FREE_FRAMES {
+                                // The rest wait in `c_rx` (bounded), the socket is not read.
+                                let at = Instant::now() + PREOPEN_THROTTLE;
+                                arm_timer(
+                                    &mut self.timers,
+                                    p,
+                                    slot,
+                                    conn.gen,
+                                    TimerKind::Throttle,
+                                    at,
+                                );
+                                break;
+                            }
                         }
                         Ok(None) => break,
                         Err(e) => return Err(format!("client sent a bad frame: {e}")),
@@ -447,6 +466,8 @@ impl Worker {
                     tracing::debug!(conn = *id, "early downstream connection unused: dropped");
                     p.hs.on_early_dropped(&mut out);
                 }
+                // The client's next frame may be handled now: the service below does it.
+                TimerKind::Throttle => {}
                 TimerKind::PreOpen => {
                     // A local client that authenticated may take its time to open, as with
                     // libvirt; only one still counted as anonymous is stalling the others.
