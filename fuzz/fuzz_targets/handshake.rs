@@ -10,8 +10,18 @@ use virtproxyd::proto::Header;
 use virtproxyd::route::RouteTable;
 
 fuzz_target!(|data: &[u8]| {
-    let routes = RouteTable::new("/nonexistent".into(), vec![("test".into(), "/nonexistent/s".into())], false);
-    let kinds = [ListenerKind::UnixRw, ListenerKind::UnixRo, ListenerKind::UnixAdmin, ListenerKind::Tcp, ListenerKind::Tls];
+    let routes = RouteTable::new(
+        "/nonexistent".into(),
+        vec![("test".into(), "/nonexistent/s".into())],
+        false,
+    );
+    let kinds = [
+        ListenerKind::UnixRw,
+        ListenerKind::UnixRo,
+        ListenerKind::UnixAdmin,
+        ListenerKind::Tcp,
+        ListenerKind::Tls,
+    ];
     let kind = kinds[data.first().map_or(0, |b| *b as usize % kinds.len())];
     // The second byte picks polkit (with a non-root UNIX peer) and whether polkitd allows.
     let flags = data.get(1).copied().unwrap_or(0);
@@ -24,7 +34,10 @@ fuzz_target!(|data: &[u8]| {
             group_name: None,
             process_time: 7,
         };
-        let id = Identity { unix: Some(peer), ..Identity::default() };
+        let id = Identity {
+            unix: Some(peer),
+            ..Identity::default()
+        };
         Handshake::new(kind, id).with_auth(virtproxyd::config::Auth::Polkit)
     } else {
         Handshake::new(kind, Identity::default())
@@ -68,7 +81,12 @@ fuzz_target!(|data: &[u8]| {
                 Action::Disconnect | Action::StartRelay | Action::Close(_) => to_daemon = false,
                 Action::AskPolkit(q) => {
                     let mut more = Vec::new();
-                    let answer = virtproxyd::polkit::verdict(flags & 2 == 2, flags & 4 == 4, &Default::default(), q.action);
+                    let answer = virtproxyd::polkit::verdict(
+                        flags & 2 == 2,
+                        flags & 4 == 4,
+                        &Default::default(),
+                        q.action,
+                    );
                     hs.on_polkit_answer(answer, &mut more);
                     pending.extend(more);
                 }

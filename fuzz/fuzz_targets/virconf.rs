@@ -12,11 +12,17 @@ use virtproxyd::config::virconf::{self, Value};
 use virtproxyd::config::{Config, Env};
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(text) = std::str::from_utf8(data) else { return };
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
 
     if let Ok(conf) = virconf::parse(text) {
         for key in conf.keys() {
-            let first = conf.entries().iter().find(|e| e.name == key).map(|e| &e.value);
+            let first = conf
+                .entries()
+                .iter()
+                .find(|e| e.name == key)
+                .map(|e| &e.value);
             assert_eq!(conf.get(key), first);
         }
         for entry in conf.entries() {
@@ -27,7 +33,11 @@ fuzz_target!(|data: &[u8]| {
     }
 
     let file = Path::new("fuzz.conf");
-    let root = Env { privileged: true, home: Some("/root".into()), ..Env::default() };
+    let root = Env {
+        privileged: true,
+        home: Some("/root".into()),
+        ..Env::default()
+    };
     let user = Env {
         privileged: false,
         home: Some("/home/u".into()),
@@ -45,7 +55,11 @@ fuzz_target!(|data: &[u8]| {
             ] {
                 let _ = cfg.auth_for(kind);
             }
-            let _ = (cfg.rw_socket_path(), cfg.ro_socket_path(), cfg.admin_socket_path());
+            let _ = (
+                cfg.rw_socket_path(),
+                cfg.ro_socket_path(),
+                cfg.admin_socket_path(),
+            );
         }
     }
 });
