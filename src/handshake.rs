@@ -84,6 +84,9 @@ struct Pending {
     /// Serial of the call we are waiting on downstream.
     serial: u32,
     open_reply: Option<Vec<u8>>,
+    /// The downstream connection is an early one, not replaced yet: if it turns out to be
+    /// gone (the daemon closed it while idle, or restarted), one fresh connect is tried.
+    on_early: bool,
 }
 
 /// A downstream connection made before the client named its URI, on the guess that it opens
@@ -662,12 +665,14 @@ impl Handshake {
                         (Step::Connecting, 0)
                     }
                 };
+                let on_early = reuse.is_some();
                 self.phase = Phase::Downstream(Box::new(Pending {
                     open_header: *h,
                     target,
                     step,
                     serial,
                     open_reply: None,
+                    on_early,
                 }));
                 // An answer the early connection already has is this open's own.
                 if let Some(types) = reuse.and_then(|e| e.auth_types) {
@@ -707,7 +712,17 @@ impl Handshake {
             tracing::debug!("early downstream connection dropped: daemon {why}");
             return self.on_early_dropped(out);
         }
-        if let Phase::Downstream(p) = &self.phase {
+        if let Phase::Downstream(p) = &mut self.phase {
+            if std::mem::take(&mut p.on_early) {
+                // The client has seen nothing of it: connect afresh, as without the guess.
+                tracing::debug!("early downstream connection {why} at its use: reconnecting");
+                p.step = Step::Connecting;
+                p.serial = 0;
+                p.open_reply = None;
+                out.push(Action::Disconnect);
+                out.push(Action::Connect(p.target.socket.clone()));
+                return;
+            }
             let e = RemoteError::new(
                 err_code::INTERNAL_ERROR,
                 err_domain::RPC,
@@ -733,6 +748,11 @@ impl Handshake {
         let Phase::Downstream(p) = &mut self.phase else {
             return;
         };
+        if p.step == Step::Connecting {
+            // Nothing can come from a connection not made yet: this is what an abandoned
+            // (early) connection sent before its disconnect took effect.
+            return;
+        }
         if h.prog == program::KEEPALIVE {
             if h.mtype == MsgType::Message && h.proc_ == keepalive_proc::PING {
                 out.push(Action::ToDaemon(msg::pong()));

@@ -85,6 +85,9 @@ struct Model {
     /// The daemon call awaiting an answer (downstream or on the early connection).
     daemon_call: Option<Header>,
     early: bool,
+    /// The open in progress went over the early connection and may reconnect once if that
+    /// connection turns out to be gone.
+    open_on_early: bool,
     /// Close or StartRelay: the pre-open machine is done with this client.
     over: bool,
 }
@@ -126,16 +129,25 @@ fn check(model: &mut Model, cause: Cause, out: Vec<Action>) {
             }
             Action::Connect(_) | Action::UseEarly => {
                 assert!(model.authenticated, "downstream open before authentication");
-                let Cause::Client(h) = cause else {
-                    panic!("open started by something else than the client's call");
-                };
-                assert_eq!(
-                    (h.prog, h.proc_),
-                    (program::REMOTE, remote_proc::CONNECT_OPEN)
-                );
-                model.open = Some(h);
+                match cause {
+                    Cause::Client(h) => {
+                        assert_eq!(
+                            (h.prog, h.proc_),
+                            (program::REMOTE, remote_proc::CONNECT_OPEN)
+                        );
+                        model.open = Some(h);
+                        model.open_on_early = false;
+                    }
+                    // The early connection was gone at its use: one fresh connect.
+                    Cause::Daemon if matches!(a, Action::Connect(_)) && model.open_on_early => {
+                        assert!(model.open.is_some());
+                        model.open_on_early = false;
+                    }
+                    _ => panic!("open started by something else than the client's call"),
+                }
                 if matches!(a, Action::UseEarly) {
                     assert!(model.early);
+                    model.open_on_early = true;
                 } else {
                     model.daemon_call = None;
                 }
@@ -524,6 +536,7 @@ fuzz_target!(|data: &[u8]| {
         open: None,
         daemon_call: None,
         early: false,
+        open_on_early: false,
         over: false,
     };
     // An early downstream connection to the daemon the client may open, its AUTH_LIST sent.
@@ -657,6 +670,7 @@ fuzz_target!(|data: &[u8]| {
             );
             if ctl % 16 == 0 {
                 hs.on_daemon_lost("went away", &mut out);
+                connecting = out.iter().any(|a| matches!(a, Action::Connect(_)));
             } else {
                 let (h, body) = daemon_frame(&mut inp, model.daemon_call);
                 let frame = virtproxyd::proto::frame::build(h, &body);

@@ -774,3 +774,58 @@ fn repeated_refused_calls_log_a_bounded_number_of_lines() {
     assert!(hs.log_lines() <= CLIENT_LOG_LINES);
     assert_eq!(hs.log_lines() + hs.log_suppressed(), 1000);
 }
+
+/// A frame still arriving on an early connection the client's open abandoned (another
+/// daemon) is not this open's: an error reply there must not fail it, and the open goes on
+/// once its own connection is up.
+#[test]
+fn frames_left_on_an_abandoned_early_connection_do_not_touch_the_open() {
+    let mut hs = Handshake::new(ListenerKind::UnixRw, Identity::default());
+    assert!(hs.with_early(test_target("/d/other-sock")));
+    let auth = early_auth_list();
+    let out = client(&mut hs, call(1, 1), &open_body(Some("test:///default"), 0));
+    assert_eq!(
+        out,
+        vec![Action::Disconnect, Action::Connect("/d/sock".into())]
+    );
+    // The abandoned connection's answers, read before the disconnect took effect.
+    for status in [MsgStatus::Error, MsgStatus::Ok] {
+        let out = daemon(&mut hs, reply_to(&auth, status), &[]);
+        assert!(out.is_empty(), "{status:?}: {out:?}");
+        assert!(hs.in_downstream(), "{status:?}: the open failed");
+    }
+    let mut out = vec![];
+    hs.on_connected(&mut out);
+    let auth2 = only_daemon_frame(out);
+    assert_eq!(Header::check(&auth2).unwrap().proc_, remote_proc::AUTH_LIST);
+}
+
+/// The early connection was gone by the time the client's open used it (the daemon closed an
+/// idle connection, or restarted): the open connects afresh instead of failing.
+#[test]
+fn an_early_connection_lost_right_after_use_reconnects() {
+    let mut hs = Handshake::new(ListenerKind::UnixRw, Identity::default());
+    assert!(hs.with_early(test_target("/d/sock")));
+    let out = client(&mut hs, call(1, 3), &open_body(Some("test:///default"), 0));
+    assert_eq!(out, vec![Action::UseEarly]);
+    let mut out = vec![];
+    hs.on_daemon_lost("closed the connection during open", &mut out);
+    assert_eq!(
+        out,
+        vec![Action::Disconnect, Action::Connect("/d/sock".into())]
+    );
+    assert!(hs.in_downstream());
+    // The fresh connection takes the usual steps, to the client's open.
+    let mut out = vec![];
+    hs.on_connected(&mut out);
+    let auth = only_daemon_frame(out);
+    let open = polkit_then_open(&mut hs, &auth);
+    assert_eq!(Header::check(&open).unwrap().serial, 3);
+    // A second loss is the daemon's real failure: the open fails.
+    let mut out = vec![];
+    hs.on_daemon_lost("closed the connection during open", &mut out);
+    assert!(
+        matches!(out.as_slice(), [Action::Disconnect, Action::ToClient(_)]),
+        "{out:?}"
+    );
+}
