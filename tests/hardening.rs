@@ -270,16 +270,6 @@ fn memory_stays_bounded_under_attack(backend: &str) {
     victim_keeps_working(&qemu, 3, Duration::from_secs(5));
 }
 
-#[test]
-fn memory_stays_bounded_under_attack_io_uring() {
-    memory_stays_bounded_under_attack("io_uring");
-}
-
-#[test]
-fn memory_stays_bounded_under_attack_epoll() {
-    memory_stays_bounded_under_attack("epoll");
-}
-
 /// Connects to `sock` as user vpdtest (so the proxy counts it as anonymous under polkit),
 /// prints "connected"; with "stall" sends nothing and prints the seconds until the proxy
 /// closed it; with "authlist" sends AUTH_LIST and prints the seconds until its reply.
@@ -386,29 +376,13 @@ fn stalled_local_clients_lock_nobody_out(backend: &str) {
     );
 }
 
-#[test]
-fn stalled_local_clients_lock_nobody_out_io_uring() {
-    stalled_local_clients_lock_nobody_out("io_uring");
-}
-
-#[test]
-fn stalled_local_clients_lock_nobody_out_epoll() {
-    stalled_local_clients_lock_nobody_out("epoll");
-}
-
 /// A TCP peer that sends a refused AUTH_POLKIT at line rate: libvirt logs one error line per
 /// call. Here its lines stop at `CLIENT_LOG_LINES` (the last says so), its close line counts
 /// the rest, past 256 frames it is answered at 100 calls a second, and a relayed client's
 /// calls keep working meanwhile.
 fn log_flood_is_bounded(backend: &str) {
     let _shared = support::modular::daemons_shared();
-    let port = free_port();
-    let p = proxy(
-        &format!(
-            "listen_tcp = 1\nlisten_addr = \"127.0.0.1\"\ntcp_port = \"{port}\"\nauth_tcp = \"none\"\n"
-        ),
-        &[("VIRTPROXYD_IO_BACKEND", backend)],
-    );
+    let (p, port) = tcp_proxy(backend);
     // Past 256 pre-open frames a connection gets one answer per 10 ms: 600 calls take > 3 s.
     let calls = 600usize;
     let t = std::time::Instant::now();
@@ -461,13 +435,7 @@ fn log_flood_is_bounded(backend: &str) {
 /// how many it suppressed.
 fn reconnecting_log_flood_is_bounded(backend: &str) {
     let _shared = support::modular::daemons_shared();
-    let port = free_port();
-    let p = proxy(
-        &format!(
-            "listen_tcp = 1\nlisten_addr = \"127.0.0.1\"\ntcp_port = \"{port}\"\nauth_tcp = \"none\"\n"
-        ),
-        &[("VIRTPROXYD_IO_BACKEND", backend)],
-    );
+    let (p, port) = tcp_proxy(backend);
     let refused = |calls: u32| {
         let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -503,26 +471,6 @@ fn reconnecting_log_flood_is_bounded(backend: &str) {
         lines as u64 <= 50 * (secs + 1) + 1,
         "{backend}: {lines} lines for 100 connections in {secs} s"
     );
-}
-
-#[test]
-fn reconnecting_log_flood_is_bounded_io_uring() {
-    reconnecting_log_flood_is_bounded("io_uring");
-}
-
-#[test]
-fn reconnecting_log_flood_is_bounded_epoll() {
-    reconnecting_log_flood_is_bounded("epoll");
-}
-
-#[test]
-fn log_flood_is_bounded_io_uring() {
-    log_flood_is_bounded("io_uring");
-}
-
-#[test]
-fn log_flood_is_bounded_epoll() {
-    log_flood_is_bounded("epoll");
 }
 
 /// A log output that stops taking lines (a FIFO whose reader never reads, as a stuck journald
@@ -569,12 +517,35 @@ fn a_stuck_log_output_does_not_stall_clients(backend: &str) {
     );
 }
 
-#[test]
-fn a_stuck_log_output_does_not_stall_clients_io_uring() {
-    a_stuck_log_output_does_not_stall_clients("io_uring");
+/// A proxy with a TCP listener (auth "none") on a free port, besides its UNIX sockets.
+fn tcp_proxy(backend: &str) -> (support::Proxy, u16) {
+    let port = free_port();
+    let conf = format!(
+        "listen_tcp = 1\nlisten_addr = \"127.0.0.1\"\ntcp_port = \"{port}\"\nauth_tcp = \"none\"\n"
+    );
+    (proxy(&conf, &[("VIRTPROXYD_IO_BACKEND", backend)]), port)
 }
 
-#[test]
-fn a_stuck_log_output_does_not_stall_clients_epoll() {
-    a_stuck_log_output_does_not_stall_clients("epoll");
+/// One test per io backend, named `<scenario>::io_uring` and `<scenario>::epoll`.
+macro_rules! on_both_backends {
+    ($($scenario:ident),* $(,)?) => {$(
+        mod $scenario {
+            #[test]
+            fn io_uring() {
+                super::$scenario("io_uring");
+            }
+            #[test]
+            fn epoll() {
+                super::$scenario("epoll");
+            }
+        }
+    )*};
 }
+
+on_both_backends!(
+    memory_stays_bounded_under_attack,
+    stalled_local_clients_lock_nobody_out,
+    log_flood_is_bounded,
+    reconnecting_log_flood_is_bounded,
+    a_stuck_log_output_does_not_stall_clients,
+);

@@ -480,15 +480,16 @@ fn identity_flood_from_a_client_that_never_reads_is_bounded() {
     let mut scratch = vec![0u8; 64 * 1024];
     let mut answered = 0usize;
     let reply = frame(SET_IDENTITY, 1, 0, &[0; 100]);
-    let mut peak = 0;
-    for _ in 0..200 {
-        // The attacker writes as much as the socket takes.
-        while sent < wire.len() {
-            match (&client_peer).write(&wire[sent..]) {
-                Ok(n) => sent += n,
+    // The attacker writes as much as the socket takes.
+    let write_more = |sent: &mut usize| {
+        while *sent < wire.len() {
+            match (&client_peer).write(&wire[*sent..]) {
+                Ok(n) => *sent += n,
                 Err(_) => break,
             }
         }
+    };
+    let mut drive = |r: &mut CopyRelay, answered: &mut usize| {
         let (mut cr, mut dr) = (true, false);
         r.drive(
             client_proxy.as_fd(),
@@ -496,13 +497,18 @@ fn identity_flood_from_a_client_that_never_reads_is_bounded() {
             &mut scratch,
             &mut capture_identity,
             &mut |_| {
-                answered += 1;
+                *answered += 1;
                 reply.clone()
             },
             &mut cr,
             &mut dr,
         )
         .unwrap();
+    };
+    let mut peak = 0;
+    for _ in 0..200 {
+        write_more(&mut sent);
+        drive(&mut r, &mut answered);
         peak = peak.max(r.to_client.pending() + r.owed.answers.len());
     }
     assert!(answered > 1000, "the relay answered only {answered} calls");
@@ -523,26 +529,8 @@ fn identity_flood_from_a_client_that_never_reads_is_bounded() {
     let mut buf = vec![0u8; 1 << 20];
     for _ in 0..10_000 {
         while (&client_peer).read(&mut buf).is_ok_and(|n| n > 0) {}
-        while sent < wire.len() {
-            match (&client_peer).write(&wire[sent..]) {
-                Ok(n) => sent += n,
-                Err(_) => break,
-            }
-        }
-        let (mut cr, mut dr) = (true, false);
-        r.drive(
-            client_proxy.as_fd(),
-            daemon_proxy.as_fd(),
-            &mut scratch,
-            &mut capture_identity,
-            &mut |_| {
-                answered += 1;
-                reply.clone()
-            },
-            &mut cr,
-            &mut dr,
-        )
-        .unwrap();
+        write_more(&mut sent);
+        drive(&mut r, &mut answered);
         if answered == 40_000 {
             break;
         }
