@@ -249,6 +249,10 @@ def role_log_flood(spec, c, until):
         time.sleep(5)
 
 
+# Roles whose connections the proxy is meant to cut off.
+ATTACKERS = ("identity_flood", "preopen_flood", "log_flood")
+
+
 def run_role(name, spec, stats, until, index):
     c = Counters(name)
     try:
@@ -353,14 +357,18 @@ def main():
 
     roles = [json.loads(line) for line in open(stats) if line.strip()]
     total = {}
-    explained, unexplained = 0, []
+    explained, unexplained, attacked = 0, [], {}
     for r in roles:
         for k, v in r.items():
             if isinstance(v, int):
                 total[k] = total.get(k, 0) + v
         qemu_bound = r["role"] in ("caller", "events", "fds")
         for t, what in r["errors"]:
-            if qemu_bound and any(t0 - 1 <= t <= t1 + 10 for t0, t1, _ in restarts):
+            if r["role"] in ATTACKERS:
+                # Being cut off is what the proxy does to them (the pre-open deadline, a
+                # refused frame): counted, not judged.
+                attacked[r["role"]] = attacked.get(r["role"], 0) + 1
+            elif qemu_bound and any(t0 - 1 <= t <= t1 + 10 for t0, t1, _ in restarts):
                 explained += 1
             else:
                 unexplained.append([r["role"], round(t - start, 1), what])
@@ -374,6 +382,7 @@ def main():
         "roles": len(roles),
         "totals": total,
         "errors_explained_by_restart": explained,
+        "attacker_errors": attacked,
         "errors_unexplained": unexplained,
     }
     with open(spec["report"], "w") as f:
