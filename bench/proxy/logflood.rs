@@ -71,6 +71,19 @@ pub fn run(tb: &Testbed, client: &Client, reps: usize, busy_secs: f64) -> Value 
             "listen_tcp = 1\nlisten_addr = \"127.0.0.1\"\ntcp_port = \"{port}\"\nauth_tcp = \"none\"\n"
         ),
     );
+    // Control: the same flood against another proxy process. What it does to the busy client
+    // is the machine's share (the flooder's own CPU, the kernel, 2 vCPUs), not the proxy's.
+    let other_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port");
+    let _other = Proxy::start_testbed_conf(
+        tb,
+        "io_uring",
+        &format!(
+            "listen_tcp = 1\nlisten_addr = \"127.0.0.1\"\ntcp_port = \"{other_port}\"\nauth_tcp = \"none\"\n"
+        ),
+    );
     let uri = env::unix_uri("qemu:///system", &proxy.rw_sock);
     let busy = || {
         client.json(
@@ -80,36 +93,47 @@ pub fn run(tb: &Testbed, client: &Client, reps: usize, busy_secs: f64) -> Value 
     };
     let log_len = || std::fs::metadata(&proxy.log).map_or(0, |m| m.len());
     eprintln!("log flood: {reps} reps x {busy_secs:.1} s, with and without a flooding TCP peer");
-    let (mut quiet, mut flooded, mut ratios, mut log_growth, mut reply_bytes) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut quiet, mut flooded, mut elsewhere) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut ratios, mut control_ratios, mut log_growth, mut reply_bytes) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for rep in 0..reps {
-        let mut q = None;
-        let mut f = None;
-        for with_flood in crate::rotated(&[false, true], rep) {
-            if !with_flood {
-                q = Some(busy());
+        let (mut q, mut f, mut c) = (Value::Null, Value::Null, Value::Null);
+        for target in crate::rotated(&[None, Some(port), Some(other_port)], rep) {
+            let Some(target) = target else {
+                q = busy();
                 continue;
-            }
+            };
             let before = log_len();
             let stop = Arc::new(AtomicBool::new(false));
             let flooder = {
                 let stop = stop.clone();
-                thread::spawn(move || flood(port, stop))
+                thread::spawn(move || flood(target, stop))
             };
             // Let the flood reach full speed first.
             thread::sleep(Duration::from_millis(200));
-            f = Some(busy());
+            let r = busy();
             stop.store(true, Ordering::Relaxed);
-            reply_bytes.push(flooder.join().unwrap_or(0));
+            let answered = flooder.join().unwrap_or(0);
             thread::sleep(Duration::from_millis(200));
-            log_growth.push(log_len().saturating_sub(before));
+            if target == port {
+                f = r;
+                reply_bytes.push(answered);
+                log_growth.push(log_len().saturating_sub(before));
+            } else {
+                c = r;
+            }
         }
-        let (q, f) = (q.unwrap_or(Value::Null), f.unwrap_or(Value::Null));
-        if let (Some(a), Some(b)) = (q["p99_us"].as_f64(), f["p99_us"].as_f64()) {
-            ratios.push(b / a);
+        if let Some(a) = q["p99_us"].as_f64() {
+            if let Some(b) = f["p99_us"].as_f64() {
+                ratios.push(b / a);
+            }
+            if let Some(b) = c["p99_us"].as_f64() {
+                control_ratios.push(b / a);
+            }
         }
         quiet.push(q);
         flooded.push(f);
+        elsewhere.push(c);
     }
     let median = |v: &mut Vec<f64>| {
         v.sort_by(|a, b| a.total_cmp(b));
@@ -120,17 +144,23 @@ pub fn run(tb: &Testbed, client: &Client, reps: usize, busy_secs: f64) -> Value 
         median(&mut v)
     };
     let ratio = median(&mut ratios.clone());
+    let control = median(&mut control_ratios.clone());
     eprintln!(
-        "log flood: busy client p99 {:.0} us quiet, {:.0} us flooded (ratio {ratio:.2}, goal <= 1.2); \
+        "log flood: busy client p99 {:.0} us quiet, {:.0} us flooded (ratio {ratio:.2}, goal <= 1.2), \
+         {:.0} us with the same flood at another proxy (ratio {control:.2}); \
          log grew {log_growth:?} bytes per flood, calls answered {reply_bytes:?}",
         p99(&quiet),
-        p99(&flooded)
+        p99(&flooded),
+        p99(&elsewhere)
     );
     json!({
         "p99_ratio": ratio,
         "ratios": ratios,
+        "elsewhere_p99_ratio": control,
+        "elsewhere_ratios": control_ratios,
         "quiet": quiet,
         "flooded": flooded,
+        "elsewhere": elsewhere,
         "log_growth_bytes": log_growth,
         "flood_calls_answered": reply_bytes,
     })

@@ -539,6 +539,7 @@ fn main() {
     let mut doc = doc;
     if !logflood.is_null() {
         doc["summary"]["logflood_p99_ratio"] = logflood["p99_ratio"].clone();
+        doc["summary"]["logflood_elsewhere_p99_ratio"] = logflood["elsewhere_p99_ratio"].clone();
         doc["raw"]["logflood"] = logflood;
     }
     drop(pool);
