@@ -415,15 +415,12 @@ pub fn run(mut opts: ServerOpts) -> io::Result<Stopped> {
         // The limits are read at each accept, not once per wakeup: an admin call lowering
         // them while poll() waits must hold for the client that wakes it.
         let paused = |kind: ListenerKind, parked: usize, admitted_any: bool| {
-            let max_anonymous = shared.max_anonymous_clients.load(Ordering::Acquire);
-            let anonymous_full = max_anonymous != 0
-                && shared.unauthenticated.load(Ordering::Acquire) >= max_anonymous;
-            at_max_clients(shared, admitted_any)
-                || if kind.is_unix() {
-                    parked >= PARKED_MAX
-                } else {
-                    anonymous_full && starts_anonymous(shared, kind, &Identity::default())
-                }
+            if kind.is_unix() {
+                at_max_clients(shared, admitted_any) || parked >= PARKED_MAX
+            } else {
+                let anonymous = starts_anonymous(shared, kind, &Identity::default());
+                !has_room(shared, anonymous, admitted_any)
+            }
         };
         // Admin clients keep the daemon up too, as in libvirt; the limit can change at run
         // time (daemon-timeout).

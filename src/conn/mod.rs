@@ -351,10 +351,11 @@ pub(crate) fn drive_relay(conn: &mut Conn, pools: &mut Pools, shared: &Shared) -
             "daemon closed the connection".into()
         });
     }
-    // The client caught up with what it was owed in this step: answer and read it again
-    // soon (no readiness report will come for bytes already queued).
-    let caught_up = (!owed.all_answered() && head.len() + owed.answers.len() < OWED_CAP)
-        || (!may_read && conn.client_readable && owed.may_read_client(head.len(), OWED_CAP));
+    // The client caught up with what it was owed in this step: answer its waiting frames,
+    // or read what it sent while it was not read, soon (no readiness report will come for
+    // bytes already queued).
+    let caught_up = owed.has_room(head.len(), OWED_CAP)
+        && (!owed.all_answered() || (!may_read && conn.client_readable));
     if up == Drive::Yield || down == Drive::Yield || caught_up {
         Outcome::Yield
     } else {

@@ -310,12 +310,13 @@ impl Writer {
                     let dropped = self.dropped.swap(0, std::sync::atomic::Ordering::Relaxed);
                     if dropped > 0 {
                         Record {
+                            outputs: record.outputs.clone(),
+                            meta: record.meta,
+                            prio: Priority::Warn,
                             msg: format!(
                                 "{dropped} log messages dropped: the log outputs did not keep up"
                             ),
                             line: None,
-                            prio: Priority::Warn,
-                            ..record.clone_meta()
                         }
                         .write();
                     }
@@ -330,16 +331,6 @@ impl Writer {
 }
 
 impl Record {
-    fn clone_meta(&self) -> Record {
-        Record {
-            outputs: self.outputs.clone(),
-            meta: self.meta,
-            prio: self.prio,
-            msg: String::new(),
-            line: None,
-        }
-    }
-
     fn write(self) {
         let Record {
             outputs,

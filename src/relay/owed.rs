@@ -66,7 +66,7 @@ impl Owed {
         reply: &mut dyn FnMut(&[u8]) -> Vec<u8>,
     ) -> bool {
         let mut any = false;
-        while self.answers.len() + queued < cap {
+        while self.has_room(queued, cap) {
             let Some(len) = frame_len(&self.unanswered[self.at..]) else {
                 break;
             };
@@ -88,10 +88,16 @@ impl Owed {
         self.at == self.unanswered.len()
     }
 
-    /// Whether the client may be read: nothing captured waits for an answer, and what is
-    /// queued for it (the answers plus `queued` bytes elsewhere) is under `cap`.
+    /// Whether what is queued for the client (the answers plus `queued` bytes elsewhere) is
+    /// under `cap`.
+    pub fn has_room(&self, queued: usize, cap: usize) -> bool {
+        self.answers.len() + queued < cap
+    }
+
+    /// Whether the client may be read: nothing captured waits for an answer, and there is
+    /// room for more.
     pub fn may_read_client(&self, queued: usize, cap: usize) -> bool {
-        self.all_answered() && self.answers.len() + queued < cap
+        self.all_answered() && self.has_room(queued, cap)
     }
 
     /// Nothing captured or answered waits.
