@@ -425,6 +425,14 @@ impl Drop for Testbed {
     }
 }
 
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port on 127.0.0.1")
+}
+
 /// `scheme:///path` → `scheme+unix:///path?socket=<sock>`.
 pub fn unix_uri(scheme_path: &str, sock: &Path) -> String {
     let (scheme, rest) = scheme_path.split_once("://").expect("scheme://path");
@@ -469,6 +477,15 @@ impl Proxy {
             backend,
             "",
         )
+    }
+
+    /// `start_testbed` with a TCP listener (auth "none") on a free loopback port, too.
+    pub fn start_testbed_tcp(tb: &Testbed, backend: &'static str) -> (Proxy, u16) {
+        let port = free_port();
+        let tcp = format!(
+            "listen_tcp = 1\nlisten_addr = \"127.0.0.1\"\ntcp_port = \"{port}\"\nauth_tcp = \"none\"\n"
+        );
+        (Self::start_testbed_conf(tb, backend, &tcp), port)
     }
 
     /// `start_testbed` with `extra` config lines first.

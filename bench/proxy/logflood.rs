@@ -14,6 +14,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use crate::env::{self, Client, Proxy, Testbed};
+use crate::report::{med, median};
 
 /// REMOTE_PROC_AUTH_POLKIT, header only: refused on a TCP listener with auth "none".
 fn auth_polkit(serial: u32) -> [u8; 28] {
@@ -60,30 +61,10 @@ fn flood(port: u16, stop: Arc<AtomicBool>) -> u64 {
 }
 
 pub fn run(tb: &Testbed, client: &Client, reps: usize, busy_secs: f64) -> Value {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port");
-    let proxy = Proxy::start_testbed_conf(
-        tb,
-        "io_uring",
-        &format!(
-            "listen_tcp = 1\nlisten_addr = \"127.0.0.1\"\ntcp_port = \"{port}\"\nauth_tcp = \"none\"\n"
-        ),
-    );
+    let (proxy, port) = Proxy::start_testbed_tcp(tb, "io_uring");
     // Control: the same flood against another proxy process. What it does to the busy client
     // is the machine's share (the flooder's own CPU, the kernel, 2 vCPUs), not the proxy's.
-    let other_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port");
-    let _other = Proxy::start_testbed_conf(
-        tb,
-        "io_uring",
-        &format!(
-            "listen_tcp = 1\nlisten_addr = \"127.0.0.1\"\ntcp_port = \"{other_port}\"\nauth_tcp = \"none\"\n"
-        ),
-    );
+    let (_other, other_port) = Proxy::start_testbed_tcp(tb, "io_uring");
     let uri = env::unix_uri("qemu:///system", &proxy.rw_sock);
     let busy = || {
         client.json(
@@ -135,16 +116,8 @@ pub fn run(tb: &Testbed, client: &Client, reps: usize, busy_secs: f64) -> Value 
         flooded.push(f);
         elsewhere.push(c);
     }
-    let median = |v: &mut Vec<f64>| {
-        v.sort_by(|a, b| a.total_cmp(b));
-        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
-    };
-    let p99 = |runs: &[Value]| {
-        let mut v: Vec<f64> = runs.iter().filter_map(|r| r["p99_us"].as_f64()).collect();
-        median(&mut v)
-    };
-    let ratio = median(&mut ratios.clone());
-    let control = median(&mut control_ratios.clone());
+    let p99 = |runs: &[Value]| med(runs, "p99_us");
+    let (ratio, control) = (median(&ratios), median(&control_ratios));
     eprintln!(
         "log flood: busy client p99 {:.0} us quiet, {:.0} us flooded (ratio {ratio:.2}, goal <= 1.2), \
          {:.0} us with the same flood at another proxy (ratio {control:.2}); \

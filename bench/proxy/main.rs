@@ -669,12 +669,6 @@ fn tls_burst(p: &Params, client: &Client, daemon: &env::Daemon) -> Value {
     std::fs::write(d.join("ca.pem"), &ca.cert_pem).unwrap();
     std::fs::write(d.join("server.pem"), cert).unwrap();
     std::fs::write(d.join("server.key"), key).unwrap();
-    let free_port = || {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("free port")
-    };
     let conf = |port: u16| {
         format!(
             "listen_tls = 1\nlisten_addr = \"127.0.0.1\"\ntls_port = \"{port}\"\n\
@@ -682,11 +676,11 @@ fn tls_burst(p: &Params, client: &Client, daemon: &env::Daemon) -> Value {
             d = d.display()
         )
     };
-    let port = free_port();
+    let port = env::free_port();
     let proxy = Proxy::start_conf(daemon, "io_uring", &conf(port));
     // Control: the same handshakes against another proxy process. What they do to the busy
     // client is the machine's share (generator, kernel, CPU), not the proxy under test's.
-    let other_port = free_port();
+    let other_port = env::free_port();
     let _other = Proxy::start_conf(daemon, "io_uring", &conf(other_port));
     let (ccert, ckey) = ca.client("bench", 1);
     let mut roots = rustls::RootCertStore::empty();

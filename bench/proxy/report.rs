@@ -25,7 +25,7 @@ fn f(v: &Value, k: &str) -> f64 {
 }
 
 /// Median of `key` over runs.
-fn med(runs: &[Value], key: &str) -> f64 {
+pub fn med(runs: &[Value], key: &str) -> f64 {
     median(&runs.iter().map(|r| f(r, key)).collect::<Vec<_>>())
 }
 

@@ -47,18 +47,7 @@ pub fn run() -> i32 {
     };
     let idle: usize = env_or("VPD_SOAK_IDLE", "2000").parse().unwrap_or(2000);
     let tb = Testbed::start("");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port");
-    let mut proxy = Proxy::start_testbed_conf(
-        &tb,
-        backend,
-        &format!(
-            "listen_tcp = 1\nlisten_addr = \"127.0.0.1\"\ntcp_port = \"{port}\"\n\
-             auth_tcp = \"none\"\n"
-        ),
-    );
+    let (mut proxy, port) = Proxy::start_testbed_tcp(&tb, backend);
     let pid = proxy.pid();
     // Settle, then the starting point.
     std::thread::sleep(Duration::from_millis(500));
