@@ -20,32 +20,12 @@ use virtproxyd::proto::msg::RemoteError;
 use virtproxyd::proto::xdr::{Decoder, Encoder};
 use virtproxyd::proto::{keepalive_proc, program, Header, MsgStatus, MsgType};
 
-/// Bytes taken from the front of the input; zeros once it runs out.
-struct Input<'a>(&'a [u8]);
+#[path = "input.rs"]
+mod input;
+use input::Input;
 
-impl Input<'_> {
-    fn u8(&mut self) -> u8 {
-        let (b, rest) = self.0.split_first().map_or((0, &[][..]), |(b, r)| (*b, r));
-        self.0 = rest;
-        b
-    }
-    fn u32(&mut self) -> u32 {
-        u32::from_be_bytes([self.u8(), self.u8(), self.u8(), self.u8()])
-    }
-    fn bytes(&mut self, n: usize) -> &[u8] {
-        let n = n.min(self.0.len());
-        let (b, rest) = self.0.split_at(n);
-        self.0 = rest;
-        b
-    }
-    fn string(&mut self) -> String {
-        let n = self.u8() as usize % 24;
-        String::from_utf8_lossy(self.bytes(n)).into_owned()
-    }
-    fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-}
+/// Longest string drawn from the input.
+const STRING_MAX: usize = 24;
 
 /// A daemon whose state is drawn from the input.
 struct Fake {
@@ -90,8 +70,8 @@ impl Fake {
                 prio: u32::from(inp.u8() % 2),
                 queue: 0,
             },
-            filters: inp.string(),
-            outputs: inp.string(),
+            filters: inp.string(STRING_MAX),
+            outputs: inp.string(STRING_MAX),
             tls: flags & 2 == 2,
         }
     }
@@ -168,7 +148,7 @@ fn server_name(inp: &mut Input<'_>, e: &mut Encoder) {
     match inp.u8() % 4 {
         0 | 1 => e.string("virtproxyd"),
         2 => e.string("admin"),
-        _ => e.string(&inp.string()),
+        _ => e.string(&inp.string(STRING_MAX)),
     };
 }
 
@@ -188,12 +168,12 @@ fn params(inp: &mut Input<'_>, e: &mut Encoder) {
         if sel & 0x80 == 0 {
             e.string(NAMES[sel as usize % NAMES.len()]);
         } else {
-            e.string(&inp.string());
+            e.string(&inp.string(STRING_MAX));
         }
         // Mostly UINT; any other discriminant now and then (one without an arm too).
         match inp.u8() % 8 {
             0 => e.i32(1).i32(inp.u32() as i32),
-            1 => e.i32(7).string(&inp.string()),
+            1 => e.i32(7).string(&inp.string(STRING_MAX)),
             2 => e.i32(9),
             _ => e.i32(2).u32(u32::from(inp.u8())),
         };
@@ -245,7 +225,7 @@ fn structured_body(p: i32, inp: &mut Input<'_>) -> Vec<u8> {
             e.u64(u64::from(inp.u8() % 8)).i64(0).u32(0).u32(flags(inp));
         }
         proc_::CONNECT_SET_LOGGING_OUTPUTS | proc_::CONNECT_SET_LOGGING_FILTERS => {
-            let s = inp.string();
+            let s = inp.string(STRING_MAX);
             e.opt_string((inp.u8() & 1 == 0).then_some(s.as_str()));
             e.u32(flags(inp));
         }

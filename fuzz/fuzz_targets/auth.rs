@@ -33,32 +33,12 @@ use virtproxyd::proto::{
 use virtproxyd::route::{RouteTable, Target};
 use virtproxyd::sasl;
 
-/// Bytes taken from the front of the input; zeros once it runs out.
-struct Input<'a>(&'a [u8]);
+#[path = "input.rs"]
+mod input;
+use input::Input;
 
-impl Input<'_> {
-    fn u8(&mut self) -> u8 {
-        let (b, rest) = self.0.split_first().map_or((0, &[][..]), |(b, r)| (*b, r));
-        self.0 = rest;
-        b
-    }
-    fn u32(&mut self) -> u32 {
-        u32::from_be_bytes([self.u8(), self.u8(), self.u8(), self.u8()])
-    }
-    fn bytes(&mut self, n: usize) -> &[u8] {
-        let n = n.min(self.0.len());
-        let (b, rest) = self.0.split_at(n);
-        self.0 = rest;
-        b
-    }
-    fn string(&mut self) -> String {
-        let n = self.u8() as usize % 16;
-        String::from_utf8_lossy(self.bytes(n)).into_owned()
-    }
-    fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-}
+/// Longest string drawn from the input.
+const STRING_MAX: usize = 16;
 
 /// What the machine waits for besides the client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -366,7 +346,7 @@ fn client_frame(inp: &mut Input<'_>, serial: &mut u32) -> (Header, Vec<u8>) {
                 0 => None,
                 1 => Some("test:///default".to_string()),
                 2 => Some("qemu:///system".to_string()),
-                _ => Some(inp.string()),
+                _ => Some(inp.string(STRING_MAX)),
             };
             OpenArgs {
                 name,
@@ -398,7 +378,7 @@ fn sasl_outcome(inp: &mut Input<'_>, init: bool) -> sasl::Outcome {
                 0 => None,
                 1 => Some("user".into()),
                 2 => Some("admin".into()),
-                _ => Some(inp.string()),
+                _ => Some(inp.string(STRING_MAX)),
             },
         },
     }
