@@ -365,38 +365,48 @@ fn max_clients_is_set_live() {
         // One client holds the only place; a second is not accepted until the limit is raised.
         let uri = p.uri("qemu:///system");
         let _c1 = Client::start(&uri);
-        let mut second = Command::new("virsh")
-            .args(["-c", &uri, "uri"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut second = virsh_uri(&uri);
         std::thread::sleep(Duration::from_secs(2));
         assert!(
             second.try_wait().unwrap().is_none(),
             "{backend}: second client was served at the limit"
         );
-        ok(
-            &ours(
-                &p,
-                &["srv-clients-set", "virtproxyd", "--max-clients", "5000"],
-            ),
-            "raise",
-        );
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let status = loop {
-            if let Some(s) = second.try_wait().unwrap() {
-                break s;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{backend}: second client still waiting"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        };
-        assert!(status.success(), "{backend}");
+        raise_limit_and_see_served(&p, &mut second, backend);
     }
+}
+
+/// `virsh uri` through `uri`, started (it may wait on the client limit).
+fn virsh_uri(uri: &str) -> Child {
+    Command::new("virsh")
+        .args(["-c", uri, "uri"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Raises `max_clients` to 5000; `waiting` must then be served and succeed within 20 s.
+fn raise_limit_and_see_served(p: &Proxy, waiting: &mut Child, backend: &str) {
+    ok(
+        &ours(
+            p,
+            &["srv-clients-set", "virtproxyd", "--max-clients", "5000"],
+        ),
+        "raise",
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = waiting.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{backend}: second client still waiting"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{backend}");
 }
 
 /// `--max-clients 0` stops accepting, as libvirt's virNetServerCheckLimits (`nclients >=
@@ -421,13 +431,7 @@ fn max_clients_zero_stops_accepting() {
             ),
             "srv-clients-set 0",
         );
-        let mut second = Command::new("virsh")
-            .args(["-c", &uri, "uri"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut second = virsh_uri(&uri);
         std::thread::sleep(Duration::from_secs(2));
         let early = second.try_wait().unwrap();
         if early.is_some() {
@@ -438,25 +442,7 @@ fn max_clients_zero_stops_accepting() {
             );
         }
         assert_eq!(c1.call(), "ok", "{backend}: the client already in");
-        ok(
-            &ours(
-                &p,
-                &["srv-clients-set", "virtproxyd", "--max-clients", "5000"],
-            ),
-            "raise",
-        );
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let status = loop {
-            if let Some(s) = second.try_wait().unwrap() {
-                break s;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{backend}: second client still waiting"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        };
-        assert!(status.success(), "{backend}");
+        raise_limit_and_see_served(&p, &mut second, backend);
     }
 }
 

@@ -83,6 +83,35 @@ fn raw_open(sock: &Path) -> UnixStream {
     s
 }
 
+/// The proxy with `conf` and -v, in `dir`; returns it once its rw socket exists.
+fn spawn_verbose(dir: &Path, conf: &Path) -> (Child, PathBuf) {
+    let p = spawn(
+        &[
+            "-v",
+            "-f",
+            conf.to_str().unwrap(),
+            "-p",
+            dir.join("pid").to_str().unwrap(),
+        ],
+        dir,
+        &[],
+    );
+    let sock = dir.join("s/libvirt-sock");
+    assert!(wait_for(Duration::from_secs(10), || sock.exists()));
+    (p, sock)
+}
+
+/// A client of `sock` whose AUTH_LIST is not answered within 600 ms (it waits in the
+/// backlog); `why` is the failure message if it is answered.
+fn waiting_client(sock: &Path, why: &str) -> UnixStream {
+    let mut b = UnixStream::connect(sock).unwrap();
+    b.set_read_timeout(Some(Duration::from_millis(600)))
+        .unwrap();
+    b.write_all(&support::frame(66, 0, 0, &[])).unwrap();
+    assert!(support::read_frame(&mut b).is_none(), "{why}");
+    b
+}
+
 fn lib_version_works(s: &mut UnixStream, serial: u32) -> bool {
     s.write_all(&support::frame(157, 0, serial, &[])).is_ok()
         && support::read_frame(s)
@@ -361,29 +390,10 @@ fn idle_timeout_exits_only_when_no_client_is_connected() {
 fn sighup_applies_a_new_client_limit_without_dropping_clients() {
     let dir = tempdir();
     let conf = conf_for(dir.path(), "max_clients = 1");
-    let mut p = spawn(
-        &[
-            "-v",
-            "-f",
-            conf.to_str().unwrap(),
-            "-p",
-            dir.path().join("pid").to_str().unwrap(),
-        ],
-        dir.path(),
-        &[],
-    );
-    let sock = dir.path().join("s/libvirt-sock");
-    assert!(wait_for(Duration::from_secs(10), || sock.exists()));
+    let (mut p, sock) = spawn_verbose(dir.path(), &conf);
     let mut a = raw_open(&sock);
     // A second client waits in the backlog while the limit is 1.
-    let mut b = UnixStream::connect(&sock).unwrap();
-    b.set_read_timeout(Some(Duration::from_millis(600)))
-        .unwrap();
-    b.write_all(&support::frame(66, 0, 0, &[])).unwrap();
-    assert!(
-        support::read_frame(&mut b).is_none(),
-        "second client served over max_clients = 1"
-    );
+    let mut b = waiting_client(&sock, "second client served over max_clients = 1");
 
     conf_for(dir.path(), "max_clients = 5");
     let _ = Command::new("kill")
@@ -410,28 +420,9 @@ fn sighup_applies_a_new_client_limit_without_dropping_clients() {
 fn config_max_clients_zero_admits_the_first_client_only() {
     let dir = tempdir();
     let conf = conf_for(dir.path(), "max_clients = 0\nmax_anonymous_clients = 0");
-    let mut p = spawn(
-        &[
-            "-v",
-            "-f",
-            conf.to_str().unwrap(),
-            "-p",
-            dir.path().join("pid").to_str().unwrap(),
-        ],
-        dir.path(),
-        &[],
-    );
-    let sock = dir.path().join("s/libvirt-sock");
-    assert!(wait_for(Duration::from_secs(10), || sock.exists()));
+    let (mut p, sock) = spawn_verbose(dir.path(), &conf);
     let mut a = raw_open(&sock);
-    let mut b = UnixStream::connect(&sock).unwrap();
-    b.set_read_timeout(Some(Duration::from_millis(600)))
-        .unwrap();
-    b.write_all(&support::frame(66, 0, 0, &[])).unwrap();
-    assert!(
-        support::read_frame(&mut b).is_none(),
-        "second client served with max_clients = 0"
-    );
+    let _waiting = waiting_client(&sock, "second client served with max_clients = 0");
     assert!(lib_version_works(&mut a, 3), "first client not served");
     sigterm(p.id());
     assert!(wait_exit(&mut p, Duration::from_secs(10)).is_some());
