@@ -548,4 +548,65 @@ on_both_backends!(
     log_flood_is_bounded,
     reconnecting_log_flood_is_bounded,
     a_stuck_log_output_does_not_stall_clients,
+    parked_clients_are_bounded,
 );
+
+/// Local clients waiting for an anonymous slot are held by the acceptor, at most 1000 of
+/// them (then the local listeners pause and the kernel's backlog takes the rest, as with
+/// libvirt): 1,300 silent connections of one user cost the proxy at most 1000 fds more than
+/// the one that holds the only slot.
+fn parked_clients_are_bounded(backend: &str) {
+    let _shared = support::modular::daemons_shared();
+    let p = proxy(
+        &format!("{DEFAULT_AUTH}\nmax_anonymous_clients = 1\nmax_queued_clients = 1000\n"),
+        &[("VIRTPROXYD_IO_BACKEND", backend)],
+    );
+    let holder = local_client(&p.ro_sock, "stall");
+    thread::sleep(Duration::from_millis(300));
+    let before = open_fds(p.pid());
+    let script = r#"
+import resource, socket, sys, time
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+held = []
+for _ in range(1300):
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(2)
+    try:
+        s.connect(sys.argv[1])
+    except OSError:
+        break
+    held.append(s)
+print(len(held), flush=True)
+sys.stdin.readline()
+"#;
+    let mut c = Command::new("runuser")
+        .args(["-u", "vpdtest", "--", PYTHON, "-c", script])
+        .arg(&p.ro_sock)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(c.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let connected: usize = line.trim().parse().expect("connection count");
+    assert!(connected > 1000, "{backend}: only {connected} connected");
+    thread::sleep(Duration::from_millis(500));
+    let during = open_fds(p.pid());
+    assert!(
+        during <= before + 1000,
+        "{backend}: {during} fds with {connected} waiting clients ({before} before)"
+    );
+    assert!(
+        during >= before + 900,
+        "{backend}: the waiting clients were not accepted ({during} fds, {before} before)"
+    );
+    drop(c.stdin.take());
+    let _ = c.wait();
+    // The holder sees its connection end with the proxy.
+    drop(p);
+    let (what, _) = last_line(holder.0, holder.1);
+    assert_eq!(what, "closed", "{backend}");
+}
