@@ -10,7 +10,8 @@
 //! - the loop: [`worker`] (reactor: [`reactor`], io_uring or epoll; inbox, deadlines, pools);
 //! - a client is authenticated: [`handshake`] drives it; [`polkit`] and [`sasl`] do the slow
 //!   parts on [`offload`] threads; the SASL security layer's copy relay: [`relay::copy`];
-//! - listeners and accept: [`listen`], [`server`]; process lifecycle: [`daemon`]; config: [`config`].
+//! - listeners and accept: [`listen`], [`server`] (per-source pre-open rates: [`flood`]);
+//!   process lifecycle: [`daemon`]; config: [`config`].
 
 pub mod activation;
 pub mod admin;
@@ -18,6 +19,7 @@ pub mod cli;
 pub mod config;
 pub mod conn;
 pub mod daemon;
+pub mod flood;
 pub mod glob;
 pub mod handshake;
 pub mod identity;

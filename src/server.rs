@@ -17,6 +17,7 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 
+use crate::flood::{Source, SourceRates};
 use crate::identity::{Identity, NameCache};
 use crate::listen::{Listener, ListenerKind};
 use crate::reactor::{self, Reactor};
@@ -75,17 +76,29 @@ fn client_identity(kind: ListenerKind, fd: &OwnedFd, names: &mut NameCache) -> O
 }
 
 /// `ip:port` of a TCP/TLS peer, for client-info.
-fn peer_addr(kind: ListenerKind, fd: &OwnedFd) -> Option<String> {
+fn peer_addr(kind: ListenerKind, fd: &OwnedFd) -> Option<std::net::SocketAddr> {
     if kind.is_unix() {
         return None;
     }
     let sa: nix::sys::socket::SockaddrStorage =
         nix::sys::socket::getpeername(fd.as_raw_fd()).ok()?;
     if let Some(v4) = sa.as_sockaddr_in() {
-        Some(format!("{}:{}", v4.ip(), v4.port()))
+        Some(std::net::SocketAddr::V4((*v4).into()))
     } else {
         sa.as_sockaddr_in6()
-            .map(|v6| format!("[{}]:{}", v6.ip(), v6.port()))
+            .map(|v6| std::net::SocketAddr::V6((*v6).into()))
+    }
+}
+
+/// Whom a new client's pre-open frames are charged to (see `flood`); `None` for root, whose
+/// frames are never slowed.
+fn flood_source(identity: &Identity, peer: Option<std::net::SocketAddr>) -> Option<Source> {
+    match (&identity.unix, peer) {
+        (Some(u), _) if u.uid == 0 => None,
+        (Some(u), _) => Some(Source::Uid(u.uid)),
+        (None, Some(addr)) => Some(Source::Ip(addr.ip())),
+        // A remote peer whose address we could not read: charge it with everyone else's.
+        (None, None) => Some(Source::Uid(u32::MAX)),
     }
 }
 
@@ -127,6 +140,8 @@ struct Admission<'a> {
     next_id: u64,
     /// Whether a client was admitted yet (see `over_max_clients`).
     admitted_any: bool,
+    /// The pre-open rate of each source (see `flood`).
+    rates: SourceRates,
 }
 
 impl Admission<'_> {
@@ -147,12 +162,14 @@ impl Admission<'_> {
         let owner = self.next_worker % self.workers.len();
         self.next_worker = self.next_worker.wrapping_add(1);
         let anonymous = starts_anonymous(shared, kind, &identity);
+        let peer = peer_addr(kind, &fd);
+        let rate = flood_source(&identity, peer).map(|s| self.rates.of(s, Instant::now()));
         shared.registry.insert(crate::registry::ClientRecord {
             id,
             timestamp: crate::registry::now_epoch(),
             kind,
             identity: identity.clone(),
-            peer_addr: peer_addr(kind, &fd),
+            peer_addr: peer.map(|a| a.to_string()),
             worker: owner,
             claimed: None,
             opened_readonly: false,
@@ -170,6 +187,7 @@ impl Admission<'_> {
                 .then(|| Instant::now() + shared.preopen_deadline),
             tls: None,
             worker: owner,
+            rate,
             unauthenticated: anonymous.then(|| Unauthenticated::new(shared)),
             // Started here, not in the worker: the daemon's accept then overlaps the
             // hand-over too.
@@ -392,6 +410,7 @@ pub fn run(mut opts: ServerOpts) -> io::Result<Stopped> {
         next_handshaker: 0,
         next_id: 1,
         admitted_any: false,
+        rates: SourceRates::default(),
     };
     let mut parked: VecDeque<Parked> = VecDeque::new();
     let mut idle_since = Some(Instant::now());

@@ -500,7 +500,7 @@ fn main() {
 
     // ---- 7. log flood ------------------------------------------------------------------------
     let logflood = if want("logflood") {
-        logflood::run(&tb, &client, p.reps.max(3), p.busy_secs)
+        logflood::run(&tb, &client, p.reps.max(3) * 2, p.busy_secs)
     } else {
         Value::Null
     };

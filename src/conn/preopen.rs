@@ -30,8 +30,8 @@ pub(crate) struct PreOpen {
     /// The SASL security layer, once authentication negotiated one: `c_rx` then holds decoded
     /// bytes and `c_tx` encoded ones (see `install_layer`).
     pub(crate) layer: Option<Box<dyn SecurityLayer>>,
-    /// Client frames handled so far (past a budget they are throttled, see `worker::preopen`).
-    pub(crate) frames_in: u32,
+    /// Its source's pre-open rate (see `flood`), charged for each client frame.
+    pub(crate) rate: Option<std::sync::Arc<crate::flood::SourceRate>>,
 }
 
 impl PreOpen {
@@ -258,7 +258,7 @@ mod tests {
             closing: None,
             cutter: None,
             layer: None,
-            frames_in: 0,
+            rate: None,
         }
     }
 

@@ -334,6 +334,7 @@ mod tests {
             worker: 0,
             auth: crate::config::Auth::None,
             early: None,
+            rate: None,
         };
         assert!(tx.send(nc).is_ok());
         // No TLS settings: TlsAccept cannot start.

@@ -56,6 +56,9 @@ pub struct NewConn {
     pub auth: Auth,
     /// A downstream connection made on accepting it (see `LastOpen`).
     pub early: Option<EarlyConn>,
+    /// The pre-open rate of its source, which each of its pre-open frames is charged to
+    /// (`None`: root, never slowed).
+    pub rate: Option<Arc<crate::flood::SourceRate>>,
 }
 
 /// A daemon connection made as its client was accepted, with `handshake::early_auth_list()`
@@ -349,12 +352,6 @@ const PREOPEN_TX_CAP: usize = 64 * 1024;
 const ADOPT_PER_TURN: usize = 4;
 /// Pre-open frames handled per service before other connections get a turn.
 const PREOPEN_FRAMES_PER_DRIVE: usize = 64;
-/// Pre-open frames a client may send at full speed: a real client's handshake takes a few (a
-/// SASL exchange a few more). Past them each further frame waits `PREOPEN_THROTTLE`, so a peer
-/// repeating a refused call at line rate gets 100 answers a second instead of taking a relay
-/// worker's time from everyone else.
-const PREOPEN_FREE_FRAMES: u32 = 256;
-const PREOPEN_THROTTLE: Duration = Duration::from_millis(10);
 
 fn socketpair() -> io::Result<(OwnedFd, OwnedFd)> {
     use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
@@ -633,7 +630,7 @@ impl Worker {
                 c_tx: Vec::new(),
                 d_rx: Vec::new(),
                 d_tx: Vec::new(),
-                frames_in: 0,
+                rate: nc.rate,
                 timers,
                 connecting: None,
                 closing: None,

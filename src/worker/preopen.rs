@@ -70,10 +70,11 @@ impl Worker {
                             used = end;
                             frames_left -= 1;
                             progress = true;
-                            p.frames_in = p.frames_in.saturating_add(1);
-                            if p.frames_in > PREOPEN_FREE_FRAMES {
-                                // The rest wait in `c_rx` (bounded), the socket is not read.
-                                let at = Instant::now() + PREOPEN_THROTTLE;
+                            let wait = p.rate.as_ref().map(|r| r.charge(Instant::now()));
+                            if let Some(wait) = wait.filter(|w| !w.is_zero()) {
+                                // The source is over its pre-open rate: the rest wait in
+                                // `c_rx` (bounded), the socket is not read meanwhile.
+                                let at = Instant::now() + wait;
                                 arm_timer(
                                     &mut self.timers,
                                     p,
