@@ -10,7 +10,8 @@
 //! - the loop: [`worker`] (reactor: [`reactor`], io_uring or epoll; inbox, deadlines, pools);
 //! - a client is authenticated: [`handshake`] drives it; [`polkit`] and [`sasl`] do the slow
 //!   parts on [`offload`] threads; the SASL security layer's copy relay: [`relay::copy`];
-//! - listeners and accept: [`listen`], [`server`]; process lifecycle: [`daemon`]; config: [`config`].
+//! - listeners and accept: [`listen`], [`server`]; process lifecycle: [`daemon`]; config: [`config`];
+//! - the metrics endpoint (its own thread) and the relay's counter blocks: [`metrics`].
 
 pub mod activation;
 pub mod admin;
@@ -23,6 +24,7 @@ pub mod handshake;
 pub mod identity;
 pub mod listen;
 pub mod logging;
+pub mod metrics;
 pub mod offload;
 pub mod polkit;
 pub mod proto;
