@@ -451,3 +451,65 @@ fn a_bad_metrics_address_fails_the_start() {
     assert_eq!(out.status.code(), Some(6), "{}", stderr(&out));
     assert!(stderr(&out).contains(&port.to_string()), "{}", stderr(&out));
 }
+
+#[test]
+fn an_activated_metrics_socket_is_found_by_name_and_wins_over_metrics_listen() {
+    let dir = tempfile::tempdir().unwrap();
+    let configured = free_port();
+    let conf = dir.path().join("virtproxyd.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "auth_unix_rw = \"none\"\nauth_unix_ro = \"none\"\n\
+             metrics_listen = \"127.0.0.1:{configured}\"\n"
+        ),
+    )
+    .unwrap();
+    let rw = dir.path().join("act-rw");
+    let port = free_port();
+    let log = dir.path().join("proxy.log");
+    let log_file = std::fs::File::create(&log).unwrap();
+    // systemd-socket-activate binds both, then execs the proxy on the first connection.
+    let mut act = Command::new("systemd-socket-activate")
+        .arg("-l")
+        .arg(&rw)
+        .arg("-l")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--fdname=virtproxyd.socket:virtproxyd-metrics.socket")
+        .args([env!("CARGO_BIN_EXE_virtproxyd"), "-v", "-f"])
+        .arg(&conf)
+        .arg("-p")
+        .arg(dir.path().join("pid"))
+        .stdin(Stdio::null())
+        .stdout(log_file.try_clone().unwrap())
+        .stderr(log_file)
+        .spawn()
+        .expect("systemd-socket-activate");
+    let mut first = None;
+    assert!(
+        wait_for(Duration::from_secs(10), || {
+            first = TcpStream::connect(("127.0.0.1", port)).ok();
+            first.is_some()
+        }),
+        "the activated port never accepted"
+    );
+    // This connection starts the daemon and is then served by it.
+    let mut s = first.unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(out.starts_with("HTTP/1.1 200 OK\r\n"), "{out}\n{text}");
+    assert!(out.contains("virtproxyd_clients 0\n"), "{out}");
+    assert!(
+        text.contains("'metrics_listen' is ignored"),
+        "no note that the configured address was ignored:\n{text}"
+    );
+    assert!(
+        TcpStream::connect(("127.0.0.1", configured)).is_err(),
+        "metrics_listen was bound as well"
+    );
+    let _ = act.kill();
+    let _ = act.wait();
+}
