@@ -24,7 +24,7 @@ MODULAR_PATHS := $(foreach d,$(MODULAR_DAEMONS),$(foreach b,/usr/sbin /usr/local
                    $(foreach u,/usr/lib/systemd/system /lib/systemd/system /etc/systemd/system,$(u)/$(d).socket))
 
 UNITS := virtproxyd.service virtproxyd.socket virtproxyd-ro.socket virtproxyd-admin.socket \
-         virtproxyd-tcp.socket virtproxyd-tls.socket
+         virtproxyd-tcp.socket virtproxyd-tls.socket virtproxyd-metrics.socket
 
 .PHONY: all install uninstall check-host
 all:

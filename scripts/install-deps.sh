@@ -11,6 +11,10 @@ need_pkgs=(libvirt-daemon libvirt-daemon-driver-qemu
 need_pkgs+=(krb5-kdc krb5-admin-server krb5-user tcpdump)
 # tests/polkit_slow.rs: a private bus for its stand-in polkitd.
 need_pkgs+=(dbus-daemon)
+# tests/metrics.rs: promtool (from Debian's prometheus, 19 MB; the server it also ships is never
+# started, see policy-rc.d below) checks the text-format scrapes; promtool 2.42 reads no
+# OpenMetrics, so those go through the Prometheus Python client's strict OpenMetrics parser.
+need_pkgs+=(prometheus python3-prometheus-client)
 missing=()
 for p in "${need_pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

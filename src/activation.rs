@@ -74,22 +74,40 @@ pub fn plan(env: &ActivationEnv, our_pid: u32) -> Plan {
     }
 }
 
-/// The listener kind systemd's unit name stands for.
-pub fn kind_for(name: &str) -> Result<ListenerKind, ActivationError> {
+/// What an activated fd is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// A client listener, served by the acceptor (or the admin thread).
+    Listener(ListenerKind),
+    /// The metrics endpoint's socket (`virtproxyd-metrics.socket`), served by its own thread.
+    Metrics,
+}
+
+/// What systemd's unit name (the fd's `FileDescriptorName`) stands for.
+pub fn claim_for(name: &str) -> Result<Claim, ActivationError> {
     match name {
-        "virtproxyd.socket" => Ok(ListenerKind::UnixRw),
-        "virtproxyd-ro.socket" => Ok(ListenerKind::UnixRo),
-        "virtproxyd-admin.socket" => Ok(ListenerKind::UnixAdmin),
-        "virtproxyd-tcp.socket" => Ok(ListenerKind::Tcp),
-        "virtproxyd-tls.socket" => Ok(ListenerKind::Tls),
+        "virtproxyd.socket" => Ok(Claim::Listener(ListenerKind::UnixRw)),
+        "virtproxyd-ro.socket" => Ok(Claim::Listener(ListenerKind::UnixRo)),
+        "virtproxyd-admin.socket" => Ok(Claim::Listener(ListenerKind::UnixAdmin)),
+        "virtproxyd-tcp.socket" => Ok(Claim::Listener(ListenerKind::Tcp)),
+        "virtproxyd-tls.socket" => Ok(Claim::Listener(ListenerKind::Tls)),
+        "virtproxyd-metrics.socket" => Ok(Claim::Metrics),
         other => Err(ActivationError::Unclaimed(other.into())),
     }
+}
+
+/// The activation fds, sorted by use.
+#[derive(Debug)]
+pub struct Activated {
+    pub listeners: Vec<Listener>,
+    /// Sockets of the metrics endpoint (usually none or one).
+    pub metrics: Vec<OwnedFd>,
 }
 
 /// Takes ownership of the activation fds as listeners. Returns `Ok(None)` without
 /// activation (or after falling back, which is logged), and clears the variables so children
 /// do not inherit them.
-pub fn take_listeners(env: &ActivationEnv) -> Result<Option<Vec<Listener>>, ActivationError> {
+pub fn take_listeners(env: &ActivationEnv) -> Result<Option<Activated>, ActivationError> {
     let plan = plan(env, std::process::id());
     for k in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
         std::env::remove_var(k);
@@ -106,12 +124,15 @@ pub fn take_listeners(env: &ActivationEnv) -> Result<Option<Vec<Listener>>, Acti
         }
         Plan::Use(fds) => {
             // Validate every name before taking any fd, so an error leaves nothing half-done.
-            let kinds: Vec<ListenerKind> = fds
+            let claims: Vec<Claim> = fds
                 .iter()
-                .map(|(_, name)| kind_for(name))
+                .map(|(_, name)| claim_for(name))
                 .collect::<Result<_, _>>()?;
-            let mut out = Vec::new();
-            for ((raw, name), kind) in fds.into_iter().zip(kinds) {
+            let mut out = Activated {
+                listeners: Vec::new(),
+                metrics: Vec::new(),
+            };
+            for ((raw, name), claim) in fds.into_iter().zip(claims) {
                 // SAFETY: as above.
                 let fd = unsafe { OwnedFd::from_raw_fd(raw) };
                 // SAFETY: fcntl on our own fd; activation fds arrive without CLOEXEC/O_NONBLOCK.
@@ -120,12 +141,20 @@ pub fn take_listeners(env: &ActivationEnv) -> Result<Option<Vec<Listener>>, Acti
                     let fl = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
                     libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK);
                 }
-                tracing::info!(fd = raw, name = %name, ?kind, "using activated listener");
-                out.push(Listener {
-                    fd,
-                    kind,
-                    path: None,
-                });
+                match claim {
+                    Claim::Listener(kind) => {
+                        tracing::info!(fd = raw, name = %name, ?kind, "using activated listener");
+                        out.listeners.push(Listener {
+                            fd,
+                            kind,
+                            path: None,
+                        });
+                    }
+                    Claim::Metrics => {
+                        tracing::info!(fd = raw, name = %name, "using activated metrics socket");
+                        out.metrics.push(fd);
+                    }
+                }
             }
             Ok(Some(out))
         }
@@ -249,15 +278,17 @@ mod tests {
 
     #[test]
     fn unit_names_map_to_listeners_and_unknown_names_are_errors() {
-        assert_eq!(kind_for("virtproxyd.socket"), Ok(ListenerKind::UnixRw));
-        assert_eq!(kind_for("virtproxyd-ro.socket"), Ok(ListenerKind::UnixRo));
+        let l = |k| Ok(Claim::Listener(k));
+        assert_eq!(claim_for("virtproxyd.socket"), l(ListenerKind::UnixRw));
+        assert_eq!(claim_for("virtproxyd-ro.socket"), l(ListenerKind::UnixRo));
         assert_eq!(
-            kind_for("virtproxyd-admin.socket"),
-            Ok(ListenerKind::UnixAdmin)
+            claim_for("virtproxyd-admin.socket"),
+            l(ListenerKind::UnixAdmin)
         );
-        assert_eq!(kind_for("virtproxyd-tcp.socket"), Ok(ListenerKind::Tcp));
+        assert_eq!(claim_for("virtproxyd-tcp.socket"), l(ListenerKind::Tcp));
+        assert_eq!(claim_for("virtproxyd-metrics.socket"), Ok(Claim::Metrics));
         assert_eq!(
-            kind_for("libvirtd.socket"),
+            claim_for("libvirtd.socket"),
             Err(ActivationError::Unclaimed("libvirtd.socket".into()))
         );
     }

@@ -11,7 +11,8 @@
 //! - a client is authenticated: [`handshake`] drives it; [`polkit`] and [`sasl`] do the slow
 //!   parts on [`offload`] threads; the SASL security layer's copy relay: [`relay::copy`];
 //! - listeners and accept: [`listen`], [`server`] (per-source pre-open rates: [`flood`]);
-//!   process lifecycle: [`daemon`]; config: [`config`].
+//!   process lifecycle: [`daemon`]; config: [`config`];
+//! - the metrics endpoint (its own thread) and the relay's counter blocks: [`metrics`].
 
 pub mod activation;
 pub mod admin;
@@ -25,6 +26,7 @@ pub mod handshake;
 pub mod identity;
 pub mod listen;
 pub mod logging;
+pub mod metrics;
 pub mod offload;
 pub mod polkit;
 pub mod proto;

@@ -188,7 +188,8 @@ impl Reloader {
             tls_port,
             max_queued_clients,
             io_backend,
-            worker_threads
+            worker_threads,
+            metrics_listen
         );
         if applied.is_empty() && restart.is_empty() {
             tracing::info!("configuration reloaded: nothing changed");
@@ -205,6 +206,7 @@ impl Reloader {
 }
 
 fn run(argv0: &str, cli: cli::Cli) -> i32 {
+    let started = std::time::SystemTime::now();
     let env = Env::from_process();
     let cfg = match Config::load(cli.config.as_deref(), &env) {
         Ok(c) => c,
@@ -258,35 +260,44 @@ fn run(argv0: &str, cli: cli::Cli) -> i32 {
         Err(e) => return fail(ready, EXIT_CONFIG, &e.to_string()),
     };
 
-    let listeners = match activation::take_listeners(&activation::ActivationEnv::from_process()) {
-        Err(e) => return fail(ready, EXIT_NETWORK, &e.to_string()),
-        Ok(Some(l)) => {
-            for key in activation::IGNORED_KEYS {
-                if cfg.origin.line_of(key).is_some() {
-                    tracing::info!("'{key}' is ignored under socket activation");
+    let (listeners, activated_metrics) =
+        match activation::take_listeners(&activation::ActivationEnv::from_process()) {
+            Err(e) => return fail(ready, EXIT_NETWORK, &e.to_string()),
+            Ok(Some(activation::Activated {
+                listeners: l,
+                metrics,
+            })) => {
+                for key in activation::IGNORED_KEYS {
+                    if cfg.origin.line_of(key).is_some() {
+                        tracing::info!("'{key}' is ignored under socket activation");
+                    }
                 }
-            }
-            for listener in &l {
-                if let Some(w) =
-                    activation::open_socket_warning(listener, cfg.auth_for(listener.kind).1)
-                {
-                    tracing::warn!("{w}");
-                }
-            }
-            l
-        }
-        Ok(None) => match create_listeners(&cfg, &env) {
-            Ok(l) => {
                 for listener in &l {
-                    let auth = cfg.auth_for(listener.kind).1;
-                    if let Some(w) = activation::open_socket_warning(listener, auth) {
+                    if let Some(w) =
+                        activation::open_socket_warning(listener, cfg.auth_for(listener.kind).1)
+                    {
                         tracing::warn!("{w}");
                     }
                 }
-                l
+                (l, metrics)
             }
-            Err(e) => return fail(ready, EXIT_NETWORK, &e.to_string()),
-        },
+            Ok(None) => match create_listeners(&cfg, &env) {
+                Ok(l) => {
+                    for listener in &l {
+                        let auth = cfg.auth_for(listener.kind).1;
+                        if let Some(w) = activation::open_socket_warning(listener, auth) {
+                            tracing::warn!("{w}");
+                        }
+                    }
+                    (l, Vec::new())
+                }
+                Err(e) => return fail(ready, EXIT_NETWORK, &e.to_string()),
+            },
+        };
+    // Metrics endpoint (issue 18): bound here so that a bad address fails the start.
+    let metrics_sockets = match metrics_sockets(&cfg, activated_metrics) {
+        Ok(m) => m,
+        Err(e) => return fail(ready, EXIT_NETWORK, &e.to_string()),
     };
 
     // TLS material is loaded (and sanity-checked) only when a TLS listener exists.
@@ -373,6 +384,21 @@ fn run(argv0: &str, cli: cli::Cli) -> i32 {
     if let Err(e) = log.start_writer() {
         tracing::warn!("cannot start the log writer thread ({e}); logging inline");
     }
+    // Metrics endpoint (issue 18): its own thread, after the signals are blocked.
+    let metrics = if metrics_sockets.is_empty() {
+        None
+    } else {
+        let source = Arc::new(virtproxyd::metrics::Source::new(
+            shared.clone(),
+            started,
+            workers,
+        ));
+        let deadline = virtproxyd::metrics::serve::deadline_from_env();
+        match virtproxyd::metrics::serve::spawn(metrics_sockets, source, deadline) {
+            Ok(h) => Some(h),
+            Err(e) => return fail(None, EXIT_NETWORK, &format!("cannot start metrics: {e}")),
+        }
+    };
     let flush_log = log.clone();
     let mut reloader = Reloader {
         path: cli.config.clone(),
@@ -391,7 +417,11 @@ fn run(argv0: &str, cli: cli::Cli) -> i32 {
         on_reload: Box::new(move |shared| reloader.reload(shared)),
         admin,
     };
-    let code = match server::run(opts) {
+    let stopped = server::run(opts);
+    if let Some(m) = metrics {
+        m.stop();
+    }
+    let code = match stopped {
         Ok(Stopped::IdleTimeout) => {
             // The limit may have come from daemon-timeout rather than --timeout.
             tracing::info!("no client for the idle timeout; exiting");
@@ -405,6 +435,25 @@ fn run(argv0: &str, cli: cli::Cli) -> i32 {
     };
     flush_log.flush(Duration::from_secs(2));
     code
+}
+
+/// The metrics endpoint's sockets: an activated `virtproxyd-metrics.socket` wins over
+/// `metrics_listen` (as systemd's sockets win over the listen keys); none = off.
+fn metrics_sockets(
+    cfg: &Config,
+    activated: Vec<std::os::fd::OwnedFd>,
+) -> Result<Vec<virtproxyd::metrics::serve::MetricsSocket>, listen::ListenError> {
+    use virtproxyd::metrics::serve;
+    if !activated.is_empty() {
+        if !cfg.metrics_listen.is_empty() {
+            tracing::info!("'metrics_listen' is ignored: virtproxyd-metrics.socket is activated");
+        }
+        return Ok(activated
+            .into_iter()
+            .map(serve::MetricsSocket::activated)
+            .collect());
+    }
+    serve::bind(&cfg.metrics_listen, cfg.unix_sock_group.as_deref())
 }
 
 /// Creates the UNIX sockets from the config (no socket activation).

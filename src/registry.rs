@@ -83,6 +83,9 @@ pub struct Registry {
     admin_clients: AtomicUsize,
     /// The `--timeout` idle exit in seconds; 0 = never. Set at start and by daemon-timeout.
     idle_timeout: AtomicU32,
+    /// Set by activity that holds no client (a metrics scrape); the acceptor takes it and
+    /// restarts its idle period.
+    activity: AtomicBool,
 }
 
 fn wake(fd: &OwnedFd) {
@@ -215,6 +218,21 @@ impl Registry {
         self.admin_clients.load(Ordering::Acquire)
     }
 
+    /// The listener kind of every client (for per-listener counts, without cloning records).
+    pub fn kinds(&self) -> Vec<ListenerKind> {
+        self.lock().values().map(|r| r.kind).collect()
+    }
+
+    /// Records activity that keeps the daemon from idling out without being a client.
+    pub fn note_activity(&self) {
+        self.activity.store(true, Ordering::Release);
+    }
+
+    /// Whether there was such activity since the last call (the acceptor's idle check).
+    pub fn take_activity(&self) -> bool {
+        self.activity.swap(false, Ordering::AcqRel)
+    }
+
     pub fn set_idle_timeout(&self, secs: u32) {
         self.idle_timeout.store(secs, Ordering::Release);
     }
@@ -274,6 +292,16 @@ mod tests {
         assert_eq!((n, u64::from_ne_bytes(b)), (8, 1));
         r.remove(7);
         assert_eq!(r.list().iter().map(|c| c.id).collect::<Vec<_>>(), vec![8]);
+    }
+
+    #[test]
+    fn activity_is_taken_once() {
+        let r = Registry::default();
+        assert!(!r.take_activity());
+        r.note_activity();
+        r.note_activity();
+        assert!(r.take_activity());
+        assert!(!r.take_activity());
     }
 
     #[test]

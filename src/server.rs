@@ -443,7 +443,12 @@ pub fn run(mut opts: ServerOpts) -> io::Result<Stopped> {
         };
         // Admin clients keep the daemon up too, as in libvirt; the limit can change at run
         // time (daemon-timeout).
-        if clients == 0 && parked.is_empty() && shared.registry.admin_clients() == 0 {
+        // A metrics scrape is activity too (it restarts the idle period).
+        if clients == 0
+            && parked.is_empty()
+            && shared.registry.admin_clients() == 0
+            && !shared.registry.take_activity()
+        {
             idle_since.get_or_insert_with(Instant::now);
         } else {
             idle_since = None;

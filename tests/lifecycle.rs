@@ -493,7 +493,7 @@ fn shipped_units_pass_systemd_analyze_verify() {
         std::fs::write(&dst, text).unwrap();
         files.push(dst);
     }
-    assert_eq!(files.len(), 6, "service plus five sockets");
+    assert_eq!(files.len(), 7, "service plus six sockets");
     let o = Command::new("systemd-analyze")
         .arg("verify")
         .args(&files)
@@ -538,6 +538,7 @@ fn make_install_puts_binary_units_conf_and_man_page_in_place() {
         "virtproxyd-admin.socket",
         "virtproxyd-tcp.socket",
         "virtproxyd-tls.socket",
+        "virtproxyd-metrics.socket",
     ] {
         assert!(staged.join("etc/systemd/system").join(u).exists(), "{u}");
     }

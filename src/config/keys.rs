@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use super::virconf::{Value, VirConf};
-use super::{Auth, Config, ConfigError, HostUuidSource, IoBackend};
+use super::{Auth, Config, ConfigError, HostUuidSource, IoBackend, MetricsListen};
 
 /// Every key this daemon reads; anything else in the file is reported in
 /// [`Config::unknown_keys`] and otherwise ignored, as libvirt does.
@@ -23,6 +23,7 @@ pub(super) const KNOWN_KEYS: &[&str] = &[
     "admin_keepalive_interval", "admin_keepalive_count", "log_level", "log_filters",
     "log_outputs", "audit_level", "audit_logging", "host_uuid", "host_uuid_source",
     "ovs_timeout", "driver_socket_dir", "driver_sockets", "io_backend", "worker_threads",
+    "metrics_listen",
 ];
 
 /// Typed access to a parsed file, producing errors that name the key and line.
@@ -298,6 +299,7 @@ pub(super) fn apply(conf: &VirConf, file: &Path, cfg: &mut Config) -> Result<(),
         })?;
     }
     r.uint("worker_threads", &mut cfg.worker_threads)?;
+    cfg.metrics_listen = metrics_listen(&r)?;
 
     cfg.unknown_keys = conf
         .keys()
@@ -305,6 +307,43 @@ pub(super) fn apply(conf: &VirConf, file: &Path, cfg: &mut Config) -> Result<(),
         .map(str::to_string)
         .collect();
     Ok(())
+}
+
+/// `metrics_listen`: one string or a list of strings, each `host:port` or an absolute UNIX
+/// path; "" (or an empty list) leaves the endpoint off. A list lets one daemon serve both a
+/// loopback port and a socket file. Repeated entries are refused (the second bind would fail
+/// at start with a less helpful message).
+fn metrics_listen(r: &Reader<'_>) -> Result<Vec<MetricsListen>, ConfigError> {
+    const KEY: &str = "metrics_listen";
+    let entries: Vec<String> = match r.conf.get(KEY) {
+        None => return Ok(Vec::new()),
+        Some(Value::Str(s)) if s.is_empty() => return Ok(Vec::new()),
+        Some(Value::Str(s)) => vec![s.clone()],
+        Some(Value::List(_)) => r.string_list(KEY)?.unwrap_or_default(),
+        Some(_) => {
+            return Err(r.err(
+                KEY,
+                "expected a string or a list of strings for 'metrics_listen' parameter",
+            ))
+        }
+    };
+    let mut out: Vec<MetricsListen> = Vec::with_capacity(entries.len());
+    for e in &entries {
+        let addr = MetricsListen::parse(e).ok_or_else(|| {
+            r.err(
+                KEY,
+                format!(
+                    "bad metrics_listen entry '{e}': expected \"host:port\" (port 1-65535, \
+                     \"[v6]:port\" for IPv6) or an absolute socket path"
+                ),
+            )
+        })?;
+        if out.contains(&addr) {
+            return Err(r.err(KEY, format!("'{e}' appears twice in metrics_listen")));
+        }
+        out.push(addr);
+    }
+    Ok(out)
 }
 
 /// `ca_file`/`cert_file`/`key_file` go together: set one, set all three, and

@@ -3,7 +3,7 @@
 //! Every key libvirt 9.0.0's virtproxyd reads (libvirt-rpc.md §7.2) is parsed and
 //! type-checked with libvirt's defaults, even where this daemon does not act on it
 //! yet, so that a file libvirt would refuse is refused here too. Our own keys
-//! (`driver_socket_dir`, `driver_sockets`, `io_backend`, `worker_threads`) follow
+//! (`driver_socket_dir`, `driver_sockets`, `io_backend`, `worker_threads`, `metrics_listen`) follow
 //! the same syntax. File contents are never logged: only key names and line
 //! numbers appear in errors.
 
@@ -64,6 +64,50 @@ impl IoBackend {
             "epoll" => Some(IoBackend::Epoll),
             _ => None,
         }
+    }
+}
+
+/// One address of the metrics endpoint (`metrics_listen`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MetricsListen {
+    /// `host:port` (`[v6]:port` for IPv6 literals); the host is resolved when binding and
+    /// every address it resolves to is bound.
+    Tcp { host: String, port: u16 },
+    /// An absolute UNIX socket path.
+    Unix(PathBuf),
+}
+
+impl fmt::Display for MetricsListen {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MetricsListen::Tcp { host, port } if host.contains(':') => write!(f, "[{host}]:{port}"),
+            MetricsListen::Tcp { host, port } => write!(f, "{host}:{port}"),
+            MetricsListen::Unix(p) => write!(f, "{}", p.display()),
+        }
+    }
+}
+
+impl MetricsListen {
+    /// Parses one entry: an absolute path, or `host:port` with a port in 1..=65535.
+    pub fn parse(s: &str) -> Option<MetricsListen> {
+        if s.starts_with('/') {
+            return Some(MetricsListen::Unix(PathBuf::from(s)));
+        }
+        let (host, port) = s.rsplit_once(':')?;
+        let port = port.parse::<u16>().ok().filter(|&p| p != 0)?;
+        let host = match host.strip_prefix('[') {
+            Some(h) => h.strip_suffix(']')?,
+            // An IPv6 literal must be bracketed, or its last group would read as the port.
+            None if host.contains(':') => return None,
+            None => host,
+        };
+        if host.is_empty() || host.contains(|c: char| c.is_whitespace() || c == '/') {
+            return None;
+        }
+        Some(MetricsListen::Tcp {
+            host: host.to_string(),
+            port,
+        })
     }
 }
 
@@ -329,6 +373,8 @@ pub struct Config {
     pub io_backend: IoBackend,
     /// Reactor worker threads; 0 = one per two CPUs, at least one.
     pub worker_threads: u32,
+    /// Where the metrics endpoint listens; empty = off (the default).
+    pub metrics_listen: Vec<MetricsListen>,
 
     // --- not keys ---
     /// Whether the defaults were computed for root.
@@ -426,6 +472,7 @@ impl Config {
             driver_sockets: Vec::new(),
             io_backend: IoBackend::Auto,
             worker_threads: 0,
+            metrics_listen: Vec::new(),
             privileged: env.privileged,
             unknown_keys: Vec::new(),
             origin: Origin::default(),

@@ -429,3 +429,65 @@ fn load_handles_missing_default_and_explicit_files() {
     assert_eq!(Config::load(Some(&bad), &env).unwrap_err().line, 2);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn metrics_listen_is_off_by_default_and_takes_a_string_or_a_list() {
+    assert!(Config::defaults(&root()).metrics_listen.is_empty());
+    assert!(cfg("metrics_listen = \"\"")
+        .unwrap()
+        .metrics_listen
+        .is_empty());
+    assert!(cfg("metrics_listen = [ ]")
+        .unwrap()
+        .metrics_listen
+        .is_empty());
+    let tcp = |host: &str, port| MetricsListen::Tcp {
+        host: host.into(),
+        port,
+    };
+    assert_eq!(
+        cfg("metrics_listen = \"127.0.0.1:9178\"")
+            .unwrap()
+            .metrics_listen,
+        [tcp("127.0.0.1", 9178)]
+    );
+    let c = cfg("metrics_listen = [ \"[::1]:9178\", \"localhost:80\", \"/run/m.sock\" ]").unwrap();
+    assert_eq!(
+        c.metrics_listen,
+        [
+            tcp("::1", 9178),
+            tcp("localhost", 80),
+            MetricsListen::Unix("/run/m.sock".into())
+        ]
+    );
+    assert_eq!(c.metrics_listen[0].to_string(), "[::1]:9178");
+    assert_eq!(c.metrics_listen[2].to_string(), "/run/m.sock");
+}
+
+#[test]
+fn bad_metrics_listen_entries_are_refused_with_their_line() {
+    for bad in [
+        "9178",
+        ":9178",
+        "127.0.0.1:0",
+        "127.0.0.1:65536",
+        "127.0.0.1:http",
+        "::1:9178",
+        "[::1:9178",
+        "relative/sock",
+        "host name:1",
+    ] {
+        let e = err(&format!("listen_tcp = 0\nmetrics_listen = \"{bad}\""));
+        assert_eq!(e.line, 2, "{bad}");
+        assert!(e.reason.contains(bad), "{bad}: {}", e.reason);
+    }
+    assert!(err("metrics_listen = 9178")
+        .reason
+        .contains("string or a list of strings"));
+    assert!(err("metrics_listen = [ \"/a\", 9178 ]")
+        .reason
+        .contains("list of strings"));
+    assert!(err("metrics_listen = [ \"/a\", \"/a\" ]")
+        .reason
+        .contains("twice"));
+}

@@ -1,0 +1,399 @@
+//! A scrape: a plain [`Snapshot`] of the values, then its exposition through
+//! `prometheus-client`'s collector API (both text formats from the same code).
+//!
+//! Series bound: everything here is fixed except `virtproxyd_worker_*` (three per relay
+//! worker, a number fixed at start) and `virtproxyd_calls_total` (at most two per named
+//! procedure plus two for `unknown`: `2 * names::SLOTS`). No label carries a client.
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::{Registry, Unit};
+
+use super::counters::{Direction, WorkerTotals, CALL_RESULTS, FRAME_TYPES};
+use super::http::Format;
+use super::names;
+
+/// Listener labels of `virtproxyd_clients_by_listener`, in [`Snapshot::by_listener`] order.
+pub const LISTENERS: [&str; 4] = ["unix_rw", "unix_ro", "tcp", "tls"];
+
+/// Results of requests to the endpoint itself, in [`Snapshot::requests`] order.
+pub const REQUEST_RESULTS: [&str; 7] = [
+    "ok",
+    "not_found",
+    "method_not_allowed",
+    "bad_request",
+    "too_large",
+    "version_not_supported",
+    "timeout",
+];
+
+/// Everything one scrape reports, read once (so the two formats and HEAD agree).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Snapshot {
+    /// virtproxyd-rs's version.
+    pub version: &'static str,
+    /// The daemon's start, seconds since the epoch.
+    pub start_time: f64,
+    /// srv-clients-info: nclients, nclients_max, nclients_unauth, nclients_unauth_max.
+    pub clients: u64,
+    pub clients_max: u64,
+    pub clients_unauth: u64,
+    pub clients_unauth_max: u64,
+    /// Relayed clients by the listener they came in on ([`LISTENERS`] order).
+    pub by_listener: [u64; 4],
+    /// Connected admin clients.
+    pub admin_clients: u64,
+    /// srv-threadpool-info of the `virtproxyd` server: the relay workers (fixed at start;
+    /// always free, nothing queues, no priority workers).
+    pub workers: u64,
+    /// The idle exit limit in seconds (0 = none).
+    pub idle_timeout: u64,
+    /// Requests to this endpoint by [`REQUEST_RESULTS`].
+    pub requests: [u64; REQUEST_RESULTS.len()],
+    /// The relay's counters, once a set is attached.
+    pub relay: Option<WorkerTotals>,
+}
+
+type Enc<'a> = DescriptorEncoder<'a>;
+
+fn gauge(e: &mut Enc<'_>, name: &str, help: &str, unit: Option<&Unit>, v: f64) -> std::fmt::Result {
+    let g = ConstGauge::new(v);
+    g.encode(e.encode_descriptor(name, help, unit, g.metric_type())?)
+}
+
+fn gauge_u(e: &mut Enc<'_>, name: &str, help: &str, v: u64) -> std::fmt::Result {
+    let g = ConstGauge::new(i64::try_from(v).unwrap_or(i64::MAX));
+    g.encode(e.encode_descriptor(name, help, None, g.metric_type())?)
+}
+
+/// A counter family with one label; `values` are (label value, count).
+fn counter_family<'v>(
+    e: &mut Enc<'_>,
+    name: &str,
+    help: &str,
+    unit: Option<&Unit>,
+    label: &str,
+    values: impl IntoIterator<Item = (&'v str, u64)>,
+) -> std::fmt::Result {
+    let mut m = e.encode_descriptor(name, help, unit, MetricType::Counter)?;
+    for (v, n) in values {
+        ConstCounter::new(n).encode(m.encode_family(&[(label, v)])?)?;
+    }
+    Ok(())
+}
+
+impl Collector for Snapshot {
+    fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
+        {
+            let mut m = e.encode_descriptor(
+                "virtproxyd_build",
+                "virtproxyd-rs build; the libvirt release its procedure names come from",
+                None,
+                MetricType::Info,
+            )?;
+            m.encode_info(&[
+                ("version", self.version),
+                ("libvirt", super::procedures::LIBVIRT_VERSION),
+            ])?;
+        }
+        gauge(
+            &mut e,
+            "virtproxyd_start_time",
+            "When the daemon started, seconds since the epoch",
+            Some(&Unit::Seconds),
+            self.start_time,
+        )?;
+        gauge_u(
+            &mut e,
+            "virtproxyd_clients",
+            "Connected clients (srv-clients-info nclients)",
+            self.clients,
+        )?;
+        gauge_u(
+            &mut e,
+            "virtproxyd_clients_max",
+            "Client limit max_clients (srv-clients-info nclients_max)",
+            self.clients_max,
+        )?;
+        gauge_u(
+            &mut e,
+            "virtproxyd_clients_unauthenticated",
+            "Clients not yet authenticated (srv-clients-info nclients_unauth)",
+            self.clients_unauth,
+        )?;
+        gauge_u(
+            &mut e,
+            "virtproxyd_clients_unauthenticated_max",
+            "Limit max_anonymous_clients, 0 = none (srv-clients-info nclients_unauth_max)",
+            self.clients_unauth_max,
+        )?;
+        {
+            let mut m = e.encode_descriptor(
+                "virtproxyd_clients_by_listener",
+                "Connected clients by the listener they came in on",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (l, &n) in LISTENERS.iter().zip(&self.by_listener) {
+                ConstGauge::new(i64::try_from(n).unwrap_or(i64::MAX))
+                    .encode(m.encode_family(&[("listener", *l)])?)?;
+            }
+        }
+        gauge_u(
+            &mut e,
+            "virtproxyd_admin_clients",
+            "Connected virt-admin clients",
+            self.admin_clients,
+        )?;
+        gauge_u(
+            &mut e,
+            "virtproxyd_idle_timeout_seconds",
+            "Idle exit limit (--timeout or daemon-timeout), 0 = never",
+            self.idle_timeout,
+        )?;
+        // srv-threadpool-info: relay workers are all started at once and never busy in
+        // libvirt's sense (a job), so min = max = current = free.
+        for (name, help, v) in [
+            (
+                "virtproxyd_threadpool_min_workers",
+                "srv-threadpool-info minWorkers",
+                self.workers,
+            ),
+            (
+                "virtproxyd_threadpool_max_workers",
+                "srv-threadpool-info maxWorkers",
+                self.workers,
+            ),
+            (
+                "virtproxyd_threadpool_workers",
+                "srv-threadpool-info nWorkers",
+                self.workers,
+            ),
+            (
+                "virtproxyd_threadpool_free_workers",
+                "srv-threadpool-info freeWorkers",
+                self.workers,
+            ),
+            (
+                "virtproxyd_threadpool_prio_workers",
+                "srv-threadpool-info prioWorkers",
+                0,
+            ),
+            (
+                "virtproxyd_threadpool_job_queue_depth",
+                "srv-threadpool-info jobQueueDepth",
+                0,
+            ),
+        ] {
+            gauge_u(&mut e, name, help, v)?;
+        }
+        counter_family(
+            &mut e,
+            "virtproxyd_metrics_requests",
+            "Requests to this metrics endpoint by result",
+            None,
+            "result",
+            REQUEST_RESULTS.iter().copied().zip(self.requests),
+        )?;
+        if let Some(r) = &self.relay {
+            encode_relay(&mut e, r)?;
+        }
+        Ok(())
+    }
+}
+
+fn encode_relay(e: &mut Enc<'_>, r: &WorkerTotals) -> std::fmt::Result {
+    let workers: Vec<String> = (0..r.per_worker.len()).map(|i| i.to_string()).collect();
+    counter_family(
+        e,
+        "virtproxyd_worker_connections",
+        "Connections adopted by each relay worker",
+        None,
+        "worker",
+        workers
+            .iter()
+            .map(String::as_str)
+            .zip(r.per_worker.iter().map(|w| w.0)),
+    )?;
+    counter_family(
+        e,
+        "virtproxyd_worker_loop_iterations",
+        "Event-loop wake-ups of each relay worker",
+        None,
+        "worker",
+        workers
+            .iter()
+            .map(String::as_str)
+            .zip(r.per_worker.iter().map(|w| w.1)),
+    )?;
+    {
+        let mut m = e.encode_descriptor(
+            "virtproxyd_worker_busy",
+            "Time each relay worker spent between a wake-up and its next wait",
+            Some(&Unit::Seconds),
+            MetricType::Counter,
+        )?;
+        for (w, &(_, _, ns)) in workers.iter().zip(&r.per_worker) {
+            ConstCounter::new(ns as f64 / 1e9)
+                .encode(m.encode_family(&[("worker", w.as_str())])?)?;
+        }
+    }
+    let dirs = Direction::ALL.map(Direction::label);
+    counter_family(
+        e,
+        "virtproxyd_relay",
+        "Frame bytes relayed (headers included) by direction",
+        Some(&Unit::Bytes),
+        "direction",
+        dirs.iter().copied().zip(r.bytes),
+    )?;
+    {
+        let mut m = e.encode_descriptor(
+            "virtproxyd_relay_frames",
+            "Frames relayed by direction and frame type",
+            None,
+            MetricType::Counter,
+        )?;
+        for (d, per_type) in dirs.iter().zip(&r.frames) {
+            for (t, &n) in FRAME_TYPES.iter().zip(per_type) {
+                ConstCounter::new(n)
+                    .encode(m.encode_family(&[("direction", *d), ("type", *t)])?)?;
+            }
+        }
+    }
+    counter_family(
+        e,
+        "virtproxyd_relay_fds",
+        "File descriptors passed by direction",
+        None,
+        "direction",
+        dirs.iter().copied().zip(r.fds),
+    )?;
+    let mut m = e.encode_descriptor(
+        "virtproxyd_calls",
+        "Replies relayed, by program, procedure and result (procedures never called are absent)",
+        None,
+        MetricType::Counter,
+    )?;
+    for &(slot, result, n) in &r.calls {
+        let (program, procedure) = names::slot_labels(slot);
+        let labels = [
+            ("program", program),
+            ("procedure", procedure),
+            ("result", CALL_RESULTS[result]),
+        ];
+        ConstCounter::new(n).encode(m.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+/// The exposition of `snap` in `format` (OpenMetrics ends in `# EOF`).
+pub fn render(snap: &Snapshot, format: Format) -> String {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(snap.clone()));
+    let mut out = String::with_capacity(8 * 1024);
+    let done = match format {
+        Format::OpenMetrics => prometheus_client::encoding::text::encode(&mut out, &registry),
+        Format::Text => prometheus_client::encoding::prometheus_text::encode(&mut out, &registry),
+    };
+    // Writing into a String cannot fail; an encoder error would be a bug in our names.
+    if let Err(e) = done {
+        tracing::error!("metrics encoding failed: {e}");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::counters::{call_result, WorkerCounters};
+    use crate::proto::{program, MsgStatus};
+
+    pub(crate) fn sample() -> Snapshot {
+        Snapshot {
+            version: "0.1.0",
+            start_time: 1_700_000_000.5,
+            clients: 3,
+            clients_max: 5000,
+            clients_unauth: 1,
+            clients_unauth_max: 20,
+            by_listener: [2, 1, 0, 0],
+            admin_clients: 1,
+            workers: 2,
+            idle_timeout: 120,
+            requests: [4, 1, 0, 0, 0, 0, 0],
+            relay: None,
+        }
+    }
+
+    #[test]
+    fn openmetrics_has_types_units_and_eof() {
+        let s = render(&sample(), Format::OpenMetrics);
+        for line in [
+            "# TYPE virtproxyd_build info\n",
+            "virtproxyd_build_info{version=\"0.1.0\",libvirt=\"9.0.0\"} 1\n",
+            "# TYPE virtproxyd_start_time_seconds gauge\n",
+            "# UNIT virtproxyd_start_time_seconds seconds\n",
+            "virtproxyd_start_time_seconds 1700000000.5\n",
+            "virtproxyd_clients 3\n",
+            "virtproxyd_clients_max 5000\n",
+            "virtproxyd_clients_unauthenticated 1\n",
+            "virtproxyd_clients_unauthenticated_max 20\n",
+            "virtproxyd_clients_by_listener{listener=\"unix_ro\"} 1\n",
+            "virtproxyd_threadpool_workers 2\n",
+            "virtproxyd_threadpool_job_queue_depth 0\n",
+            "# TYPE virtproxyd_metrics_requests counter\n",
+            "virtproxyd_metrics_requests_total{result=\"ok\"} 4\n",
+        ] {
+            assert!(s.contains(line), "missing {line:?} in\n{s}");
+        }
+        assert!(s.ends_with("# EOF\n"), "{s}");
+        assert!(
+            !s.contains("virtproxyd_calls"),
+            "no relay set attached:\n{s}"
+        );
+    }
+
+    #[test]
+    fn text_format_names_counters_with_total_and_has_no_eof() {
+        let s = render(&sample(), Format::Text);
+        assert!(
+            s.contains("# TYPE virtproxyd_metrics_requests_total counter\n"),
+            "{s}"
+        );
+        assert!(
+            s.contains("virtproxyd_metrics_requests_total{result=\"not_found\"} 1\n"),
+            "{s}"
+        );
+        assert!(s.contains("virtproxyd_clients 3\n"), "{s}");
+        assert!(!s.contains("# EOF") && !s.contains("# UNIT"), "{s}");
+    }
+
+    #[test]
+    fn relay_counters_are_reported_once_attached() {
+        let set = WorkerCounters::set(2);
+        set[1].calls[names::slot(program::REMOTE, 1)][call_result(MsgStatus::Ok)].add(7);
+        set[0].calls[names::slot(program::REMOTE, 9999)][call_result(MsgStatus::Error)].inc();
+        set[0].busy_nanos.add(1_500_000_000);
+        set[1].fds[Direction::ClientToDaemon as usize].add(2);
+        let mut snap = sample();
+        snap.relay = Some(WorkerTotals::sum(&set));
+        for format in [Format::OpenMetrics, Format::Text] {
+            let s = render(&snap, format);
+            for line in [
+                "virtproxyd_calls_total{program=\"remote\",procedure=\"connect_open\",result=\"ok\"} 7\n",
+                "virtproxyd_calls_total{program=\"unknown\",procedure=\"unknown\",result=\"error\"} 1\n",
+                "virtproxyd_worker_busy_seconds_total{worker=\"0\"} 1.5\n",
+                "virtproxyd_relay_fds_total{direction=\"client_to_daemon\"} 2\n",
+                "virtproxyd_relay_frames_total{direction=\"daemon_to_client\",type=\"reply\"} 0\n",
+                "virtproxyd_relay_bytes_total{direction=\"daemon_to_client\"} 0\n",
+            ] {
+                assert!(s.contains(line), "{format:?}: missing {line:?} in\n{s}");
+            }
+            assert_eq!(s.matches("virtproxyd_calls_total{").count(), 2, "{s}");
+        }
+    }
+}

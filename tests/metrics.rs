@@ -1,0 +1,515 @@
+//! The metrics endpoint through the real binary: content negotiation, HEAD, 404/405, requests
+//! that are huge or never finish, the figures virt-admin shows, the idle timer, and the
+//! exposition checked by Prometheus's own parsers (promtool for the text format, the Python
+//! client's strict OpenMetrics parser for OpenMetrics).
+//!
+//! No driver daemon is needed: raw clients on the proxy's socket are enough to be counted.
+
+mod support;
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::*;
+
+const PROMETHEUS_ACCEPT: &str = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+const TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// A proxy with the endpoint on a free loopback port (and `extra` config, `envs`).
+fn start(extra: &str, envs: &[(&str, &str)]) -> (Proxy, u16) {
+    let port = free_port();
+    let p = Proxy::start_with(
+        &format!("metrics_listen = \"127.0.0.1:{port}\"\n{extra}"),
+        envs,
+    );
+    (p, port)
+}
+
+struct Response {
+    status: String,
+    headers: Vec<(String, String)>,
+    body: String,
+}
+
+impl Response {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Sends `request` and reads to EOF (the endpoint always closes).
+fn exchange(port: u16, request: &str) -> Response {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to the endpoint");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(request.as_bytes()).expect("send request");
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).expect("read the response to EOF");
+    let raw = String::from_utf8(raw).expect("UTF-8 response");
+    let (head, body) = raw.split_once("\r\n\r\n").expect("a header block");
+    let mut lines = head.split("\r\n");
+    let status = lines.next().unwrap_or_default().to_string();
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect();
+    Response {
+        status,
+        headers,
+        body: body.to_string(),
+    }
+}
+
+fn get(port: u16, accept: Option<&str>) -> Response {
+    let accept = accept.map_or(String::new(), |a| format!("Accept: {a}\r\n"));
+    exchange(
+        port,
+        &format!("GET /metrics HTTP/1.1\r\nHost: localhost\r\n{accept}\r\n"),
+    )
+}
+
+/// The value of an unlabelled or fully labelled series, e.g. `virtproxyd_clients` or
+/// `virtproxyd_metrics_requests_total{result="ok"}`.
+fn value(body: &str, series: &str) -> Option<f64> {
+    body.lines().find_map(|l| {
+        let (name, v) = l.rsplit_once(' ')?;
+        (name == series).then(|| v.parse().ok())?
+    })
+}
+
+fn promtool_accepts(text: &str) {
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian package prometheus; scripts/install-deps.sh installs it)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics refused the scrape:\n{}{}\n--- scrape\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The Prometheus Python client's OpenMetrics parser is strict (types, suffixes, `# EOF`);
+/// promtool 2.42 reads only the text format.
+fn openmetrics_parser_accepts(text: &str) {
+    let script = "import sys\n\
+        from prometheus_client.openmetrics.parser import text_string_to_metric_families as p\n\
+        print(len(list(p(sys.stdin.read()))))\n";
+    let mut child = Command::new(PYTHON)
+        .args(["-c", script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the OpenMetrics parser refused the scrape (python3-prometheus-client):\n{}\n--- scrape\n{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let families: usize = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    assert!(families >= 10, "only {families} families");
+}
+
+#[test]
+fn scrapes_negotiate_the_format_and_prometheus_parsers_accept_both() {
+    let (_p, port) = start("", &[]);
+
+    let om = get(port, Some(PROMETHEUS_ACCEPT));
+    assert_eq!(om.status, "HTTP/1.1 200 OK");
+    assert_eq!(om.header("Content-Type"), Some(OPENMETRICS));
+    assert_eq!(om.header("Connection"), Some("close"));
+    assert_eq!(
+        om.header("Content-Length"),
+        Some(om.body.len().to_string().as_str())
+    );
+    assert!(om.body.ends_with("# EOF\n"), "{}", om.body);
+    assert!(
+        om.body.contains("# TYPE virtproxyd_build info\n"),
+        "{}",
+        om.body
+    );
+    openmetrics_parser_accepts(&om.body);
+
+    for accept in [None, Some("text/plain;version=0.0.4"), Some("*/*")] {
+        let text = get(port, accept);
+        assert_eq!(text.status, "HTTP/1.1 200 OK", "{accept:?}");
+        assert_eq!(text.header("Content-Type"), Some(TEXT), "{accept:?}");
+        assert!(!text.body.contains("# EOF"), "{}", text.body);
+        assert!(
+            text.body
+                .contains("# TYPE virtproxyd_metrics_requests_total counter\n"),
+            "{}",
+            text.body
+        );
+        promtool_accepts(&text.body);
+    }
+    let last = get(port, None);
+    assert_eq!(
+        value(
+            &last.body,
+            "virtproxyd_metrics_requests_total{result=\"ok\"}"
+        ),
+        Some(5.0),
+        "each scrape counts itself:\n{}",
+        last.body
+    );
+    let version = format!(
+        "virtproxyd_build_info{{version=\"{}\",libvirt=\"9.0.0\"}}",
+        env!("CARGO_PKG_VERSION")
+    );
+    assert_eq!(value(&last.body, &version), Some(1.0), "{}", last.body);
+    let started = value(&last.body, "virtproxyd_start_time_seconds").unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(
+        (now - 120.0..=now).contains(&started),
+        "start {started}, now {now}"
+    );
+}
+
+#[test]
+fn head_has_the_headers_and_no_body_and_other_requests_get_404_or_405() {
+    let (_p, port) = start("", &[]);
+    let head = exchange(port, "HEAD /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!(head.status, "HTTP/1.1 200 OK");
+    assert_eq!(head.header("Content-Type"), Some(TEXT));
+    let len: usize = head.header("Content-Length").unwrap().parse().unwrap();
+    assert!(len > 500, "Content-Length {len}");
+    assert_eq!(head.body, "");
+
+    let missing = exchange(port, "GET /metricsx HTTP/1.1\r\n\r\n");
+    assert_eq!(missing.status, "HTTP/1.1 404 Not Found");
+    assert_eq!(
+        exchange(port, "GET / HTTP/1.0\r\n\r\n").status,
+        "HTTP/1.1 404 Not Found"
+    );
+    let post = exchange(port, "POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n");
+    assert_eq!(post.status, "HTTP/1.1 405 Method Not Allowed");
+    assert_eq!(post.header("Allow"), Some("GET, HEAD"));
+    let garbage = exchange(port, "\x16\x03\x01 nonsense\r\n\r\n");
+    assert_eq!(garbage.status, "HTTP/1.1 400 Bad Request");
+
+    let body = get(port, None).body;
+    for (result, n) in [
+        ("ok", 2.0),
+        ("not_found", 2.0),
+        ("method_not_allowed", 1.0),
+        ("bad_request", 1.0),
+    ] {
+        assert_eq!(
+            value(
+                &body,
+                &format!("virtproxyd_metrics_requests_total{{result=\"{result}\"}}")
+            ),
+            Some(n),
+            "{result}:\n{body}"
+        );
+    }
+}
+
+/// Reads until EOF or a reset; true if the peer closed within `limit`.
+fn closed_by_peer(s: &mut TcpStream, limit: Duration) -> bool {
+    s.set_read_timeout(Some(limit)).unwrap();
+    let mut sink = [0u8; 4096];
+    loop {
+        match s.read(&mut sink) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => return true,
+            Err(_) => return false,
+        }
+    }
+}
+
+#[test]
+fn a_huge_request_is_closed_and_the_endpoint_keeps_serving() {
+    let (mut p, port) = start("", &[]);
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    // 1 MiB of header that never ends; the endpoint stops reading at 8 KiB.
+    let mut huge = b"GET /metrics HTTP/1.1\r\nX-Filler: ".to_vec();
+    huge.resize(1 << 20, b'a');
+    let sent = s.write_all(&huge);
+    // Either the write fails because the endpoint closed, or it went into the buffers.
+    if let Err(e) = &sent {
+        assert!(
+            matches!(e.kind(), ErrorKind::BrokenPipe | ErrorKind::ConnectionReset),
+            "{e}"
+        );
+    }
+    assert!(
+        closed_by_peer(&mut s, Duration::from_secs(5)),
+        "the endpoint kept a 1 MiB request open"
+    );
+    let after = get(port, None);
+    assert_eq!(after.status, "HTTP/1.1 200 OK");
+    assert_eq!(
+        value(
+            &after.body,
+            "virtproxyd_metrics_requests_total{result=\"too_large\"}"
+        ),
+        Some(1.0),
+        "{}",
+        after.body
+    );
+    assert!(p.running());
+}
+
+#[test]
+fn a_slow_request_does_not_block_a_scrape_and_is_closed_at_its_deadline() {
+    let deadline = Duration::from_millis(1500);
+    let (_p, port) = start("", &[("VIRTPROXYD_METRICS_DEADLINE_MS", "1500")]);
+    let mut slow = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    slow.write_all(b"GET /metrics HTTP/1.1\r\nHost: loc")
+        .unwrap();
+    let opened = Instant::now();
+    // A concurrent scrape is answered at once, not after the slow one's deadline.
+    let t = Instant::now();
+    let r = get(port, None);
+    assert_eq!(r.status, "HTTP/1.1 200 OK");
+    assert!(
+        t.elapsed() < deadline / 2,
+        "a scrape waited {:?} behind a slow client",
+        t.elapsed()
+    );
+    assert!(
+        closed_by_peer(&mut slow, Duration::from_secs(10)),
+        "the slow request was never closed"
+    );
+    let held = opened.elapsed();
+    assert!(
+        held >= deadline - Duration::from_millis(100) && held < deadline * 3,
+        "closed after {held:?}, deadline {deadline:?}"
+    );
+    let body = get(port, None).body;
+    assert_eq!(
+        value(
+            &body,
+            "virtproxyd_metrics_requests_total{result=\"timeout\"}"
+        ),
+        Some(1.0),
+        "{body}"
+    );
+}
+
+#[test]
+fn client_counts_match_virt_admin_and_follow_clients() {
+    let (p, port) = start("max_clients = 77\nmax_anonymous_clients = 7\n", &[]);
+    let admin = p.dir().join("libvirt-admin-sock");
+    let info = virt_admin_sock(&admin, &["srv-clients-info", "virtproxyd"]);
+    assert_success(&info, "virt-admin srv-clients-info");
+    let info = stdout(&info);
+    let pool = virt_admin_sock(&admin, &["srv-threadpool-info", "virtproxyd"]);
+    assert_success(&pool, "virt-admin srv-threadpool-info");
+    let pool = stdout(&pool);
+    let body = get(port, None).body;
+    for (field, series) in [
+        ("nclients_max", "virtproxyd_clients_max"),
+        (
+            "nclients_unauth_max",
+            "virtproxyd_clients_unauthenticated_max",
+        ),
+        ("nclients_unauth", "virtproxyd_clients_unauthenticated"),
+    ] {
+        let want: f64 = info_field(&info, field).unwrap().parse().unwrap();
+        assert_eq!(value(&body, series), Some(want), "{field}:\n{info}\n{body}");
+    }
+    for (field, series) in [
+        ("minWorkers", "virtproxyd_threadpool_min_workers"),
+        ("maxWorkers", "virtproxyd_threadpool_max_workers"),
+        ("nWorkers", "virtproxyd_threadpool_workers"),
+        ("freeWorkers", "virtproxyd_threadpool_free_workers"),
+        ("prioWorkers", "virtproxyd_threadpool_prio_workers"),
+        ("jobQueueDepth", "virtproxyd_threadpool_job_queue_depth"),
+    ] {
+        let want: f64 = info_field(&pool, field).unwrap().parse().unwrap();
+        assert_eq!(value(&body, series), Some(want), "{field}:\n{pool}\n{body}");
+    }
+    assert_eq!(value(&body, "virtproxyd_clients_max"), Some(77.0));
+
+    // Two raw clients on the rw socket and one on the ro socket (auth none: admitted at once).
+    let clients: Vec<UnixStream> = [&p.rw_sock, &p.rw_sock, &p.ro_sock]
+        .iter()
+        .map(|s| UnixStream::connect(s).unwrap())
+        .collect();
+    let counted = |want: [f64; 3]| {
+        let b = get(port, None).body;
+        [
+            value(&b, "virtproxyd_clients"),
+            value(&b, "virtproxyd_clients_by_listener{listener=\"unix_rw\"}"),
+            value(&b, "virtproxyd_clients_by_listener{listener=\"unix_ro\"}"),
+        ] == want.map(Some)
+    };
+    assert!(
+        wait_for(Duration::from_secs(5), || counted([3.0, 2.0, 1.0])),
+        "{}",
+        get(port, None).body
+    );
+    drop(clients);
+    assert!(
+        wait_for(Duration::from_secs(5), || counted([0.0, 0.0, 0.0])),
+        "{}",
+        get(port, None).body
+    );
+}
+
+#[test]
+fn scrapes_keep_an_idle_daemon_up_and_it_exits_once_they_stop() {
+    let (mut p, port) = start("", &[]);
+    let admin = p.dir().join("libvirt-admin-sock");
+    assert_success(
+        &virt_admin_sock(&admin, &["daemon-timeout", "--timeout", "2"]),
+        "virt-admin daemon-timeout",
+    );
+    // Scraped every 0.5 s for 5 s: more than twice the timeout without a client.
+    let until = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < until {
+        assert!(p.running(), "exited while being scraped:\n{}", p.log_text());
+        assert_eq!(get(port, None).status, "HTTP/1.1 200 OK");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(
+        wait_for(Duration::from_secs(10), || !p.running()),
+        "still running 10 s after the last scrape:\n{}",
+        p.log_text()
+    );
+}
+
+#[test]
+fn a_unix_socket_endpoint_is_created_0660_and_removed_at_exit() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("metrics-sock");
+    let mut p = Proxy::start_with(&format!("metrics_listen = \"{}\"\n", sock.display()), &[]);
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o660);
+    let mut s = UnixStream::connect(&sock).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nAccept: application/openmetrics-text\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    assert!(out.starts_with("HTTP/1.1 200 OK\r\n"), "{out}");
+    assert!(
+        out.contains(OPENMETRICS) && out.ends_with("# EOF\n"),
+        "{out}"
+    );
+    assert!(p.stop(Duration::from_secs(10)).success());
+    assert!(!sock.exists(), "socket file left behind");
+}
+
+#[test]
+fn a_bad_metrics_address_fails_the_start() {
+    let port = free_port();
+    // Taken by someone else: the daemon must refuse to start (exit 6), not run without it.
+    let _holder = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("virtproxyd.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "unix_sock_dir = \"{}\"\nauth_unix_rw = \"none\"\nauth_unix_ro = \"none\"\n\
+             metrics_listen = \"127.0.0.1:{port}\"\n",
+            dir.path().display()
+        ),
+    )
+    .unwrap();
+    let out = output_with_timeout(
+        Command::new(env!("CARGO_BIN_EXE_virtproxyd"))
+            .arg("-f")
+            .arg(&conf)
+            .arg("-p")
+            .arg(dir.path().join("pid"))
+            .stdin(Stdio::null()),
+        Duration::from_secs(20),
+    );
+    assert_eq!(out.status.code(), Some(6), "{}", stderr(&out));
+    assert!(stderr(&out).contains(&port.to_string()), "{}", stderr(&out));
+}
+
+#[test]
+fn an_activated_metrics_socket_is_found_by_name_and_wins_over_metrics_listen() {
+    let dir = tempfile::tempdir().unwrap();
+    let configured = free_port();
+    let conf = dir.path().join("virtproxyd.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "auth_unix_rw = \"none\"\nauth_unix_ro = \"none\"\n\
+             metrics_listen = \"127.0.0.1:{configured}\"\n"
+        ),
+    )
+    .unwrap();
+    let rw = dir.path().join("act-rw");
+    let port = free_port();
+    let log = dir.path().join("proxy.log");
+    let log_file = std::fs::File::create(&log).unwrap();
+    // systemd-socket-activate binds both, then execs the proxy on the first connection.
+    let mut act = Command::new("systemd-socket-activate")
+        .arg("-l")
+        .arg(&rw)
+        .arg("-l")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--fdname=virtproxyd.socket:virtproxyd-metrics.socket")
+        .args([env!("CARGO_BIN_EXE_virtproxyd"), "-v", "-f"])
+        .arg(&conf)
+        .arg("-p")
+        .arg(dir.path().join("pid"))
+        .stdin(Stdio::null())
+        .stdout(log_file.try_clone().unwrap())
+        .stderr(log_file)
+        .spawn()
+        .expect("systemd-socket-activate");
+    let mut first = None;
+    assert!(
+        wait_for(Duration::from_secs(10), || {
+            first = TcpStream::connect(("127.0.0.1", port)).ok();
+            first.is_some()
+        }),
+        "the activated port never accepted"
+    );
+    // This connection starts the daemon and is then served by it.
+    let mut s = first.unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(out.starts_with("HTTP/1.1 200 OK\r\n"), "{out}\n{text}");
+    assert!(out.contains("virtproxyd_clients 0\n"), "{out}");
+    assert!(
+        text.contains("'metrics_listen' is ignored"),
+        "no note that the configured address was ignored:\n{text}"
+    );
+    assert!(
+        TcpStream::connect(("127.0.0.1", configured)).is_err(),
+        "metrics_listen was bound as well"
+    );
+    let _ = act.kill();
+    let _ = act.wait();
+}
