@@ -81,6 +81,10 @@ pub enum Claim {
     Listener(ListenerKind),
     /// The metrics endpoint's socket (`virtproxyd-metrics.socket`), served by its own thread.
     Metrics,
+    /// A restart's hand-over state (`handover::STATE_NAME`).
+    HandoverState,
+    /// A restart's queue of carried fds (`handover::FDS_NAME`).
+    HandoverFds,
 }
 
 /// What systemd's unit name (the fd's `FileDescriptorName`) stands for.
@@ -92,6 +96,8 @@ pub fn claim_for(name: &str) -> Result<Claim, ActivationError> {
         "virtproxyd-tcp.socket" => Ok(Claim::Listener(ListenerKind::Tcp)),
         "virtproxyd-tls.socket" => Ok(Claim::Listener(ListenerKind::Tls)),
         "virtproxyd-metrics.socket" => Ok(Claim::Metrics),
+        crate::handover::STATE_NAME => Ok(Claim::HandoverState),
+        crate::handover::FDS_NAME => Ok(Claim::HandoverFds),
         other => Err(ActivationError::Unclaimed(other.into())),
     }
 }
@@ -102,6 +108,9 @@ pub struct Activated {
     pub listeners: Vec<Listener>,
     /// Sockets of the metrics endpoint (usually none or one).
     pub metrics: Vec<OwnedFd>,
+    /// A restart's hand-over: the state memfd and the fd queue (see `handover`).
+    pub handover_state: Option<OwnedFd>,
+    pub handover_fds: Option<OwnedFd>,
 }
 
 /// Takes ownership of the activation fds as listeners. Returns `Ok(None)` without
@@ -131,6 +140,8 @@ pub fn take_listeners(env: &ActivationEnv) -> Result<Option<Activated>, Activati
             let mut out = Activated {
                 listeners: Vec::new(),
                 metrics: Vec::new(),
+                handover_state: None,
+                handover_fds: None,
             };
             for ((raw, name), claim) in fds.into_iter().zip(claims) {
                 // SAFETY: as above.
@@ -154,6 +165,8 @@ pub fn take_listeners(env: &ActivationEnv) -> Result<Option<Activated>, Activati
                         tracing::info!(fd = raw, name = %name, "using activated metrics socket");
                         out.metrics.push(fd);
                     }
+                    Claim::HandoverState => out.handover_state = Some(fd),
+                    Claim::HandoverFds => out.handover_fds = Some(fd),
                 }
             }
             Ok(Some(out))

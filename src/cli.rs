@@ -12,6 +12,8 @@ pub struct Cli {
     /// Exit after this many seconds with no client connected (0 = never).
     pub timeout: u32,
     pub verbose: bool,
+    /// `--handover-check` (not in the usage text: a restart's internal question).
+    pub handover_check: bool,
 }
 
 /// What the command line asks for.
@@ -20,6 +22,9 @@ pub enum Command {
     Run(Cli),
     Help,
     Version,
+    /// `--handover-check`: whether this binary can take over a running one's connections
+    /// (asked by that one before a restart; prints the hand-over format it reads).
+    HandoverCheck(Cli),
 }
 
 /// libvirt's usage text shape, with our binary's name.
@@ -56,6 +61,7 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String
         match arg {
             Short('h') | Long("help") => return Ok(Command::Help),
             Short('V') | Long("version") => return Ok(Command::Version),
+            Long("handover-check") => cli.handover_check = true,
             Short('d') | Long("daemon") => cli.daemon = true,
             Short('v') | Long("verbose") => cli.verbose = true,
             Short('f') | Long("config") => {
@@ -77,6 +83,9 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String
             Value(v) => return Err(format!("unexpected argument '{}'", v.to_string_lossy())),
             other => return Err(other.unexpected().to_string()),
         }
+    }
+    if cli.handover_check {
+        return Ok(Command::HandoverCheck(cli));
     }
     Ok(Command::Run(cli))
 }
@@ -103,7 +112,8 @@ mod tests {
                 config: Some("/x.conf".into()),
                 pid_file: Some("/p".into()),
                 timeout: 120,
-                verbose: true
+                verbose: true,
+                handover_check: false,
             }
         );
         assert_eq!(

@@ -22,6 +22,7 @@ pub mod conn;
 pub mod daemon;
 pub mod flood;
 pub mod glob;
+pub mod handover;
 pub mod handshake;
 pub mod identity;
 pub mod listen;

@@ -9,6 +9,7 @@ use virtproxyd::activation;
 use virtproxyd::cli::{self, Command};
 use virtproxyd::config::{Config, Env, IoBackend};
 use virtproxyd::daemon::{self, PidFile};
+use virtproxyd::handover;
 use virtproxyd::listen;
 use virtproxyd::listen::ListenerKind;
 use virtproxyd::logging;
@@ -67,6 +68,19 @@ fn main() {
                 env!("CARGO_PKG_VERSION")
             );
             std::process::exit(0);
+        }
+        Ok(Command::HandoverCheck(c)) => {
+            // Asked by a running daemon before it hands its connections to this binary.
+            match Config::load(c.config.as_deref(), &Env::from_process()) {
+                Ok(_) => {
+                    println!("{}", handover::process::check_answer());
+                    std::process::exit(0);
+                }
+                Err(e) => {
+                    eprintln!("{argv0}: error: Can't load config file: {e}");
+                    std::process::exit(EXIT_CONFIG);
+                }
+            }
         }
         Err(e) => {
             eprintln!("{argv0}: {e}");
@@ -226,8 +240,16 @@ fn run(argv0: &str, cli: cli::Cli) -> i32 {
         tracing::debug!("ignoring unknown config key '{key}'");
     }
 
+    // What SIGUSR2 re-executes: this binary's path (a package upgrade puts the new one
+    // there) with the same arguments.
+    let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from(argv0));
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    // Started by a hand-over's execve: the daemon already, with its PID.
+    let re_executed = std::env::var_os(handover::process::EXEC_ENV).is_some();
+    std::env::remove_var(handover::process::EXEC_ENV);
+
     // Fork before any thread exists.
-    let ready = if cli.daemon {
+    let ready = if cli.daemon && !re_executed {
         match daemon::daemonize(argv0) {
             Ok(p) => Some(p),
             Err(e) => {
@@ -260,40 +282,50 @@ fn run(argv0: &str, cli: cli::Cli) -> i32 {
         Err(e) => return fail(ready, EXIT_CONFIG, &e.to_string()),
     };
 
-    let (listeners, activated_metrics) =
-        match activation::take_listeners(&activation::ActivationEnv::from_process()) {
-            Err(e) => return fail(ready, EXIT_NETWORK, &e.to_string()),
-            Ok(Some(activation::Activated {
-                listeners: l,
-                metrics,
-            })) => {
-                for key in activation::IGNORED_KEYS {
-                    if cfg.origin.line_of(key).is_some() {
-                        tracing::info!("'{key}' is ignored under socket activation");
-                    }
-                }
-                for listener in &l {
-                    if let Some(w) =
-                        activation::open_socket_warning(listener, cfg.auth_for(listener.kind).1)
-                    {
-                        tracing::warn!("{w}");
-                    }
-                }
-                (l, metrics)
+    let activated = match activation::take_listeners(&activation::ActivationEnv::from_process()) {
+        Err(e) => return fail(ready, EXIT_NETWORK, &e.to_string()),
+        Ok(a) => a,
+    };
+    let (mut listeners, activated_metrics, arriving) = match activated {
+        Some(a) => (a.listeners, a.metrics, a.handover_state.zip(a.handover_fds)),
+        None => (Vec::new(), Vec::new(), None),
+    };
+    let was_activated = !listeners.is_empty();
+    if was_activated {
+        for key in activation::IGNORED_KEYS {
+            if cfg.origin.line_of(key).is_some() {
+                tracing::info!("'{key}' is ignored under socket activation");
             }
-            Ok(None) => match create_listeners(&cfg, &env) {
-                Ok(l) => {
-                    for listener in &l {
-                        let auth = cfg.auth_for(listener.kind).1;
-                        if let Some(w) = activation::open_socket_warning(listener, auth) {
-                            tracing::warn!("{w}");
-                        }
-                    }
-                    (l, Vec::new())
-                }
-                Err(e) => return fail(ready, EXIT_NETWORK, &e.to_string()),
-            },
-        };
+        }
+    }
+    // A restart's hand-over: the listeners that were not systemd's, and the connections.
+    let mut resumed = None;
+    if let Some((state_fd, queue)) = arriving {
+        match handover::process::arrive(state_fd, queue) {
+            Ok(a) => {
+                tracing::info!(
+                    from = %a.producer,
+                    conns = a.resumed.carried.len(),
+                    listeners = a.listeners.len(),
+                    "taking over from the previous process"
+                );
+                listeners.extend(a.listeners);
+                resumed = Some(a.resumed);
+            }
+            Err(e) => tracing::error!("cannot take the previous process's connections over: {e}"),
+        }
+    }
+    if listeners.is_empty() {
+        match create_listeners(&cfg, &env) {
+            Ok(l) => listeners = l,
+            Err(e) => return fail(ready, EXIT_NETWORK, &e.to_string()),
+        }
+    }
+    for listener in &listeners {
+        if let Some(w) = activation::open_socket_warning(listener, cfg.auth_for(listener.kind).1) {
+            tracing::warn!("{w}");
+        }
+    }
     // Metrics endpoint (issue 18): bound here so that a bad address fails the start.
     let metrics_sockets = match metrics_sockets(&cfg, activated_metrics) {
         Ok(m) => m,
@@ -342,6 +374,7 @@ fn run(argv0: &str, cli: cli::Cli) -> i32 {
             allowed: cfg.sasl_allowed_username_list.clone().map(Into::into),
         },
         last_open: Default::default(),
+        handover: Default::default(),
     });
     let workers = match cfg.worker_threads {
         // One per two CPUs: the daemons behind the proxy need CPU as much as the relay, and
@@ -366,14 +399,19 @@ fn run(argv0: &str, cli: cli::Cli) -> i32 {
         r.report(0);
     }
     // srv-update-tls re-reads the files named by the configuration the daemon started with.
-    let tls_cfg = cfg.clone();
-    let admin = virtproxyd::admin::serve::AdminOpts {
-        log: Some(log.clone()),
-        log_settings: log_settings(&cfg, &env, cli.verbose, cli.daemon),
-        tls_reload: Some(Box::new(move || {
-            tls::TlsSettings::from_config(&tls_cfg).map_err(|e| e.to_string())
-        })),
-        max_clients: cfg.admin_max_clients,
+    let admin_cfg = cfg.clone();
+    let admin_log = log.clone();
+    let admin_settings = log_settings(&cfg, &env, cli.verbose, cli.daemon);
+    let make_admin = move || {
+        let tls_cfg = admin_cfg.clone();
+        virtproxyd::admin::serve::AdminOpts {
+            log: Some(admin_log.clone()),
+            log_settings: admin_settings.clone(),
+            tls_reload: Some(Box::new(move || {
+                tls::TlsSettings::from_config(&tls_cfg).map_err(|e| e.to_string())
+            })),
+            max_clients: admin_cfg.admin_max_clients,
+        }
     };
     // Past the fork and the start-up checks: from here a slow log output costs lines, not
     // the relay workers' time. The writer thread, like every other, must not take the
@@ -400,24 +438,71 @@ fn run(argv0: &str, cli: cli::Cli) -> i32 {
         }
     };
     let flush_log = log.clone();
-    let mut reloader = Reloader {
+    let handover_enabled = cfg.restart_handover;
+    let config_path = cli.config.clone();
+    let reloader = std::rc::Rc::new(std::cell::RefCell::new(Reloader {
         path: cli.config.clone(),
         env: env.clone(),
         verbose: cli.verbose,
         daemon: cli.daemon,
         current: cfg,
         log,
+    }));
+    let mut listeners = listeners;
+    let stopped = loop {
+        let check_exe = exe.clone();
+        let check_config = config_path.clone();
+        let reloader = reloader.clone();
+        let opts = ServerOpts {
+            listeners: std::mem::take(&mut listeners),
+            workers,
+            backend,
+            idle_timeout: (cli.timeout > 0).then(|| Duration::from_secs(cli.timeout.into())),
+            shared: shared.clone(),
+            on_reload: Box::new(move |shared| reloader.borrow_mut().reload(shared)),
+            admin: make_admin(),
+            resumed: resumed.take(),
+            handover: handover_enabled,
+            handover_check: Box::new(move || {
+                handover::process::check_binary(&check_exe, check_config.as_deref())
+            }),
+        };
+        match server::run(opts) {
+            Ok(Stopped::HandOver(mut h)) => {
+                if h.mode == handover::HandOffMode::FdStore && was_activated {
+                    // systemd passes its sockets to the next process itself.
+                    h.listeners.clear();
+                }
+                flush_log.flush(Duration::from_secs(2));
+                match handover::process::leave(&h, &exe, &args) {
+                    Ok(()) => {
+                        tracing::info!(
+                            conns = h.carried.len(),
+                            "connections handed to systemd's fd store"
+                        );
+                        break Ok(Stopped::Signal(libc::SIGTERM));
+                    }
+                    Err(why) if h.mode == handover::HandOffMode::Exec => {
+                        // Serve on with everything as it was.
+                        tracing::error!("restart failed, still serving: {why}");
+                        shared.handover.requested.store(false, Ordering::Release);
+                        shared.shutdown.store(false, Ordering::Release);
+                        let h = *h;
+                        listeners = h.listeners;
+                        resumed = Some(handover::Resumed {
+                            carried: h.carried,
+                            next_id: h.next_id,
+                        });
+                    }
+                    Err(why) => {
+                        tracing::error!("restart hand-over failed; clients are closed: {why}");
+                        break Ok(Stopped::Signal(libc::SIGTERM));
+                    }
+                }
+            }
+            other => break other,
+        }
     };
-    let opts = ServerOpts {
-        listeners,
-        workers,
-        backend,
-        idle_timeout: (cli.timeout > 0).then(|| Duration::from_secs(cli.timeout.into())),
-        shared,
-        on_reload: Box::new(move |shared| reloader.reload(shared)),
-        admin,
-    };
-    let stopped = server::run(opts);
     if let Some(m) = metrics {
         m.stop();
     }
@@ -427,7 +512,7 @@ fn run(argv0: &str, cli: cli::Cli) -> i32 {
             tracing::info!("no client for the idle timeout; exiting");
             0
         }
-        Ok(Stopped::Signal(_)) => 0,
+        Ok(Stopped::Signal(_)) | Ok(Stopped::HandOver(_)) => 0,
         Err(e) => {
             tracing::error!("server failed: {e}");
             EXIT_NETWORK

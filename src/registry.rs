@@ -133,6 +133,11 @@ impl Registry {
         self.lock().remove(&id);
     }
 
+    /// Removes a client's record and gives it back (a connection leaving for the next process).
+    pub fn take(&self, id: u64) -> Option<ClientRecord> {
+        self.lock().remove(&id)
+    }
+
     pub fn set_identity(&self, id: u64, identity: Identity) {
         if let Some(r) = self.lock().get_mut(&id) {
             r.identity = identity;

@@ -18,6 +18,7 @@ use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 
 use crate::flood::{Source, SourceRates};
+use crate::handover::{HandOff, HandOffMode, Resumed};
 use crate::identity::{Identity, NameCache};
 use crate::listen::{Listener, ListenerKind};
 use crate::reactor::{self, Reactor};
@@ -38,6 +39,14 @@ pub struct ServerOpts {
     pub on_reload: Box<dyn FnMut(&Shared)>,
     /// What the admin server on `libvirt-admin-sock` listeners needs.
     pub admin: crate::admin::serve::AdminOpts,
+    /// Connections carried from the previous process, adopted before anything is accepted.
+    pub resumed: Option<Resumed>,
+    /// Whether restarts hand connections over (`restart_handover`); under systemd SIGTERM
+    /// then stores them in the fd store.
+    pub handover: bool,
+    /// Asks the binary that would take over whether it can (see `HandOff`); an error keeps
+    /// this process serving.
+    pub handover_check: Box<dyn FnMut() -> Result<(), String>>,
 }
 
 /// Tells systemd (Type=notify) about our state; a no-op without NOTIFY_SOCKET.
@@ -48,10 +57,12 @@ fn notify(state: &[sd_notify::NotifyState<'_>]) {
 }
 
 /// Why the server stopped.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Stopped {
     Signal(i32),
     IdleTimeout,
+    /// A restart: everything that can move is in here for the next process.
+    HandOver(Box<HandOff>),
 }
 
 struct WorkerHandle {
@@ -145,6 +156,58 @@ struct Admission<'a> {
 }
 
 impl Admission<'_> {
+    /// Takes in the connections a previous process carried over: the same ids in the
+    /// registry, each straight to a worker's relay.
+    fn resume(&mut self, r: Resumed) {
+        let shared = self.shared;
+        self.next_id = self.next_id.max(r.next_id);
+        let n = r.carried.len();
+        for c in r.carried {
+            let rec = c.record;
+            self.next_id = self.next_id.max(rec.id + 1);
+            let owner = self.next_worker % self.workers.len();
+            self.next_worker = self.next_worker.wrapping_add(1);
+            shared.clients.fetch_add(1, Ordering::AcqRel);
+            shared.registry.insert(crate::registry::ClientRecord {
+                id: rec.id,
+                timestamp: rec.timestamp,
+                kind: rec.kind,
+                identity: rec.identity.clone(),
+                peer_addr: rec.peer_addr.clone(),
+                worker: owner,
+                claimed: rec.claimed.clone(),
+                opened_readonly: rec.opened_readonly,
+                disconnect_requested: false,
+            });
+            let id = rec.id;
+            let nc = NewConn {
+                id,
+                fd: c.client,
+                kind: rec.kind,
+                identity: rec.identity.clone(),
+                deadline: None,
+                tls: None,
+                unauthenticated: None,
+                worker: owner,
+                auth: shared.auth.of(rec.kind),
+                early: None,
+                rate: None,
+                carried: Some(Box::new(crate::handover::Resume {
+                    record: rec,
+                    daemon: c.daemon,
+                })),
+            };
+            if self.workers[owner].inbox.send(nc).is_err() {
+                shared.clients.fetch_sub(1, Ordering::AcqRel);
+                shared.registry.remove(id);
+                tracing::error!(conn = id, "relay worker is gone; dropping a carried client");
+            }
+        }
+        if n > 0 {
+            tracing::info!(conns = n, "carried connections resumed");
+        }
+    }
+
     fn admit(&mut self, fd: OwnedFd, kind: ListenerKind, identity: Identity) {
         let shared = self.shared;
         let id = self.next_id;
@@ -188,6 +251,7 @@ impl Admission<'_> {
             tls: None,
             worker: owner,
             rate,
+            carried: None,
             unauthenticated: anonymous.then(|| Unauthenticated::new(shared)),
             // Started here, not in the worker: the daemon's accept then overlaps the
             // hand-over too.
@@ -218,6 +282,29 @@ fn at_max_clients(shared: &Shared, checked: bool) -> bool {
         shared.max_clients.load(Ordering::Acquire),
         checked || shared.limits_set.load(Ordering::Acquire),
     )
+}
+
+/// Whether a signal hands the connections over, and how: SIGUSR2 always (when hand-over is
+/// on), SIGTERM only under systemd with an fd store (`$FDSTORE`, its size: systemd sets it
+/// from v254, the shipped unit for older ones), which keeps them across a restart.
+fn handoff_for(signo: i32, enabled: bool) -> Option<HandOffMode> {
+    if !enabled {
+        return None;
+    }
+    match signo {
+        libc::SIGUSR2 => Some(HandOffMode::Exec),
+        libc::SIGTERM if std::env::var_os("NOTIFY_SOCKET").is_some() && fd_store_size() > 0 => {
+            Some(HandOffMode::FdStore)
+        }
+        _ => None,
+    }
+}
+
+fn fd_store_size() -> u32 {
+    std::env::var("FDSTORE")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 /// Whether the client limits leave room: `max_clients` for anyone, `max_anonymous_clients`
@@ -271,6 +358,7 @@ pub fn handled_signals() -> SigSet {
         Signal::SIGINT,
         Signal::SIGQUIT,
         Signal::SIGHUP,
+        Signal::SIGUSR2,
     ] {
         set.add(s);
     }
@@ -290,6 +378,17 @@ pub fn run(mut opts: ServerOpts) -> io::Result<Stopped> {
             .into_iter()
             .partition(|l| l.kind == ListenerKind::UnixAdmin);
     opts.listeners = relay_listeners;
+    // Copies of the admin sockets, for a hand-over (the admin thread owns the originals).
+    let admin_copies = admin_listeners
+        .iter()
+        .map(|l| {
+            Ok(Listener {
+                fd: l.fd.try_clone()?,
+                kind: l.kind,
+                path: l.path.clone(),
+            })
+        })
+        .collect::<io::Result<Vec<_>>>()?;
     opts.shared
         .registry
         .set_idle_timeout(opts.idle_timeout.map_or(0, |d| d.as_secs() as u32));
@@ -412,6 +511,10 @@ pub fn run(mut opts: ServerOpts) -> io::Result<Stopped> {
         admitted_any: false,
         rates: SourceRates::default(),
     };
+    if let Some(r) = opts.resumed.take() {
+        admission.resume(r);
+    }
+    let mut handoff_mode = None;
     let mut parked: VecDeque<Parked> = VecDeque::new();
     let mut idle_since = Some(Instant::now());
     let mut accept_backoff: Option<Instant> = None;
@@ -506,6 +609,27 @@ pub fn run(mut opts: ServerOpts) -> io::Result<Stopped> {
                     notify(&[sd_notify::NotifyState::Reloading]);
                     (opts.on_reload)(shared);
                     notify(&[sd_notify::NotifyState::Ready]);
+                } else if let Some(mode) = handoff_for(signo, opts.handover) {
+                    match (opts.handover_check)() {
+                        Ok(()) => {
+                            tracing::info!(
+                                signal = signo,
+                                ?mode,
+                                "restarting: handing connections over"
+                            );
+                            handoff_mode = Some(mode);
+                            break Stopped::Signal(signo);
+                        }
+                        Err(why) if mode == HandOffMode::Exec => {
+                            tracing::error!("not restarting on SIGUSR2: {why}; still serving");
+                        }
+                        Err(why) => {
+                            tracing::error!("shutting down without hand-over: {why}");
+                            break Stopped::Signal(signo);
+                        }
+                    }
+                } else if signo == libc::SIGUSR2 {
+                    tracing::warn!("SIGUSR2 ignored: restart_handover is off");
                 } else {
                     tracing::info!(signal = signo, "shutting down on signal");
                     break Stopped::Signal(signo);
@@ -573,6 +697,42 @@ pub fn run(mut opts: ServerOpts) -> io::Result<Stopped> {
     };
     // Clients still waiting for an anonymous slot were never admitted: they just close.
     drop(parked);
+    if let Some(mode) = handoff_mode {
+        let next_id = admission.next_id;
+        drop(admission);
+        // Handshakes in progress are dropped; the workers quiesce, carry and exit; the admin
+        // thread stops (its clients reconnect) and leaves its socket files in place.
+        shared.handover.requested.store(true, Ordering::Release);
+        shared.shutdown.store(true, Ordering::Release);
+        let started = Instant::now();
+        for group in [handshakers, workers] {
+            for w in &group {
+                wake(&w.inbox.waker);
+            }
+            for w in group {
+                drop(w.inbox);
+                let _ = w.thread.join();
+            }
+        }
+        if let Some(t) = admin_thread {
+            let _ = t.join();
+        }
+        let carried = shared.handover.take();
+        tracing::info!(
+            carried = carried.len(),
+            quiesce_ms = started.elapsed().as_millis() as u64,
+            "connections ready to hand over"
+        );
+        let mut listeners = std::mem::take(&mut opts.listeners);
+        listeners.extend(admin_copies);
+        return Ok(Stopped::HandOver(Box::new(HandOff {
+            mode,
+            listeners,
+            carried,
+            next_id,
+        })));
+    }
+    drop(admin_copies);
 
     notify(&[sd_notify::NotifyState::Stopping]);
     // Stop accepting first: close the listeners (unlinking only the sockets we created).

@@ -106,6 +106,7 @@ fn proxy() -> &'static Proxy {
             registry: Default::default(),
             sasl: Default::default(),
             last_open: Default::default(),
+            handover: Default::default(),
         });
         std::thread::spawn(move || {
             let _ = server::run(ServerOpts {
@@ -116,6 +117,9 @@ fn proxy() -> &'static Proxy {
                 shared,
                 on_reload: Box::new(|_| {}),
                 admin: Default::default(),
+                resumed: None,
+                handover: false,
+                handover_check: Box::new(|| Err("not in this test".into())),
             });
         });
         Proxy { port, ca_pem: ca.cert_pem.clone(), client: ca.client("client1", 7), _dir: dir }

@@ -98,8 +98,11 @@ impl AdminServer {
         while !self.shared.shutdown.load(Ordering::Acquire) {
             self.turn();
         }
-        for l in &self.listeners {
-            l.unlink();
+        // A hand-over passes the admin sockets on (a copy of each): their files stay.
+        if !self.shared.handover.requested.load(Ordering::Acquire) {
+            for l in &self.listeners {
+                l.unlink();
+            }
         }
         for _ in 0..self.conns.len() {
             self.shared.registry.admin_disconnected();

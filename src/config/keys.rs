@@ -23,7 +23,7 @@ pub(super) const KNOWN_KEYS: &[&str] = &[
     "admin_keepalive_interval", "admin_keepalive_count", "log_level", "log_filters",
     "log_outputs", "audit_level", "audit_logging", "host_uuid", "host_uuid_source",
     "ovs_timeout", "driver_socket_dir", "driver_sockets", "io_backend", "worker_threads",
-    "metrics_listen",
+    "metrics_listen", "restart_handover",
 ];
 
 /// Typed access to a parsed file, producing errors that name the key and line.
@@ -300,6 +300,7 @@ pub(super) fn apply(conf: &VirConf, file: &Path, cfg: &mut Config) -> Result<(),
     }
     r.uint("worker_threads", &mut cfg.worker_threads)?;
     cfg.metrics_listen = metrics_listen(&r)?;
+    r.bool("restart_handover", &mut cfg.restart_handover)?;
 
     cfg.unknown_keys = conf
         .keys()

@@ -375,6 +375,9 @@ pub struct Config {
     pub worker_threads: u32,
     /// Where the metrics endpoint listens; empty = off (the default).
     pub metrics_listen: Vec<MetricsListen>,
+    /// Whether a restart hands the relayed connections to the next process (`SIGUSR2`, or
+    /// `SIGTERM` into systemd's fd store); on by default.
+    pub restart_handover: bool,
 
     // --- not keys ---
     /// Whether the defaults were computed for root.
@@ -473,6 +476,7 @@ impl Config {
             io_backend: IoBackend::Auto,
             worker_threads: 0,
             metrics_listen: Vec::new(),
+            restart_handover: true,
             privileged: env.privileged,
             unknown_keys: Vec::new(),
             origin: Origin::default(),

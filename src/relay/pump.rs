@@ -120,6 +120,9 @@ pub struct Pump {
     /// Whether a short read proves the source empty (see `drive`).
     trust_short_reads: bool,
     finished: bool,
+    /// A restart is handing the connection over: finish the frame under way, read nothing
+    /// past its end (see `quiesce`).
+    quiescing: bool,
     /// Bytes delivered to the destination so far.
     pub moved: u64,
 }
@@ -141,6 +144,7 @@ impl Pump {
             cutter: None,
             trust_short_reads: true,
             finished: false,
+            quiescing: false,
             moved: 0,
         }
     }
@@ -182,6 +186,23 @@ impl Pump {
     /// For a kTLS source: a short read may leave a control record queued.
     pub fn distrust_short_reads(&mut self) {
         self.trust_short_reads = false;
+    }
+
+    /// From now on reads stop at the end of the frame under way, so the direction comes to
+    /// rest at a frame boundary with nothing buffered (what follows stays in the source's
+    /// kernel queue, which travels with the socket to the next process).
+    pub fn quiesce(&mut self) {
+        self.quiescing = true;
+    }
+
+    /// The source closed between frames and everything was delivered.
+    pub fn is_finished(&self) -> bool {
+        self.finished
+    }
+
+    /// Marks the direction finished (a carried connection whose source had closed).
+    pub fn set_finished(&mut self) {
+        self.finished = true;
     }
 
     /// At a frame boundary with nothing buffered or in a pipe.
@@ -251,15 +272,19 @@ impl Pump {
                     }
                 }
             }
-            if !*src_readable {
-                // Nothing was reported since the last read came up empty: no syscall.
+            if !*src_readable || (self.quiescing && self.tracker.at_boundary()) {
+                // Nothing was reported since the last read came up empty: no syscall. Or
+                // quiescing between frames: the rest stays in the source's queue.
                 self.release_buf(pools);
                 return Ok(Drive::Blocked);
             }
             let mut buf = self.buf.take().unwrap_or_else(|| pools.take_buf());
             // After a held-back partial header (at the buffer's start, see `flush`).
             let at = self.end;
-            let limit = self.tracker.read_limit(buf.len() - at);
+            let mut limit = self.tracker.read_limit(buf.len() - at);
+            if self.quiescing {
+                limit = self.tracker.frame_piece(limit);
+            }
             let res = sys::recv_with_fd(src, &mut buf[at..at + limit]);
             self.buf = Some(buf);
             match res {

@@ -335,6 +335,7 @@ mod tests {
             auth: crate::config::Auth::None,
             early: None,
             rate: None,
+            carried: None,
         };
         assert!(tx.send(nc).is_ok());
         // No TLS settings: TlsAccept cannot start.

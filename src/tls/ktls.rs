@@ -54,6 +54,23 @@ fn setsockopt_bytes(
 }
 
 /// Attaches the `tls` ULP. Err(ENOENT) = the kernel has no kTLS; the socket is unchanged.
+/// Whether a TCP socket has the kernel TLS ULP attached (a carried kTLS connection must).
+pub fn has_tls_ulp(fd: BorrowedFd<'_>) -> bool {
+    let mut name = [0u8; 16];
+    let mut len = name.len() as libc::socklen_t;
+    // SAFETY: getsockopt into a 16-byte buffer with its length.
+    let r = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            SOL_TCP,
+            TCP_ULP,
+            name.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    r == 0 && name.starts_with(b"tls")
+}
+
 pub fn attach_ulp(fd: BorrowedFd<'_>) -> io::Result<()> {
     setsockopt_bytes(fd, SOL_TCP, TCP_ULP, b"tls")
 }

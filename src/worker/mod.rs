@@ -21,6 +21,7 @@ use crate::identity::Identity;
 pub use crate::listen::ListenerKind;
 use crate::polkit;
 
+mod handover;
 mod preopen;
 use crate::conn::preopen::{Pre, PreOpen};
 use crate::conn::{
@@ -59,6 +60,9 @@ pub struct NewConn {
     /// The pre-open rate of its source, which each of its pre-open frames is charged to
     /// (`None`: root, never slowed).
     pub rate: Option<Arc<crate::flood::SourceRate>>,
+    /// A relayed connection carried from the previous process (`fd` is its client socket):
+    /// adopted straight into the relay.
+    pub carried: Option<Box<crate::handover::Resume>>,
 }
 
 /// A daemon connection made as its client was accepted, with `handshake::early_auth_list()`
@@ -278,6 +282,8 @@ pub struct Shared {
     pub sasl: SaslSettings,
     /// Where local clients' opens went lately, for early connections.
     pub last_open: LastOpen,
+    /// A restart's hand-over: its request, and the connections the workers carry.
+    pub handover: crate::handover::Handover,
 }
 
 /// A `Shared` with the defaults and no TLS, for unit tests.
@@ -304,6 +310,7 @@ pub(crate) fn test_shared() -> Shared {
         registry: Default::default(),
         sasl: Default::default(),
         last_open: Default::default(),
+        handover: Default::default(),
     }
 }
 
@@ -422,10 +429,11 @@ impl Worker {
         );
         let mut events: Vec<Event> = Vec::with_capacity(256);
         let mut drain_until: Option<Instant> = None;
+        let mut handover_until: Option<Instant> = None;
         loop {
             let timeout = if !self.runnable.is_empty() || self.inbox_pending {
                 Some(Duration::ZERO)
-            } else if drain_until.is_some() {
+            } else if drain_until.is_some() || handover_until.is_some() {
                 Some(Duration::from_millis(20))
             } else {
                 Some(self.timers.timeout(Instant::now(), IDLE_WAIT))
@@ -464,6 +472,12 @@ impl Worker {
                 self.inbox_pending = self.accept_new();
             }
             self.fire_timers();
+            if self.shared.handover.requested.load(Ordering::Relaxed) {
+                if self.handover_step(&mut handover_until) {
+                    return;
+                }
+                continue;
+            }
             if self.shared.shutdown.load(Ordering::Relaxed) {
                 let deadline =
                     *drain_until.get_or_insert_with(|| Instant::now() + self.shared.drain_grace);
@@ -509,7 +523,10 @@ impl Worker {
         true
     }
 
-    fn adopt(&mut self, nc: NewConn) {
+    fn adopt(&mut self, mut nc: NewConn) {
+        if let Some(resume) = nc.carried.take() {
+            return self.adopt_carried(nc.fd, *resume);
+        }
         // client-disconnect while it was queued here or in its TLS handshake.
         if self.shared.registry.disconnect_requested(nc.id) {
             tracing::info!(

@@ -222,6 +222,11 @@ impl Proxy {
     /// (nothing else added: no perms, no driver_sockets), plus `auth_unix_rw/ro = "none"`
     /// unless `conf` sets an `auth_unix_*` key or contains [`DEFAULT_AUTH`].
     pub fn start_with(conf: &str, envs: &[(&str, &str)]) -> Proxy {
+        Self::start_binary(Path::new(env!("CARGO_BIN_EXE_virtproxyd")), conf, envs)
+    }
+
+    /// Like `start_with`, running the binary at `bin` (a copy a test may replace).
+    pub fn start_binary(bin: &Path, conf: &str, envs: &[(&str, &str)]) -> Proxy {
         let dir = tempfile::Builder::new()
             .prefix("vpd-proxy-")
             .tempdir()
@@ -247,7 +252,7 @@ impl Proxy {
         let log_file = fs::File::create(&log).expect("create proxy log");
         let log_err = log_file.try_clone().expect("dup proxy log");
 
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_virtproxyd"));
+        let mut cmd = Command::new(bin);
         // -v: one info line per connection open/close, read by tests and by people.
         cmd.arg("-v")
             .arg("-f")

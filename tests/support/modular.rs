@@ -173,6 +173,21 @@ pub fn proxy(extra_conf: &str, envs: &[(&str, &str)]) -> Proxy {
     )
 }
 
+/// `proxy`, running the binary at `bin`.
+#[allow(dead_code)]
+pub fn proxy_with_binary(bin: &std::path::Path, extra_conf: &str, envs: &[(&str, &str)]) -> Proxy {
+    let tb = testbed();
+    Proxy::start_binary(
+        bin,
+        &format!(
+            "{extra_conf}\nunix_sock_rw_perms = \"0777\"\nunix_sock_ro_perms = \"0777\"\n\
+             driver_socket_dir = \"{}\"\n",
+            tb.sock_dir.display()
+        ),
+        envs,
+    )
+}
+
 /// One proxy per io backend.
 pub fn proxies(extra_conf: &str) -> Vec<(&'static str, Proxy)> {
     ["io_uring", "epoll"]

@@ -1,0 +1,109 @@
+//! Restart without dropping a client: the relayed connections, the listeners and the
+//! registry's ids move to the next process, which goes on relaying them.
+//!
+//! 1. Trigger (`server`): `SIGUSR2` re-executes the binary in place (same PID); under systemd
+//!    `SIGTERM` stores everything in the service's fd store, which a `restart` keeps and a
+//!    `stop` empties (then the clients see EOF, as before).
+//! 2. Quiesce (`worker::handover`): no listener accepts; every relay direction finishes the
+//!    frame under way and reads nothing past it, so each connection comes to rest between
+//!    frames with nothing buffered; what follows waits in the sockets' kernel queues and
+//!    travels with them. What cannot move (userspace TLS, a SASL security layer, clients
+//!    still before their open or not at rest within `GRACE`) is closed, each with a logged
+//!    reason.
+//! 3. Carry (`transfer`): one memfd with the `state` (versioned), and one socketpair whose
+//!    queue holds the fds; both reach the new process as activation fds named `STATE_NAME`
+//!    and `FDS_NAME`.
+//! 4. Adopt (`main`, `server`, `worker`): the new process reads them, re-creates the
+//!    registry entries with the same ids and hands each connection to a worker as a relay.
+
+pub mod process;
+pub mod state;
+pub mod transfer;
+
+use std::os::fd::OwnedFd;
+use std::sync::atomic::AtomicBool;
+use std::sync::Mutex;
+use std::time::Duration;
+
+pub use state::{ConnRecord, ListenerRecord, State};
+
+/// Activation names of the two fds that carry a hand-over.
+pub const STATE_NAME: &str = "virtproxyd-handover-state";
+pub const FDS_NAME: &str = "virtproxyd-handover-fds";
+
+/// How long connections get to come to rest (and clients before their open to finish it)
+/// once a hand-over starts; the rest are closed.
+pub const GRACE: Duration = Duration::from_secs(2);
+
+/// A relayed connection at rest, leaving a worker (or arriving at one).
+#[derive(Debug)]
+pub struct Carried {
+    pub record: ConnRecord,
+    pub client: OwnedFd,
+    pub daemon: OwnedFd,
+}
+
+/// What a worker needs besides the client socket to adopt a carried connection.
+#[derive(Debug)]
+pub struct Resume {
+    pub record: ConnRecord,
+    pub daemon: OwnedFd,
+}
+
+/// The hand-over's shared part: the request the workers watch, and what they leave.
+#[derive(Debug, Default)]
+pub struct Handover {
+    /// Set by the acceptor: each worker quiesces, carries what comes to rest, closes the
+    /// rest at `GRACE`, and exits.
+    pub requested: AtomicBool,
+    /// The workers' carried connections.
+    pub carried: Mutex<Vec<Carried>>,
+}
+
+impl Handover {
+    /// Adds a worker's carried connections.
+    pub fn leave(&self, mut conns: Vec<Carried>) {
+        let mut all = self.carried.lock().unwrap_or_else(|e| e.into_inner());
+        all.append(&mut conns);
+    }
+
+    /// Takes every carried connection.
+    pub fn take(&self) -> Vec<Carried> {
+        std::mem::take(&mut *self.carried.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+/// Connections a previous process carried over, with the id its next client would have got.
+pub struct Resumed {
+    pub carried: Vec<Carried>,
+    pub next_id: u64,
+}
+
+/// How a hand-over leaves this process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandOffMode {
+    /// SIGUSR2: re-execute the binary in place.
+    Exec,
+    /// SIGTERM under systemd: into the service's fd store.
+    FdStore,
+}
+
+/// What a hand-over takes to the next process: the listeners (their backlogs keep the
+/// clients that arrived meanwhile), the connections at rest, and the next client id.
+pub struct HandOff {
+    pub mode: HandOffMode,
+    pub listeners: Vec<crate::listen::Listener>,
+    pub carried: Vec<Carried>,
+    pub next_id: u64,
+}
+
+impl std::fmt::Debug for HandOff {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HandOff")
+            .field("mode", &self.mode)
+            .field("listeners", &self.listeners.len())
+            .field("carried", &self.carried.len())
+            .field("next_id", &self.next_id)
+            .finish()
+    }
+}

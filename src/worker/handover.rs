@@ -1,0 +1,212 @@
+//! A worker's part of a restart hand-over (see `handover`): quiesce, carry the connections
+//! that come to rest, close what cannot move, exit; and in the next process, adopt a carried
+//! connection straight into the relay.
+
+use super::*;
+use crate::handover::{Carried, ConnRecord, Resume};
+use std::os::fd::AsFd;
+
+impl Worker {
+    /// One loop turn of a hand-over; true once every connection left (carried or closed)
+    /// and the worker may exit.
+    pub(super) fn handover_step(&mut self, until: &mut Option<Instant>) -> bool {
+        let now = Instant::now();
+        let deadline = *until.get_or_insert_with(|| {
+            tracing::debug!(
+                worker = self.index,
+                conns = self.conns.len(),
+                "handing over"
+            );
+            now + crate::handover::GRACE
+        });
+        let expired = now >= deadline;
+        let mut carry = Vec::new();
+        let mut close = Vec::new();
+        let mut run = Vec::new();
+        for (slot, c) in self.conns.iter_mut() {
+            let movable = c.tls.is_none();
+            if let State::Relay { c2d, d2c, .. } = &mut c.state {
+                c2d.quiesce();
+                d2c.quiesce();
+            }
+            match &c.state {
+                State::Relay { .. } => {
+                    if c.at_rest() && movable {
+                        carry.push(slot);
+                    } else if c.at_rest() {
+                        close.push((
+                            slot,
+                            "restart: a userspace TLS session cannot be handed over",
+                        ));
+                    } else if expired {
+                        close.push((slot, "restart: not between frames in time"));
+                    } else {
+                        // Drive it to the end of its frame without waiting for readiness.
+                        run.push((slot, c.gen));
+                    }
+                }
+                State::Layered(_) if c.at_rest() || expired => {
+                    close.push((slot, "restart: a SASL security layer cannot be handed over"))
+                }
+                State::Layered(_) => {}
+                State::Pre(_) if expired => {
+                    close.push((slot, "restart: the client had not opened its connection"))
+                }
+                State::Pre(_) => {}
+            }
+        }
+        for (slot, why) in close {
+            self.close(slot, why);
+        }
+        let mut carried = Vec::with_capacity(carry.len());
+        for slot in carry {
+            if let Some(c) = self.carry(slot) {
+                carried.push(c);
+            }
+        }
+        if !carried.is_empty() {
+            self.shared.handover.leave(carried);
+        }
+        for (slot, gen) in run {
+            if let Some(c) = self.conns.get_mut(slot) {
+                if !c.queued {
+                    c.queued = true;
+                    self.runnable.push_back((slot, gen));
+                }
+            }
+        }
+        self.conns.is_empty()
+    }
+
+    /// Takes a connection at rest out of this worker, fds and all, without closing it.
+    fn carry(&mut self, slot: usize) -> Option<Carried> {
+        let mut conn = self.conns.try_remove(slot)?;
+        self.reactor.remove(
+            conn.client.as_raw_fd(),
+            token(slot, conn.gen, Side::Accepted),
+        );
+        let daemon = conn.daemon.take()?;
+        self.reactor
+            .remove(daemon.as_raw_fd(), token(slot, conn.gen, Side::Daemon));
+        let (client_done, daemon_done, daemon_shut) = match &mut conn.state {
+            State::Relay {
+                c2d,
+                d2c,
+                daemon_shut,
+                ..
+            } => {
+                c2d.release(&mut self.pools);
+                d2c.release(&mut self.pools);
+                (c2d.is_finished(), d2c.is_finished(), *daemon_shut)
+            }
+            _ => return None,
+        };
+        let reg = self.shared.registry.take(conn.id);
+        self.shared.clients.fetch_sub(1, Ordering::AcqRel);
+        let (identity, peer_addr, claimed, opened_readonly, timestamp) = match reg {
+            Some(r) => (
+                r.identity,
+                r.peer_addr,
+                r.claimed,
+                r.opened_readonly,
+                r.timestamp,
+            ),
+            None => (
+                Identity::default(),
+                None,
+                None,
+                false,
+                crate::registry::now_epoch(),
+            ),
+        };
+        tracing::debug!(conn = conn.id, "connection carried to the next process");
+        Some(Carried {
+            record: ConnRecord {
+                id: conn.id,
+                kind: conn.kind,
+                timestamp,
+                age_ms: conn.since.elapsed().as_millis() as u64,
+                identity,
+                peer_addr,
+                claimed,
+                opened_readonly,
+                uri: conn.uri.take(),
+                daemon_path: conn
+                    .daemon_path
+                    .take()
+                    .map(|p| p.to_string_lossy().into_owned()),
+                client_done,
+                daemon_done,
+                daemon_shut,
+                ktls: conn.kind == ListenerKind::Tls,
+            },
+            client: conn.client,
+            daemon,
+        })
+    }
+
+    /// Adopts a connection carried from the previous process: straight into the relay, at
+    /// rest, both sockets to be read at once (their queues may hold what arrived meanwhile).
+    pub(super) fn adopt_carried(&mut self, client: OwnedFd, resume: Resume) {
+        let Resume { record: r, daemon } = resume;
+        let gen = self.next_gen;
+        self.next_gen = self.next_gen.wrapping_add(1).max(1);
+        let entry = self.conns.vacant_entry();
+        let slot = entry.key();
+        let mut c2d = Pump::new(true, &self.pools);
+        let mut d2c = Pump::new(false, &self.pools);
+        if r.ktls {
+            d2c.cut_writes_at_frames();
+            c2d.distrust_short_reads();
+        }
+        if r.client_done {
+            c2d.set_finished();
+        }
+        if r.daemon_done {
+            d2c.set_finished();
+        }
+        let client_raw = client.as_raw_fd();
+        let daemon_raw = daemon.as_fd().as_raw_fd();
+        entry.insert(Conn {
+            id: r.id,
+            gen,
+            kind: r.kind,
+            queued: false,
+            tls: None,
+            client_readable: true,
+            daemon_readable: true,
+            client_write_watched: false,
+            daemon_write_watched: false,
+            client_hup: false,
+            daemon_hup: false,
+            client,
+            daemon: Some(daemon),
+            state: State::Relay {
+                c2d,
+                d2c,
+                daemon_shut: r.daemon_shut,
+                head: Vec::new(),
+                head_cutter: r.ktls.then(FrameCutter::default),
+                owed: Default::default(),
+            },
+            uri: r.uri,
+            daemon_path: r.daemon_path.map(Into::into),
+            since: Instant::now()
+                .checked_sub(Duration::from_millis(r.age_ms))
+                .unwrap_or_else(Instant::now),
+            unauthenticated: None,
+            sasl: None,
+        });
+        for (fd, side) in [(client_raw, Side::Accepted), (daemon_raw, Side::Daemon)] {
+            if let Err(e) = self
+                .reactor
+                .add(fd, token(slot, gen, side), Interest::ReadOnly)
+            {
+                tracing::warn!(conn = r.id, "cannot watch a carried socket: {e}");
+                self.close(slot, "reactor registration failed");
+                return;
+            }
+        }
+        self.service(slot, gen);
+    }
+}

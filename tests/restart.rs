@@ -1,0 +1,176 @@
+//! Restart without dropping a client (`handover`): SIGUSR2 re-executes the proxy in place
+//! and every relayed connection goes on — calls, events registered before, a volume
+//! download in flight — through the modular test bed's real daemons, on both io backends.
+
+mod support;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use support::modular::{daemons_shared, proxy};
+use support::*;
+
+/// Lines of the proxy's log that say a hand-over happened, and how many it carried.
+fn carried_count(log: &str) -> Option<u64> {
+    log.lines()
+        .rev()
+        .filter(|l| l.contains("taking over from the previous process"))
+        .filter_map(|l| {
+            let at = l.find("conns=")? + "conns=".len();
+            l[at..]
+                .split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse()
+                .ok()
+        })
+        .next()
+}
+
+fn wait_file(path: &Path, limit: Duration) -> bool {
+    wait_for(limit, || path.exists())
+}
+
+/// SIGUSR2 while a workload runs: same PID, every connection carried (none re-opened), every
+/// call answered, the download's sha256 right, and events registered before still arrive.
+fn sigusr2_keeps_every_connection(backend: &str) {
+    let _shared = daemons_shared();
+    let mut p = proxy("", &[("VIRTPROXYD_IO_BACKEND", backend)]);
+    let pid = p.pid();
+    let pools = pool_dir();
+    let flags = tempfile::tempdir().unwrap();
+    let (ready, restarted) = (flags.path().join("ready"), flags.path().join("restarted"));
+    let mut workload = py_command(
+        "restart_workload.py",
+        &[
+            &p.uri("qemu:///system"),
+            &pools.path().display().to_string(),
+            "64",
+            &ready.display().to_string(),
+            &restarted.display().to_string(),
+        ],
+    );
+    let child = workload
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(
+        wait_file(&ready, Duration::from_secs(60)),
+        "{backend}: the workload never got ready; proxy log:\n{}",
+        p.log_text()
+    );
+    let t = Instant::now();
+    p.signal("USR2");
+    assert!(
+        wait_for(Duration::from_secs(20), || carried_count(&p.log_text())
+            .is_some()),
+        "{backend}: no hand-over within 20 s; log:\n{}",
+        p.log_text()
+    );
+    let took = t.elapsed();
+    std::fs::write(&restarted, "yes").unwrap();
+    let out = child.wait_with_output().unwrap();
+    let log = p.log_text();
+    assert_success(
+        &out,
+        &format!("{backend}: the workload across SIGUSR2 (proxy log:\n{log})"),
+    );
+    // The busy four, the event watcher and the streamer, at least.
+    let carried = carried_count(&log).unwrap_or(0);
+    assert!(
+        carried >= 6,
+        "{backend}: {carried} connections carried\n{log}"
+    );
+    assert!(p.running(), "{backend}: the proxy is gone");
+    assert_eq!(p.pid(), pid);
+    assert!(
+        !log.contains("connection closed: restart"),
+        "{backend}: a connection was closed by the restart:\n{log}"
+    );
+    // The new process serves new clients too.
+    let v = virsh(&p.uri("qemu:///system"), &["version"]);
+    assert_success(&v, &format!("{backend}: virsh version after the restart"));
+    eprintln!(
+        "{backend}: {carried} connections carried, hand-over seen in the log after {took:?}; {}",
+        stdout(&out).trim()
+    );
+}
+
+/// A binary that cannot take over (here: one that exits at once) is asked first and the
+/// running proxy goes on serving, its connections untouched.
+fn a_binary_that_cannot_start_leaves_the_old_one_serving(backend: &str) {
+    let _shared = daemons_shared();
+    let dir = tempfile::tempdir().unwrap();
+    let exe = dir.path().join("virtproxyd");
+    std::fs::copy(env!("CARGO_BIN_EXE_virtproxyd"), &exe).unwrap();
+    let mut p =
+        support::modular::proxy_with_binary(&exe, "", &[("VIRTPROXYD_IO_BACKEND", backend)]);
+    let uri = p.uri("qemu:///system");
+    // A connection open across the failed restart.
+    let mut held = Command::new(PYTHON)
+        .args([
+            "-c",
+            "import libvirt,sys,time\n\
+             c=libvirt.open(sys.argv[1])\n\
+             print('open',flush=True)\n\
+             sys.stdin.readline()\n\
+             print(c.getLibVersion(),flush=True)\n",
+            &uri,
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(held.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    assert_eq!(line.trim(), "open");
+    // The "upgrade": a binary that exits at once.
+    std::fs::remove_file(&exe).unwrap();
+    std::fs::write(&exe, "#!/bin/sh\nexit 1\n").unwrap();
+    std::fs::set_permissions(&exe, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    p.signal("USR2");
+    assert!(
+        wait_for(Duration::from_secs(15), || p
+            .log_text()
+            .contains("not restarting on SIGUSR2")),
+        "{backend}: no refusal logged:\n{}",
+        p.log_text()
+    );
+    std::io::Write::write_all(held.stdin.as_mut().unwrap(), b"\n").unwrap();
+    line.clear();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    assert!(
+        line.trim().parse::<u64>().is_ok_and(|v| v > 0),
+        "{backend}: the held connection failed after the refused restart: {line:?}\n{}",
+        p.log_text()
+    );
+    assert!(held.wait().unwrap().success());
+    assert!(p.running());
+    let v = virsh(&uri, &["version"]);
+    assert_success(
+        &v,
+        &format!("{backend}: virsh version after the refused restart"),
+    );
+}
+
+macro_rules! on_both_backends {
+    ($($scenario:ident),* $(,)?) => {$(
+        mod $scenario {
+            #[test]
+            fn io_uring() {
+                super::$scenario("io_uring");
+            }
+            #[test]
+            fn epoll() {
+                super::$scenario("epoll");
+            }
+        }
+    )*};
+}
+
+on_both_backends!(
+    sigusr2_keeps_every_connection,
+    a_binary_that_cannot_start_leaves_the_old_one_serving,
+);
