@@ -301,6 +301,7 @@ fn run(argv0: &str, cli: cli::Cli) -> i32 {
     // A restart's hand-over: the listeners that were not systemd's, and the connections.
     let mut resumed = None;
     if let Some((state_fd, queue)) = arriving {
+        handover::transfer::forget_in_systemd();
         match handover::process::arrive(state_fd, queue) {
             Ok(a) => {
                 tracing::info!(

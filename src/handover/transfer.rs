@@ -149,6 +149,20 @@ pub fn store_in_systemd(out: &Outgoing) -> io::Result<()> {
     barrier()
 }
 
+/// Removes a hand-over the new process has taken from systemd's fd store (else the next
+/// restart would get it again beside its own); a no-op without systemd.
+pub fn forget_in_systemd() {
+    use sd_notify::NotifyState;
+    for name in [super::STATE_NAME, super::FDS_NAME] {
+        if let Err(e) = sd_notify::notify(
+            false,
+            &[NotifyState::FdStoreRemove, NotifyState::FdName(name)],
+        ) {
+            tracing::debug!("FDSTOREREMOVE {name}: {e}");
+        }
+    }
+}
+
 /// `BARRIER=1`: systemd closes the pipe's write end we send once it has processed every
 /// earlier message; its read end then sees EOF.
 fn barrier() -> io::Result<()> {

@@ -1,0 +1,272 @@
+//! `systemctl restart virtproxyd.service` keeps every client: a real systemd 252 (booted in
+//! private namespaces by scripts/systemd-box.sh) runs the project's own units, the proxy
+//! hands its connections over through the fd store, and the clients of the activated
+//! `libvirt-sock` and TCP socket go on — calls, events, a download in flight. `stop` then
+//! `start` still closes them, as the fd store is emptied then.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use support::modular::{daemons_shared, testbed};
+use support::*;
+
+const BOX_SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/systemd-box.sh");
+
+/// A systemd box with the project's units and binary installed; killed on drop.
+struct SystemdBox {
+    dir: tempfile::TempDir,
+    pid: u32,
+    tcp_port: u16,
+}
+
+impl SystemdBox {
+    fn boot(bind: &[&Path]) -> SystemdBox {
+        let dir = tempfile::Builder::new()
+            .prefix("vpd-box-")
+            .tempdir()
+            .unwrap();
+        let mut cmd = Command::new("bash");
+        cmd.arg(BOX_SCRIPT).arg("start").arg(dir.path()).args(bind);
+        let out = output_with_timeout(&mut cmd, Duration::from_secs(60));
+        assert_success(&out, "systemd-box.sh start");
+        let pid = stdout(&out).trim().parse().expect("box pid");
+        SystemdBox {
+            dir,
+            pid,
+            tcp_port: free_port(),
+        }
+    }
+
+    fn root(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/{}/root", self.pid))
+    }
+
+    fn systemctl(&self, args: &[&str]) -> Output {
+        let pid = self.pid.to_string();
+        let mut cmd = Command::new("nsenter");
+        cmd.args(["-t", &pid, "-m", "-p", "-r", "-w", "systemctl"])
+            .args(args);
+        output_with_timeout(&mut cmd, Duration::from_secs(60))
+    }
+
+    fn show(&self, unit: &str, prop: &str) -> String {
+        stdout(&self.systemctl(&["show", "-p", prop, "--value", unit]))
+            .trim()
+            .to_string()
+    }
+
+    /// The binary, the shipped units (each made independent of the boot's early units, the
+    /// TCP socket on a free port) and a config routing to the test bed's daemons.
+    fn install(&self, driver_socket_dir: &Path) {
+        let root = self.root();
+        let put = |path: &str, text: &str| {
+            let p = root.join(path.trim_start_matches('/'));
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(&p, text).unwrap();
+        };
+        std::fs::copy(
+            env!("CARGO_BIN_EXE_virtproxyd"),
+            root.join("usr/sbin/virtproxyd"),
+        )
+        .unwrap();
+        let units = Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd");
+        for e in std::fs::read_dir(&units).unwrap() {
+            let e = e.unwrap();
+            let name = e.file_name().to_string_lossy().into_owned();
+            let text = std::fs::read_to_string(e.path()).unwrap();
+            put(&format!("/etc/systemd/system/{name}"), &text);
+            put(
+                &format!("/etc/systemd/system/{name}.d/box.conf"),
+                "[Unit]\nDefaultDependencies=no\n",
+            );
+        }
+        put(
+            "/etc/systemd/system/virtproxyd-tcp.socket.d/port.conf",
+            &format!(
+                "[Socket]\nListenStream=\nListenStream=127.0.0.1:{}\n",
+                self.tcp_port
+            ),
+        );
+        put(
+            "/etc/libvirt/virtproxyd.conf",
+            &format!(
+                "auth_unix_rw = \"none\"\nauth_unix_ro = \"none\"\nauth_tcp = \"none\"\n\
+                 driver_socket_dir = \"{}\"\nlog_level = 2\n\
+                 log_outputs = \"2:file:/run/virtproxyd.log\"\n",
+                driver_socket_dir.display()
+            ),
+        );
+        assert_success(&self.systemctl(&["daemon-reload"]), "daemon-reload");
+        assert_success(
+            &self.systemctl(&[
+                "start",
+                "virtproxyd.socket",
+                "virtproxyd-ro.socket",
+                "virtproxyd-admin.socket",
+                "virtproxyd-tcp.socket",
+            ]),
+            "start the sockets",
+        );
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.root().join("run/virtproxyd.log")).unwrap_or_default()
+    }
+
+    fn unix_uri(&self) -> String {
+        unix_uri(
+            "qemu:///system",
+            &self.root().join("run/libvirt/libvirt-sock"),
+        )
+    }
+
+    fn tcp_uri(&self) -> String {
+        format!("qemu+tcp://127.0.0.1:{}/system", self.tcp_port)
+    }
+}
+
+impl Drop for SystemdBox {
+    fn drop(&mut self) {
+        let _ = Command::new("bash")
+            .arg(BOX_SCRIPT)
+            .arg("stop")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+/// Runs restart_workload.py against `uri`; returns the child and its two flag files.
+fn workload(
+    uri: &str,
+    pools: &Path,
+    flags: &Path,
+    tag: &str,
+) -> (std::process::Child, PathBuf, PathBuf) {
+    let (ready, restarted) = (
+        flags.join(format!("{tag}-ready")),
+        flags.join(format!("{tag}-restarted")),
+    );
+    let child = py_command(
+        "restart_workload.py",
+        &[
+            uri,
+            &pools.join(tag).display().to_string(),
+            "32",
+            &ready.display().to_string(),
+            &restarted.display().to_string(),
+        ],
+    )
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    (child, ready, restarted)
+}
+
+#[test]
+fn systemctl_restart_keeps_unix_and_tcp_clients_and_stop_closes_them() {
+    let _shared = daemons_shared();
+    let tb = testbed();
+    let b = SystemdBox::boot(&[&tb.sock_dir]);
+    b.install(&tb.sock_dir);
+    // The first client activates the service.
+    assert_success(
+        &virsh(&b.unix_uri(), &["version"]),
+        "virsh through the activated socket",
+    );
+    let first_pid = b.show("virtproxyd.service", "MainPID");
+    assert_ne!(first_pid, "0", "virtproxyd.service is not running");
+
+    let pools = pool_dir();
+    let flags = tempfile::tempdir().unwrap();
+    let (unix_child, unix_ready, unix_restarted) =
+        workload(&b.unix_uri(), pools.path(), flags.path(), "unix");
+    let (tcp_child, tcp_ready, tcp_restarted) =
+        workload(&b.tcp_uri(), pools.path(), flags.path(), "tcp");
+    for r in [&unix_ready, &tcp_ready] {
+        assert!(
+            wait_for(Duration::from_secs(60), || r.exists()),
+            "a workload never got ready; log:\n{}",
+            b.log()
+        );
+    }
+    let t = std::time::Instant::now();
+    assert_success(
+        &b.systemctl(&["restart", "virtproxyd.service"]),
+        "systemctl restart virtproxyd.service",
+    );
+    let restart_took = t.elapsed();
+    let second_pid = b.show("virtproxyd.service", "MainPID");
+    assert_ne!(second_pid, first_pid, "no new process");
+    assert!(
+        wait_for(Duration::from_secs(10), || b
+            .log()
+            .contains("taking over from the previous process")),
+        "the new process took nothing over; log:\n{}",
+        b.log()
+    );
+    for f in [&unix_restarted, &tcp_restarted] {
+        std::fs::write(f, "yes").unwrap();
+    }
+    for (what, child) in [("unix", unix_child), ("tcp", tcp_child)] {
+        let out = child.wait_with_output().unwrap();
+        assert_success(
+            &out,
+            &format!(
+                "the {what} workload across systemctl restart (log:\n{})",
+                b.log()
+            ),
+        );
+        eprintln!("{what}: {}", stdout(&out).trim());
+    }
+    let log = b.log();
+    assert!(
+        !log.contains("connection closed: restart"),
+        "a client was closed:\n{log}"
+    );
+    assert_eq!(
+        b.show("virtproxyd.service", "NFileDescriptorStore"),
+        "0",
+        "the new process left its hand-over in the store"
+    );
+    eprintln!("systemctl restart took {restart_took:?}");
+
+    // stop, then start: the store is emptied; a held client sees its connection end.
+    let mut held = Command::new(PYTHON)
+        .args([
+            "-c",
+            "import libvirt,sys\n\
+             libvirt.registerErrorHandler(lambda *a: None, None)\n\
+             c=libvirt.open(sys.argv[1])\n\
+             print('open',flush=True)\n\
+             sys.stdin.readline()\n\
+             try:\n    c.getLibVersion(); print('alive')\n\
+             except libvirt.libvirtError: print('closed')\n",
+            &b.unix_uri(),
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(held.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    assert_eq!(line.trim(), "open");
+    assert_success(
+        &b.systemctl(&["stop", "virtproxyd.service"]),
+        "systemctl stop",
+    );
+    assert_eq!(b.show("virtproxyd.service", "NFileDescriptorStore"), "0");
+    std::io::Write::write_all(held.stdin.as_mut().unwrap(), b"\n").unwrap();
+    line.clear();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    assert_eq!(line.trim(), "closed", "a client survived systemctl stop");
+    let _ = held.wait();
+    assert_success(
+        &virsh(&b.unix_uri(), &["version"]),
+        "virsh after stop and a new activation",
+    );
+}
