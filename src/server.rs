@@ -164,6 +164,11 @@ impl Admission<'_> {
         let n = r.carried.len();
         for c in r.carried {
             let rec = c.record;
+            let Some(daemon) = c.daemon else {
+                // A client that had sent nothing yet: as if just accepted.
+                self.admit(c.client, rec.kind, rec.identity);
+                continue;
+            };
             self.next_id = self.next_id.max(rec.id + 1);
             let owner = self.next_worker % self.workers.len();
             self.next_worker = self.next_worker.wrapping_add(1);
@@ -194,7 +199,7 @@ impl Admission<'_> {
                 rate: None,
                 carried: Some(Box::new(crate::handover::Resume {
                     record: rec,
-                    daemon: c.daemon,
+                    daemon,
                 })),
             };
             if self.workers[owner].inbox.send(nc).is_err() {

@@ -97,6 +97,59 @@ fn sigusr2_keeps_every_connection(backend: &str) {
     );
 }
 
+/// The time the old process took to quiesce, from its log.
+fn quiesce_ms(log: &str) -> Option<u64> {
+    let l = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("connections ready to hand over"))?;
+    let at = l.find("quiesce_ms=")? + "quiesce_ms=".len();
+    l[at..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// A client connected but silent before its open (a raw socket that sent nothing) does not
+/// hold the restart up to the grace period, and is served by the next process: its open
+/// and a call after it work.
+fn a_client_that_sent_nothing_is_carried_too(backend: &str) {
+    let _shared = daemons_shared();
+    let p = proxy("", &[("VIRTPROXYD_IO_BACKEND", backend)]);
+    let mut silent = std::os::unix::net::UnixStream::connect(&p.rw_sock).unwrap();
+    silent
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    // Let the worker adopt it.
+    std::thread::sleep(Duration::from_millis(100));
+    p.signal("USR2");
+    assert!(
+        wait_for(Duration::from_secs(20), || carried_count(&p.log_text())
+            .is_some()),
+        "{backend}: no hand-over; log:\n{}",
+        p.log_text()
+    );
+    let log = p.log_text();
+    let ms = quiesce_ms(&log).unwrap_or(u64::MAX);
+    assert!(ms < 1000, "{backend}: the quiesce took {ms} ms:\n{log}");
+    assert_eq!(carried_count(&log), Some(1), "{backend}:\n{log}");
+    // CONNECT_OPEN("qemu:///system", 0), then CONNECT_GET_LIB_VERSION (157).
+    let uri = "qemu:///system";
+    let mut body = vec![0, 0, 0, 1];
+    body.extend((uri.len() as u32).to_be_bytes());
+    body.extend(uri.as_bytes());
+    body.resize(body.len().div_ceil(4) * 4, 0);
+    body.extend([0, 0, 0, 0]);
+    use std::io::Write;
+    silent.write_all(&frame(1, 0, 1, &body)).unwrap();
+    let r = read_frame(&mut silent).expect("open reply");
+    assert_eq!(&r[24..28], &[0, 0, 0, 0], "{backend}: the open failed");
+    silent.write_all(&frame(157, 0, 2, &[])).unwrap();
+    let r = read_frame(&mut silent).expect("version reply");
+    assert_eq!(&r[24..28], &[0, 0, 0, 0], "{backend}: the call failed");
+}
+
 /// A binary that cannot take over (here: one that exits at once) is asked first and the
 /// running proxy goes on serving, its connections untouched.
 fn a_binary_that_cannot_start_leaves_the_old_one_serving(backend: &str) {
@@ -172,5 +225,6 @@ macro_rules! on_both_backends {
 
 on_both_backends!(
     sigusr2_keeps_every_connection,
+    a_client_that_sent_nothing_is_carried_too,
     a_binary_that_cannot_start_leaves_the_old_one_serving,
 );

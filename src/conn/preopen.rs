@@ -32,6 +32,8 @@ pub(crate) struct PreOpen {
     pub(crate) layer: Option<Box<dyn SecurityLayer>>,
     /// Its source's pre-open rate (see `flood`), charged for each client frame.
     pub(crate) rate: Option<std::sync::Arc<crate::flood::SourceRate>>,
+    /// Client frames handled (none: a restart can carry it as if just accepted).
+    pub(crate) client_frames: u32,
 }
 
 impl PreOpen {
@@ -259,6 +261,7 @@ mod tests {
             cutter: None,
             layer: None,
             rate: None,
+            client_frames: 0,
         }
     }
 

@@ -35,12 +35,14 @@ pub const FDS_NAME: &str = "virtproxyd-handover-fds";
 /// once a hand-over starts; the rest are closed.
 pub const GRACE: Duration = Duration::from_secs(2);
 
-/// A relayed connection at rest, leaving a worker (or arriving at one).
+/// A relayed connection at rest (or a client that sent nothing yet), leaving a worker or
+/// arriving at one.
 #[derive(Debug)]
 pub struct Carried {
     pub record: ConnRecord,
     pub client: OwnedFd,
-    pub daemon: OwnedFd,
+    /// `None` for a `fresh` client.
+    pub daemon: Option<OwnedFd>,
 }
 
 /// What a worker needs besides the client socket to adopt a carried connection.

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::state::{self, ConnRecord, ListenerRecord, State, FDS_PER_CONN};
+use super::state::{self, ConnRecord, ListenerRecord, State};
 use super::transfer::{self, Outgoing};
 use super::{Carried, HandOff, HandOffMode, Resumed, FDS_NAME, STATE_NAME};
 use crate::listen::Listener;
@@ -97,7 +97,9 @@ fn pack(h: &HandOff) -> std::io::Result<Outgoing> {
     let mut fds: Vec<BorrowedFd<'_>> = h.listeners.iter().map(|l| l.fd.as_fd()).collect();
     for c in &h.carried {
         fds.push(c.client.as_fd());
-        fds.push(c.daemon.as_fd());
+        if let Some(d) = &c.daemon {
+            fds.push(d.as_fd());
+        }
     }
     transfer::pack(&state::encode(&state), &fds)
 }
@@ -221,7 +223,7 @@ pub fn arrive(state_fd: OwnedFd, queue: OwnedFd) -> Result<Arrived, String> {
     let all = transfer::receive_fds(queue.as_fd(), usize::MAX >> 1)
         .map_err(|e| format!("receiving the fds: {e}"))?;
     let st = decoded.map_err(|e| format!("{e}; {} carried fds closed", all.len()))?;
-    let want = st.listeners.len() + st.conns.len() * FDS_PER_CONN;
+    let want = st.listeners.len() + st.conns.iter().map(ConnRecord::fds).sum::<usize>();
     if all.len() != want {
         return Err(format!(
             "the state names {want} fds but {} arrived; all closed",
@@ -242,10 +244,14 @@ pub fn arrive(state_fd: OwnedFd, queue: OwnedFd) -> Result<Arrived, String> {
     }
     let mut carried = Vec::with_capacity(st.conns.len());
     for record in st.conns {
-        let (Some(client), Some(daemon)) = (fds.next(), fds.next()) else {
+        let Some(client) = fds.next() else {
             break;
         };
-        match check_sockets(&record, &client, &daemon) {
+        let daemon = if record.fresh { None } else { fds.next() };
+        if !record.fresh && daemon.is_none() {
+            break;
+        }
+        match check_sockets(&record, &client, daemon.as_ref()) {
             Ok(()) => carried.push(Carried {
                 record,
                 client,
@@ -276,9 +282,10 @@ fn set_nonblocking(fd: &OwnedFd) {
 
 /// Both fds are stream sockets (a record whose fds were swapped or replaced would otherwise
 /// relay between the wrong peers); the client socket of a kTLS record has the TLS ULP.
-fn check_sockets(r: &ConnRecord, client: &OwnedFd, daemon: &OwnedFd) -> Result<(), String> {
+fn check_sockets(r: &ConnRecord, client: &OwnedFd, daemon: Option<&OwnedFd>) -> Result<(), String> {
     use nix::sys::socket::{getsockopt, sockopt};
-    for (what, fd) in [("client", client), ("daemon", daemon)] {
+    for (what, fd) in [("client", Some(client)), ("daemon", daemon)] {
+        let Some(fd) = fd else { continue };
         match getsockopt(fd, sockopt::SockType) {
             Ok(nix::sys::socket::SockType::Stream) => {}
             Ok(t) => return Err(format!("its {what} fd is a {t:?} socket")),

@@ -45,6 +45,9 @@ pub struct ConnRecord {
     pub daemon_shut: bool,
     /// The client socket is a kernel TLS socket (writes must end at frame ends).
     pub ktls: bool,
+    /// A client that had sent nothing yet, before its open: no daemon socket; the next
+    /// process takes it as if it had just been accepted.
+    pub fresh: bool,
 }
 
 /// A listening socket handed over (one fd in the stream, before the connections').
@@ -84,8 +87,17 @@ impl From<XdrError> for StateError {
     }
 }
 
-/// Fds each record uses in the fd stream, in order.
-pub const FDS_PER_CONN: usize = 2;
+impl ConnRecord {
+    /// Fds the record has in the fd stream: the client socket, and the daemon socket unless
+    /// it is `fresh`.
+    pub fn fds(&self) -> usize {
+        if self.fresh {
+            1
+        } else {
+            2
+        }
+    }
+}
 
 fn kind_code(k: ListenerKind) -> u32 {
     match k {
@@ -210,7 +222,7 @@ pub fn encode(state: &State) -> Vec<u8> {
         put_bool(&mut e, c.opened_readonly);
         e.opt_string(c.uri.as_deref());
         e.opt_string(c.daemon_path.as_deref());
-        for b in [c.client_done, c.daemon_done, c.daemon_shut, c.ktls] {
+        for b in [c.client_done, c.daemon_done, c.daemon_shut, c.ktls, c.fresh] {
             put_bool(&mut e, b);
         }
     }
@@ -263,8 +275,8 @@ pub fn decode(buf: &[u8]) -> Result<State, StateError> {
         let opened_readonly = d.bool()?;
         let uri = d.opt_string()?;
         let daemon_path = d.opt_string()?;
-        let (client_done, daemon_done, daemon_shut, ktls) =
-            (d.bool()?, d.bool()?, d.bool()?, d.bool()?);
+        let (client_done, daemon_done, daemon_shut, ktls, fresh) =
+            (d.bool()?, d.bool()?, d.bool()?, d.bool()?, d.bool()?);
         conns.push(ConnRecord {
             id,
             kind,
@@ -280,6 +292,7 @@ pub fn decode(buf: &[u8]) -> Result<State, StateError> {
             daemon_done,
             daemon_shut,
             ktls,
+            fresh,
         });
     }
     if d.remaining() != 0 {
@@ -327,6 +340,7 @@ mod tests {
             daemon_done: false,
             daemon_shut: false,
             ktls: false,
+            fresh: false,
         }
     }
 
@@ -370,7 +384,16 @@ mod tests {
                     path: None,
                 },
             ],
-            conns: vec![record(1), tcp],
+            conns: vec![
+                record(1),
+                tcp,
+                ConnRecord {
+                    fresh: true,
+                    uri: None,
+                    daemon_path: None,
+                    ..record(9)
+                },
+            ],
         };
         assert_eq!(decode(&encode(&state)), Ok(state));
     }

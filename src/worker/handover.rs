@@ -49,6 +49,16 @@ impl Worker {
                     close.push((slot, "restart: a SASL security layer cannot be handed over"))
                 }
                 State::Layered(_) => {}
+                // Nothing read from it yet: the next process takes it as just accepted.
+                State::Pre(p)
+                    if movable
+                        && c.kind != ListenerKind::Tls
+                        && p.client_frames == 0
+                        && p.c_rx.is_empty()
+                        && p.c_tx.is_empty() =>
+                {
+                    carry.push(slot)
+                }
                 State::Pre(_) if expired => {
                     close.push((slot, "restart: the client had not opened its connection"))
                 }
@@ -85,10 +95,16 @@ impl Worker {
             conn.client.as_raw_fd(),
             token(slot, conn.gen, Side::Accepted),
         );
-        let daemon = conn.daemon.take()?;
-        self.reactor
-            .remove(daemon.as_raw_fd(), token(slot, conn.gen, Side::Daemon));
+        let daemon = conn.daemon.take();
+        if let Some(d) = &daemon {
+            self.reactor
+                .remove(d.as_raw_fd(), token(slot, conn.gen, Side::Daemon));
+        }
+        let fresh = matches!(conn.state, State::Pre(_));
+        // A fresh client's early daemon connection (if any) is just closed.
+        let daemon = if fresh { None } else { Some(daemon?) };
         let (client_done, daemon_done, daemon_shut) = match &mut conn.state {
+            State::Pre(_) => (false, false, false),
             State::Relay {
                 c2d,
                 d2c,
@@ -139,6 +155,7 @@ impl Worker {
                 daemon_done,
                 daemon_shut,
                 ktls: conn.kind == ListenerKind::Tls,
+                fresh,
             },
             client: conn.client,
             daemon,

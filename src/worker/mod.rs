@@ -648,6 +648,7 @@ impl Worker {
                 d_rx: Vec::new(),
                 d_tx: Vec::new(),
                 rate: nc.rate,
+                client_frames: 0,
                 timers,
                 connecting: None,
                 closing: None,

@@ -69,6 +69,7 @@ impl Worker {
                             );
                             used = end;
                             frames_left -= 1;
+                            p.client_frames = p.client_frames.saturating_add(1);
                             progress = true;
                             let wait = p.rate.as_ref().map(|r| r.charge(Instant::now()));
                             if let Some(wait) = wait.filter(|w| !w.is_zero()) {
