@@ -688,6 +688,108 @@ mod tests {
         );
     }
 
+    /// A restart's quiesce (`Pump::quiesce`), begun at any byte offset of a stream of small
+    /// and spliced frames — a header split, mid-body, mid-splice — delivers exactly up to the
+    /// end of the frame under way, leaves the pump at rest with nothing buffered, and leaves
+    /// every later byte in the source's queue (where the next process reads it).
+    #[test]
+    fn quiescing_stops_exactly_at_the_end_of_the_frame_under_way() {
+        let frames = [
+            call_frame(4, &[1; 100]),
+            stream_frame(64 * 1024),
+            call_frame(5, &[]),
+            call_frame(6, &[3; 40]),
+            stream_frame(20_000),
+        ];
+        let stream = frames.concat();
+        let ends: Vec<usize> = frames
+            .iter()
+            .scan(0, |at, f| {
+                *at += f.len();
+                Some(*at)
+            })
+            .collect();
+        let offsets: Vec<usize> = (0..200)
+            .chain((200..stream.len()).step_by(997))
+            .chain(ends.iter().flat_map(|&e| [e - 1, e, e + 1]))
+            .filter(|&k| k < stream.len())
+            .collect();
+        for k in offsets {
+            let (mut src_w, src_r) = UnixStream::pair().unwrap();
+            let (dst_w, mut dst_r) = UnixStream::pair().unwrap();
+            src_r.set_nonblocking(true).unwrap();
+            dst_w.set_nonblocking(true).unwrap();
+            dst_r.set_nonblocking(true).unwrap();
+            let mut pools = Pools::new(64 * 1024, 1 << 20, 16 * 1024);
+            let mut pump = Pump::new(true, &pools);
+            let mut got = Vec::new();
+            let mut run = |pump: &mut Pump, pools: &mut Pools, got: &mut Vec<u8>| {
+                for _ in 0..10_000 {
+                    let d = pump
+                        .drive(
+                            src_r.as_fd(),
+                            dst_w.as_fd(),
+                            pools,
+                            &mut |_| Verdict::Forward,
+                            &mut true,
+                        )
+                        .unwrap();
+                    let mut buf = vec![0u8; 1 << 20];
+                    let drained = match dst_r.read(&mut buf) {
+                        Ok(n) => {
+                            got.extend_from_slice(&buf[..n]);
+                            n
+                        }
+                        Err(_) => 0,
+                    };
+                    if d == Drive::Blocked && drained == 0 && !pump.wants_writable() {
+                        return;
+                    }
+                }
+                panic!("the pump never settled");
+            };
+            src_w.write_all(&stream[..k]).unwrap();
+            run(&mut pump, &mut pools, &mut got);
+            pump.quiesce();
+            // Everything else arrives while quiescing: only the frame under way may pass.
+            let feeder = {
+                let rest = stream[k..].to_vec();
+                let mut w = src_w.try_clone().unwrap();
+                std::thread::spawn(move || w.write_all(&rest).unwrap())
+            };
+            let end = ends.iter().copied().find(|&e| e >= k).unwrap_or(0);
+            let end = if ends.contains(&k) || k == 0 { k } else { end };
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            while got.len() < end && std::time::Instant::now() < deadline {
+                run(&mut pump, &mut pools, &mut got);
+            }
+            feeder.join().unwrap();
+            run(&mut pump, &mut pools, &mut got);
+            assert_eq!(
+                got.len(),
+                end,
+                "quiesce at byte {k}: delivered up to {}",
+                got.len()
+            );
+            assert_eq!(got[..], stream[..end], "quiesce at byte {k}: bytes differ");
+            assert!(pump.at_rest(), "quiesce at byte {k}: not at rest");
+            let mut left = Vec::new();
+            let mut buf = vec![0u8; 1 << 20];
+            while let Ok(n) = (&src_r).read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                left.extend_from_slice(&buf[..n]);
+            }
+            assert_eq!(
+                left[..],
+                stream[end..],
+                "quiesce at byte {k}: the source lost bytes"
+            );
+            pump.release(&mut pools);
+        }
+    }
+
     #[test]
     fn captured_frames_are_taken_out_of_the_stream_whole() {
         let a = call_frame(4, &[1; 40]);
