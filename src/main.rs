@@ -302,12 +302,14 @@ fn run(argv0: &str, cli: cli::Cli) -> i32 {
     let mut resumed = None;
     if let Some((state_fd, queue)) = arriving {
         handover::transfer::forget_in_systemd();
+        let t = std::time::Instant::now();
         match handover::process::arrive(state_fd, queue) {
             Ok(a) => {
                 tracing::info!(
                     from = %a.producer,
                     conns = a.resumed.carried.len(),
                     listeners = a.listeners.len(),
+                    unpack_ms = t.elapsed().as_millis() as u64,
                     "taking over from the previous process"
                 );
                 listeners.extend(a.listeners);
@@ -486,9 +488,12 @@ fn run(argv0: &str, cli: cli::Cli) -> i32 {
                     Err(why) if h.mode == handover::HandOffMode::Exec => {
                         // Serve on with everything as it was.
                         tracing::error!("restart failed, still serving: {why}");
+                        let mut h = *h;
+                        if let Some(t) = h.admin_thread.take() {
+                            let _ = t.join();
+                        }
                         shared.handover.requested.store(false, Ordering::Release);
                         shared.shutdown.store(false, Ordering::Release);
-                        let h = *h;
                         listeners = h.listeners;
                         resumed = Some(handover::Resumed {
                             carried: h.carried,

@@ -160,9 +160,10 @@ impl Admission<'_> {
     /// registry, each straight to a worker's relay.
     fn resume(&mut self, r: Resumed) {
         let shared = self.shared;
+        let t = Instant::now();
         self.next_id = self.next_id.max(r.next_id);
         let n = r.carried.len();
-        for c in r.carried {
+        for c in busy_first(r.carried) {
             let rec = c.record;
             let Some(daemon) = c.daemon else {
                 // A client that had sent nothing yet: as if just accepted.
@@ -209,7 +210,11 @@ impl Admission<'_> {
             }
         }
         if n > 0 {
-            tracing::info!(conns = n, "carried connections resumed");
+            tracing::info!(
+                conns = n,
+                ms = t.elapsed().as_millis() as u64,
+                "carried connections resumed"
+            );
         }
     }
 
@@ -287,6 +292,39 @@ fn at_max_clients(shared: &Shared, checked: bool) -> bool {
         shared.max_clients.load(Ordering::Acquire),
         checked || shared.limits_set.load(Ordering::Acquire),
     )
+}
+
+/// Carried connections with bytes waiting on either socket first: a client in the middle of
+/// a call waits for its connection's adoption, an idle one does not (one poll() over every
+/// socket, not a syscall per connection).
+fn busy_first(carried: Vec<crate::handover::Carried>) -> Vec<crate::handover::Carried> {
+    let busy: Vec<bool> = {
+        let mut fds: Vec<PollFd<'_>> = Vec::with_capacity(carried.len() * 2);
+        for c in &carried {
+            fds.push(PollFd::new(c.client.as_fd(), PollFlags::POLLIN));
+            if let Some(d) = &c.daemon {
+                fds.push(PollFd::new(d.as_fd(), PollFlags::POLLIN));
+            }
+        }
+        if poll(&mut fds, PollTimeout::ZERO).is_err() {
+            return carried;
+        }
+        let mut ready = fds
+            .iter()
+            .map(|f| f.revents().is_some_and(|r| !r.is_empty()));
+        carried
+            .iter()
+            .map(|c| {
+                let client = ready.next().unwrap_or(false);
+                let daemon = c.daemon.is_some() && ready.next().unwrap_or(false);
+                client || daemon
+            })
+            .collect()
+    };
+    let (mut first, rest): (Vec<_>, Vec<_>) =
+        carried.into_iter().zip(busy).partition(|(_, busy)| *busy);
+    first.extend(rest);
+    first.into_iter().map(|(c, _)| c).collect()
 }
 
 /// Whether a signal hands the connections over, and how: SIGUSR2 always (when hand-over is
@@ -719,9 +757,6 @@ pub fn run(mut opts: ServerOpts) -> io::Result<Stopped> {
                 let _ = w.thread.join();
             }
         }
-        if let Some(t) = admin_thread {
-            let _ = t.join();
-        }
         let carried = shared.handover.take();
         tracing::info!(
             carried = carried.len(),
@@ -735,6 +770,7 @@ pub fn run(mut opts: ServerOpts) -> io::Result<Stopped> {
             listeners,
             carried,
             next_id,
+            admin_thread,
         })));
     }
     drop(admin_copies);

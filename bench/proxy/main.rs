@@ -26,6 +26,7 @@ mod logflood;
 #[path = "../../tests/support/pki.rs"]
 mod pki;
 mod report;
+mod restart;
 mod soak;
 
 use std::collections::BTreeMap;
@@ -136,7 +137,7 @@ fn main() {
         || std::env::var("VPD_BENCH_QUICK").is_ok_and(|v| !v.is_empty() && v != "0");
     let t_start = Instant::now();
     // VPD_BENCH_ONLY=tls,idlecpu,… runs only those sections (calls, open, streams, scale,
-    // idlecpu, tls, logflood); the table then has only their rows.
+    // idlecpu, tls, logflood, restart); the table then has only their rows.
     let only = std::env::var("VPD_BENCH_ONLY").unwrap_or_default();
     let want = |section: &str| only.is_empty() || only.split(',').any(|s| s.trim() == section);
     let nofile = raise_nofile();
@@ -505,6 +506,12 @@ fn main() {
         Value::Null
     };
     laps.lap("logflood");
+    let restart = if want("restart") {
+        restart::run(&client, &p.idle_counts, p.reps.max(3) + 1)
+    } else {
+        Value::Null
+    };
+    laps.lap("restart");
 
     // ---- health ----------------------------------------------------------------------------
     let mut legacy = legacy;
@@ -541,6 +548,9 @@ fn main() {
         doc["summary"]["logflood_p99_ratio"] = logflood["p99_ratio"].clone();
         doc["summary"]["logflood_elsewhere_p99_ratio"] = logflood["elsewhere_p99_ratio"].clone();
         doc["raw"]["logflood"] = logflood;
+    }
+    if !restart.is_null() {
+        doc["raw"]["restart"] = restart;
     }
     drop(pool);
     drop(uring);

@@ -97,6 +97,9 @@ pub struct HandOff {
     pub listeners: Vec<crate::listen::Listener>,
     pub carried: Vec<Carried>,
     pub next_id: u64,
+    /// The admin thread, stopping (it polls every 200 ms): not waited for before leaving,
+    /// only before serving on when the hand-over failed.
+    pub admin_thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for HandOff {

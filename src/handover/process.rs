@@ -291,7 +291,7 @@ fn check_sockets(r: &ConnRecord, client: &OwnedFd, daemon: Option<&OwnedFd>) -> 
             Ok(t) => return Err(format!("its {what} fd is a {t:?} socket")),
             Err(e) => return Err(format!("its {what} fd is not a socket ({e})")),
         }
-        set_nonblocking(fd);
+        // O_NONBLOCK is the open file's, so it came along with it.
     }
     if r.ktls && !crate::tls::ktls::has_tls_ulp(client.as_fd()) {
         return Err("its client socket lost kernel TLS".into());

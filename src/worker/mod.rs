@@ -357,6 +357,8 @@ const WAKER_TOKEN: u64 = u64::MAX - 1;
 const PREOPEN_TX_CAP: usize = 64 * 1024;
 /// New clients adopted per loop turn (see `Worker::accept_new`).
 const ADOPT_PER_TURN: usize = 4;
+/// Connections carried over by a restart adopted per loop turn.
+const CARRIED_PER_TURN: usize = 1024;
 /// Pre-open frames handled per service before other connections get a turn.
 const PREOPEN_FRAMES_PER_DRIVE: usize = 64;
 
@@ -514,9 +516,20 @@ impl Worker {
     /// clients (a TLS handshake thread hands them over in batches) is spread over loop turns,
     /// so the established connections' events are served in between.
     fn accept_new(&mut self) -> bool {
-        for _ in 0..ADOPT_PER_TURN {
+        let mut adopted = 0;
+        // Connections carried from a previous process take no step on adoption (see
+        // `adopt_carried`): many of them fit in a turn.
+        let mut carried = 0;
+        while adopted < ADOPT_PER_TURN && carried < CARRIED_PER_TURN {
             match self.rx.try_recv() {
-                Ok(nc) => self.adopt(nc),
+                Ok(nc) if nc.carried.is_some() => {
+                    carried += 1;
+                    self.adopt(nc);
+                }
+                Ok(nc) => {
+                    adopted += 1;
+                    self.adopt(nc);
+                }
                 Err(TryRecvError::Empty) | Err(TryRecvError::Disconnected) => return false,
             }
         }
