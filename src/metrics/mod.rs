@@ -14,6 +14,7 @@
 pub mod counters;
 pub mod encode;
 pub mod http;
+pub mod meter;
 pub mod names;
 #[rustfmt::skip]
 pub mod procedures;
