@@ -385,6 +385,7 @@ fn run(argv0: &str, cli: cli::Cli) -> i32 {
         tracing::warn!("cannot start the log writer thread ({e}); logging inline");
     }
     // Metrics endpoint (issue 18): its own thread, after the signals are blocked.
+    let mut metrics_source = None;
     let metrics = if metrics_sockets.is_empty() {
         None
     } else {
@@ -393,6 +394,7 @@ fn run(argv0: &str, cli: cli::Cli) -> i32 {
             started,
             workers,
         ));
+        metrics_source = Some(source.clone());
         let deadline = virtproxyd::metrics::serve::deadline_from_env();
         match virtproxyd::metrics::serve::spawn(metrics_sockets, source, deadline) {
             Ok(h) => Some(h),
@@ -416,6 +418,7 @@ fn run(argv0: &str, cli: cli::Cli) -> i32 {
         shared,
         on_reload: Box::new(move |shared| reloader.reload(shared)),
         admin,
+        metrics: metrics_source,
     };
     let stopped = server::run(opts);
     if let Some(m) = metrics {

@@ -116,6 +116,7 @@ fn proxy() -> &'static Proxy {
                 shared,
                 on_reload: Box::new(|_| {}),
                 admin: Default::default(),
+                metrics: None,
             });
         });
         Proxy { port, ca_pem: ca.cert_pem.clone(), client: ca.client("client1", 7), _dir: dir }

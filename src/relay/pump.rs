@@ -122,6 +122,8 @@ pub struct Pump {
     finished: bool,
     /// Bytes delivered to the destination so far.
     pub moved: u64,
+    /// fds delivered to the destination so far (metrics read the growth).
+    pub fds_passed: u64,
 }
 
 /// Bytes one `drive` may move before yielding to other connections.
@@ -142,6 +144,7 @@ impl Pump {
             trust_short_reads: true,
             finished: false,
             moved: 0,
+            fds_passed: 0,
         }
     }
 
@@ -347,6 +350,7 @@ impl Pump {
                     if next_fd == Some(self.start) && n == 1 {
                         // The fd is now in flight in the peer's queue; our copy can go.
                         self.fds.pop_front();
+                        self.fds_passed += 1;
                     }
                     if let Some(c) = &mut self.cutter {
                         c.advance(&buf[self.start..self.start + n]);
