@@ -489,6 +489,33 @@ fn encode_conns(e: &mut Enc<'_>, r: &WorkerTotals) -> std::fmt::Result {
     Ok(())
 }
 
+/// Series reported without the relay's counters (the daemon's own figures).
+pub const FIXED_SERIES: usize = 25;
+
+/// The most series a scrape can hold with `workers` relay workers: the README's bound. Every
+/// term is fixed at start; the procedure terms assume every one of libvirt's procedures (and
+/// `unknown`) was called, failed, timed, sent an event and streamed both ways.
+pub fn series_bound(workers: usize) -> usize {
+    use super::counters::{DRIVERS, DURATION_BUCKETS, LATENCY_BUCKETS};
+    // A histogram sample: its buckets, `_sum` and `_count`.
+    let latency = LATENCY_BUCKETS + 2;
+    let per_procedure = CALL_RESULTS.len() + latency + 1 + 2;
+    let per_driver = 5 + latency;
+    FIXED_SERIES
+        + 3 * workers
+        + 2
+        + 2 * FRAME_TYPES.len()
+        + 2
+        + 1
+        + names::SLOTS * per_procedure
+        + 2 * CONN_LISTENERS.len()
+        + CLOSE_REASONS.len()
+        + DURATION_BUCKETS
+        + 2
+        + AUTH_METHODS.len() * AUTH_RESULTS.len()
+        + DRIVERS * per_driver
+}
+
 /// The exposition of `snap` in `format` (OpenMetrics ends in `# EOF`).
 pub fn render(snap: &Snapshot, format: Format) -> String {
     let mut registry = Registry::default();
@@ -569,6 +596,103 @@ mod tests {
         );
         assert!(s.contains("virtproxyd_clients 3\n"), "{s}");
         assert!(!s.contains("# EOF") && !s.contains("# UNIT"), "{s}");
+    }
+
+    /// Samples in a text-format scrape (one line each).
+    fn samples(s: &str) -> usize {
+        s.lines().filter(|l| !l.starts_with('#')).count()
+    }
+
+    #[test]
+    fn without_the_relay_the_series_are_the_fixed_ones() {
+        assert_eq!(samples(&render(&sample(), Format::Text)), FIXED_SERIES);
+    }
+
+    /// Every known procedure number of every program, garbage programs and procedures, every
+    /// frame type both ways, every close reason and driver: the scrape reaches the stated
+    /// bound and no more.
+    #[test]
+    fn every_procedure_plus_garbage_stays_within_the_bound() {
+        use crate::metrics::counters::{CLOSE_REASONS, DRIVERS};
+        use crate::metrics::meter::{ConnMeter, WorkerMeter};
+        use crate::proto::frame::Header;
+        use crate::proto::MsgType;
+        let workers = 2;
+        let set = WorkerCounters::set(workers);
+        let mut numbers: Vec<(u32, i32)> = Vec::new();
+        for p in crate::metrics::procedures::PROGRAMS {
+            for n in 0..=p.names.len() as i32 + 3 {
+                numbers.push((p.number, n));
+            }
+        }
+        for garbage in [
+            (0xdead_beef, 1),
+            (program::REMOTE, -7),
+            (program::ADMIN, 3),
+            (7, i32::MAX),
+        ] {
+            numbers.push(garbage);
+        }
+        let types = [
+            MsgType::Call,
+            MsgType::Reply,
+            MsgType::Message,
+            MsgType::Stream,
+            MsgType::CallWithFds,
+            MsgType::ReplyWithFds,
+            MsgType::StreamHole,
+            MsgType::Other(42),
+        ];
+        for (w, c) in set.iter().enumerate() {
+            let mut m = ConnMeter::new();
+            for &(prog, proc_) in &numbers {
+                for status in [MsgStatus::Ok, MsgStatus::Error] {
+                    for mtype in types {
+                        let h = Header {
+                            len: 64,
+                            prog,
+                            vers: 1,
+                            proc_,
+                            mtype,
+                            serial: 1,
+                            status,
+                        };
+                        m.client_frame(c, &h);
+                        m.daemon_frame(c, &h);
+                    }
+                }
+            }
+            let meter = WorkerMeter::new(set.clone(), w).unwrap();
+            for why in [
+                "client closed",
+                "daemon closed the connection",
+                "TLS: x",
+                "?",
+            ] {
+                meter.closed(
+                    crate::listen::ListenerKind::Tcp,
+                    None,
+                    why,
+                    std::time::Duration::ZERO,
+                );
+            }
+            for d in crate::metrics::counters::driver_labels() {
+                let uri = format!("{d}:///system");
+                let mut cm = ConnMeter::new();
+                WorkerMeter::downstream_started(Some(&mut cm));
+                meter.daemon_connect(Some(&mut cm), Some(&uri), true);
+                meter.opened(Some(&mut cm));
+                meter.daemon_connect(None, Some(&uri), false);
+            }
+        }
+        let mut snap = sample();
+        snap.workers = workers as u64;
+        snap.relay = Some(WorkerTotals::sum(&set));
+        let text = render(&snap, Format::Text);
+        assert_eq!(samples(&text), series_bound(workers), "{}", &text[..2000]);
+        assert!(DRIVERS <= 16 && CLOSE_REASONS.len() <= 16);
+        // With 2 workers: the number the README states.
+        assert_eq!(series_bound(2), 12_257);
     }
 
     #[test]
