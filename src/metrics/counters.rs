@@ -13,24 +13,14 @@
 //! - No label grows with clients: indices are fixed enums and the procedure slots of
 //!   [`super::names`], so a block has a fixed number of series.
 //!
-//! # Wiring (for the relay)
-//! 1. `server::run` makes `let counters = WorkerCounters::set(nworkers);`, hands
-//!    `counters.clone()` plus the worker's index to each `Worker::new` (the worker keeps
-//!    `Arc<[WorkerCounters]>` and its index, or a reference into it), and calls
-//!    `metrics.attach_workers(counters)` on the `metrics::Source` when metrics are on. The
-//!    scrape only reports the `virtproxyd_worker_*`, `virtproxyd_relay_*` and
-//!    `virtproxyd_calls_*` families once a set is attached, so nothing reads as a false zero
-//!    before then.
-//! 2. The worker bumps, on its own thread only:
-//!    - `connections` when it adopts a connection;
-//!    - `loop_iterations` once per reactor wake-up, `busy_nanos` with the time from the wake
-//!      to the next wait;
-//!    - `bytes[dir]`, `frames[dir][frame_slot(header.mtype)]` where the relay has just
-//!      validated a frame header (`Direction::ClientToDaemon` for the client's frames);
-//!    - `fds[dir]` per fd carried on a `*_WITH_FDS` frame;
-//!    - `calls[names::slot(h.prog, h.proc_)][call_result(h.status)]` on each REPLY or
-//!      REPLY_WITH_FDS from the daemon (a reply closes exactly one call, so counting replies
-//!      needs no serial matching).
+//! # Wiring (done)
+//! `server::run` makes one block per worker when `ServerOpts::metrics` is set, attaches the
+//! set to the `metrics::Source` and gives each `Worker` its `meter::WorkerMeter`. The worker
+//! counts adoptions, loop turns and busy time, closes (by reason) and daemon connects; both
+//! relays (`conn::drive_relay` over the splice pumps, `conn::drive_layered` over the SASL
+//! copy relay) pass each validated header to the connection's `meter::ConnMeter`, which
+//! counts bytes, frames, calls (on replies: a reply closes exactly one call), latency,
+//! events and stream bytes; fds are counted as the pumps deliver them.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
