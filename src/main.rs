@@ -426,6 +426,7 @@ fn run(argv0: &str, cli: cli::Cli) -> i32 {
         tracing::warn!("cannot start the log writer thread ({e}); logging inline");
     }
     // Metrics endpoint (issue 18): its own thread, after the signals are blocked.
+    let mut metrics_source = None;
     let metrics = if metrics_sockets.is_empty() {
         None
     } else {
@@ -434,6 +435,7 @@ fn run(argv0: &str, cli: cli::Cli) -> i32 {
             started,
             workers,
         ));
+        metrics_source = Some(source.clone());
         let deadline = virtproxyd::metrics::serve::deadline_from_env();
         match virtproxyd::metrics::serve::spawn(metrics_sockets, source, deadline) {
             Ok(h) => Some(h),
@@ -465,6 +467,7 @@ fn run(argv0: &str, cli: cli::Cli) -> i32 {
             on_reload: Box::new(move |shared| reloader.borrow_mut().reload(shared)),
             admin: make_admin(),
             resumed: resumed.take(),
+            metrics: metrics_source.clone(),
             handover: handover_enabled,
             handover_check: Box::new(move || {
                 handover::process::check_binary(&check_exe, check_config.as_deref())

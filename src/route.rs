@@ -35,6 +35,26 @@ const KNOWN_DRIVERS: &[&str] = &[
     "interface",
 ];
 
+/// Driver labels of the per-daemon metrics: [`KNOWN_DRIVERS`], then `other` for every scheme
+/// routed by a `driver_sockets` entry alone (a fixed set, so the series count never follows
+/// the config).
+pub const METRIC_DRIVERS: &[&str] = &[
+    "qemu",
+    "lxc",
+    "xen",
+    "vbox",
+    "bhyve",
+    "vz",
+    "ch",
+    "network",
+    "storage",
+    "nodedev",
+    "nwfilter",
+    "secret",
+    "interface",
+    "other",
+];
+
 /// Probe order for an empty name when running privileged (libvirt-rpc.md §4.2).
 const PROBE_SYSTEM: &[&str] = &["xen", "qemu", "lxc", "vbox", "bhyve", "vz"];
 /// Probe order for an unprivileged daemon.
@@ -449,5 +469,12 @@ mod tests {
         assert_eq!(r.uri, "qemu:///system");
         assert_eq!(r.socket, at);
         drop(listener);
+    }
+
+    #[test]
+    fn metric_drivers_are_the_known_drivers_then_other() {
+        let (other, known) = METRIC_DRIVERS.split_last().unwrap();
+        assert_eq!(known, KNOWN_DRIVERS);
+        assert_eq!(*other, "other");
     }
 }

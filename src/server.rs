@@ -47,6 +47,9 @@ pub struct ServerOpts {
     /// Asks the binary that would take over whether it can (see `HandOff`); an error keeps
     /// this process serving.
     pub handover_check: Box<dyn FnMut() -> Result<(), String>>,
+    /// The metrics endpoint's source when metrics are on: the workers count into blocks it
+    /// reads (`metrics::counters`); `None` and the relay counts nothing.
+    pub metrics: Option<Arc<crate::metrics::Source>>,
 }
 
 /// Tells systemd (Type=notify) about our state; a no-op without NOTIFY_SOCKET.
@@ -472,6 +475,11 @@ pub fn run(mut opts: ServerOpts) -> io::Result<Stopped> {
             .map(|w| w.try_clone())
             .collect::<io::Result<Vec<_>>>()?,
     );
+    let counters = opts.metrics.as_ref().map(|source| {
+        let set = crate::metrics::counters::WorkerCounters::set(nworkers);
+        source.attach_workers(set.clone());
+        set
+    });
     for (index, ((waker, link), sasl_link)) in
         wakers.into_iter().zip(links).zip(sasl_links).enumerate()
     {
@@ -486,7 +494,12 @@ pub fn run(mut opts: ServerOpts) -> io::Result<Stopped> {
             opts.shared.clone(),
             link,
             sasl_link,
-        )?;
+        )?
+        .with_metrics(
+            counters
+                .clone()
+                .and_then(|set| crate::metrics::meter::WorkerMeter::new(set, index)),
+        );
         let thread = std::thread::Builder::new()
             .name(format!("relay-{index}"))
             .spawn(move || worker.run())?;

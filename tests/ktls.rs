@@ -120,6 +120,7 @@ fn proxy() -> &'static Proxy {
                 resumed: None,
                 handover: false,
                 handover_check: Box::new(|| Err("not in this test".into())),
+                metrics: None,
             });
         });
         Proxy { port, ca_pem: ca.cert_pem.clone(), client: ca.client("client1", 7), _dir: dir }

@@ -513,3 +513,202 @@ fn an_activated_metrics_socket_is_found_by_name_and_wins_over_metrics_listen() {
     let _ = act.kill();
     let _ = act.wait();
 }
+
+// ---- The relay's own counters, with real clients through the modular test bed ----
+
+/// A series' value, 0 when absent (a procedure never called has no series yet).
+fn v(body: &str, series: &str) -> f64 {
+    value(body, series).unwrap_or(0.0)
+}
+
+/// The sum of every sample of `family` whose labels contain all of `having` (e.g. every
+/// `virtproxyd_calls_total` sample).
+fn sum_of(body: &str, family: &str, having: &[&str]) -> f64 {
+    body.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.rsplit_once(' '))
+        .filter(|(name, _)| {
+            name.split('{').next() == Some(family) && having.iter().all(|h| name.contains(h))
+        })
+        .filter_map(|(_, x)| x.parse::<f64>().ok())
+        .sum()
+}
+
+/// Calls, errors, latency, stream bytes, events, opens/closes and daemon sockets: a scrape,
+/// a workload of known shape through python3-libvirt, a scrape; each delta exact.
+fn relay_counts_a_known_workload_exactly(backend: &str) {
+    const N: u32 = 25; // getLibVersion calls
+    const K: u32 = 3; // lookups of a missing pool (errors)
+    const M: u32 = 4; // extra opens/closes
+    const SIZE: u64 = 3 * 1024 * 1024 + 12_345; // uploaded stream bytes
+    let _shared = support::modular::daemons_shared();
+    let port = free_port();
+    let p = support::modular::proxy(
+        &format!("metrics_listen = \"127.0.0.1:{port}\"\n"),
+        &[("VIRTPROXYD_IO_BACKEND", backend)],
+    );
+    let scrape = || get(port, Some(TEXT)).body;
+    // The harness's readiness probes must be adopted and closed before the first scrape.
+    let mut before = scrape();
+    assert!(
+        wait_for(Duration::from_secs(10), || {
+            before = scrape();
+            let accepted = sum_of(&before, "virtproxyd_connections_accepted_total", &[]);
+            accepted > 0.0
+                && accepted == sum_of(&before, "virtproxyd_connections_closed_total", &[])
+        }),
+        "the start-up probes were not counted:\n{before}"
+    );
+    let pool = pool_dir();
+    let out = output_with_timeout(
+        &mut py_command(
+            "metrics_workload.py",
+            &[
+                &p.uri("storage:///system"),
+                &p.uri("secret:///system"),
+                pool.path().to_str().unwrap(),
+                &N.to_string(),
+                &K.to_string(),
+                &M.to_string(),
+                &SIZE.to_string(),
+            ],
+        ),
+        Duration::from_secs(150),
+    );
+    assert_success(&out, "metrics_workload.py");
+    let client: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    let client_secs: f64 = client["lib_version_s"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|x| x.as_f64())
+        .sum();
+    let conns = f64::from(M + 2);
+    // Closes are seen by the worker after the client's exit: wait for all of them.
+    let closed = r#"virtproxyd_connections_closed_total{listener="unix_rw"}"#;
+    let mut after = scrape();
+    assert!(
+        wait_for(Duration::from_secs(10), || {
+            after = scrape();
+            v(&after, closed) - v(&before, closed) >= conns
+        }),
+        "closes not counted:\n{after}"
+    );
+    let d = |series: &str| v(&after, series) - v(&before, series);
+    let lib = r#"program="remote",procedure="connect_get_lib_version""#;
+    assert_eq!(
+        d(&format!("virtproxyd_calls_total{{{lib},result=\"ok\"}}")),
+        f64::from(N)
+    );
+    assert_eq!(
+        d(&format!("virtproxyd_calls_total{{{lib},result=\"error\"}}")),
+        0.0
+    );
+    assert_eq!(
+        d(
+            r#"virtproxyd_calls_total{program="remote",procedure="storage_pool_lookup_by_name",result="error"}"#
+        ),
+        f64::from(K)
+    );
+    // Every connection closed once, relayed (CONNECT_CLOSE is an ordinary call).
+    assert_eq!(
+        d(r#"virtproxyd_calls_total{program="remote",procedure="connect_close",result="ok"}"#),
+        conns
+    );
+    // The histogram counts every call of the procedure, and the proxy's reply times can
+    // only be shorter than what the client measured around each call.
+    assert_eq!(
+        d(&format!("virtproxyd_call_duration_seconds_count{{{lib}}}")),
+        f64::from(N)
+    );
+    assert_eq!(
+        d(&format!(
+            "virtproxyd_call_duration_seconds_bucket{{{lib},le=\"+Inf\"}}"
+        )),
+        f64::from(N)
+    );
+    let proxy_secs = d(&format!("virtproxyd_call_duration_seconds_sum{{{lib}}}"));
+    assert!(
+        proxy_secs > 0.0 && proxy_secs <= client_secs,
+        "proxy {proxy_secs} s, client {client_secs} s"
+    );
+    // Nothing went untimed, and every reply relayed is a call counted and timed.
+    assert_eq!(d("virtproxyd_calls_untimed_total"), 0.0);
+    let calls = sum_of(&after, "virtproxyd_calls_total", &[])
+        - sum_of(&before, "virtproxyd_calls_total", &[]);
+    let timed = sum_of(&after, "virtproxyd_call_duration_seconds_count", &[])
+        - sum_of(&before, "virtproxyd_call_duration_seconds_count", &[]);
+    assert_eq!(calls, timed);
+    let replies = d(r#"virtproxyd_relay_frames_total{direction="daemon_to_client",type="reply"}"#);
+    assert_eq!(replies, calls);
+    // The stream: exactly the uploaded bytes, client to daemon.
+    assert_eq!(
+        d(
+            r#"virtproxyd_stream_bytes_total{program="remote",procedure="storage_vol_upload",direction="client_to_daemon"}"#
+        ),
+        SIZE as f64
+    );
+    assert!(d(r#"virtproxyd_relay_bytes_total{direction="client_to_daemon"}"#) > SIZE as f64);
+    // Events: the secret's DEFINED and UNDEFINED.
+    assert_eq!(
+        d(r#"virtproxyd_events_total{program="remote",procedure="secret_event_lifecycle"}"#),
+        2.0
+    );
+    // Connections: accepted and closed on the rw socket, by the client, each timed.
+    assert_eq!(
+        d(r#"virtproxyd_connections_accepted_total{listener="unix_rw"}"#),
+        conns
+    );
+    assert_eq!(d(closed), conns);
+    // After CONNECT_CLOSE either side may hang up first: the daemon's EOF or the client's.
+    let reason = |r: &str| {
+        d(&format!(
+            "virtproxyd_connections_closed_by_reason_total{{reason=\"{r}\"}}"
+        ))
+    };
+    assert_eq!(reason("client_closed") + reason("daemon_closed"), conns);
+    assert_eq!(d("virtproxyd_connection_duration_seconds_count"), conns);
+    // Daemon sockets: storage M + 1 times, secret once; all closed again.
+    assert_eq!(
+        d(r#"virtproxyd_daemon_connects_total{driver="storage"}"#),
+        f64::from(M + 1)
+    );
+    assert_eq!(
+        d(r#"virtproxyd_daemon_connects_total{driver="secret"}"#),
+        1.0
+    );
+    assert_eq!(
+        v(&after, r#"virtproxyd_daemon_connections{driver="storage"}"#),
+        0.0
+    );
+    assert_eq!(
+        d(r#"virtproxyd_daemon_open_duration_seconds_count{driver="storage"}"#),
+        f64::from(M + 1)
+    );
+    // The worker counted its adoptions and turns.
+    assert_eq!(
+        sum_of(&after, "virtproxyd_worker_connections_total", &[])
+            - sum_of(&before, "virtproxyd_worker_connections_total", &[]),
+        conns
+    );
+    assert!(d(r#"virtproxyd_worker_loop_iterations_total{worker="0"}"#) > 0.0);
+    promtool_accepts(&after);
+    openmetrics_parser_accepts(&get(port, Some(OPENMETRICS)).body);
+}
+
+macro_rules! on_both_backends {
+    ($($scenario:ident),* $(,)?) => {$(
+        mod $scenario {
+            #[test]
+            fn io_uring() {
+                super::$scenario("io_uring");
+            }
+            #[test]
+            fn epoll() {
+                super::$scenario("epoll");
+            }
+        }
+    )*};
+}
+
+on_both_backends!(relay_counts_a_known_workload_exactly);

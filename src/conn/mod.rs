@@ -8,6 +8,8 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::time::Instant;
 
 use crate::listen::ListenerKind;
+use crate::metrics::counters::WorkerCounters;
+use crate::metrics::meter::ConnMeter;
 use crate::proto::{program, remote_proc, Header, MsgType};
 use crate::relay::owed::OWED_CAP;
 use crate::relay::tracker::Verdict;
@@ -96,6 +98,8 @@ pub(crate) struct Conn {
     /// The client's SASL session while its exchange runs (absent while a SASL thread holds
     /// it); at `Action::SecurityLayer` it moves into the security layer (`install_layer`).
     pub(crate) sasl: Option<crate::sasl::cyrus::ServerSession>,
+    /// Its metrics state, when metrics are on (`metrics::meter`).
+    pub(crate) meter: Option<Box<ConnMeter>>,
 }
 
 impl Conn {
@@ -213,8 +217,34 @@ pub(crate) fn answer_identity(conn_id: u64, shared: &Shared, frame: &[u8]) -> Ve
     answer.reply
 }
 
+/// A connection's meter and its worker's counters, when metrics are on.
+pub(crate) fn metered<'a>(
+    meter: &'a mut Option<Box<ConnMeter>>,
+    counters: Option<&'a WorkerCounters>,
+) -> Option<(&'a mut ConnMeter, &'a WorkerCounters)> {
+    Some((meter.as_deref_mut()?, counters?))
+}
+
+/// The client-side verdict, with the frames it forwards counted.
+pub(crate) fn counted_verdict(
+    kind: ListenerKind,
+    h: &Header,
+    m: &mut Option<(&mut ConnMeter, &WorkerCounters)>,
+) -> Verdict {
+    let v = client_frame_verdict(kind, h);
+    if let (Verdict::Forward, Some((m, c))) = (&v, m.as_mut()) {
+        m.client_frame(c, h);
+    }
+    v
+}
+
 /// One step of a relay through a SASL security layer (`relay::copy`).
-pub(crate) fn drive_layered(conn: &mut Conn, pools: &mut Pools, shared: &Shared) -> Outcome {
+pub(crate) fn drive_layered(
+    conn: &mut Conn,
+    pools: &mut Pools,
+    shared: &Shared,
+    counters: Option<&WorkerCounters>,
+) -> Outcome {
     let Conn {
         id,
         kind,
@@ -223,8 +253,10 @@ pub(crate) fn drive_layered(conn: &mut Conn, pools: &mut Pools, shared: &Shared)
         state,
         client_readable,
         daemon_readable,
+        meter,
         ..
     } = conn;
+    let mut m = metered(meter, counters);
     let (id, kind) = (*id, *kind);
     let Some(daemon) = daemon.as_ref() else {
         return Outcome::Close("relay without a daemon socket".into());
@@ -233,12 +265,19 @@ pub(crate) fn drive_layered(conn: &mut Conn, pools: &mut Pools, shared: &Shared)
         return Outcome::Keep;
     };
     let mut scratch = pools.take_buf();
-    let r = relay.drive(
+    // Both closures count through one meter: the relay calls them one at a time.
+    let m = std::cell::RefCell::new(&mut m);
+    let r = relay.drive_observed(
         client.as_fd(),
         daemon.as_fd(),
         &mut scratch,
-        &mut |h| client_frame_verdict(kind, h),
+        &mut |h| counted_verdict(kind, h, &mut m.borrow_mut()),
         &mut |frame| answer_identity(id, shared, frame),
+        &mut |h| {
+            if let Some((m, c)) = m.borrow_mut().as_mut() {
+                m.daemon_frame(c, h);
+            }
+        },
         client_readable,
         daemon_readable,
     );
@@ -257,7 +296,12 @@ pub(crate) fn drive_layered(conn: &mut Conn, pools: &mut Pools, shared: &Shared)
 
 /// One step of an open connection's relay: client→daemon, the proxy's own answers, then
 /// daemon→client.
-pub(crate) fn drive_relay(conn: &mut Conn, pools: &mut Pools, shared: &Shared) -> Outcome {
+pub(crate) fn drive_relay(
+    conn: &mut Conn,
+    pools: &mut Pools,
+    shared: &Shared,
+    counters: Option<&WorkerCounters>,
+) -> Outcome {
     let Some(daemon) = conn.daemon.as_ref() else {
         return Outcome::Close("relay without a daemon socket".into());
     };
@@ -273,6 +317,7 @@ pub(crate) fn drive_relay(conn: &mut Conn, pools: &mut Pools, shared: &Shared) -
         return Outcome::Keep;
     };
     let (id, kind) = (conn.id, conn.kind);
+    let mut m = metered(&mut conn.meter, counters);
     let answer = &mut |frame: &[u8]| answer_identity(id, shared, frame);
     if conn.client_hup {
         c2d.distrust_short_reads();
@@ -288,13 +333,18 @@ pub(crate) fn drive_relay(conn: &mut Conn, pools: &mut Pools, shared: &Shared) -
     let may_read = owed.may_read_client(head.len(), OWED_CAP);
     let mut client_readable = conn.client_readable && may_read;
     let mut upstream_failed = None;
-    let up = match c2d.drive(
+    let fds_before = c2d.fds_passed;
+    let up = c2d.drive(
         conn.client.as_fd(),
         daemon.as_fd(),
         pools,
-        &mut |h| client_frame_verdict(kind, h),
+        &mut |h| counted_verdict(kind, h, &mut m),
         &mut client_readable,
-    ) {
+    );
+    if let Some((_, c)) = &m {
+        c.fds[0].add(c2d.fds_passed - fds_before);
+    }
+    let up = match up {
         // The daemon stopped reading (it is closing): still deliver what it already sent.
         Err(e @ PumpError::Write(_)) => {
             upstream_failed = Some(format!("daemon side: {e}"));
@@ -324,13 +374,23 @@ pub(crate) fn drive_relay(conn: &mut Conn, pools: &mut Pools, shared: &Shared) -
     let down = if !head.is_empty() {
         Drive::Blocked
     } else {
-        match d2c.drive(
+        let fds_before = d2c.fds_passed;
+        let down = d2c.drive(
             daemon.as_fd(),
             conn.client.as_fd(),
             pools,
-            &mut |_| Verdict::Forward,
+            &mut |h| {
+                if let Some((m, c)) = m.as_mut() {
+                    m.daemon_frame(c, h);
+                }
+                Verdict::Forward
+            },
             &mut conn.daemon_readable,
-        ) {
+        );
+        if let Some((_, c)) = &m {
+            c.fds[1].add(d2c.fds_passed - fds_before);
+        }
+        match down {
             Err(e) => return Outcome::Close(format!("daemon side: {e}")),
             Ok(d) => d,
         }

@@ -1,5 +1,5 @@
 //! Per-worker counter blocks: the boundary between the relay (which counts) and the scrape
-//! (which sums). Nothing here is wired into the relay yet; see "Wiring" below.
+//! (which sums). The relay writes them through [`super::meter`]; see "Wiring" below.
 //!
 //! # Rules
 //! - One block per relay worker; only that worker's thread writes it (single writer). A
@@ -13,24 +13,14 @@
 //! - No label grows with clients: indices are fixed enums and the procedure slots of
 //!   [`super::names`], so a block has a fixed number of series.
 //!
-//! # Wiring (for the relay)
-//! 1. `server::run` makes `let counters = WorkerCounters::set(nworkers);`, hands
-//!    `counters.clone()` plus the worker's index to each `Worker::new` (the worker keeps
-//!    `Arc<[WorkerCounters]>` and its index, or a reference into it), and calls
-//!    `metrics.attach_workers(counters)` on the `metrics::Source` when metrics are on. The
-//!    scrape only reports the `virtproxyd_worker_*`, `virtproxyd_relay_*` and
-//!    `virtproxyd_calls_*` families once a set is attached, so nothing reads as a false zero
-//!    before then.
-//! 2. The worker bumps, on its own thread only:
-//!    - `connections` when it adopts a connection;
-//!    - `loop_iterations` once per reactor wake-up, `busy_nanos` with the time from the wake
-//!      to the next wait;
-//!    - `bytes[dir]`, `frames[dir][frame_slot(header.mtype)]` where the relay has just
-//!      validated a frame header (`Direction::ClientToDaemon` for the client's frames);
-//!    - `fds[dir]` per fd carried on a `*_WITH_FDS` frame;
-//!    - `calls[names::slot(h.prog, h.proc_)][call_result(h.status)]` on each REPLY or
-//!      REPLY_WITH_FDS from the daemon (a reply closes exactly one call, so counting replies
-//!      needs no serial matching).
+//! # Wiring (done)
+//! `server::run` makes one block per worker when `ServerOpts::metrics` is set, attaches the
+//! set to the `metrics::Source` and gives each `Worker` its `meter::WorkerMeter`. The worker
+//! counts adoptions, loop turns and busy time, closes (by reason) and daemon connects; both
+//! relays (`conn::drive_relay` over the splice pumps, `conn::drive_layered` over the SASL
+//! copy relay) pass each validated header to the connection's `meter::ConnMeter`, which
+//! counts bytes, frames, calls (on replies: a reply closes exactly one call), latency,
+//! events and stream bytes; fds are counted as the pumps deliver them.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -118,6 +108,258 @@ pub fn call_result(status: MsgStatus) -> usize {
     usize::from(status != MsgStatus::Ok)
 }
 
+/// Upper bounds (nanoseconds) of the call latency buckets: libvirt calls run from tens of
+/// microseconds (a cached getter) to tens of seconds (a migration phase, a slow storage
+/// pool); past 30 s only `+Inf` is left.
+pub const LATENCY_BOUNDS_NS: [u64; 18] = [
+    50_000,
+    100_000,
+    250_000,
+    500_000,
+    1_000_000,
+    2_500_000,
+    5_000_000,
+    10_000_000,
+    25_000_000,
+    50_000_000,
+    100_000_000,
+    250_000_000,
+    500_000_000,
+    1_000_000_000,
+    2_500_000_000,
+    5_000_000_000,
+    10_000_000_000,
+    30_000_000_000,
+];
+/// Buckets of a latency histogram: the bounds plus `+Inf`.
+pub const LATENCY_BUCKETS: usize = LATENCY_BOUNDS_NS.len() + 1;
+
+/// Upper bounds (nanoseconds) of the connection duration buckets: a virsh command lives
+/// milliseconds, a management daemon's connection days.
+pub const DURATION_BOUNDS_NS: [u64; 11] = [
+    1_000_000,
+    10_000_000,
+    100_000_000,
+    1_000_000_000,
+    10_000_000_000,
+    60_000_000_000,
+    600_000_000_000,
+    3_600_000_000_000,
+    21_600_000_000_000,
+    86_400_000_000_000,
+    604_800_000_000_000,
+];
+pub const DURATION_BUCKETS: usize = DURATION_BOUNDS_NS.len() + 1;
+
+/// A histogram with one writer: a counter per bucket (not cumulative; the scrape
+/// accumulates) and the sum of the observations. The count is the sum of the buckets, so
+/// the two can never disagree within one scrape.
+#[derive(Debug)]
+pub struct Histogram<const B: usize> {
+    pub buckets: [Counter; B],
+    pub sum_nanos: Counter,
+}
+
+impl<const B: usize> Default for Histogram<B> {
+    fn default() -> Self {
+        Histogram {
+            buckets: std::array::from_fn(|_| Counter::default()),
+            sum_nanos: Counter::default(),
+        }
+    }
+}
+
+impl<const B: usize> Histogram<B> {
+    /// Records `nanos`; `bounds` has `B - 1` entries (the last bucket is `+Inf`).
+    #[inline]
+    pub fn observe(&self, bounds: &[u64], nanos: u64) {
+        // The first bucket whose bound is >= the value (Prometheus's `le`).
+        let i = bounds.partition_point(|&b| b < nanos).min(B - 1);
+        self.buckets[i].inc();
+        self.sum_nanos.add(nanos);
+    }
+
+    fn read(&self) -> HistogramTotals<B> {
+        HistogramTotals {
+            buckets: std::array::from_fn(|i| self.buckets[i].get()),
+            sum_nanos: self.sum_nanos.get(),
+        }
+    }
+}
+
+/// A histogram's values summed over workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HistogramTotals<const B: usize> {
+    /// Per bucket, not cumulative.
+    pub buckets: [u64; B],
+    pub sum_nanos: u64,
+}
+
+impl<const B: usize> Default for HistogramTotals<B> {
+    fn default() -> Self {
+        HistogramTotals {
+            buckets: [0; B],
+            sum_nanos: 0,
+        }
+    }
+}
+
+impl<const B: usize> HistogramTotals<B> {
+    pub fn count(&self) -> u64 {
+        self.buckets.iter().fold(0u64, |a, &b| a.wrapping_add(b))
+    }
+
+    fn add(&mut self, o: &HistogramTotals<B>) {
+        for (a, b) in self.buckets.iter_mut().zip(o.buckets) {
+            *a = a.wrapping_add(b);
+        }
+        self.sum_nanos = self.sum_nanos.wrapping_add(o.sum_nanos);
+    }
+}
+
+/// Why a connection closed (`virtproxyd_connections_closed_total{reason}`): a small fixed
+/// set, whatever the log message said (see `meter::close_reason`).
+pub const CLOSE_REASONS: [&str; 11] = [
+    "client_closed",
+    "daemon_closed",
+    "client_error",
+    "daemon_error",
+    "protocol",
+    "preopen",
+    "deadline",
+    "admin",
+    "shutdown",
+    "tls",
+    "internal",
+];
+
+/// Listener labels, in `ListenerKind` order of `metrics::listener_index`.
+pub const CONN_LISTENERS: [&str; 4] = ["unix_rw", "unix_ro", "tcp", "tls"];
+
+/// Auth methods a listener can ask for (`auth_unix_rw` etc.), labels of
+/// `virtproxyd_auth_attempts_total{method}`.
+pub const AUTH_METHODS: [&str; 2] = ["polkit", "sasl"];
+/// Auth results.
+pub const AUTH_RESULTS: [&str; 2] = ["ok", "failed"];
+
+/// Driver daemon labels: the drivers the route table knows by name, then `other` for any
+/// socket the operator named in `driver_sockets` (so the count never follows the config).
+pub fn driver_labels() -> &'static [&'static str] {
+    crate::route::METRIC_DRIVERS
+}
+/// Number of driver labels (known drivers plus `other`).
+pub const DRIVERS: usize = crate::route::METRIC_DRIVERS.len();
+
+/// One driver daemon's figures as one worker saw them.
+#[derive(Debug, Default)]
+pub struct DaemonCounters {
+    /// Connections made (or early connections taken over) to it.
+    pub connects: Counter,
+    /// Connect attempts that failed (not there, refused, backlog full to the deadline).
+    pub connect_failures: Counter,
+    /// Its connections that ended (the active count is `connects - closed`).
+    pub closed: Counter,
+    /// Relayed connections it closed between frames (EOF).
+    pub eofs: Counter,
+    /// Relayed connections that ended on an error on its side (read/write failure, a
+    /// truncated or invalid frame).
+    pub errors: Counter,
+    /// From the first connect attempt to its open reply (connect retries and the downstream
+    /// handshake included).
+    pub open_latency: Histogram<LATENCY_BUCKETS>,
+}
+
+/// Connection-level counters of one worker.
+#[derive(Debug)]
+pub struct ConnCounters {
+    /// Adopted connections by listener ([`CONN_LISTENERS`]).
+    pub accepted: [Counter; 4],
+    /// Closed connections by listener.
+    pub closed: [Counter; 4],
+    /// Closed connections by [`CLOSE_REASONS`].
+    pub closed_by_reason: [Counter; CLOSE_REASONS.len()],
+    /// From adoption to close.
+    pub duration: Histogram<DURATION_BUCKETS>,
+    /// By [`AUTH_METHODS`] and [`AUTH_RESULTS`].
+    pub auth: [[Counter; 2]; AUTH_METHODS.len()],
+    /// By driver ([`driver_labels`]).
+    pub daemons: [DaemonCounters; DRIVERS],
+}
+
+impl Default for ConnCounters {
+    fn default() -> Self {
+        ConnCounters {
+            accepted: Default::default(),
+            closed: Default::default(),
+            closed_by_reason: std::array::from_fn(|_| Counter::default()),
+            duration: Histogram::default(),
+            auth: Default::default(),
+            daemons: std::array::from_fn(|_| DaemonCounters::default()),
+        }
+    }
+}
+
+/// [`DaemonCounters`] summed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DaemonTotals {
+    pub connects: u64,
+    pub connect_failures: u64,
+    pub closed: u64,
+    pub eofs: u64,
+    pub errors: u64,
+    pub open_latency: HistogramTotals<LATENCY_BUCKETS>,
+}
+
+/// [`ConnCounters`] summed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnTotals {
+    pub accepted: [u64; 4],
+    pub closed: [u64; 4],
+    pub closed_by_reason: [u64; CLOSE_REASONS.len()],
+    pub duration: HistogramTotals<DURATION_BUCKETS>,
+    pub auth: [[u64; 2]; AUTH_METHODS.len()],
+    pub daemons: [DaemonTotals; DRIVERS],
+}
+
+impl Default for ConnTotals {
+    fn default() -> Self {
+        ConnTotals {
+            accepted: [0; 4],
+            closed: [0; 4],
+            closed_by_reason: [0; CLOSE_REASONS.len()],
+            duration: HistogramTotals::default(),
+            auth: [[0; 2]; AUTH_METHODS.len()],
+            daemons: [DaemonTotals::default(); DRIVERS],
+        }
+    }
+}
+
+impl ConnTotals {
+    fn add(&mut self, c: &ConnCounters) {
+        let add = |a: &mut u64, c: &Counter| *a = a.wrapping_add(c.get());
+        for i in 0..4 {
+            add(&mut self.accepted[i], &c.accepted[i]);
+            add(&mut self.closed[i], &c.closed[i]);
+        }
+        for (a, c) in self.closed_by_reason.iter_mut().zip(&c.closed_by_reason) {
+            add(a, c);
+        }
+        self.duration.add(&c.duration.read());
+        for (a, c) in self.auth.iter_mut().zip(&c.auth) {
+            add(&mut a[0], &c[0]);
+            add(&mut a[1], &c[1]);
+        }
+        for (a, c) in self.daemons.iter_mut().zip(&c.daemons) {
+            add(&mut a.connects, &c.connects);
+            add(&mut a.connect_failures, &c.connect_failures);
+            add(&mut a.closed, &c.closed);
+            add(&mut a.eofs, &c.eofs);
+            add(&mut a.errors, &c.errors);
+            a.open_latency.add(&c.open_latency.read());
+        }
+    }
+}
+
 /// One relay worker's counters. Aligned so that two workers' blocks never share a cache line.
 #[derive(Debug)]
 #[repr(align(128))]
@@ -136,6 +378,17 @@ pub struct WorkerCounters {
     pub fds: [Counter; 2],
     /// Replies by procedure slot ([`names::slot`]) and [`call_result`]; `SLOTS` long.
     pub calls: Box<[[Counter; CALL_RESULTS.len()]]>,
+    /// Reply time of the calls matched by serial, by procedure slot; `SLOTS` long.
+    pub latency: Box<[Histogram<LATENCY_BUCKETS>]>,
+    /// Replies whose call was not in the connection's in-flight table (it was full, or the
+    /// reply matched no call): counted in `calls`, not in `latency`.
+    pub calls_untimed: Counter,
+    /// Server-initiated MESSAGE frames (events, keepalive) by procedure slot; `SLOTS` long.
+    pub events: Box<[Counter]>,
+    /// STREAM and STREAM_HOLE body bytes by procedure slot and [`Direction`]; `SLOTS` long.
+    pub stream_bytes: Box<[[Counter; 2]]>,
+    /// Connection-level figures (closes, auth, daemon sockets).
+    pub conns: ConnCounters,
 }
 
 impl Default for WorkerCounters {
@@ -148,6 +401,11 @@ impl Default for WorkerCounters {
             frames: Default::default(),
             fds: Default::default(),
             calls: (0..names::SLOTS).map(|_| Default::default()).collect(),
+            latency: (0..names::SLOTS).map(|_| Default::default()).collect(),
+            calls_untimed: Counter::default(),
+            events: (0..names::SLOTS).map(|_| Default::default()).collect(),
+            stream_bytes: (0..names::SLOTS).map(|_| Default::default()).collect(),
+            conns: ConnCounters::default(),
         }
     }
 }
@@ -169,6 +427,14 @@ pub struct WorkerTotals {
     pub fds: [u64; 2],
     /// Non-zero (slot, result, count) only, in slot order: untouched procedures add no series.
     pub calls: Vec<(usize, usize, u64)>,
+    /// (slot, histogram) of the procedures with at least one timed call, in slot order.
+    pub latency: Vec<(usize, HistogramTotals<LATENCY_BUCKETS>)>,
+    pub calls_untimed: u64,
+    /// Non-zero (slot, count) only.
+    pub events: Vec<(usize, u64)>,
+    /// (slot, bytes by direction) of the procedures with stream bytes.
+    pub stream_bytes: Vec<(usize, [u64; 2])>,
+    pub conns: ConnTotals,
 }
 
 impl WorkerTotals {
@@ -179,8 +445,16 @@ impl WorkerTotals {
             frames: [[0; FRAME_TYPES.len()]; 2],
             fds: [0; 2],
             calls: Vec::new(),
+            latency: Vec::new(),
+            calls_untimed: 0,
+            events: Vec::new(),
+            stream_bytes: Vec::new(),
+            conns: ConnTotals::default(),
         };
         let mut calls = vec![[0u64; CALL_RESULTS.len()]; names::SLOTS];
+        let mut latency = vec![HistogramTotals::<LATENCY_BUCKETS>::default(); names::SLOTS];
+        let mut events = vec![0u64; names::SLOTS];
+        let mut stream = vec![[0u64; 2]; names::SLOTS];
         for b in blocks {
             t.per_worker.push((
                 b.connections.get(),
@@ -199,7 +473,35 @@ impl WorkerTotals {
                     calls[slot][r] = calls[slot][r].wrapping_add(c.get());
                 }
             }
+            for (slot, h) in b.latency.iter().enumerate() {
+                latency[slot].add(&h.read());
+            }
+            for (slot, c) in b.events.iter().enumerate() {
+                events[slot] = events[slot].wrapping_add(c.get());
+            }
+            for (slot, d) in b.stream_bytes.iter().enumerate() {
+                for (a, c) in stream[slot].iter_mut().zip(d) {
+                    *a = a.wrapping_add(c.get());
+                }
+            }
+            t.calls_untimed = t.calls_untimed.wrapping_add(b.calls_untimed.get());
+            t.conns.add(&b.conns);
         }
+        t.latency = latency
+            .into_iter()
+            .enumerate()
+            .filter(|(_, h)| h.count() != 0)
+            .collect();
+        t.events = events
+            .into_iter()
+            .enumerate()
+            .filter(|&(_, n)| n != 0)
+            .collect();
+        t.stream_bytes = stream
+            .into_iter()
+            .enumerate()
+            .filter(|(_, d)| d.iter().any(|&n| n != 0))
+            .collect();
         for (slot, per_result) in calls.iter().enumerate() {
             for (r, &n) in per_result.iter().enumerate() {
                 if n != 0 {

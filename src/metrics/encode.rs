@@ -6,13 +6,17 @@
 //! procedure plus two for `unknown`: `2 * names::SLOTS`). No label carries a client.
 
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
 
-use super::counters::{Direction, WorkerTotals, CALL_RESULTS, FRAME_TYPES};
+use super::counters::{
+    driver_labels, Direction, HistogramTotals, WorkerTotals, AUTH_METHODS, AUTH_RESULTS,
+    CALL_RESULTS, CLOSE_REASONS, CONN_LISTENERS, DURATION_BOUNDS_NS, FRAME_TYPES,
+    LATENCY_BOUNDS_NS,
+};
 use super::http::Format;
 use super::names;
 
@@ -287,7 +291,229 @@ fn encode_relay(e: &mut Enc<'_>, r: &WorkerTotals) -> std::fmt::Result {
         ];
         ConstCounter::new(n).encode(m.encode_family(&labels)?)?;
     }
+    encode_calls_extra(e, r)?;
+    encode_conns(e, r)
+}
+
+/// One histogram sample: `bounds` in nanoseconds, reported in seconds.
+fn histogram<const B: usize>(
+    m: MetricEncoder<'_>,
+    bounds: &[u64],
+    h: &HistogramTotals<B>,
+) -> std::fmt::Result {
+    let mut m = m;
+    let buckets: Vec<(f64, u64)> = bounds
+        .iter()
+        .map(|&b| b as f64 / 1e9)
+        .chain(std::iter::once(f64::INFINITY))
+        .zip(h.buckets)
+        .collect();
+    m.encode_histogram::<NoLabelSet>(h.sum_nanos as f64 / 1e9, h.count(), &buckets, None)
+}
+
+/// Call latency, untimed calls, events and stream bytes (only procedures that have some).
+fn encode_calls_extra(e: &mut Enc<'_>, r: &WorkerTotals) -> std::fmt::Result {
+    {
+        let mut m = e.encode_descriptor(
+            "virtproxyd_call_duration",
+            "Time from a call to its reply, matched by serial, by program and procedure",
+            Some(&Unit::Seconds),
+            MetricType::Histogram,
+        )?;
+        for (slot, h) in &r.latency {
+            let (program, procedure) = names::slot_labels(*slot);
+            let labels = [("program", program), ("procedure", procedure)];
+            histogram(m.encode_family(&labels)?, &LATENCY_BOUNDS_NS, h)?;
+        }
+    }
+    {
+        let m = e.encode_descriptor(
+            "virtproxyd_calls_untimed",
+            "Replies counted in virtproxyd_calls_total but not timed: their call was not in \
+             the connection's in-flight table (full, or no such call)",
+            None,
+            MetricType::Counter,
+        )?;
+        ConstCounter::new(r.calls_untimed).encode(m)?;
+    }
+    {
+        let mut m = e.encode_descriptor(
+            "virtproxyd_events",
+            "Server-initiated MESSAGE frames (events, keepalive) by program and procedure",
+            None,
+            MetricType::Counter,
+        )?;
+        for &(slot, n) in &r.events {
+            let (program, procedure) = names::slot_labels(slot);
+            let labels = [("program", program), ("procedure", procedure)];
+            ConstCounter::new(n).encode(m.encode_family(&labels)?)?;
+        }
+    }
+    let mut m = e.encode_descriptor(
+        "virtproxyd_stream",
+        "STREAM and STREAM_HOLE body bytes by program, procedure and direction",
+        Some(&Unit::Bytes),
+        MetricType::Counter,
+    )?;
+    let dirs = Direction::ALL.map(Direction::label);
+    for (slot, per_dir) in &r.stream_bytes {
+        let (program, procedure) = names::slot_labels(*slot);
+        for (d, &n) in dirs.iter().zip(per_dir) {
+            let labels = [
+                ("program", program),
+                ("procedure", procedure),
+                ("direction", *d),
+            ];
+            ConstCounter::new(n).encode(m.encode_family(&labels)?)?;
+        }
+    }
     Ok(())
+}
+
+/// Connections, auth and driver daemon sockets.
+fn encode_conns(e: &mut Enc<'_>, r: &WorkerTotals) -> std::fmt::Result {
+    let c = &r.conns;
+    counter_family(
+        e,
+        "virtproxyd_connections_accepted",
+        "Connections taken on by a relay worker, by listener",
+        None,
+        "listener",
+        CONN_LISTENERS.iter().copied().zip(c.accepted),
+    )?;
+    counter_family(
+        e,
+        "virtproxyd_connections_closed",
+        "Connections closed, by listener",
+        None,
+        "listener",
+        CONN_LISTENERS.iter().copied().zip(c.closed),
+    )?;
+    counter_family(
+        e,
+        "virtproxyd_connections_closed_by_reason",
+        "Connections closed, by reason",
+        None,
+        "reason",
+        CLOSE_REASONS.iter().copied().zip(c.closed_by_reason),
+    )?;
+    {
+        let m = e.encode_descriptor(
+            "virtproxyd_connection_duration",
+            "Time from a connection's adoption by a worker to its close",
+            Some(&Unit::Seconds),
+            MetricType::Histogram,
+        )?;
+        histogram(m, &DURATION_BOUNDS_NS, &c.duration)?;
+    }
+    {
+        let mut m = e.encode_descriptor(
+            "virtproxyd_auth_attempts",
+            "Authentications by method and result (ok, or refused by polkit or SASL)",
+            None,
+            MetricType::Counter,
+        )?;
+        for (method, per_result) in AUTH_METHODS.iter().zip(&c.auth) {
+            for (result, &n) in AUTH_RESULTS.iter().zip(per_result) {
+                ConstCounter::new(n)
+                    .encode(m.encode_family(&[("method", *method), ("result", *result)])?)?;
+            }
+        }
+    }
+    // Drivers never connected to are left out: the bound stays the fixed driver list.
+    let drivers: Vec<(&str, &super::counters::DaemonTotals)> = driver_labels()
+        .iter()
+        .copied()
+        .zip(&c.daemons)
+        .filter(|(_, d)| d.connects != 0 || d.connect_failures != 0)
+        .collect();
+    type Pick = fn(&super::counters::DaemonTotals) -> u64;
+    let families: [(&str, &str, Pick); 4] = [
+        (
+            "virtproxyd_daemon_connects",
+            "Connections made to a driver daemon socket, by driver",
+            |d| d.connects,
+        ),
+        (
+            "virtproxyd_daemon_connect_failures",
+            "Failed connects to a driver daemon socket, by driver",
+            |d| d.connect_failures,
+        ),
+        (
+            "virtproxyd_daemon_eofs",
+            "Relayed connections the driver daemon closed between frames, by driver",
+            |d| d.eofs,
+        ),
+        (
+            "virtproxyd_daemon_errors",
+            "Relayed connections ended by an error on the daemon side, by driver",
+            |d| d.errors,
+        ),
+    ];
+    for (name, help, pick) in families {
+        counter_family(
+            e,
+            name,
+            help,
+            None,
+            "driver",
+            drivers.iter().map(|&(l, d)| (l, pick(d))),
+        )?;
+    }
+    {
+        let mut m = e.encode_descriptor(
+            "virtproxyd_daemon_connections",
+            "Open connections to a driver daemon socket, by driver",
+            None,
+            MetricType::Gauge,
+        )?;
+        for &(l, d) in &drivers {
+            let active = d.connects.saturating_sub(d.closed);
+            ConstGauge::new(i64::try_from(active).unwrap_or(i64::MAX))
+                .encode(m.encode_family(&[("driver", l)])?)?;
+        }
+    }
+    let mut m = e.encode_descriptor(
+        "virtproxyd_daemon_open_duration",
+        "From the first connect to a driver daemon to its open reply, by driver",
+        Some(&Unit::Seconds),
+        MetricType::Histogram,
+    )?;
+    for &(l, d) in &drivers {
+        histogram(
+            m.encode_family(&[("driver", l)])?,
+            &LATENCY_BOUNDS_NS,
+            &d.open_latency,
+        )?;
+    }
+    Ok(())
+}
+
+/// Series reported without the relay's counters (the daemon's own figures).
+pub const FIXED_SERIES: usize = 25;
+
+/// The most series a scrape can hold with `workers` relay workers: the README's bound. Every
+/// term is fixed at start; the procedure terms assume every one of libvirt's procedures (and
+/// `unknown`) was called, failed, timed, sent an event and streamed both ways.
+pub fn series_bound(workers: usize) -> usize {
+    use super::counters::{DRIVERS, DURATION_BUCKETS, LATENCY_BUCKETS};
+    // A histogram sample: its buckets, `_sum` and `_count`.
+    let latency = LATENCY_BUCKETS + 2;
+    let per_procedure = CALL_RESULTS.len() + latency + 1 + 2;
+    let per_driver = 5 + latency;
+    FIXED_SERIES
+        + 3 * workers
+        + 2
+        + 2 * FRAME_TYPES.len()
+        + 2
+        + 1
+        + names::SLOTS * per_procedure
+        + 2 * CONN_LISTENERS.len()
+        + CLOSE_REASONS.len()
+        + DURATION_BUCKETS
+        + 2
+        + AUTH_METHODS.len() * AUTH_RESULTS.len()
+        + DRIVERS * per_driver
 }
 
 /// The exposition of `snap` in `format` (OpenMetrics ends in `# EOF`).
@@ -370,6 +596,103 @@ mod tests {
         );
         assert!(s.contains("virtproxyd_clients 3\n"), "{s}");
         assert!(!s.contains("# EOF") && !s.contains("# UNIT"), "{s}");
+    }
+
+    /// Samples in a text-format scrape (one line each).
+    fn samples(s: &str) -> usize {
+        s.lines().filter(|l| !l.starts_with('#')).count()
+    }
+
+    #[test]
+    fn without_the_relay_the_series_are_the_fixed_ones() {
+        assert_eq!(samples(&render(&sample(), Format::Text)), FIXED_SERIES);
+    }
+
+    /// Every known procedure number of every program, garbage programs and procedures, every
+    /// frame type both ways, every close reason and driver: the scrape reaches the stated
+    /// bound and no more.
+    #[test]
+    fn every_procedure_plus_garbage_stays_within_the_bound() {
+        use crate::metrics::counters::{CLOSE_REASONS, DRIVERS};
+        use crate::metrics::meter::{ConnMeter, WorkerMeter};
+        use crate::proto::frame::Header;
+        use crate::proto::MsgType;
+        let workers = 2;
+        let set = WorkerCounters::set(workers);
+        let mut numbers: Vec<(u32, i32)> = Vec::new();
+        for p in crate::metrics::procedures::PROGRAMS {
+            for n in 0..=p.names.len() as i32 + 3 {
+                numbers.push((p.number, n));
+            }
+        }
+        for garbage in [
+            (0xdead_beef, 1),
+            (program::REMOTE, -7),
+            (program::ADMIN, 3),
+            (7, i32::MAX),
+        ] {
+            numbers.push(garbage);
+        }
+        let types = [
+            MsgType::Call,
+            MsgType::Reply,
+            MsgType::Message,
+            MsgType::Stream,
+            MsgType::CallWithFds,
+            MsgType::ReplyWithFds,
+            MsgType::StreamHole,
+            MsgType::Other(42),
+        ];
+        for (w, c) in set.iter().enumerate() {
+            let mut m = ConnMeter::new();
+            for &(prog, proc_) in &numbers {
+                for status in [MsgStatus::Ok, MsgStatus::Error] {
+                    for mtype in types {
+                        let h = Header {
+                            len: 64,
+                            prog,
+                            vers: 1,
+                            proc_,
+                            mtype,
+                            serial: 1,
+                            status,
+                        };
+                        m.client_frame(c, &h);
+                        m.daemon_frame(c, &h);
+                    }
+                }
+            }
+            let meter = WorkerMeter::new(set.clone(), w).unwrap();
+            for why in [
+                "client closed",
+                "daemon closed the connection",
+                "TLS: x",
+                "?",
+            ] {
+                meter.closed(
+                    crate::listen::ListenerKind::Tcp,
+                    None,
+                    why,
+                    std::time::Duration::ZERO,
+                );
+            }
+            for d in crate::metrics::counters::driver_labels() {
+                let uri = format!("{d}:///system");
+                let mut cm = ConnMeter::new();
+                WorkerMeter::downstream_started(Some(&mut cm));
+                meter.daemon_connect(Some(&mut cm), Some(&uri), true);
+                meter.opened(Some(&mut cm));
+                meter.daemon_connect(None, Some(&uri), false);
+            }
+        }
+        let mut snap = sample();
+        snap.workers = workers as u64;
+        snap.relay = Some(WorkerTotals::sum(&set));
+        let text = render(&snap, Format::Text);
+        assert_eq!(samples(&text), series_bound(workers), "{}", &text[..2000]);
+        assert!(DRIVERS <= 16 && CLOSE_REASONS.len() <= 16);
+        // With 2 workers: the number the README states.
+        assert_eq!(series_bound(2), 12_257);
     }
 
     #[test]

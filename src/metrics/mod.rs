@@ -3,17 +3,19 @@
 //! or `virtproxyd-metrics.socket` is activated.
 //!
 //! - [`names`] and the generated [`procedures`]: procedure labels and counter slots;
-//! - [`counters`]: the per-worker counter blocks the relay will write (the hot-path boundary);
+//! - [`counters`]: the per-worker counter blocks the relay writes (the hot-path boundary);
+//! - [`meter`]: what the worker and relay call to count, and a connection's in-flight table;
 //! - [`encode`]: a [`encode::Snapshot`] of the values and its exposition;
 //! - [`http`]: the request parser and format negotiation (sans-IO);
 //! - [`serve`]: the thread, its listeners and its deadlines.
 //!
-//! Everything reported today is read from state the daemon keeps anyway (`Shared`, the
-//! client registry), so a scrape costs the relay nothing.
+//! The rest is read from state the daemon keeps anyway (`Shared`, the client registry); the
+//! relay's blocks are summed by the metrics thread, so a scrape costs the relay nothing.
 
 pub mod counters;
 pub mod encode;
 pub mod http;
+pub mod meter;
 pub mod names;
 #[rustfmt::skip]
 pub mod procedures;

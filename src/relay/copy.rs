@@ -210,7 +210,16 @@ impl CopyRelay {
     }
 
     /// Plain bytes from the daemon.
-    pub fn daemon_plain(&mut self, mut plain: &[u8]) -> Result<(), CopyError> {
+    pub fn daemon_plain(&mut self, plain: &[u8]) -> Result<(), CopyError> {
+        self.daemon_plain_observed(plain, &mut |_| {})
+    }
+
+    /// Plain bytes from the daemon; `observe` sees each of its frame headers (metrics).
+    pub fn daemon_plain_observed(
+        &mut self,
+        mut plain: &[u8],
+        observe: &mut dyn FnMut(&Header),
+    ) -> Result<(), CopyError> {
         while !plain.is_empty() {
             // With answers waiting, stop at the end of the current frame to slot them in.
             let n = if self.owed.answers.is_empty() {
@@ -220,7 +229,10 @@ impl CopyRelay {
             };
             if self
                 .d2c
-                .consume(&plain[..n], |_| Verdict::Forward)?
+                .consume(&plain[..n], |h| {
+                    observe(h);
+                    Verdict::Forward
+                })?
                 .is_some()
             {
                 return Err(CopyError::Fds);
@@ -322,6 +334,31 @@ impl CopyRelay {
         client_readable: &mut bool,
         daemon_readable: &mut bool,
     ) -> Result<CopyDrive, CopyError> {
+        self.drive_observed(
+            client,
+            daemon,
+            scratch,
+            inspect,
+            on_captured,
+            &mut |_| {},
+            client_readable,
+            daemon_readable,
+        )
+    }
+
+    /// [`CopyRelay::drive`], with `observe_daemon` seeing each daemon frame header (metrics).
+    #[allow(clippy::too_many_arguments)]
+    pub fn drive_observed(
+        &mut self,
+        client: BorrowedFd<'_>,
+        daemon: BorrowedFd<'_>,
+        scratch: &mut [u8],
+        inspect: &mut dyn FnMut(&Header) -> Verdict,
+        on_captured: &mut dyn FnMut(&[u8]) -> Vec<u8>,
+        observe_daemon: &mut dyn FnMut(&Header),
+        client_readable: &mut bool,
+        daemon_readable: &mut bool,
+    ) -> Result<CopyDrive, CopyError> {
         let mut budget = DRIVE_BUDGET;
         let n = scratch.len().min(READ_CHUNK);
         let chunk = &mut scratch[..n];
@@ -398,7 +435,7 @@ impl CopyRelay {
                     Ok(r) => {
                         // An fd the daemon passed (dropped here, i.e. closed) comes with a
                         // frame that announces it; the tracker refuses that frame.
-                        self.daemon_plain(&chunk[..r.n])?;
+                        self.daemon_plain_observed(&chunk[..r.n], observe_daemon)?;
                         budget = budget.saturating_sub(r.n);
                         progress = true;
                     }

@@ -125,6 +125,8 @@ pub struct Pump {
     quiescing: bool,
     /// Bytes delivered to the destination so far.
     pub moved: u64,
+    /// fds delivered to the destination so far (metrics read the growth).
+    pub fds_passed: u64,
 }
 
 /// Bytes one `drive` may move before yielding to other connections.
@@ -146,6 +148,7 @@ impl Pump {
             finished: false,
             quiescing: false,
             moved: 0,
+            fds_passed: 0,
         }
     }
 
@@ -372,6 +375,7 @@ impl Pump {
                     if next_fd == Some(self.start) && n == 1 {
                         // The fd is now in flight in the peer's queue; our copy can go.
                         self.fds.pop_front();
+                        self.fds_passed += 1;
                     }
                     if let Some(c) = &mut self.cutter {
                         c.advance(&buf[self.start..self.start + n]);

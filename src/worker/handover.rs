@@ -210,6 +210,8 @@ impl Worker {
                 .unwrap_or_else(Instant::now),
             unauthenticated: None,
             sasl: None,
+            // Counted as accepted by this process (its counters start at the restart).
+            meter: self.meter.as_ref().map(|m| m.adopted(r.kind)),
         });
         for (fd, side) in [(client_raw, Side::Accepted), (daemon_raw, Side::Daemon)] {
             if let Err(e) = self

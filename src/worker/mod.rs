@@ -389,6 +389,8 @@ pub struct Worker {
     /// Present when a listener uses SASL.
     sasl: Option<SaslLink>,
     timers: Timers<TimerKey>,
+    /// Its counter block, when metrics are on (`with_metrics`).
+    meter: Option<crate::metrics::meter::WorkerMeter>,
     /// New clients may be waiting in `rx` (the waker fired, or the last turn stopped early).
     inbox_pending: bool,
 }
@@ -416,11 +418,18 @@ impl Worker {
             polkit,
             sasl,
             timers: Timers::default(),
+            meter: None,
             inbox_pending: false,
         };
         let raw = w.waker.as_raw_fd();
         w.reactor.add(raw, WAKER_TOKEN, Interest::Read)?;
         Ok(w)
+    }
+
+    /// Counts into `meter` (metrics on); without it the relay counts nothing.
+    pub fn with_metrics(mut self, meter: Option<crate::metrics::meter::WorkerMeter>) -> Worker {
+        self.meter = meter;
+        self
     }
 
     pub fn run(mut self) {
@@ -445,6 +454,7 @@ impl Worker {
                 tracing::error!(worker = self.index, "reactor wait failed: {e}");
                 std::thread::sleep(Duration::from_millis(10));
             }
+            let woke = self.meter.as_ref().map(|_| Instant::now());
             for ev in &events {
                 if ev.token == WAKER_TOKEN {
                     self.drain_waker();
@@ -474,6 +484,9 @@ impl Worker {
                 self.inbox_pending = self.accept_new();
             }
             self.fire_timers();
+            if let (Some(m), Some(woke)) = (&self.meter, woke) {
+                m.loop_turn(woke);
+            }
             if self.shared.handover.requested.load(Ordering::Relaxed) {
                 if self.handover_step(&mut handover_until) {
                     return;
@@ -673,6 +686,7 @@ impl Worker {
             since: Instant::now(),
             unauthenticated,
             sasl: None,
+            meter: self.meter.as_ref().map(|m| m.adopted(nc.kind)),
         });
         if let Some(at) = nc.deadline {
             self.timers.arm(
@@ -863,14 +877,16 @@ impl Worker {
             conns,
             pools,
             shared,
+            meter,
             ..
         } = self;
         let Some(conn) = conns.get_mut(slot) else {
             return Outcome::Keep;
         };
+        let counters = meter.as_ref().map(|m| m.counters());
         match conn.state {
-            State::Layered(_) => drive_layered(conn, pools, shared),
-            _ => drive_relay(conn, pools, shared),
+            State::Layered(_) => drive_layered(conn, pools, shared, counters),
+            _ => drive_relay(conn, pools, shared, counters),
         }
     }
 
@@ -921,6 +937,14 @@ impl Worker {
                 String::new()
             }
         );
+        if let Some(m) = &self.meter {
+            m.closed(
+                conn.kind,
+                conn.meter.as_deref_mut(),
+                why,
+                conn.since.elapsed(),
+            );
+        }
         self.shared.registry.remove(conn.id);
         drop(conn);
         self.shared.clients.fetch_sub(1, Ordering::AcqRel);
@@ -939,7 +963,12 @@ impl Worker {
                     gen,
                     state: State::Pre(p),
                     ..
-                }) if *gen == answer.gen => p.hs.on_polkit_answer(answer.result, &mut out),
+                }) if *gen == answer.gen => {
+                    if let (Some(m), Err(_)) = (&self.meter, &answer.result) {
+                        m.auth("polkit", false);
+                    }
+                    p.hs.on_polkit_answer(answer.result, &mut out)
+                }
                 // The client left while polkitd was thinking.
                 _ => continue,
             }
@@ -964,6 +993,11 @@ impl Worker {
                         continue;
                     };
                     c.sasl = answer.session;
+                    if let (Some(m), crate::sasl::Outcome::Failed(_)) =
+                        (&self.meter, &answer.outcome)
+                    {
+                        m.auth("sasl", false);
+                    }
                     p.hs.on_sasl_answer(answer.outcome, &mut out);
                 }
                 // The client left during the exchange; its session is dropped here.

@@ -6,6 +6,7 @@
 use super::*;
 use crate::conn::preopen::{flush, frame_at, read_some, retry_delay, ReadState, Retry};
 use crate::handshake::Action;
+use crate::metrics::meter::WorkerMeter;
 use crate::proto::Header;
 use crate::relay::CopyRelay;
 
@@ -166,6 +167,9 @@ impl Worker {
                 // No longer anonymous: stops counting against max_anonymous_clients. SASL
                 // adds the user name, which client-info shows from now on.
                 Action::Authenticated => {
+                    if let Some(m) = &self.meter {
+                        m.auth(auth_label(self.shared.auth.of(conn.kind)), true);
+                    }
                     drop(conn.unauthenticated.take());
                     if p.hs.identity().sasl_user_name.is_some() {
                         self.shared
@@ -237,6 +241,7 @@ impl Worker {
                 Action::Connect(path) => {
                     let mut out = Vec::new();
                     let first = p.connecting.is_none();
+                    WorkerMeter::downstream_started(conn.meter.as_deref_mut());
                     if first {
                         // The deadline covers the connect, its retries and the handshake (a
                         // failed connect disconnects, which cancels it).
@@ -250,6 +255,13 @@ impl Worker {
                             p.connecting = None;
                             p.timers[TimerKind::ConnectRetry as usize] = None;
                             p.hs.on_connected(&mut out);
+                            if let Some(m) = &self.meter {
+                                m.daemon_connect(
+                                    conn.meter.as_deref_mut(),
+                                    conn.uri.as_deref(),
+                                    true,
+                                );
+                            }
                             attach_daemon(&mut self.reactor, conn, slot, gen, sock)
                                 .map_err(|e| e.to_string())?;
                         }
@@ -276,6 +288,10 @@ impl Worker {
                         Err(e) => {
                             tracing::info!(conn = conn.id, "cannot reach {}: {e}", path.display());
                             p.connecting = None;
+                            if let Some(m) = &self.meter {
+                                let uri = p.hs.target().map(|t| t.uri.as_str());
+                                m.daemon_connect(None, uri, false);
+                            }
                             p.hs.on_connect_failed(e.raw_os_error().unwrap_or(libc::EIO), &mut out);
                         }
                     }
@@ -287,6 +303,10 @@ impl Worker {
                 Action::UseEarly => {
                     conn.uri = p.hs.target().map(|t| t.uri.clone());
                     conn.daemon_path = p.hs.target().map(|t| t.socket.clone());
+                    if let Some(m) = &self.meter {
+                        WorkerMeter::downstream_started(conn.meter.as_deref_mut());
+                        m.daemon_connect(conn.meter.as_deref_mut(), conn.uri.as_deref(), true);
+                    }
                     p.timers[TimerKind::Early as usize] = None;
                     let at = Instant::now() + DOWNSTREAM_DEADLINE;
                     arm_timer(&mut self.timers, p, slot, gen, TimerKind::Downstream, at);
@@ -304,6 +324,9 @@ impl Worker {
                     p.connecting = None;
                     p.d_rx.clear();
                     p.d_tx.clear();
+                    if let Some(m) = &self.meter {
+                        m.daemon_dropped(conn.meter.as_deref_mut());
+                    }
                     if let Some(d) = conn.daemon.take() {
                         self.reactor
                             .remove(d.as_raw_fd(), token(slot, gen, Side::Daemon));
@@ -317,6 +340,9 @@ impl Worker {
                         self.shared
                             .registry
                             .set_opened_readonly(conn.id, t.readonly);
+                    }
+                    if let Some(m) = &self.meter {
+                        m.opened(conn.meter.as_deref_mut());
                     }
                     // Bytes the client pipelined behind its open must pass the relay's checks;
                     // if they do not, the client still gets its open reply, then the close.
@@ -365,10 +391,18 @@ impl Worker {
                     }
                     conn.client_readable = true;
                     conn.daemon_readable = true;
-                    d2c.preload(&p.d_rx, &mut self.pools, &mut |_| Verdict::Forward)
-                        .map_err(|e| e.to_string())?;
+                    // What the relay takes over is counted as if it had read it.
+                    let counters = self.meter.as_ref().map(|m| m.counters());
+                    let mut m = crate::conn::metered(&mut conn.meter, counters);
+                    d2c.preload(&p.d_rx, &mut self.pools, &mut |h| {
+                        if let Some((m, c)) = m.as_mut() {
+                            m.daemon_frame(c, h);
+                        }
+                        Verdict::Forward
+                    })
+                    .map_err(|e| e.to_string())?;
                     c2d.preload(&p.c_rx, &mut self.pools, &mut |h| {
-                        client_frame_verdict(kind, h)
+                        crate::conn::counted_verdict(kind, h, &mut m)
                     })
                     .map_err(|e| format!("client side: {e}"))?;
                     tracing::info!(
@@ -401,12 +435,21 @@ impl Worker {
         };
         let mut relay = Box::new(CopyRelay::new(layer));
         relay.queue_client_wire(&p.c_tx);
+        // What the relay takes over is counted as if it had read it.
+        let counters = self.meter.as_ref().map(|m| m.counters());
+        let mut m = crate::conn::metered(&mut conn.meter, counters);
         relay
-            .daemon_plain(&p.d_rx)
+            .daemon_plain_observed(&p.d_rx, &mut |h| {
+                if let Some((m, c)) = m.as_mut() {
+                    m.daemon_frame(c, h);
+                }
+            })
             .map_err(|e| format!("daemon side: {e}"))?;
         let kind = conn.kind;
         relay
-            .client_plain(&p.c_rx, &mut |h| client_frame_verdict(kind, h))
+            .client_plain(&p.c_rx, &mut |h| {
+                crate::conn::counted_verdict(kind, h, &mut m)
+            })
             .map_err(|e| format!("client side: {e}"))?;
         let id = conn.id;
         relay
@@ -502,6 +545,15 @@ impl Worker {
             matches!(conns.get(k.slot), Some(Conn { gen, state: State::Pre(p), .. })
                 if *gen == k.gen && p.timers[k.kind as usize] == Some(at))
         });
+    }
+}
+
+/// The metrics label of a listener's auth method.
+fn auth_label(auth: Auth) -> &'static str {
+    match auth {
+        Auth::Polkit => "polkit",
+        Auth::Sasl => "sasl",
+        Auth::None => "none",
     }
 }
 
