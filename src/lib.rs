@@ -12,7 +12,8 @@
 //!   parts on [`offload`] threads; the SASL security layer's copy relay: [`relay::copy`];
 //! - listeners and accept: [`listen`], [`server`] (per-source pre-open rates: [`flood`]);
 //!   process lifecycle: [`daemon`]; config: [`config`];
-//! - the metrics endpoint (its own thread) and the relay's counter blocks: [`metrics`].
+//! - the metrics endpoint (its own thread) and the relay's counter blocks: [`metrics`];
+//! - restart without dropping a client (quiesce, carry, adopt): [`handover`].
 
 pub mod activation;
 pub mod admin;
