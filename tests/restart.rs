@@ -150,6 +150,51 @@ fn a_client_that_sent_nothing_is_carried_too(backend: &str) {
     assert_eq!(&r[24..28], &[0, 0, 0, 0], "{backend}: the call failed");
 }
 
+/// A guest started with VIR_DOMAIN_START_AUTODESTROY on a proxied connection (virtqemud, a
+/// disk-less TCG guest) survives SIGUSR2 — libvirt's virtproxyd would have killed it — and
+/// still goes when that same connection closes afterwards.
+fn an_autodestroy_guest_survives_the_restart(backend: &str) {
+    let _shared = daemons_shared();
+    let p = proxy("", &[("VIRTPROXYD_IO_BACKEND", backend)]);
+    let tb = support::modular::testbed();
+    let flags = tempfile::tempdir().unwrap();
+    let (ready, restarted) = (flags.path().join("ready"), flags.path().join("restarted"));
+    let child = py_command(
+        "restart_autodestroy.py",
+        &[
+            &p.uri("qemu:///system"),
+            &tb.direct_uri("qemu:///system", "virtqemud"),
+            &ready.display().to_string(),
+            &restarted.display().to_string(),
+        ],
+    )
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    assert!(
+        wait_file(&ready, Duration::from_secs(60)),
+        "{backend}: the guest never started; log:\n{}",
+        p.log_text()
+    );
+    p.signal("USR2");
+    assert!(
+        wait_for(Duration::from_secs(20), || carried_count(&p.log_text())
+            .is_some()),
+        "{backend}: no hand-over; log:\n{}",
+        p.log_text()
+    );
+    std::fs::write(&restarted, "yes").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_success(
+        &out,
+        &format!(
+            "{backend}: AUTODESTROY across SIGUSR2 (log:\n{})",
+            p.log_text()
+        ),
+    );
+}
+
 /// A binary that cannot take over (here: one that exits at once) is asked first and the
 /// running proxy goes on serving, its connections untouched.
 fn a_binary_that_cannot_start_leaves_the_old_one_serving(backend: &str) {
@@ -226,5 +271,6 @@ macro_rules! on_both_backends {
 on_both_backends!(
     sigusr2_keeps_every_connection,
     a_client_that_sent_nothing_is_carried_too,
+    an_autodestroy_guest_survives_the_restart,
     a_binary_that_cannot_start_leaves_the_old_one_serving,
 );
