@@ -56,41 +56,68 @@ struct Proxy {
     port: u16,
     ca_pem: String,
     client: (String, String),
+    /// The thread running the server (a restart is a SIGUSR2 sent to it).
+    server_tid: i32,
+    /// Restarts served so far.
+    restarts: Arc<AtomicUsize>,
     _dir: tempfile::TempDir,
 }
 
 /// One in-process proxy for the whole test binary (its threads end with the process).
 fn proxy() -> &'static Proxy {
     static P: std::sync::OnceLock<Proxy> = std::sync::OnceLock::new();
-    P.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap();
-        let daemon_sock = dir.path().join("daemon-sock");
-        let l = UnixListener::bind(&daemon_sock).unwrap();
-        std::thread::spawn(move || fake_daemon(l));
+    P.get_or_init(|| start_proxy(false))
+}
 
-        let ca = Ca::new("kTLS CA");
-        let (cert, key) = ca.server(false);
-        for (name, text) in [("ca.pem", &ca.cert_pem), ("server.pem", &cert), ("server.key", &key)] {
-            std::fs::write(dir.path().join(name), text).unwrap();
-        }
-        let d = dir.path().display();
-        let text = format!(
-            "listen_tls = 1\nlisten_addr = \"127.0.0.1\"\ntls_port = \"0\"\nca_file = \"{d}/ca.pem\"\n\
-             cert_file = \"{d}/server.pem\"\nkey_file = \"{d}/server.key\"\n\
-             driver_sockets = [ \"test={}\" ]\n",
-            daemon_sock.display()
-        );
-        let env = Env { privileged: true, home: None, xdg_runtime_dir: None, xdg_config_home: None, io_backend_override: None };
-        let cfg = Config::from_text(&text, &dir.path().join("p.conf"), &env).unwrap();
-        let settings = TlsSettings::from_config(&cfg).unwrap();
-        let listeners = listen::bind_tcp(&["127.0.0.1".into()], "0", 64, ListenerKind::Tls).unwrap();
-        let port = {
-            use std::os::fd::AsRawFd;
-            let addr: nix::sys::socket::SockaddrIn = nix::sys::socket::getsockname(listeners[0].fd.as_raw_fd()).unwrap();
-            addr.port()
-        };
-        let shared = Arc::new(Shared {
-            routes: arc_swap::ArcSwap::from_pointee(RouteTable::new(dir.path().into(), cfg.driver_sockets.clone(), false)),
+/// A proxy on a TLS listener in front of the fake daemon. With `handover`, a SIGUSR2 to its
+/// server thread restarts it in-process the way `main` does across `execve`: the hand-over
+/// is packed (state memfd, fd queue), unpacked, and served by a new server with new shared
+/// state; only the exec is missing.
+fn start_proxy(handover: bool) -> Proxy {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon_sock = dir.path().join("daemon-sock");
+    let l = UnixListener::bind(&daemon_sock).unwrap();
+    std::thread::spawn(move || fake_daemon(l));
+
+    let ca = Ca::new("kTLS CA");
+    let (cert, key) = ca.server(false);
+    for (name, text) in [
+        ("ca.pem", &ca.cert_pem),
+        ("server.pem", &cert),
+        ("server.key", &key),
+    ] {
+        std::fs::write(dir.path().join(name), text).unwrap();
+    }
+    let d = dir.path().display();
+    let text = format!(
+        "listen_tls = 1\nlisten_addr = \"127.0.0.1\"\ntls_port = \"0\"\nca_file = \"{d}/ca.pem\"\n\
+         cert_file = \"{d}/server.pem\"\nkey_file = \"{d}/server.key\"\n\
+         driver_sockets = [ \"test={}\" ]\n",
+        daemon_sock.display()
+    );
+    let env = Env {
+        privileged: true,
+        home: None,
+        xdg_runtime_dir: None,
+        xdg_config_home: None,
+        io_backend_override: None,
+    };
+    let cfg = Config::from_text(&text, &dir.path().join("p.conf"), &env).unwrap();
+    let listeners = listen::bind_tcp(&["127.0.0.1".into()], "0", 64, ListenerKind::Tls).unwrap();
+    let port = {
+        use std::os::fd::AsRawFd;
+        let addr: nix::sys::socket::SockaddrIn =
+            nix::sys::socket::getsockname(listeners[0].fd.as_raw_fd()).unwrap();
+        addr.port()
+    };
+    let run_dir: std::path::PathBuf = dir.path().into();
+    let new_shared = move || {
+        Arc::new(Shared {
+            routes: arc_swap::ArcSwap::from_pointee(RouteTable::new(
+                run_dir.clone(),
+                cfg.driver_sockets.clone(),
+                false,
+            )),
             clients: AtomicUsize::new(0),
             max_clients: AtomicUsize::new(5000),
             limits_set: AtomicBool::new(false),
@@ -101,30 +128,58 @@ fn proxy() -> &'static Proxy {
             shutdown: AtomicBool::new(false),
             drain_grace: Duration::from_secs(1),
             splice_threshold: 16 * 1024,
-            tls: arc_swap::ArcSwapOption::new(Some(Arc::new(settings))),
+            tls: arc_swap::ArcSwapOption::new(Some(Arc::new(
+                TlsSettings::from_config(&cfg).unwrap(),
+            ))),
             auth: virtproxyd::worker::ListenerAuth::NONE,
             registry: Default::default(),
             sasl: Default::default(),
             last_open: Default::default(),
             handover: Default::default(),
-        });
-        std::thread::spawn(move || {
-            let _ = server::run(ServerOpts {
-                listeners,
+        })
+    };
+    let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+    let restarts = Arc::new(AtomicUsize::new(0));
+    let counted = restarts.clone();
+    std::thread::spawn(move || {
+        // SAFETY: gettid has no preconditions.
+        let _ = tid_tx.send(unsafe { libc::gettid() });
+        let mut listeners = listeners;
+        let mut resumed = None;
+        loop {
+            let stopped = server::run(ServerOpts {
+                listeners: std::mem::take(&mut listeners),
                 workers: 2,
                 backend: reactor::Kind::Auto,
                 idle_timeout: None,
-                shared,
+                shared: new_shared(),
                 on_reload: Box::new(|_| {}),
                 admin: Default::default(),
-                resumed: None,
-                handover: false,
-                handover_check: Box::new(|| Err("not in this test".into())),
+                resumed: resumed.take(),
+                handover,
+                handover_check: Box::new(|| Ok(())),
                 metrics: None,
             });
-        });
-        Proxy { port, ca_pem: ca.cert_pem.clone(), client: ca.client("client1", 7), _dir: dir }
-    })
+            let Ok(server::Stopped::HandOver(h)) = stopped else {
+                return;
+            };
+            let out = virtproxyd::handover::process::pack(&h).expect("pack the hand-over");
+            drop(h);
+            let a = virtproxyd::handover::process::arrive(out.state, out.fds).expect("unpack it");
+            listeners = a.listeners;
+            resumed = Some(a.resumed);
+            counted.fetch_add(1, Ordering::AcqRel);
+        }
+    });
+    let server_tid = tid_rx.recv().unwrap();
+    Proxy {
+        port,
+        ca_pem: ca.cert_pem.clone(),
+        client: ca.client("client1", 7),
+        server_tid,
+        restarts,
+        _dir: dir,
+    }
 }
 
 fn client_config(p: &Proxy, suite: rustls::SupportedCipherSuite) -> Arc<rustls::ClientConfig> {
@@ -153,6 +208,37 @@ fn client_config(p: &Proxy, suite: rustls::SupportedCipherSuite) -> Arc<rustls::
 /// Opens a session through the proxy and moves `mib` MiB each way; returns seconds taken.
 fn round_trip(suite: rustls::SupportedCipherSuite, mib: usize) -> f64 {
     let p = proxy();
+    let (mut conn, mut sock) = open_session(p, suite);
+    let mut tls = rustls::Stream::new(&mut conn, &mut sock);
+    let t = Instant::now();
+    exchange(&mut tls, mib * 16).expect("echo");
+    t.elapsed().as_secs_f64()
+}
+
+/// STREAM frames of 64 KiB, each echoed by the fake daemon; lockstep keeps both directions'
+/// buffers bounded. Err(frame number) when the connection ended.
+fn exchange(tls: &mut impl ReadWrite, frames: usize) -> Result<(), usize> {
+    let mut body = vec![0u8; 64 * 1024];
+    for i in 0..frames {
+        for (j, b) in body.iter_mut().enumerate() {
+            *b = (i * 31 + j) as u8;
+        }
+        let f = support::frame_status(209, 3, 2, 2, &body);
+        tls.write_all(&f).map_err(|_| i)?;
+        let back = support::read_frame(tls).ok_or(i)?;
+        assert!(back == f, "frame {i} came back different");
+    }
+    Ok(())
+}
+
+trait ReadWrite: Read + Write {}
+impl<T: Read + Write> ReadWrite for T {}
+
+/// A TLS session through `p`, opened (AUTH_LIST, CONNECT_OPEN) against the fake daemon.
+fn open_session(
+    p: &Proxy,
+    suite: rustls::SupportedCipherSuite,
+) -> (rustls::ClientConnection, TcpStream) {
     let mut conn =
         rustls::ClientConnection::new(client_config(p, suite), "localhost".try_into().unwrap())
             .unwrap();
@@ -175,21 +261,7 @@ fn round_trip(suite: rustls::SupportedCipherSuite, mib: usize) -> f64 {
         .unwrap();
     let r = support::read_frame(&mut tls).expect("frame");
     assert_eq!(&r[24..28], &[0, 0, 0, 0], "open failed");
-
-    // STREAM frames of 64 KiB, each echoed by the fake daemon; lockstep keeps both
-    // directions' buffers bounded.
-    let t = Instant::now();
-    let mut body = vec![0u8; 64 * 1024];
-    for i in 0..mib * 16 {
-        for (j, b) in body.iter_mut().enumerate() {
-            *b = (i * 31 + j) as u8;
-        }
-        let f = support::frame_status(209, 3, 2, 2, &body);
-        tls.write_all(&f).unwrap();
-        let back = support::read_frame(&mut tls).expect("frame");
-        assert!(back == f, "frame {i} came back different");
-    }
-    t.elapsed().as_secs_f64()
+    (conn, sock)
 }
 
 /// CPU seconds used so far by the proxy's relay worker threads (named `relay-N`).
@@ -221,6 +293,12 @@ fn relay_cpu_secs() -> f64 {
     total
 }
 
+/// The kTLS counters are process-wide: the tests that read them run one at a time.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static L: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    L.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn expect_ktls() -> bool {
     std::env::var("VPD_EXPECT_KTLS").is_ok_and(|v| v == "1")
 }
@@ -238,6 +316,7 @@ fn log_init() {
 #[test]
 fn sixty_four_mib_each_way_on_every_ktls_suite() {
     log_init();
+    let _serial = serial();
     use rustls::crypto::ring::cipher_suite as cs;
     let suites = [
         (cs::TLS13_AES_128_GCM_SHA256, 64),
@@ -287,4 +366,54 @@ fn sixty_four_mib_each_way_on_every_ktls_suite() {
             );
         }
     }
+}
+
+/// A kTLS session is carried across a restart (SIGUSR2; the hand-over packed and unpacked
+/// in-process, see `start_proxy`): the keys and sequence numbers live in the socket, so the
+/// same client session goes on echoing through the new server. Without kernel TLS (this
+/// host) the session is userspace rustls, which cannot be carried: it is closed instead.
+#[test]
+fn a_ktls_session_is_carried_across_a_restart() {
+    log_init();
+    let _serial = serial();
+    let p = start_proxy(true);
+    let suite = rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256;
+    let engaged = ktls::ENGAGED.load(Ordering::Relaxed);
+    let (mut conn, mut sock) = open_session(&p, suite);
+    let kernel = ktls::ENGAGED.load(Ordering::Relaxed) > engaged;
+    let mut tls = rustls::Stream::new(&mut conn, &mut sock);
+    exchange(&mut tls, 16).expect("echo before the restart");
+    // SAFETY: a thread-directed signal to the server thread, which blocks it and reads it
+    // from its signalfd.
+    unsafe {
+        libc::syscall(
+            libc::SYS_tgkill,
+            libc::getpid(),
+            p.server_tid,
+            libc::SIGUSR2,
+        );
+    }
+    assert!(
+        support::wait_for(Duration::from_secs(20), || p
+            .restarts
+            .load(Ordering::Acquire)
+            == 1),
+        "no restart within 20 s"
+    );
+    let after = exchange(&mut tls, 16);
+    if expect_ktls() || kernel {
+        assert!(kernel, "kTLS did not engage");
+        assert_eq!(after, Ok(()), "the kTLS session broke across the restart");
+        println!("kTLS session carried across the restart: 16 MiB echoed after it");
+    } else {
+        assert!(
+            after.is_err(),
+            "a userspace TLS session cannot have been carried"
+        );
+        println!("userspace TLS session closed by the restart, as documented");
+    }
+    // The new server serves new sessions.
+    let (mut c2, mut s2) = open_session(&p, suite);
+    exchange(&mut rustls::Stream::new(&mut c2, &mut s2), 2)
+        .expect("a new session after the restart");
 }

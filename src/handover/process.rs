@@ -80,7 +80,7 @@ pub fn check_binary(exe: &Path, config: Option<&Path>) -> Result<(), String> {
 }
 
 /// Packs a hand-over: the state and, in its order, every fd.
-fn pack(h: &HandOff) -> std::io::Result<Outgoing> {
+pub fn pack(h: &HandOff) -> std::io::Result<Outgoing> {
     let state = State {
         producer: producer(),
         next_id: h.next_id,
