@@ -248,6 +248,9 @@ fn run(argv0: &str, cli: cli::Cli) -> i32 {
     let re_executed = std::env::var_os(handover::process::EXEC_ENV).is_some();
     std::env::remove_var(handover::process::EXEC_ENV);
 
+    if re_executed {
+        tracing::info!("started by a restart's hand-over (SIGUSR2)");
+    }
     // Fork before any thread exists.
     let ready = if cli.daemon && !re_executed {
         match daemon::daemonize(argv0) {
@@ -287,7 +290,11 @@ fn run(argv0: &str, cli: cli::Cli) -> i32 {
         Ok(a) => a,
     };
     let (mut listeners, activated_metrics, arriving) = match activated {
-        Some(a) => (a.listeners, a.metrics, a.handover_state.zip(a.handover_fds)),
+        Some(a) => (
+            a.listeners,
+            a.metrics,
+            a.handover_state.map(|s| (s, a.handover_fds)),
+        ),
         None => (Vec::new(), Vec::new(), None),
     };
     let was_activated = !listeners.is_empty();

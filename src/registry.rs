@@ -133,9 +133,11 @@ impl Registry {
         self.lock().remove(&id);
     }
 
-    /// Removes a client's record and gives it back (a connection leaving for the next process).
-    pub fn take(&self, id: u64) -> Option<ClientRecord> {
-        self.lock().remove(&id)
+    /// Removes clients' records and gives them back, under one lock (connections leaving
+    /// for the next process).
+    pub fn take_many(&self, ids: &[u64]) -> Vec<Option<ClientRecord>> {
+        let mut clients = self.lock();
+        ids.iter().map(|id| clients.remove(id)).collect()
     }
 
     pub fn set_identity(&self, id: u64, identity: Identity) {

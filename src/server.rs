@@ -166,6 +166,7 @@ impl Admission<'_> {
         let t = Instant::now();
         self.next_id = self.next_id.max(r.next_id);
         let n = r.carried.len();
+        let mut sent = 0;
         for c in busy_first(r.carried) {
             let rec = c.record;
             let Some(daemon) = c.daemon else {
@@ -206,11 +207,19 @@ impl Admission<'_> {
                     daemon,
                 })),
             };
-            if self.workers[owner].inbox.send(nc).is_err() {
+            if self.workers[owner].inbox.send_quiet(nc).is_err() {
                 shared.clients.fetch_sub(1, Ordering::AcqRel);
                 shared.registry.remove(id);
                 tracing::error!(conn = id, "relay worker is gone; dropping a carried client");
             }
+            // The first (busiest) connections go at once; the rest in one wake-up per worker.
+            if sent < self.workers.len() {
+                wake(&self.workers[owner].inbox.waker);
+            }
+            sent += 1;
+        }
+        for w in self.workers {
+            wake(&w.inbox.waker);
         }
         if n > 0 {
             tracing::info!(

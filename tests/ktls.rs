@@ -165,7 +165,8 @@ fn start_proxy(handover: bool) -> Proxy {
             };
             let out = virtproxyd::handover::process::pack(&h).expect("pack the hand-over");
             drop(h);
-            let a = virtproxyd::handover::process::arrive(out.state, out.fds).expect("unpack it");
+            let a =
+                virtproxyd::handover::process::arrive(out.state, Some(out.fds)).expect("unpack it");
             listeners = a.listeners;
             resumed = Some(a.resumed);
             counted.fetch_add(1, Ordering::AcqRel);

@@ -79,8 +79,8 @@ pub fn check_binary(exe: &Path, config: Option<&Path>) -> Result<(), String> {
     Ok(())
 }
 
-/// Packs a hand-over: the state and, in its order, every fd.
-pub fn pack(h: &HandOff) -> std::io::Result<Outgoing> {
+/// The state of a hand-over (with `inherited` empty) and its fds in stream order.
+fn describe(h: &HandOff) -> (State, Vec<BorrowedFd<'_>>) {
     let state = State {
         producer: producer(),
         next_id: h.next_id,
@@ -93,6 +93,7 @@ pub fn pack(h: &HandOff) -> std::io::Result<Outgoing> {
             })
             .collect(),
         conns: h.carried.iter().map(|c| c.record.clone()).collect(),
+        inherited: Vec::new(),
     };
     let mut fds: Vec<BorrowedFd<'_>> = h.listeners.iter().map(|l| l.fd.as_fd()).collect();
     for c in &h.carried {
@@ -101,23 +102,85 @@ pub fn pack(h: &HandOff) -> std::io::Result<Outgoing> {
             fds.push(d.as_fd());
         }
     }
+    (state, fds)
+}
+
+/// Packs a hand-over for another process: the state in a memfd, every fd in the queue.
+pub fn pack(h: &HandOff) -> std::io::Result<Outgoing> {
+    let (state, fds) = describe(h);
     transfer::pack(&state::encode(&state), &fds)
 }
 
 /// Leaves for the next process. `Exec` only returns on failure (with this process's
 /// `HandOff` intact, to serve on); `FdStore` returns once systemd holds everything.
 pub fn leave(h: &HandOff, exe: &Path, args: &[OsString]) -> Result<(), String> {
-    let out = pack(h).map_err(|e| format!("cannot pack the hand-over: {e}"))?;
     match h.mode {
-        HandOffMode::FdStore => transfer::store_in_systemd(&out)
-            .map_err(|e| format!("cannot store the hand-over in systemd's fd store: {e}")),
-        HandOffMode::Exec => Err(exec(exe, args, &out)),
+        HandOffMode::FdStore => {
+            let out = pack(h).map_err(|e| format!("cannot pack the hand-over: {e}"))?;
+            transfer::store_in_systemd(&out)
+                .map_err(|e| format!("cannot store the hand-over in systemd's fd store: {e}"))
+        }
+        HandOffMode::Exec => Err(exec_inheriting(h, exe, args)),
     }
 }
 
-/// `execve`s `exe` with the hand-over as activation fds 3 and 4. Returns why it failed,
-/// with fds 3 and 4 as they were.
-fn exec(exe: &Path, args: &[OsString], out: &Outgoing) -> String {
+/// `execve` keeps every fd without CLOEXEC where it is: the carried fds stay at their
+/// numbers and the state lists them, so nothing crosses a socket queue (18,000 fds in flight
+/// keep the kernel's AF_UNIX garbage collector busy for tens of milliseconds). Only fd 3,
+/// where the state goes, is moved first. On failure every fd is as it was.
+fn exec_inheriting(h: &HandOff, exe: &Path, args: &[OsString]) -> String {
+    let (mut state, fds) = describe(h);
+    // Copies of fds that sat on 3 (kept until the exec), and the fds whose CLOEXEC we cleared.
+    let mut moved: Vec<OwnedFd> = Vec::new();
+    let mut cleared: Vec<i32> = Vec::with_capacity(fds.len());
+    let restore = |cleared: &[i32]| {
+        for &fd in cleared {
+            // SAFETY: fcntl on descriptors we hold.
+            unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+        }
+    };
+    for fd in &fds {
+        let mut raw = fd.as_raw_fd();
+        if raw == 3 {
+            // SAFETY: F_DUPFD_CLOEXEC on a descriptor we hold; the copy is ours.
+            let copy = unsafe { libc::fcntl(raw, libc::F_DUPFD_CLOEXEC, 5) };
+            if copy < 0 {
+                restore(&cleared);
+                return format!("cannot move fd 3: {}", std::io::Error::last_os_error());
+            }
+            // SAFETY: a fresh descriptor.
+            moved.push(unsafe { std::os::fd::FromRawFd::from_raw_fd(copy) });
+            raw = copy;
+        }
+        // SAFETY: fcntl on a descriptor we hold.
+        if unsafe { libc::fcntl(raw, libc::F_SETFD, 0) } < 0 {
+            restore(&cleared);
+            return format!("cannot keep fd {raw}: {}", std::io::Error::last_os_error());
+        }
+        cleared.push(raw);
+        state.inherited.push(raw);
+    }
+    let memfd = match transfer::pack_state(&state::encode(&state)) {
+        Ok(m) => m,
+        Err(e) => {
+            restore(&cleared);
+            return format!("cannot pack the hand-over: {e}");
+        }
+    };
+    let why = exec(exe, args, memfd.as_fd(), None);
+    restore(&cleared);
+    drop(moved);
+    why
+}
+
+/// `execve`s `exe` with the hand-over as activation fds: the state on 3 (and the fd queue
+/// on 4, when there is one). Returns why it failed, with fds 3 and 4 as they were.
+fn exec(
+    exe: &Path,
+    args: &[OsString],
+    state_fd: BorrowedFd<'_>,
+    queue: Option<BorrowedFd<'_>>,
+) -> String {
     let cstr = |b: &[u8]| CString::new(b).map_err(|e| e.to_string());
     let path = match cstr(exe.as_os_str().as_bytes()) {
         Ok(p) => p,
@@ -144,10 +207,14 @@ fn exec(exe: &Path, args: &[OsString], out: &Outgoing) -> String {
             Err(e) => return e.to_string(),
         }
     }
+    let (count, names) = match queue {
+        Some(_) => (2, format!("{STATE_NAME}:{FDS_NAME}")),
+        None => (1, STATE_NAME.to_string()),
+    };
     for kv in [
         format!("LISTEN_PID={}", std::process::id()),
-        "LISTEN_FDS=2".to_string(),
-        format!("LISTEN_FDNAMES={STATE_NAME}:{FDS_NAME}"),
+        format!("LISTEN_FDS={count}"),
+        format!("LISTEN_FDNAMES={names}"),
         format!("{EXEC_ENV}=1"),
     ] {
         match CString::new(kv) {
@@ -157,7 +224,8 @@ fn exec(exe: &Path, args: &[OsString], out: &Outgoing) -> String {
     }
     // fds 3 and 4 are someone's now (the log file, an eventfd): keep copies to put back if
     // the exec fails, then put the hand-over there (dup2 clears CLOEXEC on the copy).
-    let saved: Vec<Option<OwnedFd>> = [3, 4]
+    let targets: &[i32] = if queue.is_some() { &[3, 4] } else { &[3] };
+    let saved: Vec<Option<OwnedFd>> = targets
         .iter()
         .map(|&fd| {
             // SAFETY: F_DUPFD_CLOEXEC on a descriptor number; -1 if it is not open.
@@ -169,20 +237,22 @@ fn exec(exe: &Path, args: &[OsString], out: &Outgoing) -> String {
     // SAFETY: F_DUPFD_CLOEXEC copies; the originals may sit on 3 or 4 themselves.
     let (st, q) = unsafe {
         (
-            libc::fcntl(out.state.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 10),
-            libc::fcntl(out.fds.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 10),
+            libc::fcntl(state_fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 10),
+            queue.map_or(-2, |q| {
+                libc::fcntl(q.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 10)
+            }),
         )
     };
-    // SAFETY: dup2 onto 3 and 4, then execve; on failure everything is put back below.
+    // SAFETY: dup2 onto 3 (and 4), then execve; on failure everything is put back below.
     let err = unsafe {
-        if st < 0 || q < 0 || libc::dup2(st, 3) < 0 || libc::dup2(q, 4) < 0 {
+        if st < 0 || q == -1 || libc::dup2(st, 3) < 0 || (q >= 0 && libc::dup2(q, 4) < 0) {
             std::io::Error::last_os_error()
         } else {
             let _ = nix::unistd::execve(&path, &argv, &envp);
             std::io::Error::last_os_error()
         }
     };
-    for (fd, copy) in [3, 4].into_iter().zip(saved) {
+    for (&fd, copy) in targets.iter().zip(saved) {
         match copy {
             // SAFETY: putting our own descriptor back on its number.
             Some(c) => unsafe {
@@ -216,13 +286,19 @@ pub struct Arrived {
 /// Unpacks a hand-over (the activation fds named `STATE_NAME` and `FDS_NAME`). A state this
 /// build cannot read closes every fd it carried (their clients see EOF; logged by the
 /// caller); an fd that is missing or not what its record says closes that connection only.
-pub fn arrive(state_fd: OwnedFd, queue: OwnedFd) -> Result<Arrived, String> {
+pub fn arrive(state_fd: OwnedFd, queue: Option<OwnedFd>) -> Result<Arrived, String> {
     let bytes = transfer::read_state(state_fd).map_err(|e| format!("reading the state: {e}"))?;
     let decoded = state::decode(&bytes);
     // Every fd comes out of the queue either way, so an unreadable state leaks nothing.
-    let all = transfer::receive_fds(queue.as_fd(), usize::MAX >> 1)
-        .map_err(|e| format!("receiving the fds: {e}"))?;
+    let mut all = match &queue {
+        Some(q) => transfer::receive_fds(q.as_fd(), usize::MAX >> 1)
+            .map_err(|e| format!("receiving the fds: {e}"))?,
+        None => Vec::new(),
+    };
     let st = decoded.map_err(|e| format!("{e}; {} carried fds closed", all.len()))?;
+    if queue.is_none() {
+        all = inherited_fds(&st.inherited)?;
+    }
     let want = st.listeners.len() + st.conns.iter().map(ConnRecord::fds).sum::<usize>();
     if all.len() != want {
         return Err(format!(
@@ -270,6 +346,40 @@ pub fn arrive(state_fd: OwnedFd, queue: OwnedFd) -> Result<Arrived, String> {
     })
 }
 
+/// Takes the fds an `execve` left at the numbers the state lists: distinct and above the
+/// standard three. They get CLOEXEC back in one `close_range` call (every fd of this young
+/// process should have it), so children do not inherit them.
+fn inherited_fds(numbers: &[i32]) -> Result<Vec<OwnedFd>, String> {
+    let mut seen = std::collections::HashSet::with_capacity(numbers.len());
+    for &fd in numbers {
+        if fd < 3 || !seen.insert(fd) {
+            return Err(format!("inherited fd {fd} is not a carried descriptor"));
+        }
+    }
+    // SAFETY: close_range with CLOSE_RANGE_CLOEXEC only sets a flag on open descriptors.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            3u32,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        )
+    };
+    if r != 0 {
+        for &fd in numbers {
+            // SAFETY: as above, one descriptor at a time (kernels before 5.11).
+            unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+        }
+    }
+    // SAFETY: inherited by this process at these numbers (the state says so), owned by
+    // nobody else here; one that is not open fails its first use, which closes only that
+    // connection.
+    Ok(numbers
+        .iter()
+        .map(|&fd| unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) })
+        .collect())
+}
+
 fn set_nonblocking(fd: &OwnedFd) {
     // SAFETY: fcntl flags on our own descriptor.
     unsafe {
@@ -280,19 +390,15 @@ fn set_nonblocking(fd: &OwnedFd) {
     }
 }
 
-/// Both fds are stream sockets (a record whose fds were swapped or replaced would otherwise
-/// relay between the wrong peers); the client socket of a kTLS record has the TLS ULP.
-fn check_sockets(r: &ConnRecord, client: &OwnedFd, daemon: Option<&OwnedFd>) -> Result<(), String> {
-    use nix::sys::socket::{getsockopt, sockopt};
-    for (what, fd) in [("client", Some(client)), ("daemon", daemon)] {
-        let Some(fd) = fd else { continue };
-        match getsockopt(fd, sockopt::SockType) {
-            Ok(nix::sys::socket::SockType::Stream) => {}
-            Ok(t) => return Err(format!("its {what} fd is a {t:?} socket")),
-            Err(e) => return Err(format!("its {what} fd is not a socket ({e})")),
-        }
-        // O_NONBLOCK is the open file's, so it came along with it.
-    }
+/// The client socket of a kTLS record still has the TLS ULP (a connection whose crypto
+/// state did not come along would send plaintext). Other fds are taken as the state lists
+/// them: a socket-type check per fd cost 9,000 idle connections ~10 ms of the pause, and a
+/// wrong fd fails its first read or write, which closes that connection only.
+fn check_sockets(
+    r: &ConnRecord,
+    client: &OwnedFd,
+    _daemon: Option<&OwnedFd>,
+) -> Result<(), String> {
     if r.ktls && !crate::tls::ktls::has_tls_ulp(client.as_fd()) {
         return Err("its client socket lost kernel TLS".into());
     }

@@ -68,6 +68,9 @@ pub struct State {
     pub next_id: u64,
     pub listeners: Vec<ListenerRecord>,
     pub conns: Vec<ConnRecord>,
+    /// Where the fds are when they were inherited through `execve` (their numbers, in the
+    /// stream's order); empty when they travel in the fd queue.
+    pub inherited: Vec<i32>,
 }
 
 /// Why a state cannot be read.
@@ -202,6 +205,10 @@ pub fn encode(state: &State) -> Vec<u8> {
         e.u32(kind_code(l.kind));
         e.opt_string(l.path.as_deref());
     }
+    e.u32(state.inherited.len() as u32);
+    for &fd in &state.inherited {
+        e.i32(fd);
+    }
     e.u32(state.conns.len() as u32);
     for c in &state.conns {
         e.u64(c.id)
@@ -251,6 +258,14 @@ pub fn decode(buf: &[u8]) -> Result<State, StateError> {
             kind: kind_of(d.u32()?)?,
             path: d.opt_string()?,
         });
+    }
+    let n = d.u32()?;
+    if n > 2 * CONNS_MAX {
+        return Err(StateError::Corrupt(format!("{n} inherited fds")));
+    }
+    let mut inherited = Vec::with_capacity(n.min(4096) as usize);
+    for _ in 0..n {
+        inherited.push(d.i32()?);
     }
     let n = d.u32()?;
     if n > CONNS_MAX {
@@ -306,6 +321,7 @@ pub fn decode(buf: &[u8]) -> Result<State, StateError> {
         next_id,
         listeners,
         conns,
+        inherited,
     })
 }
 
@@ -384,6 +400,7 @@ mod tests {
                     path: None,
                 },
             ],
+            inherited: vec![7, 8, 9, 10, 11],
             conns: vec![
                 record(1),
                 tcp,
@@ -416,6 +433,7 @@ mod tests {
                 path: Some("/run/x".into()),
             }],
             conns: vec![record(1), record(2)],
+            inherited: Vec::new(),
         };
         let bytes = encode(&state);
         for cut in 0..bytes.len() {

@@ -22,8 +22,8 @@ pub struct Outgoing {
     pub fds: OwnedFd,
 }
 
-/// Writes `state` to a memfd and queues `fds` on a fresh socketpair, in order.
-pub fn pack(state: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<Outgoing> {
+/// Writes `state` to a memfd, read from its start.
+pub fn pack_state(state: &[u8]) -> io::Result<OwnedFd> {
     let memfd = nix::sys::memfd::memfd_create(
         c"virtproxyd-handover",
         nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC,
@@ -31,6 +31,12 @@ pub fn pack(state: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<Outgoing> {
     let mut file = std::fs::File::from(memfd);
     file.write_all(state)?;
     file.rewind()?;
+    Ok(file.into())
+}
+
+/// Writes `state` to a memfd and queues `fds` on a fresh socketpair, in order.
+pub fn pack(state: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<Outgoing> {
+    let file = pack_state(state)?;
     let (tx, rx) = socketpair(
         AddressFamily::Unix,
         SockType::SeqPacket,
@@ -67,7 +73,7 @@ pub fn pack(state: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<Outgoing> {
     }
     drop(tx);
     Ok(Outgoing {
-        state: file.into(),
+        state: file,
         fds: rx,
     })
 }

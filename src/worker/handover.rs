@@ -68,9 +68,15 @@ impl Worker {
         for (slot, why) in close {
             self.close(slot, why);
         }
+        let ids: Vec<u64> = carry
+            .iter()
+            .filter_map(|&s| self.conns.get(s).map(|c| c.id))
+            .collect();
+        let mut records = self.shared.registry.take_many(&ids).into_iter();
         let mut carried = Vec::with_capacity(carry.len());
         for slot in carry {
-            if let Some(c) = self.carry(slot) {
+            let record = records.next().flatten();
+            if let Some(c) = self.carry(slot, record) {
                 carried.push(c);
             }
         }
@@ -92,7 +98,11 @@ impl Worker {
     /// sockets stay registered with the reactor until the worker exits (a moment later) and
     /// drops it: 9,000 deregistrations cost the pause more than they save, and any event
     /// still reported for them carries a slot generation that matches nothing.
-    fn carry(&mut self, slot: usize) -> Option<Carried> {
+    fn carry(
+        &mut self,
+        slot: usize,
+        reg: Option<crate::registry::ClientRecord>,
+    ) -> Option<Carried> {
         let mut conn = self.conns.try_remove(slot)?;
         let daemon = conn.daemon.take();
         let fresh = matches!(conn.state, State::Pre(_));
@@ -112,7 +122,6 @@ impl Worker {
             }
             _ => return None,
         };
-        let reg = self.shared.registry.take(conn.id);
         self.shared.clients.fetch_sub(1, Ordering::AcqRel);
         let (identity, peer_addr, claimed, opened_readonly, timestamp) = match reg {
             Some(r) => (

@@ -211,6 +211,11 @@ impl Inbox {
         Ok(())
     }
 
+    /// Hands `nc` over without waking the thread (a batch wakes it once with `wake`).
+    pub fn send_quiet(&self, nc: NewConn) -> Result<(), Box<NewConn>> {
+        self.tx.send(nc).map_err(|e| Box::new(e.0))
+    }
+
     pub fn try_clone(&self) -> io::Result<Inbox> {
         Ok(Inbox {
             tx: self.tx.clone(),
