@@ -151,8 +151,9 @@ fn a_client_that_sent_nothing_is_carried_too(backend: &str) {
 }
 
 /// A guest started with VIR_DOMAIN_START_AUTODESTROY on a proxied connection (virtqemud, a
-/// disk-less TCG guest) survives SIGUSR2 — libvirt's virtproxyd would have killed it — and
-/// still goes when that same connection closes afterwards.
+/// disk-less TCG guest) survives SIGUSR2 — libvirt's virtproxyd would have killed it — an fd
+/// passed on that connection right after the restart reaches the daemon, and the guest still
+/// goes when the connection closes.
 fn an_autodestroy_guest_survives_the_restart(backend: &str) {
     let _shared = daemons_shared();
     let p = proxy("", &[("VIRTPROXYD_IO_BACKEND", backend)]);
@@ -164,6 +165,7 @@ fn an_autodestroy_guest_survives_the_restart(backend: &str) {
         &[
             &p.uri("qemu:///system"),
             &tb.direct_uri("qemu:///system", "virtqemud"),
+            &tb.pid("virtqemud").to_string(),
             &ready.display().to_string(),
             &restarted.display().to_string(),
         ],
