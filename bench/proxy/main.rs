@@ -23,6 +23,7 @@
 
 mod env;
 mod logflood;
+mod metrics;
 #[path = "../../tests/support/pki.rs"]
 mod pki;
 mod report;
@@ -137,7 +138,7 @@ fn main() {
         || std::env::var("VPD_BENCH_QUICK").is_ok_and(|v| !v.is_empty() && v != "0");
     let t_start = Instant::now();
     // VPD_BENCH_ONLY=tls,idlecpu,… runs only those sections (calls, open, streams, scale,
-    // idlecpu, tls, logflood, restart); the table then has only their rows.
+    // idlecpu, tls, logflood, restart, metrics); the table then has only their rows.
     let only = std::env::var("VPD_BENCH_ONLY").unwrap_or_default();
     let want = |section: &str| only.is_empty() || only.split(',').any(|s| s.trim() == section);
     let nofile = raise_nofile();
@@ -512,6 +513,18 @@ fn main() {
         Value::Null
     };
     laps.lap("restart");
+    let metrics = if want("metrics") {
+        metrics::run(
+            &tb,
+            &client,
+            p.reps.max(3) + 1,
+            p.call_secs,
+            p.idle_counts.iter().copied().max().unwrap_or(1000),
+        )
+    } else {
+        Value::Null
+    };
+    laps.lap("metrics");
 
     // ---- health ----------------------------------------------------------------------------
     let mut legacy = legacy;
@@ -551,6 +564,9 @@ fn main() {
     }
     if !restart.is_null() {
         doc["raw"]["restart"] = restart;
+    }
+    if !metrics.is_null() {
+        doc["raw"]["metrics"] = metrics;
     }
     drop(pool);
     drop(uring);
