@@ -2,6 +2,7 @@
 //! daemons: no client can make the proxy hold more than a fixed amount of memory on its
 //! behalf, whatever it sends or refuses to read, while another client's calls keep working.
 
+#[macro_use]
 mod support;
 
 use std::io::{BufRead, BufReader, Write};
@@ -581,22 +582,6 @@ fn tcp_proxy(backend: &str) -> (support::Proxy, u16) {
         "listen_tcp = 1\nlisten_addr = \"127.0.0.1\"\ntcp_port = \"{port}\"\nauth_tcp = \"none\"\n"
     );
     (proxy(&conf, &[("VIRTPROXYD_IO_BACKEND", backend)]), port)
-}
-
-/// One test per io backend, named `<scenario>::io_uring` and `<scenario>::epoll`.
-macro_rules! on_both_backends {
-    ($($scenario:ident),* $(,)?) => {$(
-        mod $scenario {
-            #[test]
-            fn io_uring() {
-                super::$scenario("io_uring");
-            }
-            #[test]
-            fn epoll() {
-                super::$scenario("epoll");
-            }
-        }
-    )*};
 }
 
 on_both_backends!(

@@ -5,6 +5,7 @@
 //!
 //! No driver daemon is needed: raw clients on the proxy's socket are enough to be counted.
 
+#[macro_use]
 mod support;
 
 use std::io::{ErrorKind, Read, Write};
@@ -694,21 +695,6 @@ fn relay_counts_a_known_workload_exactly(backend: &str) {
     assert!(d(r#"virtproxyd_worker_loop_iterations_total{worker="0"}"#) > 0.0);
     promtool_accepts(&after);
     openmetrics_parser_accepts(&get(port, Some(OPENMETRICS)).body);
-}
-
-macro_rules! on_both_backends {
-    ($($scenario:ident),* $(,)?) => {$(
-        mod $scenario {
-            #[test]
-            fn io_uring() {
-                super::$scenario("io_uring");
-            }
-            #[test]
-            fn epoll() {
-                super::$scenario("epoll");
-            }
-        }
-    )*};
 }
 
 on_both_backends!(relay_counts_a_known_workload_exactly);

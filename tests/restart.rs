@@ -2,6 +2,7 @@
 //! and every relayed connection goes on — calls, events registered before, a volume
 //! download in flight — through the modular test bed's real daemons, on both io backends.
 
+#[macro_use]
 mod support;
 
 use std::path::Path;
@@ -27,8 +28,35 @@ fn carried_count(log: &str) -> Option<u64> {
         .next()
 }
 
-fn wait_file(path: &Path, limit: Duration) -> bool {
-    wait_for(limit, || path.exists())
+/// Starts a workload script and waits until it wrote `ready`.
+fn start_until_ready(
+    mut cmd: Command,
+    ready: &Path,
+    p: &support::Proxy,
+    what: &str,
+) -> std::process::Child {
+    let child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(
+        wait_for(Duration::from_secs(60), || ready.exists()),
+        "{what} never got ready; proxy log:\n{}",
+        p.log_text()
+    );
+    child
+}
+
+/// SIGUSR2, then waits until the new process says it took over.
+fn restart(p: &support::Proxy, backend: &str) {
+    p.signal("USR2");
+    assert!(
+        wait_for(Duration::from_secs(20), || carried_count(&p.log_text())
+            .is_some()),
+        "{backend}: no hand-over within 20 s; log:\n{}",
+        p.log_text()
+    );
 }
 
 /// SIGUSR2 while a workload runs: same PID, every connection carried (none re-opened), every
@@ -40,7 +68,7 @@ fn sigusr2_keeps_every_connection(backend: &str) {
     let pools = pool_dir();
     let flags = tempfile::tempdir().unwrap();
     let (ready, restarted) = (flags.path().join("ready"), flags.path().join("restarted"));
-    let mut workload = py_command(
+    let workload = py_command(
         "restart_workload.py",
         &[
             &p.uri("qemu:///system"),
@@ -50,24 +78,9 @@ fn sigusr2_keeps_every_connection(backend: &str) {
             &restarted.display().to_string(),
         ],
     );
-    let child = workload
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    assert!(
-        wait_file(&ready, Duration::from_secs(60)),
-        "{backend}: the workload never got ready; proxy log:\n{}",
-        p.log_text()
-    );
+    let child = start_until_ready(workload, &ready, &p, backend);
     let t = Instant::now();
-    p.signal("USR2");
-    assert!(
-        wait_for(Duration::from_secs(20), || carried_count(&p.log_text())
-            .is_some()),
-        "{backend}: no hand-over within 20 s; log:\n{}",
-        p.log_text()
-    );
+    restart(&p, backend);
     let took = t.elapsed();
     std::fs::write(&restarted, "yes").unwrap();
     let out = child.wait_with_output().unwrap();
@@ -123,13 +136,7 @@ fn a_client_that_sent_nothing_is_carried_too(backend: &str) {
         .unwrap();
     // Let the worker adopt it.
     std::thread::sleep(Duration::from_millis(100));
-    p.signal("USR2");
-    assert!(
-        wait_for(Duration::from_secs(20), || carried_count(&p.log_text())
-            .is_some()),
-        "{backend}: no hand-over; log:\n{}",
-        p.log_text()
-    );
+    restart(&p, backend);
     let log = p.log_text();
     let ms = quiesce_ms(&log).unwrap_or(u64::MAX);
     assert!(ms < 1000, "{backend}: the quiesce took {ms} ms:\n{log}");
@@ -160,7 +167,7 @@ fn an_autodestroy_guest_survives_the_restart(backend: &str) {
     let tb = support::modular::testbed();
     let flags = tempfile::tempdir().unwrap();
     let (ready, restarted) = (flags.path().join("ready"), flags.path().join("restarted"));
-    let child = py_command(
+    let script = py_command(
         "restart_autodestroy.py",
         &[
             &p.uri("qemu:///system"),
@@ -169,23 +176,9 @@ fn an_autodestroy_guest_survives_the_restart(backend: &str) {
             &ready.display().to_string(),
             &restarted.display().to_string(),
         ],
-    )
-    .stdout(std::process::Stdio::piped())
-    .stderr(std::process::Stdio::piped())
-    .spawn()
-    .unwrap();
-    assert!(
-        wait_file(&ready, Duration::from_secs(60)),
-        "{backend}: the guest never started; log:\n{}",
-        p.log_text()
     );
-    p.signal("USR2");
-    assert!(
-        wait_for(Duration::from_secs(20), || carried_count(&p.log_text())
-            .is_some()),
-        "{backend}: no hand-over; log:\n{}",
-        p.log_text()
-    );
+    let child = start_until_ready(script, &ready, &p, backend);
+    restart(&p, backend);
     std::fs::write(&restarted, "yes").unwrap();
     let out = child.wait_with_output().unwrap();
     assert_success(
@@ -253,21 +246,6 @@ fn a_binary_that_cannot_start_leaves_the_old_one_serving(backend: &str) {
         &v,
         &format!("{backend}: virsh version after the refused restart"),
     );
-}
-
-macro_rules! on_both_backends {
-    ($($scenario:ident),* $(,)?) => {$(
-        mod $scenario {
-            #[test]
-            fn io_uring() {
-                super::$scenario("io_uring");
-            }
-            #[test]
-            fn epoll() {
-                super::$scenario("epoll");
-            }
-        }
-    )*};
 }
 
 on_both_backends!(

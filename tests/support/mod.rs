@@ -721,3 +721,21 @@ pub fn free_port() -> u16 {
         .map(|a| a.port())
         .expect("a free port on 127.0.0.1")
 }
+
+/// One test per io backend, named `<scenario>::io_uring` and `<scenario>::epoll` (use with
+/// `#[macro_use] mod support;`).
+#[allow(unused_macros)]
+macro_rules! on_both_backends {
+    ($($scenario:ident),* $(,)?) => {$(
+        mod $scenario {
+            #[test]
+            fn io_uring() {
+                super::$scenario("io_uring");
+            }
+            #[test]
+            fn epoll() {
+                super::$scenario("epoll");
+            }
+        }
+    )*};
+}
