@@ -15,6 +15,9 @@ need_pkgs+=(dbus-daemon)
 # started, see policy-rc.d below) checks the text-format scrapes; promtool 2.42 reads no
 # OpenMetrics, so those go through the Prometheus Python client's strict OpenMetrics parser.
 need_pkgs+=(prometheus python3-prometheus-client)
+# tests/systemd_restart.rs: systemd 252 booted in private namespaces (scripts/systemd-box.sh),
+# driven with nsenter (util-linux).
+need_pkgs+=(systemd util-linux)
 missing=()
 for p in "${need_pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
