@@ -715,11 +715,23 @@ pub fn read_frame(r: &mut impl std::io::Read) -> Option<Vec<u8>> {
 }
 
 /// A TCP port on 127.0.0.1 that was free a moment ago.
+/// A loopback port free now and never handed out before in this test binary: the kernel
+/// may give a just-released port to the next bind(0) (another test's activation socket, say)
+/// before the proxy it was meant for binds it.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port on 127.0.0.1")
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    // Held while probing: no two tests race for the same number here.
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port on 127.0.0.1");
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// One test per io backend, named `<scenario>::io_uring` and `<scenario>::epoll` (use with
