@@ -8,7 +8,9 @@ longer. Meanwhile:
 - 1 connection has a storage pool lifecycle callback registered before the restart, and
   must see the events of a pool defined, started, stopped and undefined after it;
 - 1 connection downloads a SIZE_MIB volume (uploaded first) slowly, across the restart,
-  and compares its sha256 with what it uploaded.
+  and compares its sha256 with what it uploaded;
+- 1 connection uploads another SIZE_MIB volume slowly, across the restart; it is then
+  downloaded and compared.
 No connection is re-opened. Prints the counts.
 """
 import hashlib
@@ -40,6 +42,7 @@ def main():
     busy = [libvirt.open(uri) for _ in range(4)]
     watcher = libvirt.open(uri)
     streamer = libvirt.open(uri)
+    uploader = libvirt.open(uri)
     events = queue.Queue()
 
     def on_pool(_conn, pool, event, _detail, _opaque):
@@ -78,9 +81,39 @@ def main():
         up.finish()
         want = hashlib.sha256(data).hexdigest()
 
+        # A second volume, uploaded slowly on its own connection across the restart.
+        vol2 = _pool.createXML(
+            "<volume><name>%s-up.img</name><capacity>%d</capacity>"
+            "<target><format type='raw'/></target></volume>" % (name, size), 0)
+        data2 = random.Random(os.getpid() + 1).randbytes(size)
+        up_result = {}
+
+        def slow_upload():
+            try:
+                v = uploader.storageVolLookupByKey(vol2.key())
+                st = uploader.newStream(0)
+                v.upload(st, 0, size, 0)
+                off, seen = 0, None
+                while off < size:
+                    n = st.send(data2[off:off + 262144])
+                    if n <= 0:
+                        up_result["error"] = "upload send returned %d" % n
+                        return
+                    off += n
+                    if seen is None:
+                        time.sleep(0.02)
+                        if os.path.exists(restarted):
+                            seen = off
+                st.finish()
+                up_result["seen"] = seen
+            except libvirt.libvirtError as e:
+                up_result["error"] = e.get_error_message()
+
         threads = [threading.Thread(target=hammer, args=(i, c)) for i, c in enumerate(busy)]
         for t in threads:
             t.start()
+        uploading = threading.Thread(target=slow_upload)
+        uploading.start()
         down = streamer.newStream(0)
         vol.download(down, 0, size, 0)
         got = hashlib.sha256()
@@ -110,6 +143,29 @@ def main():
         if restart_seen_at is None or restart_seen_at >= size:
             fail("the download ended before the restart finished (%s of %d bytes)"
                  % (restart_seen_at, size))
+        uploading.join(60)
+        if "error" in up_result:
+            fail("the upload across the restart failed: %s" % up_result["error"])
+        seen = up_result.get("seen")
+        if seen is None or seen >= size:
+            fail("the upload ended before the restart finished (%s of %d bytes)" % (seen, size))
+        check = streamer.newStream(0)
+        vol2.download(check, 0, size, 0)
+        back = hashlib.sha256()
+        got2 = 0
+        while True:
+            chunk = check.recv(1 << 20)
+            if chunk == -2:
+                continue
+            if not chunk:
+                break
+            back.update(chunk)
+            got2 += len(chunk)
+        check.finish()
+        if got2 != size or back.hexdigest() != hashlib.sha256(data2).hexdigest():
+            fail("the volume uploaded across the restart reads back different (%d bytes)" % got2)
+        up_at = 100.0 * seen / size
+        vol2.delete(0)
 
     if not wait_for(30, lambda: os.path.exists(restarted)):
         fail("no restart within 30 s")
@@ -147,12 +203,12 @@ def main():
             seen.add(ev)
     if len(seen) < 4:
         fail("pool events after the restart: %s" % sorted(seen))
-    for c in busy + [watcher, streamer]:
+    for c in busy + [watcher, streamer, uploader]:
         c.close()
-    print("restart_workload ok: calls %s (after the restart %s), %d MiB verified, "
-          "download %.0f%% done at the restart" % (
+    print("restart_workload ok: calls %s (after the restart %s), %d MiB verified each way, "
+          "download %.0f%% and upload %.0f%% done at the restart" % (
               calls, [a - b for a, b in zip(calls, before)], size_mib,
-              100.0 * restart_seen_at / size))
+              100.0 * restart_seen_at / size, up_at))
 
 
 run(main)
