@@ -60,8 +60,29 @@ impl ClientRecord {
     }
 }
 
+/// One relayed client's own figures (for the metrics endpoint's `/clients` page).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientStats {
+    pub id: u64,
+    pub bytes_to_daemon: u64,
+    pub bytes_to_client: u64,
+    /// Replies relayed to it.
+    pub calls: u64,
+    /// Since its last call or reply, if it made one.
+    pub idle_ms: Option<u64>,
+}
+
+/// A `/clients` request in progress: which workers still owe their figures.
+#[derive(Default)]
+struct StatsRound {
+    owed: usize,
+    got: Vec<ClientStats>,
+}
+
 /// One worker's queue of connection ids to close.
 struct Inbox {
+    /// A `/clients` request wants this worker's figures.
+    stats_wanted: AtomicBool,
     /// Lets the worker skip the lock when nothing is queued (checked on every eventfd wake).
     pending: AtomicBool,
     ids: Mutex<Vec<u64>>,
@@ -86,6 +107,9 @@ pub struct Registry {
     /// Set by activity that holds no client (a metrics scrape); the acceptor takes it and
     /// restarts its idle period.
     activity: AtomicBool,
+    /// The `/clients` request being answered (one at a time: the metrics thread asks).
+    stats: Mutex<StatsRound>,
+    stats_done: std::sync::Condvar,
 }
 
 fn wake(fd: &OwnedFd) {
@@ -107,6 +131,7 @@ impl Registry {
         let inboxes = wakers
             .into_iter()
             .map(|waker| Inbox {
+                stats_wanted: AtomicBool::new(false),
                 pending: AtomicBool::new(false),
                 ids: Mutex::new(Vec::new()),
                 waker,
@@ -211,6 +236,66 @@ impl Registry {
             }
             _ => Vec::new(),
         }
+    }
+
+    /// Asks every worker for its clients' figures and waits for them (at most `limit`: a
+    /// worker that does not answer in time is left out). Called by the metrics thread only.
+    pub fn collect_stats(&self, limit: Duration) -> Vec<ClientStats> {
+        let Some(inboxes) = self.inboxes.get() else {
+            return Vec::new();
+        };
+        let mut round = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+        *round = StatsRound {
+            owed: inboxes.len(),
+            got: Vec::new(),
+        };
+        for inbox in inboxes {
+            inbox.stats_wanted.store(true, Ordering::Release);
+            wake(&inbox.waker);
+        }
+        let deadline = std::time::Instant::now() + limit;
+        while round.owed > 0 {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            round = self
+                .stats_done
+                .wait_timeout(round, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        for inbox in inboxes {
+            inbox.stats_wanted.store(false, Ordering::Release);
+        }
+        round.owed = 0;
+        std::mem::take(&mut round.got)
+    }
+
+    /// Whether worker `index` owes its figures (checked when its eventfd wakes it).
+    pub fn stats_wanted(&self, index: usize) -> bool {
+        self.inboxes
+            .get()
+            .and_then(|v| v.get(index))
+            .is_some_and(|i| i.stats_wanted.swap(false, Ordering::AcqRel))
+    }
+
+    /// A worker's answer to `collect_stats`.
+    pub fn give_stats(&self, mut stats: Vec<ClientStats>) {
+        let mut round = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+        if round.owed == 0 {
+            return; // the request gave up waiting
+        }
+        round.got.append(&mut stats);
+        round.owed -= 1;
+        if round.owed == 0 {
+            self.stats_done.notify_all();
+        }
+    }
+
+    /// The records of the clients connected now (for `/clients`).
+    pub fn records(&self) -> Vec<ClientRecord> {
+        self.lock().values().cloned().collect()
     }
 
     pub fn admin_connected(&self) {

@@ -75,6 +75,14 @@ fn get(port: u16, accept: Option<&str>) -> Response {
     )
 }
 
+/// `GET path`.
+fn get_path(port: u16, path: &str) -> Response {
+    exchange(
+        port,
+        &format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n"),
+    )
+}
+
 /// The value of an unlabelled or fully labelled series, e.g. `virtproxyd_clients` or
 /// `virtproxyd_metrics_requests_total{result="ok"}`.
 fn value(body: &str, series: &str) -> Option<f64> {
@@ -697,4 +705,69 @@ fn relay_counts_a_known_workload_exactly(backend: &str) {
     openmetrics_parser_accepts(&get(port, Some(OPENMETRICS)).body);
 }
 
-on_both_backends!(relay_counts_a_known_workload_exactly);
+/// `/clients`: each relayed client's own figures as JSON, one object per client (never
+/// labels): a python client that made 20 calls and holds its connection is listed with its
+/// uid, at least 20 calls, bytes both ways and its idle time; a second one that made none
+/// is listed with 0 calls.
+fn clients_page_lists_each_client_with_its_figures(backend: &str) {
+    let _shared = support::modular::daemons_shared();
+    let port = free_port();
+    let p = support::modular::proxy(
+        &format!("metrics_listen = \"127.0.0.1:{port}\"\n"),
+        &[("VIRTPROXYD_IO_BACKEND", backend)],
+    );
+    let script = "import libvirt,sys\n\
+                  a=libvirt.open(sys.argv[1])\n\
+                  b=libvirt.open(sys.argv[1])\n\
+                  for _ in range(20): a.getLibVersion()\n\
+                  print('ready',flush=True)\n\
+                  sys.stdin.readline()\n";
+    let mut held = std::process::Command::new(PYTHON)
+        .args(["-c", script, &p.uri("qemu:///system")])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(held.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    assert_eq!(line.trim(), "ready");
+    let r = get_path(port, "/clients");
+    assert_eq!(r.status, "HTTP/1.1 200 OK");
+    assert_eq!(r.header("Content-Type"), Some("application/json"));
+    let doc: serde_json::Value = serde_json::from_str(&r.body).expect("JSON");
+    let clients = doc["clients"].as_array().expect("a list");
+    let relayed: Vec<&serde_json::Value> = clients
+        .iter()
+        .filter(|c| c["calls"].is_u64() && c["listener"] == "unix_rw")
+        .collect();
+    assert_eq!(relayed.len(), 2, "{backend}: {}", r.body);
+    let busy = relayed
+        .iter()
+        .find(|c| c["calls"].as_u64() >= Some(20))
+        .unwrap_or_else(|| panic!("{backend}: no client with its 20 calls: {}", r.body));
+    assert_eq!(busy["uid"], 0, "{backend}: {}", r.body);
+    assert!(
+        busy["bytes_to_daemon"].as_u64() > Some(20 * 28),
+        "{}",
+        r.body
+    );
+    assert!(
+        busy["bytes_to_client"].as_u64() > Some(20 * 28),
+        "{}",
+        r.body
+    );
+    assert!(busy["idle_seconds"].as_f64().is_some(), "{}", r.body);
+    assert!(
+        relayed.iter().any(|c| c["calls"].as_u64() < Some(20)),
+        "{backend}: {}",
+        r.body
+    );
+    std::io::Write::write_all(held.stdin.as_mut().unwrap(), b"\n").unwrap();
+    assert!(held.wait().unwrap().success());
+}
+
+on_both_backends!(
+    clients_page_lists_each_client_with_its_figures,
+    relay_counts_a_known_workload_exactly
+);

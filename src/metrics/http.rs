@@ -28,6 +28,8 @@ impl Format {
 pub enum Request {
     /// GET or HEAD of `/metrics` (a query string is ignored).
     Metrics { head: bool, format: Format },
+    /// GET or HEAD of `/clients`: each client's own figures, as JSON.
+    Clients { head: bool },
     /// Another path (404).
     NotFound { head: bool },
     /// Another method (405).
@@ -139,13 +141,13 @@ pub fn parse(buf: &[u8]) -> Parsed {
         _ => return Parsed::Done(Request::MethodNotAllowed),
     };
     let path = target.split(['?', '#']).next().unwrap_or(target);
-    Parsed::Done(if path == "/metrics" {
-        Request::Metrics {
+    Parsed::Done(match path {
+        "/metrics" => Request::Metrics {
             head,
             format: negotiate(&accept),
-        }
-    } else {
-        Request::NotFound { head }
+        },
+        "/clients" => Request::Clients { head },
+        _ => Request::NotFound { head },
     })
 }
 
@@ -284,6 +286,10 @@ mod tests {
         assert_eq!(
             parse(&get("/", None)),
             Parsed::Done(Request::NotFound { head: false })
+        );
+        assert_eq!(
+            parse(&get("/clients?x", None)),
+            Parsed::Done(Request::Clients { head: false })
         );
         assert_eq!(
             parse(&get("/metrics/x", None)),

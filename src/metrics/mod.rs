@@ -12,6 +12,7 @@
 //! The rest is read from state the daemon keeps anyway (`Shared`, the client registry); the
 //! relay's blocks are summed by the metrics thread, so a scrape costs the relay nothing.
 
+pub mod clients;
 pub mod counters;
 pub mod encode;
 pub mod http;
@@ -53,6 +54,16 @@ impl std::fmt::Debug for Source {
 }
 
 impl Source {
+    /// The `/clients` page: the registry's clients with each worker's figures for them
+    /// (waits at most 1 s for the workers).
+    pub fn clients_json(&self) -> String {
+        let stats = self
+            .shared
+            .registry
+            .collect_stats(std::time::Duration::from_secs(1));
+        clients::render(&self.shared.registry.records(), stats)
+    }
+
     /// `started`: when the daemon started; `workers`: the relay worker count.
     pub fn new(shared: Arc<Shared>, started: SystemTime, workers: usize) -> Source {
         Source {

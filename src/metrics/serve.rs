@@ -327,6 +327,12 @@ impl Server {
                     source.count_request(result_index("not_found"));
                     http::error_response(Status::NotFound, head)
                 }
+                Parsed::Done(Request::Clients { head }) => {
+                    source.count_request(result_index("ok"));
+                    source.note_activity();
+                    let body = source.clients_json();
+                    http::response(Status::Ok, "application/json", body.as_bytes(), head)
+                }
                 Parsed::Done(Request::MethodNotAllowed) => {
                     source.count_request(result_index("method_not_allowed"));
                     http::error_response(Status::MethodNotAllowed, false)

@@ -467,6 +467,7 @@ impl Worker {
                     self.polkit_answers();
                     self.sasl_answers();
                     self.admin_disconnects();
+                    self.client_stats();
                     continue;
                 }
                 let slot = ((ev.token & 0xffff_ffff) >> 2) as usize;
@@ -1017,6 +1018,31 @@ impl Worker {
 
     /// Connections an admin client asked to disconnect (client-disconnect): closed like any
     /// other close, so the client sees EOF and the daemon side is shut.
+    /// Its clients' own figures, when the metrics endpoint's `/clients` asks.
+    fn client_stats(&mut self) {
+        if !self.shared.registry.stats_wanted(self.index) {
+            return;
+        }
+        let now = Instant::now();
+        let stats = self
+            .conns
+            .iter()
+            .filter_map(|(_, c)| {
+                let m = c.meter.as_ref()?;
+                Some(crate::registry::ClientStats {
+                    id: c.id,
+                    bytes_to_daemon: m.bytes[0],
+                    bytes_to_client: m.bytes[1],
+                    calls: m.calls,
+                    idle_ms: m
+                        .last_activity
+                        .map(|t| now.saturating_duration_since(t).as_millis() as u64),
+                })
+            })
+            .collect();
+        self.shared.registry.give_stats(stats);
+    }
+
     fn admin_disconnects(&mut self) {
         for id in self.shared.registry.take_disconnects(self.index) {
             let slot = self.conns.iter().find(|(_, c)| c.id == id).map(|(k, _)| k);
