@@ -325,6 +325,12 @@ fn run(argv0: &str, cli: cli::Cli) -> i32 {
             Err(e) => tracing::error!("cannot take the previous process's connections over: {e}"),
         }
     }
+    // Metrics endpoint (issue 18): bound before any socket file is created,
+    // so that a bad or taken address fails the start with nothing left behind.
+    let metrics_sockets = match metrics_sockets(&cfg, activated_metrics) {
+        Ok(m) => m,
+        Err(e) => return fail(ready, EXIT_NETWORK, &e.to_string()),
+    };
     if listeners.is_empty() {
         match create_listeners(&cfg, &env) {
             Ok(l) => listeners = l,
@@ -336,11 +342,6 @@ fn run(argv0: &str, cli: cli::Cli) -> i32 {
             tracing::warn!("{w}");
         }
     }
-    // Metrics endpoint (issue 18): bound here so that a bad address fails the start.
-    let metrics_sockets = match metrics_sockets(&cfg, activated_metrics) {
-        Ok(m) => m,
-        Err(e) => return fail(ready, EXIT_NETWORK, &e.to_string()),
-    };
 
     // TLS material is loaded (and sanity-checked) only when a TLS listener exists.
     let tls = if listeners.iter().any(|l| l.kind == ListenerKind::Tls) {

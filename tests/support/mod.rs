@@ -715,23 +715,28 @@ pub fn read_frame(r: &mut impl std::io::Read) -> Option<Vec<u8>> {
 }
 
 /// A TCP port on 127.0.0.1 that was free a moment ago.
-/// A loopback port free now and never handed out before in this test binary: the kernel
-/// may give a just-released port to the next bind(0) (another test's activation socket, say)
-/// before the proxy it was meant for binds it.
+/// A loopback port free now and never handed out before in this test binary, below the
+/// kernel's ephemeral range (32768-60999): a port from bind(0) is an ephemeral one, which
+/// any outgoing connection (another test's scrape, say) may take as its local port before
+/// the proxy meant to have it binds it, and the proxy then fails its start after its UNIX
+/// sockets already answered.
 pub fn free_port() -> u16 {
     static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
     // Held while probing: no two tests race for the same number here.
     let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
-    loop {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("a free port on 127.0.0.1");
-        if !given.contains(&port) {
+    // Spread test binaries over the range by their pid.
+    let start = 20_000 + (std::process::id() % 600) as u16 * 20;
+    for i in 0..12_000u16 {
+        let port = 20_000 + (start - 20_000 + i) % 12_000;
+        if given.contains(&port) {
+            continue;
+        }
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
             given.push(port);
             return port;
         }
     }
+    panic!("no free port on 127.0.0.1 between 20000 and 31999");
 }
 
 /// One test per io backend, named `<scenario>::io_uring` and `<scenario>::epoll` (use with
