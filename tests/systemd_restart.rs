@@ -193,6 +193,33 @@ fn systemctl_restart_keeps_unix_and_tcp_clients_and_stop_closes_them() {
             b.log()
         );
     }
+    // A read-only client of the activated libvirt-sock-ro, open across the restart: it still
+    // reads afterwards, and a write is still refused.
+    let ro_uri = unix_uri(
+        "qemu:///system",
+        &b.root().join("run/libvirt/libvirt-sock-ro"),
+    );
+    let mut ro = Command::new(PYTHON)
+        .args([
+            "-c",
+            "import libvirt,sys\n\
+             libvirt.registerErrorHandler(lambda *a: None, None)\n\
+             c=libvirt.openReadOnly(sys.argv[1])\n\
+             print(c.getLibVersion(),flush=True)\n\
+             sys.stdin.readline()\n\
+             v=c.getLibVersion()\n\
+             try:\n    c.defineXML('<domain/>'); print('write allowed')\n\
+             except libvirt.libvirtError as e:\n    print('refused', e.get_error_code(), v)\n",
+            &ro_uri,
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut ro_out = std::io::BufReader::new(ro.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut ro_out, &mut line).unwrap();
+    assert!(line.trim().parse::<u64>().is_ok(), "ro client: {line:?}");
     let t = std::time::Instant::now();
     assert_success(
         &b.systemctl(&["restart", "virtproxyd.service"]),
@@ -211,6 +238,16 @@ fn systemctl_restart_keeps_unix_and_tcp_clients_and_stop_closes_them() {
     for f in [&unix_restarted, &tcp_restarted] {
         std::fs::write(f, "yes").unwrap();
     }
+    std::io::Write::write_all(ro.stdin.as_mut().unwrap(), b"\n").unwrap();
+    line.clear();
+    std::io::BufRead::read_line(&mut ro_out, &mut line).unwrap();
+    // VIR_ERR_OPERATION_DENIED (29): still a read-only connection.
+    assert!(
+        line.starts_with("refused 29 "),
+        "ro client after the restart: {line:?}; log:\n{}",
+        b.log()
+    );
+    assert!(ro.wait().unwrap().success());
     for (what, child) in [("unix", unix_child), ("tcp", tcp_child)] {
         let out = child.wait_with_output().unwrap();
         assert_success(
