@@ -18,23 +18,6 @@ use crate::proto::msg::{err_code, err_domain, RemoteError};
 /// every non-`/session` name there, as libvirt's remote driver does.
 pub const SYSTEM_SOCKET_DIR: &str = "/var/run/libvirt";
 
-/// Schemes with a per-driver daemon named `virt<scheme>d`.
-const KNOWN_DRIVERS: &[&str] = &[
-    "qemu",
-    "lxc",
-    "xen",
-    "vbox",
-    "bhyve",
-    "vz",
-    "ch",
-    "network",
-    "storage",
-    "nodedev",
-    "nwfilter",
-    "secret",
-    "interface",
-];
-
 /// Driver labels of the per-daemon metrics: [`KNOWN_DRIVERS`], then `other` for every scheme
 /// routed by a `driver_sockets` entry alone (a fixed set, so the series count never follows
 /// the config).
@@ -54,6 +37,12 @@ pub const METRIC_DRIVERS: &[&str] = &[
     "interface",
     "other",
 ];
+
+/// Schemes with a per-driver daemon named `virt<scheme>d`: the metric labels but `other`.
+const KNOWN_DRIVERS: &[&str] = match METRIC_DRIVERS.split_last() {
+    Some((_, known)) => known,
+    None => &[],
+};
 
 /// Probe order for an empty name when running privileged (libvirt-rpc.md §4.2).
 const PROBE_SYSTEM: &[&str] = &["xen", "qemu", "lxc", "vbox", "bhyve", "vz"];

@@ -327,7 +327,7 @@ pub fn arrive(state_fd: OwnedFd, queue: Option<OwnedFd>) -> Result<Arrived, Stri
         if !record.fresh && daemon.is_none() {
             break;
         }
-        match check_sockets(&record, &client, daemon.as_ref()) {
+        match check_client(&record, &client) {
             Ok(()) => carried.push(Carried {
                 record,
                 client,
@@ -394,11 +394,7 @@ fn set_nonblocking(fd: &OwnedFd) {
 /// state did not come along would send plaintext). Other fds are taken as the state lists
 /// them: a socket-type check per fd cost 9,000 idle connections ~10 ms of the pause, and a
 /// wrong fd fails its first read or write, which closes that connection only.
-fn check_sockets(
-    r: &ConnRecord,
-    client: &OwnedFd,
-    _daemon: Option<&OwnedFd>,
-) -> Result<(), String> {
+fn check_client(r: &ConnRecord, client: &OwnedFd) -> Result<(), String> {
     if r.ktls && !crate::tls::ktls::has_tls_ulp(client.as_fd()) {
         return Err("its client socket lost kernel TLS".into());
     }
