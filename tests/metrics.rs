@@ -728,15 +728,7 @@ fn clients_page_lists_each_client_with_its_figures(backend: &str) {
                   for _ in range(20): a.getLibVersion()\n\
                   print('ready',flush=True)\n\
                   sys.stdin.readline()\n";
-    let mut held = std::process::Command::new(PYTHON)
-        .args(["-c", script, &p.uri("qemu:///system")])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = std::io::BufReader::new(held.stdout.take().unwrap());
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    let (held, line) = Held::start(script, &[&p.uri("qemu:///system")]);
     assert_eq!(line.trim(), "ready");
     let r = get_path(port, "/clients");
     assert_eq!(r.status, "HTTP/1.1 200 OK");
@@ -769,8 +761,7 @@ fn clients_page_lists_each_client_with_its_figures(backend: &str) {
         "{backend}: {}",
         r.body
     );
-    std::io::Write::write_all(held.stdin.as_mut().unwrap(), b"\n").unwrap();
-    assert!(held.wait().unwrap().success());
+    assert!(held.finish());
 }
 
 on_both_backends!(

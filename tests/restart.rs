@@ -201,23 +201,14 @@ fn a_binary_that_cannot_start_leaves_the_old_one_serving(backend: &str) {
         support::modular::proxy_with_binary(&exe, "", &[("VIRTPROXYD_IO_BACKEND", backend)]);
     let uri = p.uri("qemu:///system");
     // A connection open across the failed restart.
-    let mut held = Command::new(PYTHON)
-        .args([
-            "-c",
-            "import libvirt,sys,time\n\
-             c=libvirt.open(sys.argv[1])\n\
-             print('open',flush=True)\n\
-             sys.stdin.readline()\n\
-             print(c.getLibVersion(),flush=True)\n",
-            &uri,
-        ])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = std::io::BufReader::new(held.stdout.take().unwrap());
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    let (mut held, line) = Held::start(
+        "import libvirt,sys,time\n\
+         c=libvirt.open(sys.argv[1])\n\
+         print('open',flush=True)\n\
+         sys.stdin.readline()\n\
+         print(c.getLibVersion(),flush=True)\n",
+        &[&uri],
+    );
     assert_eq!(line.trim(), "open");
     // The "upgrade": a binary that exits at once.
     std::fs::remove_file(&exe).unwrap();
@@ -231,15 +222,13 @@ fn a_binary_that_cannot_start_leaves_the_old_one_serving(backend: &str) {
         "{backend}: no refusal logged:\n{}",
         p.log_text()
     );
-    std::io::Write::write_all(held.stdin.as_mut().unwrap(), b"\n").unwrap();
-    line.clear();
-    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    let line = held.next();
     assert!(
         line.trim().parse::<u64>().is_ok_and(|v| v > 0),
         "{backend}: the held connection failed after the refused restart: {line:?}\n{}",
         p.log_text()
     );
-    assert!(held.wait().unwrap().success());
+    assert!(held.finish());
     assert!(p.running());
     let v = virsh(&uri, &["version"]);
     assert_success(

@@ -199,26 +199,17 @@ fn systemctl_restart_keeps_unix_and_tcp_clients_and_stop_closes_them() {
         "qemu:///system",
         &b.root().join("run/libvirt/libvirt-sock-ro"),
     );
-    let mut ro = Command::new(PYTHON)
-        .args([
-            "-c",
-            "import libvirt,sys\n\
-             libvirt.registerErrorHandler(lambda *a: None, None)\n\
-             c=libvirt.openReadOnly(sys.argv[1])\n\
-             print(c.getLibVersion(),flush=True)\n\
-             sys.stdin.readline()\n\
-             v=c.getLibVersion()\n\
-             try:\n    c.defineXML('<domain/>'); print('write allowed')\n\
-             except libvirt.libvirtError as e:\n    print('refused', e.get_error_code(), v)\n",
-            &ro_uri,
-        ])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut ro_out = std::io::BufReader::new(ro.stdout.take().unwrap());
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut ro_out, &mut line).unwrap();
+    let (mut ro, line) = Held::start(
+        "import libvirt,sys\n\
+         libvirt.registerErrorHandler(lambda *a: None, None)\n\
+         c=libvirt.openReadOnly(sys.argv[1])\n\
+         print(c.getLibVersion(),flush=True)\n\
+         sys.stdin.readline()\n\
+         v=c.getLibVersion()\n\
+         try:\n    c.defineXML('<domain/>'); print('write allowed')\n\
+         except libvirt.libvirtError as e:\n    print('refused', e.get_error_code(), v)\n",
+        &[&ro_uri],
+    );
     assert!(line.trim().parse::<u64>().is_ok(), "ro client: {line:?}");
     let t = std::time::Instant::now();
     assert_success(
@@ -238,16 +229,14 @@ fn systemctl_restart_keeps_unix_and_tcp_clients_and_stop_closes_them() {
     for f in [&unix_restarted, &tcp_restarted] {
         std::fs::write(f, "yes").unwrap();
     }
-    std::io::Write::write_all(ro.stdin.as_mut().unwrap(), b"\n").unwrap();
-    line.clear();
-    std::io::BufRead::read_line(&mut ro_out, &mut line).unwrap();
+    let line = ro.next();
     // VIR_ERR_OPERATION_DENIED (29): still a read-only connection.
     assert!(
         line.starts_with("refused 29 "),
         "ro client after the restart: {line:?}; log:\n{}",
         b.log()
     );
-    assert!(ro.wait().unwrap().success());
+    assert!(ro.finish());
     for (what, child) in [("unix", unix_child), ("tcp", tcp_child)] {
         let out = child.wait_with_output().unwrap();
         assert_success(
@@ -272,36 +261,25 @@ fn systemctl_restart_keeps_unix_and_tcp_clients_and_stop_closes_them() {
     eprintln!("systemctl restart took {restart_took:?}");
 
     // stop, then start: the store is emptied; a held client sees its connection end.
-    let mut held = Command::new(PYTHON)
-        .args([
-            "-c",
-            "import libvirt,sys\n\
-             libvirt.registerErrorHandler(lambda *a: None, None)\n\
-             c=libvirt.open(sys.argv[1])\n\
-             print('open',flush=True)\n\
-             sys.stdin.readline()\n\
-             try:\n    c.getLibVersion(); print('alive')\n\
-             except libvirt.libvirtError: print('closed')\n",
-            &b.unix_uri(),
-        ])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = std::io::BufReader::new(held.stdout.take().unwrap());
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    let (mut held, line) = Held::start(
+        "import libvirt,sys\n\
+         libvirt.registerErrorHandler(lambda *a: None, None)\n\
+         c=libvirt.open(sys.argv[1])\n\
+         print('open',flush=True)\n\
+         sys.stdin.readline()\n\
+         try:\n    c.getLibVersion(); print('alive')\n\
+         except libvirt.libvirtError: print('closed')\n",
+        &[&b.unix_uri()],
+    );
     assert_eq!(line.trim(), "open");
     assert_success(
         &b.systemctl(&["stop", "virtproxyd.service"]),
         "systemctl stop",
     );
     assert_eq!(b.show("virtproxyd.service", "NFileDescriptorStore"), "0");
-    std::io::Write::write_all(held.stdin.as_mut().unwrap(), b"\n").unwrap();
-    line.clear();
-    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    let line = held.next();
     assert_eq!(line.trim(), "closed", "a client survived systemctl stop");
-    let _ = held.wait();
+    held.finish();
     assert_success(
         &virsh(&b.unix_uri(), &["version"]),
         "virsh after stop and a new activation",

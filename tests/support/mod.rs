@@ -756,3 +756,49 @@ macro_rules! on_both_backends {
         }
     )*};
 }
+
+/// A python3-libvirt client script that holds its connections open between steps: each step
+/// prints one line, then waits for a line on stdin (see `next`).
+#[allow(dead_code)]
+pub struct Held {
+    child: Child,
+    out: std::io::BufReader<std::process::ChildStdout>,
+}
+
+#[allow(dead_code)]
+impl Held {
+    /// Runs `script` with `args` and returns it with the first line it printed.
+    pub fn start(script: &str, args: &[&str]) -> (Held, String) {
+        let mut child = Command::new(PYTHON)
+            .arg("-c")
+            .arg(script)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn a python client");
+        let out = std::io::BufReader::new(child.stdout.take().expect("its stdout"));
+        let mut held = Held { child, out };
+        let first = held.line();
+        (held, first)
+    }
+
+    fn line(&mut self) -> String {
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut self.out, &mut line).expect("a line from the client");
+        line
+    }
+
+    /// Lets the script go on to its next step; returns the line that step printed.
+    pub fn next(&mut self) -> String {
+        std::io::Write::write_all(self.child.stdin.as_mut().expect("its stdin"), b"\n")
+            .expect("write to the client");
+        self.line()
+    }
+
+    /// Lets the script finish; whether it exited 0.
+    pub fn finish(mut self) -> bool {
+        drop(self.child.stdin.take());
+        self.child.wait().is_ok_and(|s| s.success())
+    }
+}
