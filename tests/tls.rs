@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use support::pki::{client_dir, Ca};
-use support::{daemon, free_port, py, virsh, Proxy};
+use support::{daemon, free_port, py, virsh, wait_for, Proxy};
 
 const REVOKED_SERIAL: u64 = 666;
 
@@ -583,5 +583,9 @@ fn peers_may_not_send_frames_over_64_kib_before_open() {
         read_frame(&mut u).is_some(),
         "UNIX client's 60 KiB call not answered"
     );
-    assert!(e.proxy.log_text().contains("before CONNECT_OPEN"));
+    // Log lines are written by the log-writer thread: poll for it.
+    assert!(wait_for(Duration::from_secs(5), || e
+        .proxy
+        .log_text()
+        .contains("before CONNECT_OPEN")));
 }
