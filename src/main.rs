@@ -245,11 +245,25 @@ fn run(argv0: &str, cli: cli::Cli) -> i32 {
     let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from(argv0));
     let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
     // Started by a hand-over's execve: the daemon already, with its PID.
-    let re_executed = std::env::var_os(handover::process::EXEC_ENV).is_some();
+    let exec_marker = std::env::var(handover::process::EXEC_ENV).ok();
+    let re_executed = exec_marker.is_some();
+    // "<quiesce began>:<execve called>" (CLOCK_MONOTONIC ns); older binaries say just "1".
+    let marker_ns = |i: usize| {
+        exec_marker
+            .as_deref()
+            .filter(|v| v.contains(':'))
+            .and_then(|v| v.split(':').nth(i))
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    let (began_ns, exec_ns) = (marker_ns(0), marker_ns(1));
     std::env::remove_var(handover::process::EXEC_ENV);
 
     if re_executed {
-        tracing::info!("started by a restart's hand-over (SIGUSR2)");
+        tracing::info!(
+            since_quiesce_began_ms = handover::ms_since(began_ns),
+            since_execve_ms = handover::ms_since(exec_ns),
+            "started by a restart's hand-over (SIGUSR2)"
+        );
     }
     // Fork before any thread exists.
     let ready = if cli.daemon && !re_executed {
@@ -317,10 +331,14 @@ fn run(argv0: &str, cli: cli::Cli) -> i32 {
                     conns = a.resumed.carried.len(),
                     listeners = a.listeners.len(),
                     unpack_ms = t.elapsed().as_millis() as u64,
+                    since_quiesce_began_ms = handover::ms_since(began_ns),
                     "taking over from the previous process"
                 );
                 listeners.extend(a.listeners);
-                resumed = Some(a.resumed);
+                resumed = Some(handover::Resumed {
+                    began_ns,
+                    ..a.resumed
+                });
             }
             Err(e) => tracing::error!("cannot take the previous process's connections over: {e}"),
         }
@@ -509,6 +527,7 @@ fn run(argv0: &str, cli: cli::Cli) -> i32 {
                         resumed = Some(handover::Resumed {
                             carried: h.carried,
                             next_id: h.next_id,
+                            began_ns: None,
                         });
                     }
                     Err(why) => {

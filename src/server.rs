@@ -167,6 +167,7 @@ impl Admission<'_> {
         self.next_id = self.next_id.max(r.next_id);
         let n = r.carried.len();
         let mut sent = 0;
+        let mut first_ms = None;
         for c in busy_first(r.carried) {
             let rec = c.record;
             let Some(daemon) = c.daemon else {
@@ -215,6 +216,7 @@ impl Admission<'_> {
             // The first (busiest) connections go at once; the rest in one wake-up per worker.
             if sent < self.workers.len() {
                 wake(&self.workers[owner].inbox.waker);
+                first_ms = first_ms.or_else(|| crate::handover::ms_since(r.began_ns));
             }
             sent += 1;
         }
@@ -225,6 +227,8 @@ impl Admission<'_> {
             tracing::info!(
                 conns = n,
                 ms = t.elapsed().as_millis() as u64,
+                first_since_quiesce_began_ms = first_ms,
+                since_quiesce_began_ms = crate::handover::ms_since(r.began_ns),
                 "carried connections resumed"
             );
         }
@@ -546,6 +550,10 @@ pub fn run(mut opts: ServerOpts) -> io::Result<Stopped> {
     tracing::info!(
         workers = workers.len(),
         backend = backend_name,
+        since_quiesce_began_ms = opts
+            .resumed
+            .as_ref()
+            .and_then(|r| crate::handover::ms_since(r.began_ns)),
         "relay workers started"
     );
     let admin_thread = if admin_listeners.is_empty() {
@@ -767,7 +775,7 @@ pub fn run(mut opts: ServerOpts) -> io::Result<Stopped> {
         drop(admission);
         // Handshakes in progress are dropped; the workers quiesce, carry and exit; the admin
         // thread stops (its clients reconnect) and leaves its socket files in place.
-        shared.handover.requested.store(true, Ordering::Release);
+        let began_ns = shared.handover.request();
         shared.shutdown.store(true, Ordering::Release);
         let started = Instant::now();
         for group in [handshakers, workers] {
@@ -783,6 +791,7 @@ pub fn run(mut opts: ServerOpts) -> io::Result<Stopped> {
         tracing::info!(
             carried = carried.len(),
             quiesce_ms = started.elapsed().as_millis() as u64,
+            began_ns,
             "connections ready to hand over"
         );
         let mut listeners = std::mem::take(&mut opts.listeners);
@@ -792,6 +801,7 @@ pub fn run(mut opts: ServerOpts) -> io::Result<Stopped> {
             listeners,
             carried,
             next_id,
+            began_ns,
             admin_thread,
         })));
     }

@@ -175,12 +175,11 @@ pub fn run(client: &Client, idle_counts: &[usize], reps: usize) -> Value {
                 for l in log
                     .lines()
                     .filter(|l| {
-                        l.contains("hand over")
-                            || l.contains("taking over")
-                            || l.contains("resumed")
+                        // The pause's timeline: each line says how long after the quiesce began.
+                        l.contains("quiesce")
                     })
                     .rev()
-                    .take(4)
+                    .take(6)
                 {
                     eprintln!("restart: {l}");
                 }

@@ -58,11 +58,27 @@ pub struct Handover {
     /// Set by the acceptor: each worker quiesces, carries what comes to rest, closes the
     /// rest at `GRACE`, and exits.
     pub requested: AtomicBool,
+    /// When it was requested (`monotonic_ns`), for the pause figures in the log.
+    began_ns: std::sync::atomic::AtomicU64,
     /// The workers' carried connections.
     pub carried: Mutex<Vec<Carried>>,
 }
 
 impl Handover {
+    /// Asks every worker to quiesce, from now on.
+    pub fn request(&self) -> u64 {
+        let now = monotonic_ns();
+        self.began_ns
+            .store(now, std::sync::atomic::Ordering::Relaxed);
+        self.requested
+            .store(true, std::sync::atomic::Ordering::Release);
+        now
+    }
+
+    pub fn began_ns(&self) -> u64 {
+        self.began_ns.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Adds a worker's carried connections.
     pub fn leave(&self, mut conns: Vec<Carried>) {
         let mut all = self.carried.lock().unwrap_or_else(|e| e.into_inner());
@@ -79,6 +95,29 @@ impl Handover {
 pub struct Resumed {
     pub carried: Vec<Carried>,
     pub next_id: u64,
+    /// When the previous process began its quiesce (`monotonic_ns`), if it said: the pause
+    /// its clients see is measured from there.
+    pub began_ns: Option<u64>,
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the same clock on both sides of an `execve`.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec; CLOCK_MONOTONIC cannot fail on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(ts.tv_nsec as u64)
+}
+
+/// Milliseconds since `began_ns`, when that is a plausible recent moment (in the last ten
+/// minutes, not in the future).
+pub fn ms_since(began_ns: Option<u64>) -> Option<u64> {
+    let ago = monotonic_ns().checked_sub(began_ns?)?;
+    (ago < 600_000_000_000).then_some(ago / 1_000_000)
 }
 
 /// How a hand-over leaves this process.
@@ -97,6 +136,8 @@ pub struct HandOff {
     pub listeners: Vec<crate::listen::Listener>,
     pub carried: Vec<Carried>,
     pub next_id: u64,
+    /// When the quiesce began (`monotonic_ns`).
+    pub began_ns: u64,
     /// The admin thread, stopping (it polls every 200 ms): not waited for before leaving,
     /// only before serving on when the hand-over failed.
     pub admin_thread: Option<std::thread::JoinHandle<()>>,
@@ -110,5 +151,22 @@ impl std::fmt::Debug for HandOff {
             .field("carried", &self.carried.len())
             .field("next_id", &self.next_id)
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pause_is_measured_only_from_a_plausible_start() {
+        assert_eq!(ms_since(None), None);
+        let now = monotonic_ns();
+        assert!(ms_since(Some(now)).is_some_and(|ms| ms < 1_000));
+        // A start in the future (a clock from elsewhere) is not a pause either.
+        assert_eq!(ms_since(Some(now + 10_000_000_000)), None);
+        if let Some(long_ago) = now.checked_sub(700_000_000_000) {
+            assert_eq!(ms_since(Some(long_ago)), None);
+        }
     }
 }

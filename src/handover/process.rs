@@ -167,7 +167,7 @@ fn exec_inheriting(h: &HandOff, exe: &Path, args: &[OsString]) -> String {
             return format!("cannot pack the hand-over: {e}");
         }
     };
-    let why = exec(exe, args, memfd.as_fd(), None);
+    let why = exec(exe, args, memfd.as_fd(), None, h.began_ns);
     restore(&cleared);
     drop(moved);
     why
@@ -180,6 +180,7 @@ fn exec(
     args: &[OsString],
     state_fd: BorrowedFd<'_>,
     queue: Option<BorrowedFd<'_>>,
+    began_ns: u64,
 ) -> String {
     let cstr = |b: &[u8]| CString::new(b).map_err(|e| e.to_string());
     let path = match cstr(exe.as_os_str().as_bytes()) {
@@ -215,7 +216,8 @@ fn exec(
         format!("LISTEN_PID={}", std::process::id()),
         format!("LISTEN_FDS={count}"),
         format!("LISTEN_FDNAMES={names}"),
-        format!("{EXEC_ENV}=1"),
+        // When the quiesce began: the new process logs the pause from there.
+        format!("{EXEC_ENV}={began_ns}:{}", super::monotonic_ns()),
     ] {
         match CString::new(kv) {
             Ok(c) => envp.push(c),
@@ -341,6 +343,7 @@ pub fn arrive(state_fd: OwnedFd, queue: Option<OwnedFd>) -> Result<Arrived, Stri
         resumed: Resumed {
             carried,
             next_id: st.next_id,
+            began_ns: None,
         },
         producer: st.producer,
     })

@@ -495,6 +495,12 @@ impl Worker {
             }
             if self.shared.handover.requested.load(Ordering::Relaxed) {
                 if self.handover_step(&mut handover_until) {
+                    tracing::info!(
+                        worker = self.index,
+                        since_quiesce_began_ms =
+                            crate::handover::ms_since(Some(self.shared.handover.began_ns())),
+                        "worker quiesced"
+                    );
                     return;
                 }
                 continue;
