@@ -14,9 +14,9 @@ use crate::proto::{program, remote_proc, Header, MsgType};
 use crate::relay::owed::OWED_CAP;
 use crate::relay::tracker::Verdict;
 use crate::relay::{CopyDrive, CopyRelay, Drive, Owed, Pools, Pump, PumpError, SecurityLayer};
+use crate::shared::{Shared, Unauthenticated};
 use crate::sys::{self, FrameCutter};
 use crate::tls::shuttle::{Flow, Shuttle};
-use crate::worker::{Shared, Unauthenticated};
 
 pub(crate) mod preopen;
 use preopen::{flush, PreOpen};
