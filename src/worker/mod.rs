@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use slab::Slab;
 
 use crate::config::Auth;
-use crate::handshake::Handshake;
+use crate::handshake::{Action, Handshake};
 use crate::identity::Identity;
 use crate::listen::ListenerKind;
 use crate::polkit;
@@ -28,6 +28,7 @@ use crate::conn::{
     client_frame_verdict, drive_layered, drive_relay, token, Conn, Outcome, Side, State, TimerKey,
     TimerKind, TIMER_KINDS,
 };
+use crate::metrics::meter::WorkerMeter;
 use crate::reactor::{Event, Interest, Reactor};
 use crate::relay::tracker::{Tracker, Verdict};
 use crate::relay::{Pools, Pump};
@@ -81,6 +82,47 @@ fn socketpair() -> io::Result<(OwnedFd, OwnedFd)> {
     .map_err(io::Error::from)
 }
 
+/// An offload thread's answer for one of this worker's pre-open connections.
+trait OffloadAnswer {
+    /// The connection it is for: slot and generation.
+    fn conn(&self) -> (usize, u32);
+    /// Gives it to the pre-open connection `conn`'s handshake; `out` gets what that does next.
+    fn deliver(self, conn: &mut Conn, meter: Option<&WorkerMeter>, out: &mut Vec<Action>);
+}
+
+impl OffloadAnswer for polkit::Answer {
+    fn conn(&self) -> (usize, u32) {
+        (self.slot, self.gen)
+    }
+
+    fn deliver(self, conn: &mut Conn, meter: Option<&WorkerMeter>, out: &mut Vec<Action>) {
+        let State::Pre(p) = &mut conn.state else {
+            return;
+        };
+        if let (Some(m), Err(_)) = (meter, &self.result) {
+            m.auth("polkit", false);
+        }
+        p.hs.on_polkit_answer(self.result, out);
+    }
+}
+
+impl OffloadAnswer for crate::sasl::Answer {
+    fn conn(&self) -> (usize, u32) {
+        (self.slot, self.gen)
+    }
+
+    fn deliver(self, conn: &mut Conn, meter: Option<&WorkerMeter>, out: &mut Vec<Action>) {
+        let State::Pre(p) = &mut conn.state else {
+            return;
+        };
+        conn.sasl = self.session;
+        if let (Some(m), crate::sasl::Outcome::Failed(_)) = (meter, &self.outcome) {
+            m.auth("sasl", false);
+        }
+        p.hs.on_sasl_answer(self.outcome, out);
+    }
+}
+
 /// One worker's loop.
 pub struct Worker {
     index: usize,
@@ -98,7 +140,7 @@ pub struct Worker {
     sasl: Option<SaslLink>,
     timers: Timers<TimerKey>,
     /// Its counter block, when metrics are on (`with_metrics`).
-    meter: Option<crate::metrics::meter::WorkerMeter>,
+    meter: Option<WorkerMeter>,
     /// New clients may be waiting in `rx` (the waker fired, or the last turn stopped early).
     inbox_pending: bool,
 }
@@ -135,7 +177,7 @@ impl Worker {
     }
 
     /// Counts into `meter` (metrics on); without it the relay counts nothing.
-    pub fn with_metrics(mut self, meter: Option<crate::metrics::meter::WorkerMeter>) -> Worker {
+    pub fn with_metrics(mut self, meter: Option<WorkerMeter>) -> Worker {
         self.meter = meter;
         self
     }
@@ -661,60 +703,30 @@ impl Worker {
 
     /// Answers from the polkit threads for this worker's connections.
     fn polkit_answers(&mut self) {
-        loop {
-            let answer = match self.polkit.as_ref().map(|l| l.rx.try_recv()) {
-                Some(Ok(a)) => a,
-                _ => return,
-            };
-            let mut out = Vec::new();
-            match self.conns.get_mut(answer.slot) {
-                Some(Conn {
-                    gen,
-                    state: State::Pre(p),
-                    ..
-                }) if *gen == answer.gen => {
-                    if let (Some(m), Err(_)) = (&self.meter, &answer.result) {
-                        m.auth("polkit", false);
-                    }
-                    p.hs.on_polkit_answer(answer.result, &mut out)
-                }
-                // The client left while polkitd was thinking.
-                _ => continue,
-            }
-            match self.apply(answer.slot, &mut out) {
-                Ok(()) => self.service(answer.slot, answer.gen),
-                Err(why) => self.close(answer.slot, &why),
-            }
-        }
+        self.offload_answers(|w| w.polkit.as_ref()?.rx.try_recv().ok());
     }
 
     /// Answers from the SASL threads: the session comes back to its connection.
     fn sasl_answers(&mut self) {
-        loop {
-            let answer = match self.sasl.as_ref().map(|l| l.rx.try_recv()) {
-                Some(Ok(a)) => a,
-                _ => return,
-            };
+        self.offload_answers(|w| w.sasl.as_ref()?.rx.try_recv().ok());
+    }
+
+    /// Hands each answer `next` gives to its connection's handshake and carries out what the
+    /// handshake does next. An answer for a client that left meanwhile (its slot empty or
+    /// reused, or past pre-open) is dropped, with the SASL session it carries.
+    fn offload_answers<A: OffloadAnswer>(&mut self, next: impl Fn(&Self) -> Option<A>) {
+        while let Some(answer) = next(self) {
+            let (slot, gen) = answer.conn();
             let mut out = Vec::new();
-            match self.conns.get_mut(answer.slot) {
-                Some(c) if c.gen == answer.gen => {
-                    let State::Pre(p) = &mut c.state else {
-                        continue;
-                    };
-                    c.sasl = answer.session;
-                    if let (Some(m), crate::sasl::Outcome::Failed(_)) =
-                        (&self.meter, &answer.outcome)
-                    {
-                        m.auth("sasl", false);
-                    }
-                    p.hs.on_sasl_answer(answer.outcome, &mut out);
+            match self.conns.get_mut(slot) {
+                Some(c) if c.gen == gen && matches!(c.state, State::Pre(_)) => {
+                    answer.deliver(c, self.meter.as_ref(), &mut out)
                 }
-                // The client left during the exchange; its session is dropped here.
                 _ => continue,
             }
-            match self.apply(answer.slot, &mut out) {
-                Ok(()) => self.service(answer.slot, answer.gen),
-                Err(why) => self.close(answer.slot, &why),
+            match self.apply(slot, &mut out) {
+                Ok(()) => self.service(slot, gen),
+                Err(why) => self.close(slot, &why),
             }
         }
     }
