@@ -25,8 +25,8 @@ mod handover;
 mod preopen;
 use crate::conn::preopen::{Pre, PreOpen};
 use crate::conn::{
-    client_frame_verdict, drive_layered, drive_relay, token, Conn, Outcome, Side, State, TimerKey,
-    TimerKind, TIMER_KINDS,
+    client_frame_verdict, drive_layered, drive_relay, token, Conn, Deadlines, Outcome, Side, State,
+    TimerKey, TimerKind,
 };
 use crate::metrics::meter::WorkerMeter;
 use crate::reactor::{Event, Interest, Reactor};
@@ -397,8 +397,8 @@ impl Worker {
         };
         let raw = client.as_raw_fd();
         let watch_all = shuttle.is_some();
-        let mut timers = [None; TIMER_KINDS];
-        timers[TimerKind::PreOpen as usize] = nc.deadline;
+        let mut timers = Deadlines::default();
+        timers[TimerKind::PreOpen] = nc.deadline;
         entry.insert(Conn {
             id: nc.id,
             gen,
@@ -490,7 +490,7 @@ impl Worker {
             tracing::warn!(conn = conn.id, "cannot watch the early daemon socket: {e}");
             if let State::Pre(p) = &mut conn.state {
                 p.hs.on_early_dropped(&mut Vec::new());
-                p.timers[TimerKind::Early as usize] = None;
+                p.timers[TimerKind::Early] = None;
             }
         }
     }

@@ -42,7 +42,7 @@ impl Worker {
             // Read the client only while the handshake wants input and our replies are not
             // piling up (a client that sends without reading must not grow c_tx): past the
             // cap a flush has hit EAGAIN, so writability will wake us.
-            let throttled = p.timers[TimerKind::Throttle as usize].is_some();
+            let throttled = p.timers[TimerKind::Throttle].is_some();
             if p.hs.wants_client_input()
                 && p.closing.is_none()
                 && p.c_tx.len() < PREOPEN_TX_CAP
@@ -312,7 +312,7 @@ impl Worker {
                 conn.uri = p.hs.target().map(|t| t.uri.clone());
                 conn.daemon_path = Some(path.clone());
                 p.connecting = None;
-                p.timers[TimerKind::ConnectRetry as usize] = None;
+                p.timers[TimerKind::ConnectRetry] = None;
                 p.hs.on_connected(&mut out);
                 if let Some(m) = &self.meter {
                     m.daemon_connect(conn.meter.as_deref_mut(), conn.uri.as_deref(), true);
@@ -369,7 +369,7 @@ impl Worker {
             WorkerMeter::downstream_started(conn.meter.as_deref_mut());
             m.daemon_connect(conn.meter.as_deref_mut(), conn.uri.as_deref(), true);
         }
-        p.timers[TimerKind::Early as usize] = None;
+        p.timers[TimerKind::Early] = None;
         let at = Instant::now() + DOWNSTREAM_DEADLINE;
         arm_timer(&mut self.timers, p, slot, gen, TimerKind::Downstream, at);
         Vec::new()
@@ -390,7 +390,7 @@ impl Worker {
             TimerKind::ConnectRetry,
             TimerKind::Early,
         ] {
-            p.timers[kind as usize] = None;
+            p.timers[kind] = None;
         }
         p.connecting = None;
         p.d_rx.clear();
@@ -561,17 +561,17 @@ impl Worker {
             else {
                 continue;
             };
-            if *gen != key.gen || p.timers[key.kind as usize] != Some(at) {
+            if *gen != key.gen || p.timers[key.kind] != Some(at) {
                 continue; // cancelled or re-armed: a stale entry
             }
-            p.timers[key.kind as usize] = None;
+            p.timers[key.kind] = None;
             let mut out = Vec::new();
             match key.kind {
                 TimerKind::Downstream => {
                     if p.connecting.take().is_some() {
                         // Still no room in the daemon's backlog: the client gets EAGAIN's
                         // error, as a connect() that gave up would report it.
-                        p.timers[TimerKind::ConnectRetry as usize] = None;
+                        p.timers[TimerKind::ConnectRetry] = None;
                         p.hs.on_connect_failed(libc::EAGAIN, &mut out);
                     } else {
                         p.hs.on_daemon_lost("did not answer in time", &mut out);
@@ -615,9 +615,9 @@ impl Worker {
             }
         }
         let Self { timers, conns, .. } = self;
-        timers.compact(conns.len() * TIMER_KINDS, |at, k| {
+        timers.compact(conns.len() * Deadlines::KINDS, |at, k| {
             matches!(conns.get(k.slot), Some(Conn { gen, state: State::Pre(p), .. })
-                if *gen == k.gen && p.timers[k.kind as usize] == Some(at))
+                if *gen == k.gen && p.timers[k.kind] == Some(at))
         });
     }
 }
@@ -653,7 +653,7 @@ pub(super) fn arm_timer(
     kind: TimerKind,
     at: Instant,
 ) {
-    p.timers[kind as usize] = Some(at);
+    p.timers[kind] = Some(at);
     timers.arm(at, timer_key(slot, gen, kind));
 }
 
