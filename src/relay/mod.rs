@@ -11,3 +11,4 @@ pub use copy::{CopyDrive, CopyError, CopyRelay};
 pub use layer::{LayerError, SecurityLayer};
 pub use owed::Owed;
 pub use pump::{Drive, Pools, Pump, PumpError};
+pub use tracker::Direction;

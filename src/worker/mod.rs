@@ -31,7 +31,7 @@ use crate::conn::{
 use crate::metrics::meter::WorkerMeter;
 use crate::reactor::{Event, Interest, Reactor};
 use crate::relay::tracker::{Tracker, Verdict};
-use crate::relay::{Pools, Pump};
+use crate::relay::{Direction, Pools, Pump};
 use crate::shared::{EarlyConn, NewConn, Shared};
 use crate::sys::{drain_eventfd, FrameCutter};
 use crate::timers::Timers;

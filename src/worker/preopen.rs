@@ -425,7 +425,7 @@ impl Worker {
         // Bytes the client pipelined behind its open must pass the relay's checks; if they
         // do not, the client still gets its open reply, then the close.
         let kind = conn.kind;
-        let mut probe = Tracker::new(true, usize::MAX);
+        let mut probe = Tracker::new(Direction::ToDaemon, usize::MAX);
         if let Err(e) = probe.consume(&p.c_rx, |h| client_frame_verdict(kind, h)) {
             p.closing = Some(format!("client side: {e}"));
             return Ok(Vec::new());
@@ -438,8 +438,8 @@ impl Worker {
         let State::Pre(p) = std::mem::replace(
             &mut conn.state,
             State::Relay {
-                c2d: Pump::new(true, &self.pools),
-                d2c: Pump::new(false, &self.pools),
+                c2d: Pump::new(Direction::ToDaemon, &self.pools),
+                d2c: Pump::new(Direction::ToClient, &self.pools),
                 daemon_shut: false,
                 head: Vec::new(),
                 head_cutter: None,
