@@ -64,7 +64,7 @@ const PREOPEN_FRAME_MAX_SASL: usize = 320 * 1024;
 const WAKER_TOKEN: u64 = u64::MAX - 1;
 /// Replies queued for a pre-open client beyond which it is not read any more.
 const PREOPEN_TX_CAP: usize = 64 * 1024;
-/// New clients adopted per loop turn (see `Worker::accept_new`).
+/// New clients adopted per loop turn (see `Worker::adopt_from_inbox`).
 const ADOPT_PER_TURN: usize = 4;
 /// Connections carried over by a restart adopted per loop turn.
 const CARRIED_PER_TURN: usize = 1024;
@@ -232,7 +232,7 @@ impl Worker {
                 }
             }
             if self.inbox_pending {
-                self.inbox_pending = self.accept_new();
+                self.inbox_pending = self.adopt_from_inbox();
             }
             self.fire_timers();
             if let (Some(m), Some(woke)) = (&self.meter, woke) {
@@ -279,7 +279,7 @@ impl Worker {
     /// Adopts up to `ADOPT_PER_TURN` new clients; true if more are waiting. A burst of new
     /// clients (a TLS handshake thread hands them over in batches) is spread over loop turns,
     /// so the established connections' events are served in between.
-    fn accept_new(&mut self) -> bool {
+    fn adopt_from_inbox(&mut self) -> bool {
         let mut adopted = 0;
         // Connections carried from a previous process take no step on adoption (see
         // `adopt_carried`): many of them fit in a turn.
