@@ -13,7 +13,7 @@ use std::time::Instant;
 use util::{median, thread_cpu};
 
 use virtproxyd::relay::tracker::Verdict;
-use virtproxyd::relay::{Drive, Pools, Pump};
+use virtproxyd::relay::{Direction, Drive, Pools, Pump};
 
 fn frame(body: usize) -> Vec<u8> {
     let mut f = Vec::with_capacity(28 + body);
@@ -46,7 +46,7 @@ fn run(body: usize, threshold: usize, total: usize) -> (f64, f64) {
         }
     });
     let mut pools = Pools::new(64 * 1024, 1 << 20, threshold);
-    let mut pump = Pump::new(false, &pools);
+    let mut pump = Pump::new(Direction::ToClient, &pools);
     let t0 = Instant::now();
     let c0 = thread_cpu();
     while pump.moved < expect as u64 {

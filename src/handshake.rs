@@ -433,11 +433,6 @@ impl Handshake {
         out.push(Action::ToClient(msg::error_reply(h, &e)));
     }
 
-    /// Replaces the identity (a TLS client's is known only after its handshake).
-    pub fn set_identity(&mut self, identity: Identity) {
-        self.identity = identity;
-    }
-
     /// The client is only read before open; once the downstream handshake runs, the client is
     /// blocked on its open reply and is not read until the relay starts.
     pub fn wants_client_input(&self) -> bool {

@@ -8,6 +8,7 @@
 //! - under both `relay` and `tls`, which do not import each other: [`sys`] (syscalls, kTLS
 //!   record types, [`sys::FrameCutter`]);
 //! - the loop: [`worker`] (reactor: [`reactor`], io_uring or epoll; inbox, deadlines, pools);
+//!   what the acceptor, handshake threads and workers share and hand each other: [`shared`];
 //! - a client is authenticated: [`handshake`] drives it; [`polkit`] and [`sasl`] do the slow
 //!   parts on [`offload`] threads; the SASL security layer's copy relay: [`relay::copy`];
 //! - listeners and accept: [`listen`], [`server`] (per-source pre-open rates: [`flood`]);
@@ -38,6 +39,7 @@ pub mod relay;
 pub mod route;
 pub mod sasl;
 pub mod server;
+pub mod shared;
 pub mod sys;
 pub mod timers;
 pub mod tls;

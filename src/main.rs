@@ -1,7 +1,7 @@
 //! `virtproxyd`: CLI → config → listeners → relay workers.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,8 +16,8 @@ use virtproxyd::logging;
 use virtproxyd::reactor;
 use virtproxyd::route::RouteTable;
 use virtproxyd::server::{self, ServerOpts, Stopped};
+use virtproxyd::shared::{Shared, Tuning};
 use virtproxyd::tls;
-use virtproxyd::worker::{ListenerAuth, Shared};
 
 /// Exit statuses used by libvirt daemons (libvirt-rpc.md §8.6).
 const EXIT_CONFIG: i32 = 1;
@@ -374,37 +374,15 @@ fn run(argv0: &str, cli: cli::Cli) -> i32 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(SPLICE_THRESHOLD);
-    let limit_waker = match virtproxyd::worker::eventfd() {
-        Ok(fd) => fd,
-        Err(e) => return fail(ready, EXIT_NETWORK, &format!("eventfd: {e}")),
-    };
-    let shared = Arc::new(Shared {
-        routes: arc_swap::ArcSwap::from_pointee(route_table(&cfg, &env)),
-        clients: AtomicUsize::new(0),
-        max_clients: AtomicUsize::new(cfg.max_clients as usize),
-        limits_set: AtomicBool::new(false),
-        unauthenticated: AtomicUsize::new(0),
-        max_anonymous_clients: AtomicUsize::new(cfg.max_anonymous_clients as usize),
+    let tuning = Tuning {
         preopen_deadline: preopen_deadline(),
-        limit_waker,
-        shutdown: AtomicBool::new(false),
         drain_grace: DRAIN_GRACE,
         splice_threshold,
-        tls: arc_swap::ArcSwapOption::new(tls),
-        auth: ListenerAuth {
-            unix_rw: cfg.auth_unix_rw,
-            unix_ro: cfg.auth_unix_ro,
-            tcp: cfg.auth_tcp,
-            tls: cfg.auth_tls,
-        },
-        registry: Default::default(),
-        sasl: virtproxyd::worker::SaslSettings {
-            tcp_min_ssf: cfg.tcp_min_ssf,
-            allowed: cfg.sasl_allowed_username_list.clone().map(Into::into),
-        },
-        last_open: Default::default(),
-        handover: Default::default(),
-    });
+    };
+    let shared = match Shared::new(&cfg, route_table(&cfg, &env), tls, tuning) {
+        Ok(s) => Arc::new(s),
+        Err(e) => return fail(ready, EXIT_NETWORK, &format!("eventfd: {e}")),
+    };
     let workers = match cfg.worker_threads {
         // One per two CPUs: the daemons behind the proxy need CPU as much as the relay, and
         // fewer workers each take more events per wake-up. On 2 vCPUs, 1 worker against 2

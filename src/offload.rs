@@ -6,7 +6,7 @@
 //! (`polkit::start`), which takes the queue and the repliers from [`links`].
 
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::sync::mpsc::{channel, Receiver, SendError};
 
 /// A request names the worker its answer goes to.
@@ -47,9 +47,7 @@ impl<A> Repliers<A> {
             return;
         };
         if r.tx.send(answer).is_ok() {
-            let one: u64 = 1;
-            // SAFETY: writing 8 bytes to an eventfd.
-            unsafe { libc::write(r.waker.as_raw_fd(), (&one as *const u64).cast(), 8) };
+            crate::sys::wake(&r.waker);
         }
     }
 }
@@ -114,6 +112,8 @@ where
 
 #[cfg(test)]
 mod tests {
+    use std::os::fd::AsRawFd;
+
     use super::*;
 
     struct Ask(usize, u32);
@@ -126,7 +126,7 @@ mod tests {
     /// Each answer reaches the worker that asked, and wakes it.
     #[test]
     fn answers_go_to_the_asking_worker() {
-        let wakers: Vec<OwnedFd> = (0..2).map(|_| crate::worker::eventfd().unwrap()).collect();
+        let wakers: Vec<OwnedFd> = (0..2).map(|_| crate::sys::eventfd().unwrap()).collect();
         let links = start("test", 2, &wakers, |a: Ask| a.1 * 10).unwrap();
         links[1].tx.send(Ask(1, 4)).unwrap();
         links[0].tx.send(Ask(0, 7)).unwrap();

@@ -7,7 +7,7 @@
 //! the handshake threads (woken too) and the worker's adoption check the mark and close it.
 
 use std::collections::BTreeMap;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
@@ -15,6 +15,7 @@ use std::time::Duration;
 use crate::identity::Identity;
 use crate::listen::ListenerKind;
 use crate::proto::set_identity::TypedParam;
+use crate::sys::wake;
 
 /// `virClientTransport`.
 pub mod transport {
@@ -110,12 +111,6 @@ pub struct Registry {
     /// The `/clients` request being answered (one at a time: the metrics thread asks).
     stats: Mutex<StatsRound>,
     stats_done: std::sync::Condvar,
-}
-
-fn wake(fd: &OwnedFd) {
-    let one: u64 = 1;
-    // SAFETY: writing 8 bytes to an eventfd.
-    unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
 }
 
 /// Seconds since the epoch, now.
@@ -339,15 +334,12 @@ impl Registry {
 
 #[cfg(test)]
 mod tests {
+    use std::os::fd::AsRawFd;
+
     use super::*;
 
     fn eventfd() -> OwnedFd {
-        use std::os::fd::FromRawFd;
-        // SAFETY: plain syscall; the result is checked.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-        assert!(fd >= 0);
-        // SAFETY: fresh descriptor.
-        unsafe { OwnedFd::from_raw_fd(fd) }
+        crate::sys::eventfd().expect("eventfd")
     }
 
     fn rec(id: u64, worker: usize) -> ClientRecord {

@@ -22,10 +22,10 @@ use crate::handover::{HandOff, HandOffMode, Resumed};
 use crate::identity::{Identity, NameCache};
 use crate::listen::{Listener, ListenerKind};
 use crate::reactor::{self, Reactor};
+use crate::shared::{over_max_clients, Inbox, NewConn, Shared, Unauthenticated};
+use crate::sys::{drain_eventfd, eventfd, wake};
 use crate::tls::handshaker::Handshaker;
-use crate::worker::{
-    drain_eventfd, eventfd, wake, Inbox, NewConn, Shared, Unauthenticated, Worker,
-};
+use crate::worker::Worker;
 
 /// How the server is to run.
 pub struct ServerOpts {
@@ -284,7 +284,7 @@ impl Admission<'_> {
             early: shared
                 .last_open
                 .guess(kind)
-                .and_then(crate::worker::connect_early),
+                .and_then(crate::shared::connect_early),
         };
         let to = if kind == ListenerKind::Tls && !self.handshakers.is_empty() {
             self.next_handshaker = self.next_handshaker.wrapping_add(1);
@@ -398,15 +398,6 @@ fn admit_parked(parked: &mut VecDeque<Parked>, admission: &mut Admission<'_>) {
             admission.admit(p.fd, p.kind, p.identity);
         }
     }
-}
-
-/// Whether `max_clients` keeps the listeners from accepting, as libvirt's
-/// virNetServerCheckLimits decides it: `nclients >= nclients_max`, so 0 lets no client in (it
-/// is not "unlimited"). libvirt's listeners start enabled and that check only runs once a
-/// client comes, goes or authenticates or the limits are set, so a config file's
-/// `max_clients = 0` still lets the first client in; `checked` says whether that has happened.
-pub fn over_max_clients(clients: usize, max: usize, checked: bool) -> bool {
-    clients >= max && (max != 0 || checked)
 }
 
 /// Signals the acceptor handles; blocked in every thread so only the signalfd sees them.
@@ -827,21 +818,4 @@ pub fn run(mut opts: ServerOpts) -> io::Result<Stopped> {
         let _ = t.join();
     }
     Ok(stopped)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::over_max_clients;
-
-    #[test]
-    fn max_clients_zero_is_a_limit_not_unlimited() {
-        // Set at run time (or once a client came): nothing is accepted, as in libvirt.
-        assert!(over_max_clients(0, 0, true));
-        assert!(over_max_clients(3, 0, true));
-        // From the config file, before any client: libvirt's listeners start enabled.
-        assert!(!over_max_clients(0, 0, false));
-        assert!(over_max_clients(2, 2, false));
-        assert!(!over_max_clients(1, 2, true));
-        assert!(!over_max_clients(usize::MAX - 1, usize::MAX, true));
-    }
 }

@@ -1,24 +1,24 @@
 //! Other real clients through the proxy, in front of libvirt 9.0.0's modular daemons
-//! (`scripts/modular-testbed.sh`): go-libvirt, a second implementation of the RPC protocol
-//! (`tests/go/golibvirt-workload`), and virsh over `qemu+ssh://` with `proxy=netcat`
-//! through a private sshd (`scripts/sshd-testbed.sh`), the way an ssh client reaches
-//! virtproxyd on a modular host. Each runs on both io backends.
-//!
-//! Self-contained for now (no tests/support): the test bed, sshd and the Go program are set
-//! up once per test binary and stopped when it exits (`--watch-pid`).
+//! (`scripts/modular-testbed.sh`, through `support::modular`): go-libvirt, a second
+//! implementation of the RPC protocol (`tests/go/golibvirt-workload`), and virsh over
+//! `qemu+ssh://` with `proxy=netcat` through a private sshd (`scripts/sshd-testbed.sh`), the
+//! way an ssh client reaches virtproxyd on a modular host. Each runs on both io backends.
+//! The sshd and the Go program are set up once per test binary and stopped when it exits
+//! (`--watch-pid`).
 
-use std::io::Read;
+mod support;
+
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::{Mutex, MutexGuard, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-const BIN: &str = env!("CARGO_BIN_EXE_virtproxyd");
+use support::modular::{testbed, Testbed};
+use support::{output_with_timeout, wait_for, Proxy, MANIFEST_DIR};
 
 fn root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    Path::new(MANIFEST_DIR)
 }
 
 fn text(o: &Output) -> String {
@@ -30,20 +30,6 @@ fn text(o: &Output) -> String {
     )
 }
 
-/// Polls `f` every 20 ms until it holds or `limit` passes.
-fn wait_for(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let end = Instant::now() + limit;
-    loop {
-        if f() {
-            return true;
-        }
-        if Instant::now() >= end {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// The clients share one test bed, and the comparisons below (virsh through ssh against
 /// virsh direct) need no other client changing its state meanwhile.
 fn serial() -> MutexGuard<'static, ()> {
@@ -51,48 +37,11 @@ fn serial() -> MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// A short per-run state dir (the test bed's socket paths must stay under 108 bytes).
+/// A short per-run state dir (the sshd's socket paths must stay under 108 bytes).
 fn state_dir(what: &str) -> PathBuf {
     let d = PathBuf::from(format!("/tmp/vpd-cl-{}-{what}", std::process::id()));
     std::fs::create_dir_all(&d).unwrap();
     d
-}
-
-/// libvirt 9.0.0's modular daemons, started once; `run` holds `libvirt/virtqemud-sock` etc.
-struct Testbed {
-    run: PathBuf,
-}
-
-impl Testbed {
-    fn sock(&self, name: &str) -> PathBuf {
-        self.run.join("libvirt").join(name)
-    }
-}
-
-fn testbed() -> &'static Testbed {
-    static TB: OnceLock<Testbed> = OnceLock::new();
-    TB.get_or_init(|| {
-        let o = Command::new("bash")
-            .arg(root().join("scripts/modular-testbed.sh"))
-            .arg("start")
-            .arg(state_dir("tb"))
-            .args(["--watch-pid", &std::process::id().to_string()])
-            .output()
-            .unwrap();
-        assert!(
-            o.status.success(),
-            "modular test bed did not start (needs `scripts/modular-testbed.sh build` once): {}",
-            text(&o)
-        );
-        let run = PathBuf::from(String::from_utf8_lossy(&o.stdout).trim());
-        let tb = Testbed { run };
-        assert!(
-            tb.sock("virtqemud-sock").exists(),
-            "no virtqemud-sock in {}",
-            tb.run.display()
-        );
-        tb
-    })
 }
 
 /// The private sshd: its port and the URI parameters that make virsh use its key.
@@ -138,132 +87,16 @@ fn golibvirt_bin() -> &'static Path {
     })
 }
 
-/// Our proxy in front of the test bed, on one io backend; killed when dropped.
-struct Proxy {
-    child: Child,
-    sock: PathBuf,
-    log: PathBuf,
-    _dir: tempfile::TempDir,
+/// Our proxy in front of the test bed, on one io backend, with `extra` config lines first
+/// (they win); auth "none" on the UNIX sockets (support's default): go-libvirt opens
+/// without AUTH_LIST.
+fn proxy(backend: &str, extra: &str) -> Proxy {
+    support::modular::proxy(extra, &[("VIRTPROXYD_IO_BACKEND", backend)])
 }
 
-impl Proxy {
-    fn start(backend: &str) -> Proxy {
-        Self::start_with(backend, "")
-    }
-
-    /// As `start`, with `extra` config lines.
-    fn start_with(backend: &str, extra: &str) -> Proxy {
-        let tb = testbed();
-        let dir = tempfile::Builder::new()
-            .prefix("vpd-cl-")
-            .tempdir_in("/tmp")
-            .unwrap();
-        let sockdir = dir.path().join("sock");
-        let conf = dir.path().join("virtproxyd.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                // Auth "none" (after `extra`, which wins): go-libvirt opens without AUTH_LIST.
-                "unix_sock_dir = \"{}\"\ndriver_socket_dir = \"{}\"\n{extra}\n\
-                 auth_unix_rw = \"none\"\nauth_unix_ro = \"none\"\n",
-                sockdir.display(),
-                tb.run.join("libvirt").display()
-            ),
-        )
-        .unwrap();
-        let log = dir.path().join("proxy.log");
-        let mut cmd = Command::new(BIN);
-        cmd.args(["-v", "-f"])
-            .arg(&conf)
-            .env("VIRTPROXYD_IO_BACKEND", backend)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap());
-        // SAFETY: prctl only, between fork and exec. The proxy must not outlive a test
-        // binary that panics past its Drop.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
-        let child = cmd.spawn().unwrap();
-        let sock = sockdir.join("libvirt-sock");
-        let mut p = Proxy {
-            child,
-            sock,
-            log,
-            _dir: dir,
-        };
-        let up = wait_for(Duration::from_secs(10), || {
-            UnixStream::connect(&p.sock).is_ok()
-        });
-        if !up {
-            let _ = p.child.kill();
-            panic!("proxy ({backend}) did not listen: {}", p.log_text());
-        }
-        p
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Connections the proxy opened downstream and handed to its relay, for `uri`.
-    fn relayed(&self, uri: &str) -> usize {
-        let tag = format!("uri=\"{uri}\"");
-        self.log_text()
-            .lines()
-            .filter(|l| l.contains("connection opened and handed to the relay") && l.contains(&tag))
-            .count()
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Runs a command with a deadline, killing it when the deadline passes.
+/// Runs a client with stdin closed, killing it when `limit` passes.
 fn run_with_deadline(cmd: &mut Command, limit: Duration) -> Output {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (mut out, mut err) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
-    let t_out = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = out.read_to_end(&mut v);
-        v
-    });
-    let t_err = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = err.read_to_end(&mut v);
-        v
-    });
-    let mut status = None;
-    let finished = wait_for(limit, || {
-        status = child.try_wait().ok().flatten();
-        status.is_some()
-    });
-    if !finished {
-        let _ = child.kill();
-        status = child.wait().ok();
-    }
-    let mut o = Output {
-        status: status.unwrap_or_else(|| child.wait().unwrap()),
-        stdout: t_out.join().unwrap_or_default(),
-        stderr: t_err.join().unwrap_or_default(),
-    };
-    if !finished {
-        o.stderr
-            .extend_from_slice(format!("\n[killed after {limit:?}]").as_bytes());
-    }
-    o
+    output_with_timeout(cmd.stdin(Stdio::null()), limit)
 }
 
 fn virsh(uri: &str, args: &[&str]) -> Output {
@@ -278,10 +111,7 @@ fn virsh(uri: &str, args: &[&str]) -> Output {
 }
 
 fn direct_uri(tb: &Testbed) -> String {
-    format!(
-        "qemu+unix:///system?socket={}",
-        tb.sock("virtqemud-sock").display()
-    )
+    tb.direct_uri("qemu:///system", "virtqemud")
 }
 
 // ---------------------------------------------------------------------------------------
@@ -310,9 +140,9 @@ fn golibvirt(sock: &Path) -> (serde_json::Value, Output) {
 fn golibvirt_through_proxy(backend: &str) {
     let _g = serial();
     let tb = testbed();
-    let proxy = Proxy::start(backend);
+    let proxy = proxy(backend, "");
     let before = proxy.relayed("qemu:///system");
-    let (v, o) = golibvirt(&proxy.sock);
+    let (v, o) = golibvirt(&proxy.rw_sock);
     assert!(
         o.status.success() && v["ok"] == true,
         "{backend}: {}\nproxy log:\n{}",
@@ -377,7 +207,7 @@ fn golibvirt_over_tcp(backend: &str) {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
     };
-    let proxy = Proxy::start_with(
+    let proxy = proxy(
         backend,
         &format!("listen_tcp = 1\nlisten_addr = \"127.0.0.1\"\ntcp_port = \"{port}\"\nauth_tcp = \"none\""),
     );
@@ -436,8 +266,8 @@ fn virsh_over_ssh(backend: &str) {
     let _g = serial();
     let tb = testbed();
     let s = sshd();
-    let proxy = Proxy::start(backend);
-    let uri = ssh_uri(s, &proxy.sock);
+    let proxy = proxy(backend, "");
+    let uri = ssh_uri(s, &proxy.rw_sock);
     let before = proxy.relayed("qemu:///system");
     for args in [
         &["list", "--all"][..],
@@ -530,9 +360,9 @@ fn abstract_driver_socket(backend: &str) {
     let tb = testbed();
     let name = format!("vpd-cl-{}-{backend}", std::process::id());
     let count = abstract_bridge(&name, tb.sock("virtqemud-sock"));
-    let proxy = Proxy::start_with(backend, &format!("driver_sockets = [ \"qemu=@{name}\" ]"));
+    let proxy = proxy(backend, &format!("driver_sockets = [ \"qemu=@{name}\" ]"));
     let o = virsh(
-        &format!("qemu+unix:///system?socket={}", proxy.sock.display()),
+        &format!("qemu+unix:///system?socket={}", proxy.rw_sock.display()),
         &["version", "--daemon"],
     );
     assert!(

@@ -11,7 +11,7 @@ mod support;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::unix::net::UnixListener;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Once};
 use std::time::{Duration, Instant};
 
@@ -23,8 +23,8 @@ use virtproxyd::listen::{self, ListenerKind};
 use virtproxyd::reactor;
 use virtproxyd::route::RouteTable;
 use virtproxyd::server::{self, ServerOpts};
+use virtproxyd::shared::{Shared, Tuning};
 use virtproxyd::tls::{ktls, TlsSettings};
-use virtproxyd::worker::Shared;
 /// Answers AUTH_LIST, SUPPORTS_FEATURE, CONNECT_OPEN and CONNECT_SET_IDENTITY like a driver
 /// daemon, then echoes every byte.
 fn fake_daemon(listener: UnixListener) {
@@ -92,7 +92,7 @@ fn start_proxy(handover: bool) -> Proxy {
     let text = format!(
         "listen_tls = 1\nlisten_addr = \"127.0.0.1\"\ntls_port = \"0\"\nca_file = \"{d}/ca.pem\"\n\
          cert_file = \"{d}/server.pem\"\nkey_file = \"{d}/server.key\"\n\
-         driver_sockets = [ \"test={}\" ]\n",
+         driver_sockets = [ \"test={}\" ]\nmax_anonymous_clients = 0\n",
         daemon_sock.display()
     );
     let env = Env {
@@ -112,31 +112,14 @@ fn start_proxy(handover: bool) -> Proxy {
     };
     let run_dir: std::path::PathBuf = dir.path().into();
     let new_shared = move || {
-        Arc::new(Shared {
-            routes: arc_swap::ArcSwap::from_pointee(RouteTable::new(
-                run_dir.clone(),
-                cfg.driver_sockets.clone(),
-                false,
-            )),
-            clients: AtomicUsize::new(0),
-            max_clients: AtomicUsize::new(5000),
-            limits_set: AtomicBool::new(false),
-            unauthenticated: AtomicUsize::new(0),
-            max_anonymous_clients: AtomicUsize::new(0),
+        let routes = RouteTable::new(run_dir.clone(), cfg.driver_sockets.clone(), false);
+        let tls = Arc::new(TlsSettings::from_config(&cfg).unwrap());
+        let tuning = Tuning {
             preopen_deadline: Duration::from_secs(60),
-            limit_waker: virtproxyd::worker::eventfd().unwrap(),
-            shutdown: AtomicBool::new(false),
             drain_grace: Duration::from_secs(1),
             splice_threshold: 16 * 1024,
-            tls: arc_swap::ArcSwapOption::new(Some(Arc::new(
-                TlsSettings::from_config(&cfg).unwrap(),
-            ))),
-            auth: virtproxyd::worker::ListenerAuth::NONE,
-            registry: Default::default(),
-            sasl: Default::default(),
-            last_open: Default::default(),
-            handover: Default::default(),
-        })
+        };
+        Arc::new(Shared::new(&cfg, routes, Some(tls), tuning).unwrap())
     };
     let (tid_tx, tid_rx) = std::sync::mpsc::channel();
     let restarts = Arc::new(AtomicUsize::new(0));

@@ -9,15 +9,16 @@ mod support;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::io::{BufRead, BufReader, Write};
 use std::process::Stdio;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use virtproxyd::config::{Auth, Config, Env};
 use virtproxyd::listen::{self, ListenerKind};
 use virtproxyd::reactor;
 use virtproxyd::route::RouteTable;
 use virtproxyd::server::{self, ServerOpts};
-use virtproxyd::worker::Shared;
+use virtproxyd::shared::{Shared, Tuning};
 
 /// Counts allocations made by the thread whose id is in `WATCHED` (0: none).
 struct Counting;
@@ -84,29 +85,16 @@ fn start_proxy(
     let tb = support::modular::testbed();
     let sock = dir.join("libvirt-sock");
     let listener = listen::bind_unix(&sock, 0o777, None, 64, ListenerKind::UnixRw).expect("bind");
-    let shared = Arc::new(Shared {
-        routes: arc_swap::ArcSwap::from_pointee(RouteTable::new(
-            tb.sock_dir.clone(),
-            Vec::new(),
-            false,
-        )),
-        clients: AtomicUsize::new(0),
-        max_clients: AtomicUsize::new(5000),
-        limits_set: AtomicBool::new(false),
-        unauthenticated: AtomicUsize::new(0),
-        max_anonymous_clients: AtomicUsize::new(0),
+    let mut cfg = Config::defaults(&Env::default());
+    cfg.auth_tcp = Auth::None;
+    cfg.max_anonymous_clients = 0;
+    let routes = RouteTable::new(tb.sock_dir.clone(), Vec::new(), false);
+    let tuning = Tuning {
         preopen_deadline: Duration::from_secs(60),
-        limit_waker: virtproxyd::worker::eventfd().expect("eventfd"),
-        shutdown: AtomicBool::new(false),
         drain_grace: Duration::from_secs(1),
         splice_threshold: 16 * 1024,
-        tls: arc_swap::ArcSwapOption::empty(),
-        auth: virtproxyd::worker::ListenerAuth::NONE,
-        registry: Default::default(),
-        sasl: Default::default(),
-        last_open: Default::default(),
-        handover: Default::default(),
-    });
+    };
+    let shared = Arc::new(Shared::new(&cfg, routes, None, tuning).expect("eventfd"));
     let source = Arc::new(virtproxyd::metrics::Source::new(
         shared.clone(),
         SystemTime::now(),

@@ -2,7 +2,7 @@
 //! Arbitrary byte streams, split at arbitrary points, through the relay's frame tracker:
 //! it must never panic, and a stream split differently must be judged the same.
 use libfuzzer_sys::fuzz_target;
-use virtproxyd::relay::tracker::{Tracker, Verdict};
+use virtproxyd::relay::tracker::{Direction, Tracker, Verdict};
 
 fuzz_target!(|data: &[u8]| {
     if data.is_empty() {
@@ -10,10 +10,10 @@ fuzz_target!(|data: &[u8]| {
     }
     let split = data[0] as usize;
     let bytes = &data[1..];
-    for toward_daemon in [true, false] {
-        let mut whole = Tracker::new(toward_daemon, 16 * 1024);
+    for direction in [Direction::ToDaemon, Direction::ToClient] {
+        let mut whole = Tracker::new(direction, 16 * 1024);
         let a = whole.consume(bytes, |_| Verdict::Forward).is_ok();
-        let mut parts = Tracker::new(toward_daemon, 16 * 1024);
+        let mut parts = Tracker::new(direction, 16 * 1024);
         let mut b = true;
         for chunk in bytes.chunks(split.max(1)) {
             if b {

@@ -235,7 +235,8 @@ fn check_flags(flags: u32, func: &str) -> Result<(), RemoteError> {
     }
 }
 
-fn no_tls() -> RemoteError {
+/// The "no TLS listener" error (libvirt's, when the server has no TLS service).
+pub fn no_tls_service() -> RemoteError {
     RemoteError::new(
         err_code::INTERNAL_ERROR,
         err_domain::RPC,
@@ -258,6 +259,13 @@ fn encode_params(e: &mut Encoder, params: &[(&str, Value)]) {
             Value::Str(s) => e.i32(7).string(s),
         };
     }
+}
+
+/// A reply that is one `admin_typed_param` array.
+fn params_reply(params: &[(&str, Value)]) -> Vec<u8> {
+    let mut e = Encoder::new();
+    encode_params(&mut e, params);
+    e.finish()
 }
 
 fn encode_client(e: &mut Encoder, srv: Server, c: &ClientRef) {
@@ -369,7 +377,39 @@ fn uints(params: &[TypedParam], names: &[&str]) -> Vec<Option<u32>> {
         .collect()
 }
 
-type Reply = Result<Vec<u8>, RemoteError>;
+/// Why a call gets an error reply.
+#[derive(Debug)]
+enum CallError {
+    /// Its arguments did not decode.
+    Decode,
+    /// It was refused or failed, with this error.
+    Remote(RemoteError),
+}
+
+impl From<XdrError> for CallError {
+    fn from(_: XdrError) -> Self {
+        CallError::Decode
+    }
+}
+
+impl From<RemoteError> for CallError {
+    fn from(e: RemoteError) -> Self {
+        CallError::Remote(e)
+    }
+}
+
+impl From<CallError> for RemoteError {
+    fn from(e: CallError) -> Self {
+        match e {
+            // libvirt's words whatever went wrong in the XDR (virNetMessageDecodePayload).
+            CallError::Decode => decode_failed(),
+            CallError::Remote(e) => e,
+        }
+    }
+}
+
+/// A successful call's reply body, or why there is none.
+type Reply = Result<Vec<u8>, CallError>;
 
 impl Session {
     pub fn new() -> Self {
@@ -416,11 +456,7 @@ impl Session {
                 format!("Unexpected message status {}", h.status.to_wire()),
             ))
         } else {
-            let mut d = Decoder::new(body);
-            match self.dispatch(h.proc_, &mut d, host) {
-                Err(_) => Err(decode_failed()),
-                Ok(r) => r,
-            }
+            dispatch(h.proc_, &mut Decoder::new(body), host).map_err(RemoteError::from)
         };
         match result {
             Ok(body) => out.push(Action::ToClient(msg::ok_reply(h, &body))),
@@ -440,320 +476,303 @@ impl Session {
             out.push(Action::Close("admin client closed its connection".into()));
         }
     }
+}
 
-    /// The outer error: the arguments did not decode. The inner one: the call failed.
-    fn dispatch(
-        &mut self,
-        proc_: i32,
-        d: &mut Decoder<'_>,
-        host: &mut dyn Host,
-    ) -> Result<Reply, XdrError> {
-        use proc_::*;
-        let mut e = Encoder::new();
-        match proc_ {
-            CONNECT_OPEN => {
-                let flags = d.u32()?;
-                Ok(check_flags(flags, "adminDispatchConnectOpen").map(|()| Vec::new()))
-            }
-            CONNECT_CLOSE => Ok(Ok(Vec::new())),
-            CONNECT_GET_LIB_VERSION => {
-                e.u64(LIB_VERSION);
-                Ok(Ok(e.finish()))
-            }
-            CONNECT_LIST_SERVERS => {
-                let need = d.u32()?;
-                let flags = d.u32()?;
-                if let Err(err) = check_flags(flags, "adminConnectListServers") {
-                    return Ok(Err(err));
-                }
-                let n = if need > 0 { Server::ALL.len() } else { 0 };
-                e.u32(n as u32);
-                for s in &Server::ALL[..n] {
-                    e.string(s.name());
-                }
-                e.u32(Server::ALL.len() as u32);
-                Ok(Ok(e.finish()))
-            }
-            CONNECT_LOOKUP_SERVER => {
-                let name = d.string()?;
-                let flags = d.u32()?;
-                if let Err(err) = check_flags(flags, "adminConnectLookupServer") {
-                    return Ok(Err(err));
-                }
-                Ok(match Server::lookup(&name) {
-                    Some(s) => {
-                        e.string(s.name());
-                        Ok(e.finish())
-                    }
-                    None => Err(no_server_rpc(&name)),
-                })
-            }
-            SERVER_GET_THREADPOOL_PARAMETERS => {
-                let srv = server_arg(d)?;
-                let flags = d.u32()?;
-                let srv = match known_server(
-                    srv,
-                    no_server_rpc,
-                    flags,
-                    "adminServerGetThreadPoolParameters",
-                ) {
-                    Ok(s) => s,
-                    Err(err) => return Ok(Err(err)),
-                };
-                let p = host.pool(srv);
-                encode_params(
-                    &mut e,
-                    &[
-                        ("minWorkers", Value::UInt(p.min)),
-                        ("maxWorkers", Value::UInt(p.max)),
-                        ("nWorkers", Value::UInt(p.current)),
-                        ("freeWorkers", Value::UInt(p.free)),
-                        ("prioWorkers", Value::UInt(p.prio)),
-                        ("jobQueueDepth", Value::UInt(p.queue)),
-                    ],
-                );
-                Ok(Ok(e.finish()))
-            }
-            SERVER_SET_THREADPOOL_PARAMETERS => {
-                let srv = server_arg(d)?;
-                let params = decode_list(d, THREADPOOL_PARAMETERS_MAX)?;
-                let flags = d.u32()?;
-                let srv = match known_server(
-                    srv,
-                    no_server_admin,
-                    flags,
-                    "adminServerSetThreadPoolParameters",
-                ) {
-                    Ok(s) => s,
-                    Err(err) => return Ok(Err(err)),
-                };
-                const ALLOWED: &[(&str, i32, &str)] = &[
-                    ("minWorkers", 2, "uint"),
-                    ("maxWorkers", 2, "uint"),
-                    ("prioWorkers", 2, "uint"),
-                ];
-                if let Err(err) = validate_against(&params, ALLOWED) {
-                    return Ok(Err(err));
-                }
-                let v = uints(&params, &["minWorkers", "maxWorkers", "prioWorkers"]);
-                Ok(host.set_pool(srv, v[0], v[1], v[2]).map(|()| Vec::new()))
-            }
-            SERVER_LIST_CLIENTS => {
-                let srv = server_arg(d)?;
-                let need = d.u32()?;
-                let flags = d.u32()?;
-                let srv = match known_server(srv, no_server_rpc, flags, "adminServerListClients") {
-                    Ok(s) => s,
-                    Err(err) => return Ok(Err(err)),
-                };
-                let clients = host.clients(srv);
-                if clients.len() > CLIENT_LIST_MAX as usize {
-                    return Ok(Err(RemoteError::new(
-                        err_code::INTERNAL_ERROR,
-                        err_domain::ADMIN,
-                        format!(
-                            "Too many clients '{}' for limit '{CLIENT_LIST_MAX}'",
-                            clients.len()
-                        ),
-                    )));
-                }
-                let listed: &[ClientRef] = if need > 0 { &clients } else { &[] };
-                e.u32(listed.len() as u32);
-                for c in listed {
-                    encode_client(&mut e, srv, c);
-                }
-                e.u32(clients.len() as u32);
-                Ok(Ok(e.finish()))
-            }
-            SERVER_LOOKUP_CLIENT => {
-                let srv = server_arg(d)?;
-                let id = d.u64()?;
-                let flags = d.u32()?;
-                let srv = match known_server(srv, no_server_rpc, flags, "adminServerLookupClient") {
-                    Ok(s) => s,
-                    Err(err) => return Ok(Err(err)),
-                };
-                Ok(match host.clients(srv).into_iter().find(|c| c.id == id) {
-                    Some(c) => {
-                        encode_client(&mut e, srv, &c);
-                        Ok(e.finish())
-                    }
-                    None => Err(no_client_rpc(id)),
-                })
-            }
-            CLIENT_GET_INFO => {
-                let srv = server_arg(d)?;
-                let id = d.u64()?;
-                let _timestamp = d.i64()?;
-                let _transport = d.u32()?;
-                let flags = d.u32()?;
-                let srv = match srv {
-                    Ok(s) => s,
-                    Err(name) => return Ok(Err(no_server_admin(&name))),
-                };
-                let Some(info) = host.client_info(srv, id) else {
-                    return Ok(Err(RemoteError::new(
-                        ERR_NO_CLIENT,
-                        err_domain::ADMIN,
-                        format!("no client with matching id '{id}' found"),
-                    )));
-                };
-                if let Err(err) = check_flags(flags, "adminClientGetInfo") {
-                    return Ok(Err(err));
-                }
-                encode_params(&mut e, &client_info_params(&info));
-                Ok(Ok(e.finish()))
-            }
-            CLIENT_CLOSE => {
-                let srv = server_arg(d)?;
-                let id = d.u64()?;
-                let _timestamp = d.i64()?;
-                let _transport = d.u32()?;
-                let flags = d.u32()?;
-                let srv = match srv {
-                    Ok(s) => s,
-                    Err(name) => return Ok(Err(no_server_rpc(&name))),
-                };
-                if host.client_info(srv, id).is_none() {
-                    return Ok(Err(no_client_rpc(id)));
-                }
-                if let Err(err) = check_flags(flags, "adminClientClose") {
-                    return Ok(Err(err));
-                }
-                Ok(if host.close_client(srv, id) {
-                    Ok(Vec::new())
-                } else {
-                    Err(no_client_rpc(id))
-                })
-            }
-            SERVER_GET_CLIENT_LIMITS => {
-                let srv = server_arg(d)?;
-                let flags = d.u32()?;
-                let srv =
-                    match known_server(srv, no_server_rpc, flags, "adminServerGetClientLimits") {
-                        Ok(s) => s,
-                        Err(err) => return Ok(Err(err)),
-                    };
-                let l = host.limits(srv);
-                encode_params(
-                    &mut e,
-                    &[
-                        ("nclients_max", Value::UInt(l.max)),
-                        ("nclients", Value::UInt(l.current)),
-                        ("nclients_unauth_max", Value::UInt(l.unauth_max)),
-                        ("nclients_unauth", Value::UInt(l.unauth_current)),
-                    ],
-                );
-                Ok(Ok(e.finish()))
-            }
-            SERVER_SET_CLIENT_LIMITS => {
-                let srv = server_arg(d)?;
-                let params = decode_list(d, CLIENT_LIMITS_MAX)?;
-                let flags = d.u32()?;
-                let srv =
-                    match known_server(srv, no_server_admin, flags, "adminServerSetClientLimits") {
-                        Ok(s) => s,
-                        Err(err) => return Ok(Err(err)),
-                    };
-                const ALLOWED: &[(&str, i32, &str)] = &[
-                    ("nclients_max", 2, "uint"),
-                    ("nclients_unauth_max", 2, "uint"),
-                ];
-                if let Err(err) = validate_against(&params, ALLOWED) {
-                    return Ok(Err(err));
-                }
-                let v = uints(&params, &["nclients_max", "nclients_unauth_max"]);
-                let cur = host.limits(srv);
-                let max = v[0].unwrap_or(cur.max);
-                let unauth = v[1].unwrap_or(cur.unauth_max);
-                if max < unauth {
-                    return Ok(Err(RemoteError::new(
-                        err_code::INVALID_ARG,
-                        err_domain::RPC,
-                        "The overall maximum number of clients waiting for authentication must \
-                         not be less than the overall maximum number of clients",
-                    )));
-                }
-                host.set_limits(srv, max, unauth);
-                Ok(Ok(Vec::new()))
-            }
-            CONNECT_GET_LOGGING_OUTPUTS => {
-                let flags = d.u32()?;
-                if let Err(err) = check_flags(flags, "adminConnectGetLoggingOutputs") {
-                    return Ok(Err(err));
-                }
-                let outputs = host.log_outputs();
-                let n = outputs.split(' ').filter(|w| !w.is_empty()).count();
-                e.string(&outputs).u32(n as u32);
-                Ok(Ok(e.finish()))
-            }
-            CONNECT_GET_LOGGING_FILTERS => {
-                let flags = d.u32()?;
-                if let Err(err) = check_flags(flags, "adminConnectGetLoggingFilters") {
-                    return Ok(Err(err));
-                }
-                let filters = host.log_filters();
-                let n = filters.split(' ').filter(|w| !w.is_empty()).count();
-                // No filters travel as a NULL string.
-                e.opt_string((n > 0).then_some(filters.as_str()))
-                    .u32(n as u32);
-                Ok(Ok(e.finish()))
-            }
-            CONNECT_SET_LOGGING_OUTPUTS | CONNECT_SET_LOGGING_FILTERS => {
-                let text = d.opt_string()?;
-                let flags = d.u32()?;
-                let outputs = proc_ == CONNECT_SET_LOGGING_OUTPUTS;
-                let func = if outputs {
-                    "adminConnectSetLoggingOutputs"
-                } else {
-                    "adminConnectSetLoggingFilters"
-                };
-                if let Err(err) = check_flags(flags, func) {
-                    return Ok(Err(err));
-                }
-                let text = text.unwrap_or_default();
-                let r = if outputs {
-                    host.set_log_outputs(&text)
-                } else {
-                    host.set_log_filters(&text)
-                };
-                Ok(r.map(|()| Vec::new())
-                    .map_err(|m| RemoteError::new(err_code::INVALID_ARG, err_domain::NONE, m)))
-            }
-            SERVER_UPDATE_TLS_FILES => {
-                let srv = server_arg(d)?;
-                let flags = d.u32()?;
-                let srv = match known_server(srv, no_server_rpc, flags, "adminServerUpdateTlsFiles")
-                {
-                    Ok(s) => s,
-                    Err(err) => return Ok(Err(err)),
-                };
-                Ok(match srv {
-                    Server::Admin => Err(no_tls()),
-                    Server::Proxy => host.update_tls(srv).map(|()| Vec::new()),
-                })
-            }
-            CONNECT_SET_DAEMON_TIMEOUT => {
-                let timeout = d.u32()?;
-                let flags = d.u32()?;
-                if let Err(err) = check_flags(flags, "adminConnectSetDaemonTimeout") {
-                    return Ok(Err(err));
-                }
-                host.set_daemon_timeout(timeout);
-                Ok(Ok(Vec::new()))
-            }
-            _ => Ok(Err(RemoteError::new(
-                err_code::RPC,
-                err_domain::RPC,
-                format!("unknown procedure: {proc_}"),
-            ))),
-        }
+/// Runs one call. Each procedure decodes all its arguments before it acts, as libvirt
+/// decodes them before its dispatcher runs (virNetServerProgramDispatchCall): a malformed
+/// body gets the decode error whatever else is wrong with the call.
+fn dispatch(proc_: i32, d: &mut Decoder<'_>, host: &mut dyn Host) -> Reply {
+    use proc_::*;
+    match proc_ {
+        CONNECT_OPEN => connect_open(d),
+        CONNECT_CLOSE => Ok(Vec::new()),
+        CONNECT_GET_LIB_VERSION => Ok(lib_version()),
+        CONNECT_LIST_SERVERS => list_servers(d),
+        CONNECT_LOOKUP_SERVER => lookup_server(d),
+        SERVER_GET_THREADPOOL_PARAMETERS => get_threadpool(d, host),
+        SERVER_SET_THREADPOOL_PARAMETERS => set_threadpool(d, host),
+        SERVER_LIST_CLIENTS => list_clients(d, host),
+        SERVER_LOOKUP_CLIENT => lookup_client(d, host),
+        CLIENT_GET_INFO => client_info(d, host),
+        CLIENT_CLOSE => client_close(d, host),
+        SERVER_GET_CLIENT_LIMITS => get_client_limits(d, host),
+        SERVER_SET_CLIENT_LIMITS => set_client_limits(d, host),
+        CONNECT_GET_LOGGING_OUTPUTS => get_logging_outputs(d, host),
+        CONNECT_GET_LOGGING_FILTERS => get_logging_filters(d, host),
+        CONNECT_SET_LOGGING_OUTPUTS => set_logging(d, host, Logging::Outputs),
+        CONNECT_SET_LOGGING_FILTERS => set_logging(d, host, Logging::Filters),
+        SERVER_UPDATE_TLS_FILES => update_tls_files(d, host),
+        CONNECT_SET_DAEMON_TIMEOUT => set_daemon_timeout(d, host),
+        _ => Err(RemoteError::new(
+            err_code::RPC,
+            err_domain::RPC,
+            format!("unknown procedure: {proc_}"),
+        )
+        .into()),
     }
 }
 
-/// The "no TLS listener" error, for hosts without one.
-pub fn no_tls_service() -> RemoteError {
-    no_tls()
+fn connect_open(d: &mut Decoder<'_>) -> Reply {
+    let flags = d.u32()?;
+    check_flags(flags, "adminDispatchConnectOpen")?;
+    Ok(Vec::new())
+}
+
+fn lib_version() -> Vec<u8> {
+    let mut e = Encoder::new();
+    e.u64(LIB_VERSION);
+    e.finish()
+}
+
+fn list_servers(d: &mut Decoder<'_>) -> Reply {
+    let need = d.u32()?;
+    let flags = d.u32()?;
+    check_flags(flags, "adminConnectListServers")?;
+    let n = if need > 0 { Server::ALL.len() } else { 0 };
+    let mut e = Encoder::new();
+    e.u32(n as u32);
+    for s in &Server::ALL[..n] {
+        e.string(s.name());
+    }
+    e.u32(Server::ALL.len() as u32);
+    Ok(e.finish())
+}
+
+fn lookup_server(d: &mut Decoder<'_>) -> Reply {
+    let name = d.string()?;
+    let flags = d.u32()?;
+    check_flags(flags, "adminConnectLookupServer")?;
+    let s = Server::lookup(&name).ok_or_else(|| no_server_rpc(&name))?;
+    let mut e = Encoder::new();
+    e.string(s.name());
+    Ok(e.finish())
+}
+
+fn get_threadpool(d: &mut Decoder<'_>, host: &mut dyn Host) -> Reply {
+    let srv = server_arg(d)?;
+    let flags = d.u32()?;
+    let srv = known_server(
+        srv,
+        no_server_rpc,
+        flags,
+        "adminServerGetThreadPoolParameters",
+    )?;
+    let p = host.pool(srv);
+    Ok(params_reply(&[
+        ("minWorkers", Value::UInt(p.min)),
+        ("maxWorkers", Value::UInt(p.max)),
+        ("nWorkers", Value::UInt(p.current)),
+        ("freeWorkers", Value::UInt(p.free)),
+        ("prioWorkers", Value::UInt(p.prio)),
+        ("jobQueueDepth", Value::UInt(p.queue)),
+    ]))
+}
+
+fn set_threadpool(d: &mut Decoder<'_>, host: &mut dyn Host) -> Reply {
+    let srv = server_arg(d)?;
+    let params = decode_list(d, THREADPOOL_PARAMETERS_MAX)?;
+    let flags = d.u32()?;
+    let srv = known_server(
+        srv,
+        no_server_admin,
+        flags,
+        "adminServerSetThreadPoolParameters",
+    )?;
+    const ALLOWED: &[(&str, i32, &str)] = &[
+        ("minWorkers", 2, "uint"),
+        ("maxWorkers", 2, "uint"),
+        ("prioWorkers", 2, "uint"),
+    ];
+    validate_against(&params, ALLOWED)?;
+    let v = uints(&params, &["minWorkers", "maxWorkers", "prioWorkers"]);
+    host.set_pool(srv, v[0], v[1], v[2])?;
+    Ok(Vec::new())
+}
+
+fn list_clients(d: &mut Decoder<'_>, host: &mut dyn Host) -> Reply {
+    let srv = server_arg(d)?;
+    let need = d.u32()?;
+    let flags = d.u32()?;
+    let srv = known_server(srv, no_server_rpc, flags, "adminServerListClients")?;
+    let clients = host.clients(srv);
+    if clients.len() > CLIENT_LIST_MAX as usize {
+        return Err(RemoteError::new(
+            err_code::INTERNAL_ERROR,
+            err_domain::ADMIN,
+            format!(
+                "Too many clients '{}' for limit '{CLIENT_LIST_MAX}'",
+                clients.len()
+            ),
+        )
+        .into());
+    }
+    let listed: &[ClientRef] = if need > 0 { &clients } else { &[] };
+    let mut e = Encoder::new();
+    e.u32(listed.len() as u32);
+    for c in listed {
+        encode_client(&mut e, srv, c);
+    }
+    e.u32(clients.len() as u32);
+    Ok(e.finish())
+}
+
+fn lookup_client(d: &mut Decoder<'_>, host: &mut dyn Host) -> Reply {
+    let srv = server_arg(d)?;
+    let id = d.u64()?;
+    let flags = d.u32()?;
+    let srv = known_server(srv, no_server_rpc, flags, "adminServerLookupClient")?;
+    let c = host
+        .clients(srv)
+        .into_iter()
+        .find(|c| c.id == id)
+        .ok_or_else(|| no_client_rpc(id))?;
+    let mut e = Encoder::new();
+    encode_client(&mut e, srv, &c);
+    Ok(e.finish())
+}
+
+/// An `admin_nonnull_client` argument: its server (looked up later, see `known_server`), id
+/// and flags; the timestamp and transport are not checked, as in libvirt.
+fn client_args(d: &mut Decoder<'_>) -> Result<(Result<Server, String>, u64, u32), XdrError> {
+    let srv = server_arg(d)?;
+    let id = d.u64()?;
+    let _timestamp = d.i64()?;
+    let _transport = d.u32()?;
+    let flags = d.u32()?;
+    Ok((srv, id, flags))
+}
+
+fn client_info(d: &mut Decoder<'_>, host: &mut dyn Host) -> Reply {
+    let (srv, id, flags) = client_args(d)?;
+    let srv = srv.map_err(|name| no_server_admin(&name))?;
+    // libvirt looks the client up before it checks the flags.
+    let info = host.client_info(srv, id).ok_or_else(|| {
+        RemoteError::new(
+            ERR_NO_CLIENT,
+            err_domain::ADMIN,
+            format!("no client with matching id '{id}' found"),
+        )
+    })?;
+    check_flags(flags, "adminClientGetInfo")?;
+    Ok(params_reply(&client_info_params(&info)))
+}
+
+fn client_close(d: &mut Decoder<'_>, host: &mut dyn Host) -> Reply {
+    let (srv, id, flags) = client_args(d)?;
+    let srv = srv.map_err(|name| no_server_rpc(&name))?;
+    if host.client_info(srv, id).is_none() {
+        return Err(no_client_rpc(id).into());
+    }
+    check_flags(flags, "adminClientClose")?;
+    if !host.close_client(srv, id) {
+        return Err(no_client_rpc(id).into());
+    }
+    Ok(Vec::new())
+}
+
+fn get_client_limits(d: &mut Decoder<'_>, host: &mut dyn Host) -> Reply {
+    let srv = server_arg(d)?;
+    let flags = d.u32()?;
+    let srv = known_server(srv, no_server_rpc, flags, "adminServerGetClientLimits")?;
+    let l = host.limits(srv);
+    Ok(params_reply(&[
+        ("nclients_max", Value::UInt(l.max)),
+        ("nclients", Value::UInt(l.current)),
+        ("nclients_unauth_max", Value::UInt(l.unauth_max)),
+        ("nclients_unauth", Value::UInt(l.unauth_current)),
+    ]))
+}
+
+fn set_client_limits(d: &mut Decoder<'_>, host: &mut dyn Host) -> Reply {
+    let srv = server_arg(d)?;
+    let params = decode_list(d, CLIENT_LIMITS_MAX)?;
+    let flags = d.u32()?;
+    let srv = known_server(srv, no_server_admin, flags, "adminServerSetClientLimits")?;
+    const ALLOWED: &[(&str, i32, &str)] = &[
+        ("nclients_max", 2, "uint"),
+        ("nclients_unauth_max", 2, "uint"),
+    ];
+    validate_against(&params, ALLOWED)?;
+    let v = uints(&params, &["nclients_max", "nclients_unauth_max"]);
+    let cur = host.limits(srv);
+    let max = v[0].unwrap_or(cur.max);
+    let unauth = v[1].unwrap_or(cur.unauth_max);
+    if max < unauth {
+        return Err(RemoteError::new(
+            err_code::INVALID_ARG,
+            err_domain::RPC,
+            "The overall maximum number of clients waiting for authentication must \
+             not be less than the overall maximum number of clients",
+        )
+        .into());
+    }
+    host.set_limits(srv, max, unauth);
+    Ok(Vec::new())
+}
+
+fn get_logging_outputs(d: &mut Decoder<'_>, host: &mut dyn Host) -> Reply {
+    let flags = d.u32()?;
+    check_flags(flags, "adminConnectGetLoggingOutputs")?;
+    let outputs = host.log_outputs();
+    let n = outputs.split(' ').filter(|w| !w.is_empty()).count();
+    let mut e = Encoder::new();
+    e.string(&outputs).u32(n as u32);
+    Ok(e.finish())
+}
+
+fn get_logging_filters(d: &mut Decoder<'_>, host: &mut dyn Host) -> Reply {
+    let flags = d.u32()?;
+    check_flags(flags, "adminConnectGetLoggingFilters")?;
+    let filters = host.log_filters();
+    let n = filters.split(' ').filter(|w| !w.is_empty()).count();
+    // No filters travel as a NULL string.
+    let mut e = Encoder::new();
+    e.opt_string((n > 0).then_some(filters.as_str()))
+        .u32(n as u32);
+    Ok(e.finish())
+}
+
+/// Which of the two logging settings a set call changes.
+#[derive(Clone, Copy)]
+enum Logging {
+    Outputs,
+    Filters,
+}
+
+fn set_logging(d: &mut Decoder<'_>, host: &mut dyn Host, which: Logging) -> Reply {
+    let text = d.opt_string()?;
+    let flags = d.u32()?;
+    let func = match which {
+        Logging::Outputs => "adminConnectSetLoggingOutputs",
+        Logging::Filters => "adminConnectSetLoggingFilters",
+    };
+    check_flags(flags, func)?;
+    let text = text.unwrap_or_default();
+    match which {
+        Logging::Outputs => host.set_log_outputs(&text),
+        Logging::Filters => host.set_log_filters(&text),
+    }
+    .map_err(|m| RemoteError::new(err_code::INVALID_ARG, err_domain::NONE, m))?;
+    Ok(Vec::new())
+}
+
+fn update_tls_files(d: &mut Decoder<'_>, host: &mut dyn Host) -> Reply {
+    let srv = server_arg(d)?;
+    let flags = d.u32()?;
+    let srv = known_server(srv, no_server_rpc, flags, "adminServerUpdateTlsFiles")?;
+    match srv {
+        Server::Admin => return Err(no_tls_service().into()),
+        Server::Proxy => host.update_tls(srv)?,
+    }
+    Ok(Vec::new())
+}
+
+fn set_daemon_timeout(d: &mut Decoder<'_>, host: &mut dyn Host) -> Reply {
+    let timeout = d.u32()?;
+    let flags = d.u32()?;
+    check_flags(flags, "adminConnectSetDaemonTimeout")?;
+    host.set_daemon_timeout(timeout);
+    Ok(Vec::new())
 }
 
 #[cfg(test)]

@@ -20,8 +20,8 @@ use crate::logging::{self, LogControl};
 use crate::proto::msg::{err_code, err_domain, RemoteError};
 use crate::proto::{FrameError, Header};
 use crate::registry::{now_epoch, transport};
+use crate::shared::{over_max_clients, Shared};
 use crate::tls::TlsSettings;
-use crate::worker::Shared;
 
 /// Re-reads the TLS files (certificate, key, CA, CRL) named by the running configuration.
 pub type TlsReload = Box<dyn Fn() -> Result<TlsSettings, String> + Send>;
@@ -110,7 +110,7 @@ impl AdminServer {
     }
 
     fn turn(&mut self) {
-        let accepting = !crate::server::over_max_clients(
+        let accepting = !over_max_clients(
             self.conns.len(),
             self.max_clients as usize,
             self.next_id > 1,
@@ -213,7 +213,7 @@ impl AdminServer {
                     identity,
                 },
             );
-            if crate::server::over_max_clients(self.conns.len(), self.max_clients as usize, true) {
+            if over_max_clients(self.conns.len(), self.max_clients as usize, true) {
                 return;
             }
         }

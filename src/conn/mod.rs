@@ -14,9 +14,9 @@ use crate::proto::{program, remote_proc, Header, MsgType};
 use crate::relay::owed::OWED_CAP;
 use crate::relay::tracker::Verdict;
 use crate::relay::{CopyDrive, CopyRelay, Drive, Owed, Pools, Pump, PumpError, SecurityLayer};
+use crate::shared::{Shared, Unauthenticated};
 use crate::sys::{self, FrameCutter};
 use crate::tls::shuttle::{Flow, Shuttle};
-use crate::worker::{Shared, Unauthenticated};
 
 pub(crate) mod preopen;
 use preopen::{flush, PreOpen};
@@ -176,7 +176,52 @@ pub(crate) enum TimerKind {
     /// A client past its free pre-open frames is read again then (see `worker::preopen`).
     Throttle = 4,
 }
-pub(crate) const TIMER_KINDS: usize = 5;
+
+/// A pre-open connection's live deadline of each kind (`None`: not armed), indexed by
+/// [`TimerKind`]. A field per kind and an exhaustive match, so that a new kind does not
+/// compile until it has its place here (a hand-kept count indexed by `kind as usize` would
+/// panic at run time instead).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Deadlines {
+    downstream: Option<Instant>,
+    connect_retry: Option<Instant>,
+    pre_open: Option<Instant>,
+    early: Option<Instant>,
+    throttle: Option<Instant>,
+}
+
+impl Deadlines {
+    /// How many kinds there are, counted from the fields (all of one type, so no padding):
+    /// the timer heap keeps at most this many live entries per connection.
+    pub(crate) const KINDS: usize =
+        std::mem::size_of::<Deadlines>() / std::mem::size_of::<Option<Instant>>();
+}
+
+impl std::ops::Index<TimerKind> for Deadlines {
+    type Output = Option<Instant>;
+
+    fn index(&self, kind: TimerKind) -> &Option<Instant> {
+        match kind {
+            TimerKind::Downstream => &self.downstream,
+            TimerKind::ConnectRetry => &self.connect_retry,
+            TimerKind::PreOpen => &self.pre_open,
+            TimerKind::Early => &self.early,
+            TimerKind::Throttle => &self.throttle,
+        }
+    }
+}
+
+impl std::ops::IndexMut<TimerKind> for Deadlines {
+    fn index_mut(&mut self, kind: TimerKind) -> &mut Option<Instant> {
+        match kind {
+            TimerKind::Downstream => &mut self.downstream,
+            TimerKind::ConnectRetry => &mut self.connect_retry,
+            TimerKind::PreOpen => &mut self.pre_open,
+            TimerKind::Early => &mut self.early,
+            TimerKind::Throttle => &mut self.throttle,
+        }
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) struct TimerKey {

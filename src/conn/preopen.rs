@@ -4,9 +4,9 @@
 
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use super::TIMER_KINDS;
+use super::Deadlines;
 use crate::handshake::Handshake;
 use crate::proto::Header;
 use crate::relay::layer::{encode_all, SecurityLayer};
@@ -21,7 +21,7 @@ pub(crate) struct PreOpen {
     pub(crate) d_tx: Vec<u8>,
     /// Live deadline of each `TimerKind` (an entry in the worker's heap counts only if its
     /// instant is the one recorded here).
-    pub(crate) timers: [Option<Instant>; TIMER_KINDS],
+    pub(crate) timers: Deadlines,
     /// Waiting to connect downstream again: the daemon's listen backlog was full.
     pub(crate) connecting: Option<Retry>,
     pub(crate) closing: Option<String>,
@@ -255,7 +255,7 @@ mod tests {
             c_tx: Vec::new(),
             d_rx: Vec::new(),
             d_tx: Vec::new(),
-            timers: [None; TIMER_KINDS],
+            timers: Deadlines::default(),
             connecting: None,
             closing: None,
             cutter: None,

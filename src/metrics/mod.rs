@@ -30,7 +30,7 @@ use counters::{Counter, WorkerCounters, WorkerTotals};
 use encode::{Snapshot, LISTENERS, REQUEST_RESULTS};
 
 use crate::listen::ListenerKind;
-use crate::worker::Shared;
+use crate::shared::Shared;
 
 /// What a scrape reads: the daemon's shared state, plus the relay's counter blocks once
 /// attached (see [`counters`] for how the relay is to wire them).
@@ -137,7 +137,7 @@ mod tests {
 
     #[test]
     fn snapshot_reads_the_shared_state() {
-        let shared = Arc::new(crate::worker::test_shared());
+        let shared = Arc::new(crate::shared::test_shared());
         shared.clients.store(2, Ordering::Release);
         shared.unauthenticated.store(1, Ordering::Release);
         shared.registry.set_idle_timeout(30);

@@ -118,7 +118,7 @@ impl Handle {
     /// Stops the thread (its socket files are unlinked) and waits for it.
     pub fn stop(self) {
         self.stop.store(true, Ordering::Release);
-        crate::worker::wake(&self.waker);
+        crate::sys::wake(&self.waker);
         let _ = self.thread.join();
     }
 }
@@ -145,7 +145,7 @@ pub fn spawn(
     source: Arc<Source>,
     deadline: Duration,
 ) -> io::Result<Handle> {
-    let waker = crate::worker::eventfd()?;
+    let waker = crate::sys::eventfd()?;
     let stop = Arc::new(AtomicBool::new(false));
     for s in &sockets {
         tracing::info!("metrics endpoint listening on {}", s.what);
@@ -254,7 +254,7 @@ impl Server {
             .collect();
         drop(fds);
         if ready[0] {
-            crate::worker::drain_eventfd(&self.waker);
+            crate::sys::drain_eventfd(&self.waker);
         }
         // Connections first (their indices are the poll order), then new ones.
         let mut i = self.conns.len();

@@ -18,7 +18,7 @@ use std::os::fd::BorrowedFd;
 
 use super::layer::{encode_all, LayerError, SecurityLayer};
 use super::owed::Owed;
-use super::tracker::{TrackError, Tracker, Verdict};
+use super::tracker::{Direction, TrackError, Tracker, Verdict};
 use crate::proto::Header;
 use crate::sys;
 
@@ -121,8 +121,8 @@ impl CopyRelay {
         CopyRelay {
             layer,
             // Nothing is ever spliced here: no body counts as large.
-            c2d: Tracker::new(true, usize::MAX),
-            d2c: Tracker::new(false, usize::MAX),
+            c2d: Tracker::new(Direction::ToDaemon, usize::MAX),
+            d2c: Tracker::new(Direction::ToClient, usize::MAX),
             to_daemon: Outbox::default(),
             hold: 0,
             to_client: Outbox::default(),

@@ -7,7 +7,8 @@ pub mod owed;
 pub mod pump;
 pub mod tracker;
 
-pub use copy::{CopyDrive, CopyError, CopyRelay};
-pub use layer::{LayerError, SecurityLayer};
+pub use copy::{CopyDrive, CopyRelay};
+pub use layer::SecurityLayer;
 pub use owed::Owed;
 pub use pump::{Drive, Pools, Pump, PumpError};
+pub use tracker::Direction;

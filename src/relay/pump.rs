@@ -10,7 +10,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
-use super::tracker::{TrackError, Tracker, Verdict};
+use super::tracker::{Direction, TrackError, Tracker, Verdict};
 use crate::proto::Header;
 use crate::sys::tls_record;
 use crate::sys::{self, FrameCutter, Pipe};
@@ -133,9 +133,9 @@ pub struct Pump {
 const DRIVE_BUDGET: usize = 1 << 20;
 
 impl Pump {
-    pub fn new(toward_daemon: bool, pools: &Pools) -> Self {
+    pub fn new(direction: Direction, pools: &Pools) -> Self {
         Self {
-            tracker: Tracker::new(toward_daemon, pools.splice_threshold),
+            tracker: Tracker::new(direction, pools.splice_threshold),
             buf: None,
             start: 0,
             end: 0,
@@ -590,7 +590,7 @@ mod tests {
             got
         });
         let mut pools = Pools::new(64 * 1024, 1 << 20, 16 * 1024);
-        let mut pump = Pump::new(false, &pools);
+        let mut pump = Pump::new(Direction::ToClient, &pools);
         let start = std::time::Instant::now();
         while (pump.moved as usize) < total && start.elapsed() < std::time::Duration::from_secs(3) {
             match pump
@@ -655,7 +655,7 @@ mod tests {
         src_r.set_nonblocking(true).unwrap();
         dst_w.set_nonblocking(true).unwrap();
         let mut pools = Pools::new(64 * 1024, 1 << 20, 16 * 1024);
-        let mut pump = Pump::new(true, &pools);
+        let mut pump = Pump::new(Direction::ToDaemon, &pools);
         let drive = |pump: &mut Pump, pools: &mut Pools| {
             pump.drive(
                 src_r.as_fd(),
@@ -725,7 +725,7 @@ mod tests {
             dst_w.set_nonblocking(true).unwrap();
             dst_r.set_nonblocking(true).unwrap();
             let mut pools = Pools::new(64 * 1024, 1 << 20, 16 * 1024);
-            let mut pump = Pump::new(true, &pools);
+            let mut pump = Pump::new(Direction::ToDaemon, &pools);
             let mut got = Vec::new();
             let mut run = |pump: &mut Pump, pools: &mut Pools, got: &mut Vec<u8>| {
                 for _ in 0..10_000 {
@@ -809,7 +809,7 @@ mod tests {
             dst_w.set_nonblocking(true).unwrap();
             dst_r.set_nonblocking(true).unwrap();
             let mut pools = Pools::new(64 * 1024, 1 << 20, 16 * 1024);
-            let mut pump = Pump::new(true, &pools);
+            let mut pump = Pump::new(Direction::ToDaemon, &pools);
             let mut got = Vec::new();
             let mut captured = Vec::new();
             let mut buf = vec![0u8; 4096];
@@ -869,7 +869,7 @@ mod tests {
         // Header alone first: the body is then spliced, one 4000-byte segment per splice.
         src_w.write_all(&frame[..28]).unwrap();
         let mut pools = Pools::new(64 * 1024, 4096, 1024);
-        let mut pump = Pump::new(false, &pools);
+        let mut pump = Pump::new(Direction::ToClient, &pools);
         let mut readable = true;
         pump.drive(
             src_r.as_fd(),
@@ -990,7 +990,7 @@ mod tests {
             0
         );
         let mut pools = Pools::new(64 * 1024, 64 * 1024, 16 * 1024);
-        let mut pump = Pump::new(false, &pools);
+        let mut pump = Pump::new(Direction::ToClient, &pools);
         let mut readable = false;
         let mut last_progress = Instant::now();
         let mut last_moved = 0;

@@ -7,6 +7,16 @@
 
 use crate::proto::{limits, FrameError, Header};
 
+/// Which way a relay direction's bytes go: the frames that may carry fds differ (a call
+/// toward the daemon, a reply toward the client; see `Header::carries_fds`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// Client to daemon.
+    ToDaemon,
+    /// Daemon to client.
+    ToClient,
+}
+
 /// Where the next byte of the stream falls.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
@@ -76,9 +86,9 @@ pub struct Tracker {
 }
 
 impl Tracker {
-    pub fn new(toward_daemon: bool, large_threshold: usize) -> Self {
+    pub fn new(direction: Direction, large_threshold: usize) -> Self {
         Self {
-            toward_daemon,
+            toward_daemon: direction == Direction::ToDaemon,
             state: State::Header { got: 0 },
             hdr: [0; Header::SIZE],
             fd_count: [0; 4],
@@ -339,7 +349,7 @@ mod tests {
     #[test]
     fn headers_split_across_reads_are_seen_once() {
         let f = frame(MsgType::Call, &[1, 2, 3, 4]);
-        let mut t = Tracker::new(true, 4096);
+        let mut t = Tracker::new(Direction::ToDaemon, 4096);
         let mut seen = 0;
         for b in f.chunks(3) {
             t.consume(b, |_| {
@@ -356,7 +366,7 @@ mod tests {
     fn carriers_follow_call_with_fds_toward_daemon_only() {
         let mut f = frame(MsgType::CallWithFds, &[0, 0, 0, 2, 7, 7, 7, 7]);
         f.extend_from_slice(&[0, 0]); // two carrier bytes
-        let mut t = Tracker::new(true, 4096);
+        let mut t = Tracker::new(Direction::ToDaemon, 4096);
         assert_eq!(t.consume(&f[..f.len() - 2], fwd).unwrap(), None);
         assert!(t.at_carrier());
         assert_eq!(t.read_limit(100), 1);
@@ -368,7 +378,7 @@ mod tests {
         assert!(t.at_boundary());
 
         // The same frame coming from the daemon has no carriers (libvirt ignores them).
-        let mut t = Tracker::new(false, 4096);
+        let mut t = Tracker::new(Direction::ToClient, 4096);
         t.consume(&frame(MsgType::CallWithFds, &[0, 0, 0, 2]), fwd)
             .unwrap();
         assert!(t.at_boundary());
@@ -377,7 +387,7 @@ mod tests {
     #[test]
     fn fd_frame_body_reads_stop_before_carriers() {
         let f = frame(MsgType::ReplyWithFds, &[0, 0, 0, 1, 5, 5, 5, 5, 5, 5]);
-        let mut t = Tracker::new(false, 4096);
+        let mut t = Tracker::new(Direction::ToClient, 4096);
         t.consume(&f[..30], fwd).unwrap();
         assert_eq!(t.read_limit(1000), 2); // rest of the fd count
         t.consume(&f[30..32], fwd).unwrap();
@@ -390,17 +400,17 @@ mod tests {
     fn too_many_fds_and_bad_lengths_close_the_stream() {
         let f = frame(MsgType::CallWithFds, &33u32.to_be_bytes());
         assert_eq!(
-            Tracker::new(true, 4096).consume(&f, fwd),
+            Tracker::new(Direction::ToDaemon, 4096).consume(&f, fwd),
             Err(TrackError::TooManyFds(33))
         );
         let f = frame(MsgType::CallWithFds, &[]);
         assert_eq!(
-            Tracker::new(true, 4096).consume(&f, fwd),
+            Tracker::new(Direction::ToDaemon, 4096).consume(&f, fwd),
             Err(TrackError::FdCountMissing)
         );
         for len in [0u32, 27, u32::MAX] {
             assert!(matches!(
-                Tracker::new(true, 4096).consume(&len.to_be_bytes(), fwd),
+                Tracker::new(Direction::ToDaemon, 4096).consume(&len.to_be_bytes(), fwd),
                 Err(TrackError::Frame(FrameError::BadLength(l))) if l == len
             ));
         }
@@ -408,7 +418,7 @@ mod tests {
 
     #[test]
     fn large_bodies_are_spliceable_and_the_next_header_is_read_alone() {
-        let mut t = Tracker::new(false, 4096);
+        let mut t = Tracker::new(Direction::ToClient, 4096);
         let f = frame(MsgType::Stream, &vec![0u8; 10_000]);
         t.consume(&f[..28], fwd).unwrap();
         assert_eq!(t.spliceable_body(), Some(10_000));
@@ -423,7 +433,8 @@ mod tests {
     #[test]
     fn refusal_stops_the_stream() {
         let f = frame(MsgType::Call, &[]);
-        let r = Tracker::new(true, 4096).consume(&f, |_| Verdict::Refuse("no".into()));
+        let r =
+            Tracker::new(Direction::ToDaemon, 4096).consume(&f, |_| Verdict::Refuse("no".into()));
         assert_eq!(r, Err(TrackError::Refused("no".into())));
     }
 }

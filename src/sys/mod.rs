@@ -1,7 +1,7 @@
 //! The bottom layer under `relay`, `tls` and `conn`: thin, safe wrappers over the few socket
 //! syscalls issued inline after readiness, what a kTLS reader needs to know about records
-//! ([`tls_record`]), and where writes toward a TLS client are cut ([`cutter`]). It imports
-//! nothing from the modules above it.
+//! ([`tls_record`]), where writes toward a TLS client are cut ([`cutter`]), and the eventfds
+//! the threads wake each other with. It imports nothing from the modules above it.
 
 pub mod cutter;
 pub mod tls_record;
@@ -208,4 +208,31 @@ impl Pipe {
 /// Whether an I/O error only means "not now".
 pub fn would_block(e: &io::Error) -> bool {
     e.raw_os_error() == Some(libc::EAGAIN)
+}
+
+/// A non-blocking eventfd: how a thread that may sleep in its reactor is woken by another (a
+/// new client, a polkit or SASL answer, an admin request, a client leaving under the limit).
+pub fn eventfd() -> io::Result<OwnedFd> {
+    // SAFETY: plain syscall; the result is checked.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fresh descriptor, owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Bumps an eventfd. Nothing to report on failure: the counter can only be full after 2^64-2
+/// wakes nobody drained, and the woken thread looks at its queues whatever the count.
+pub fn wake(fd: &OwnedFd) {
+    let one: u64 = 1;
+    // SAFETY: writing 8 bytes to an eventfd.
+    unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+}
+
+/// Empties an eventfd (non-blocking: an empty one reads EAGAIN, which is fine).
+pub fn drain_eventfd(fd: &OwnedFd) {
+    let mut b = [0u8; 8];
+    // SAFETY: reading an eventfd counter into an 8-byte buffer.
+    unsafe { libc::read(fd.as_raw_fd(), b.as_mut_ptr().cast(), 8) };
 }

@@ -8,6 +8,8 @@
 
 use x509_parser::prelude::*;
 
+use crate::glob::glob_match;
+
 /// GnuTLS's short names for the attribute types that appear in practice.
 fn short_name(oid: &str) -> Option<&'static str> {
     Some(match oid {
@@ -77,8 +79,6 @@ pub fn subject_dn(cert_der: &[u8]) -> Option<String> {
     }
     Some(rdns.join(","))
 }
-
-pub use crate::glob::glob_match;
 
 /// Whether `dn` passes the allowlist: unset allows everyone, an empty list no one.
 pub fn dn_allowed(list: Option<&[String]>, dn: &str) -> bool {

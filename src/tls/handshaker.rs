@@ -19,9 +19,10 @@ use slab::Slab;
 
 use super::accept::{Established, Step, TlsAccept};
 use crate::reactor::{Event, Interest, Reactor};
+use crate::shared::{Inbox, NewConn, Shared};
 use crate::sys;
+use crate::sys::drain_eventfd;
 use crate::timers::Timers;
-use crate::worker::{drain_eventfd, Inbox, NewConn, Shared};
 
 const WAKER_TOKEN: u64 = u64::MAX - 1;
 
@@ -306,9 +307,9 @@ mod tests {
 
     #[test]
     fn a_client_whose_tls_cannot_start_leaves_the_registry() {
-        let shared = Arc::new(crate::worker::test_shared());
+        let shared = Arc::new(crate::shared::test_shared());
         let (tx, rx) = std::sync::mpsc::channel();
-        let waker = crate::worker::eventfd().unwrap();
+        let waker = crate::sys::eventfd().unwrap();
         let mut h = Handshaker::new(0, rx, waker, shared.clone(), Vec::new()).unwrap();
         let (ours, _peer) = std::os::unix::net::UnixStream::pair().unwrap();
         shared.registry.insert(ClientRecord {
@@ -330,7 +331,7 @@ mod tests {
             identity: Default::default(),
             deadline: None,
             tls: None,
-            unauthenticated: Some(crate::worker::Unauthenticated::new(&shared)),
+            unauthenticated: Some(crate::shared::Unauthenticated::new(&shared)),
             worker: 0,
             auth: crate::config::Auth::None,
             early: None,

@@ -176,8 +176,8 @@ impl Worker {
         self.next_gen = self.next_gen.wrapping_add(1).max(1);
         let entry = self.conns.vacant_entry();
         let slot = entry.key();
-        let mut c2d = Pump::new(true, &self.pools);
-        let mut d2c = Pump::new(false, &self.pools);
+        let mut c2d = Pump::new(Direction::ToDaemon, &self.pools);
+        let mut d2c = Pump::new(Direction::ToClient, &self.pools);
         if r.ktls {
             d2c.cut_writes_at_frames();
             c2d.distrust_short_reads();

@@ -8,187 +8,35 @@ use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::mpsc::{Receiver, Sender, TryRecvError};
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use slab::Slab;
 
 use crate::config::Auth;
-use crate::handshake::Handshake;
+use crate::handshake::{Action, Handshake};
 use crate::identity::Identity;
-pub use crate::listen::ListenerKind;
+use crate::listen::ListenerKind;
 use crate::polkit;
 
 mod handover;
 mod preopen;
 use crate::conn::preopen::{Pre, PreOpen};
 use crate::conn::{
-    client_frame_verdict, drive_layered, drive_relay, token, Conn, Outcome, Side, State, TimerKey,
-    TimerKind, TIMER_KINDS,
+    client_frame_verdict, drive_layered, drive_relay, token, Conn, Deadlines, Outcome, Side, State,
+    TimerKey, TimerKind,
 };
+use crate::metrics::meter::WorkerMeter;
 use crate::reactor::{Event, Interest, Reactor};
 use crate::relay::tracker::{Tracker, Verdict};
-use crate::relay::{Pools, Pump};
-use crate::route::{RouteTable, Target};
-use crate::sys::FrameCutter;
+use crate::relay::{Direction, Pools, Pump};
+use crate::shared::{EarlyConn, NewConn, Shared};
+use crate::sys::{drain_eventfd, FrameCutter};
 use crate::timers::Timers;
 use crate::tls::accept::Established;
 use crate::tls::shuttle::{Flow, Shuttle};
-
-/// A freshly accepted client, handed from the acceptor to a worker (TLS clients: to a
-/// handshake thread first, which hands them on with `tls` set).
-pub struct NewConn {
-    pub id: u64,
-    pub fd: OwnedFd,
-    pub kind: ListenerKind,
-    pub identity: Identity,
-    /// TCP/TLS clients: when the pre-open phase (TLS handshake included) must be over.
-    pub deadline: Option<Instant>,
-    /// A TLS client whose handshake and certificate checks are done.
-    pub tls: Option<Established>,
-    /// Held while the client counts against `max_anonymous_clients`.
-    pub unauthenticated: Option<Unauthenticated>,
-    /// Index of the relay worker that owns it (the registry routes disconnects there).
-    pub worker: usize,
-    /// The listener's auth; with anything but none the client keeps `unauthenticated` until
-    /// it has authenticated.
-    pub auth: Auth,
-    /// A downstream connection made on accepting it (see `LastOpen`).
-    pub early: Option<EarlyConn>,
-    /// The pre-open rate of its source, which each of its pre-open frames is charged to
-    /// (`None`: root, never slowed).
-    pub rate: Option<Arc<crate::flood::SourceRate>>,
-    /// A relayed connection carried from the previous process (`fd` is its client socket):
-    /// adopted straight into the relay.
-    pub carried: Option<Box<crate::handover::Resume>>,
-}
-
-/// A daemon connection made as its client was accepted, with `handshake::early_auth_list()`
-/// sent on it.
-#[derive(Debug)]
-pub struct EarlyConn {
-    pub target: Target,
-    pub fd: OwnedFd,
-}
-
-/// The daemon the last local client of each listener opened, and when: the accept thread
-/// connects a new client of that listener to that daemon right away if it was recent
-/// (`EARLY_GUESS_FOR`), so that the daemon's accept and first call overlap the client's own
-/// pre-open calls. Written once per open, read once per accept: never on a relay path.
-#[derive(Debug, Default)]
-pub struct LastOpen(std::sync::Mutex<[Option<(Target, Instant)>; 2]>);
-
-impl LastOpen {
-    fn index(kind: ListenerKind) -> Option<usize> {
-        match kind {
-            ListenerKind::UnixRw => Some(0),
-            ListenerKind::UnixRo => Some(1),
-            _ => None,
-        }
-    }
-
-    fn slots(&self) -> std::sync::MutexGuard<'_, [Option<(Target, Instant)>; 2]> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    pub fn note(&self, kind: ListenerKind, target: &Target) {
-        if let Some(i) = Self::index(kind) {
-            let mut slots = self.slots();
-            match &mut slots[i] {
-                Some((t, at)) if t == target => *at = Instant::now(),
-                slot => *slot = Some((target.clone(), Instant::now())),
-            }
-        }
-    }
-
-    /// Where a new client of `kind` most likely goes, if a client of it opened recently.
-    pub fn guess(&self, kind: ListenerKind) -> Option<Target> {
-        let i = Self::index(kind)?;
-        let slots = self.slots();
-        let (target, at) = slots[i].as_ref()?;
-        (at.elapsed() < EARLY_GUESS_FOR).then(|| target.clone())
-    }
-}
-
-/// Connects to `target` and sends the early AUTH_LIST; `None` (logged) when the daemon
-/// cannot be reached now: the client's open will connect and report for itself.
-pub fn connect_early(target: Target) -> Option<EarlyConn> {
-    let fd = match crate::route::connect_nonblocking(&target.socket) {
-        Ok(fd) => fd,
-        Err(e) => {
-            tracing::debug!("early connect to {}: {e}", target.socket.display());
-            return None;
-        }
-    };
-    let frame = crate::handshake::early_auth_list();
-    // A fresh UNIX socket takes a 28-byte write whole.
-    match nix::sys::socket::send(
-        fd.as_raw_fd(),
-        &frame,
-        nix::sys::socket::MsgFlags::MSG_DONTWAIT | nix::sys::socket::MsgFlags::MSG_NOSIGNAL,
-    ) {
-        Ok(n) if n == frame.len() => Some(EarlyConn { target, fd }),
-        r => {
-            tracing::debug!("early AUTH_LIST to {}: {r:?}", target.socket.display());
-            None
-        }
-    }
-}
-
-/// The auth each listener kind asks for (fixed at start; a change needs a restart).
-#[derive(Debug, Clone, Copy)]
-pub struct ListenerAuth {
-    pub unix_rw: Auth,
-    pub unix_ro: Auth,
-    pub tcp: Auth,
-    pub tls: Auth,
-}
-
-impl ListenerAuth {
-    pub const NONE: ListenerAuth = ListenerAuth {
-        unix_rw: Auth::None,
-        unix_ro: Auth::None,
-        tcp: Auth::None,
-        tls: Auth::None,
-    };
-
-    pub fn of(&self, kind: ListenerKind) -> Auth {
-        match kind {
-            ListenerKind::UnixRw => self.unix_rw,
-            ListenerKind::UnixRo => self.unix_ro,
-            ListenerKind::UnixAdmin => Auth::None,
-            ListenerKind::Tcp => self.tcp,
-            ListenerKind::Tls => self.tls,
-        }
-    }
-}
-
-/// A client not yet authenticated, counted against `max_anonymous_clients` for as long as
-/// this lives (libvirt's `nclients_unauth`). With auth "none" everywhere, only TLS clients
-/// in their handshake count; an authentication step (polkit, SASL) would keep it until the
-/// client is through.
-pub struct Unauthenticated(Arc<Shared>);
-
-impl Unauthenticated {
-    pub fn new(shared: &Arc<Shared>) -> Unauthenticated {
-        shared.unauthenticated.fetch_add(1, Ordering::AcqRel);
-        Unauthenticated(shared.clone())
-    }
-}
-
-impl Drop for Unauthenticated {
-    fn drop(&mut self) {
-        let was = self.0.unauthenticated.fetch_sub(1, Ordering::AcqRel);
-        let max = self.0.max_anonymous_clients.load(Ordering::Acquire);
-        if max != 0 && was >= max {
-            // The acceptor has paused the listeners whose clients count: resume them now, as
-            // libvirt does, rather than at its next periodic check.
-            wake(&self.0.limit_waker);
-        }
-    }
-}
 
 /// A worker's line to the polkit threads: requests out, answers back (with its eventfd).
 pub type PolkitLink = crate::offload::Link<polkit::Request, polkit::Answer>;
@@ -196,153 +44,9 @@ pub type PolkitLink = crate::offload::Link<polkit::Request, polkit::Answer>;
 /// A worker's line to the SASL threads.
 pub type SaslLink = crate::offload::Link<crate::sasl::Request, crate::sasl::Answer>;
 
-/// Where a thread sends a client to a worker (or a handshake thread): its channel and the
-/// eventfd that wakes it.
-pub struct Inbox {
-    pub tx: Sender<NewConn>,
-    pub waker: OwnedFd,
-}
-
-impl Inbox {
-    /// Hands `nc` over; gives it back if the receiving thread is gone.
-    pub fn send(&self, nc: NewConn) -> Result<(), Box<NewConn>> {
-        self.tx.send(nc).map_err(|e| Box::new(e.0))?;
-        wake(&self.waker);
-        Ok(())
-    }
-
-    /// Hands `nc` over without waking the thread (a batch wakes it once with `wake`).
-    pub fn send_quiet(&self, nc: NewConn) -> Result<(), Box<NewConn>> {
-        self.tx.send(nc).map_err(|e| Box::new(e.0))
-    }
-
-    pub fn try_clone(&self) -> io::Result<Inbox> {
-        Ok(Inbox {
-            tx: self.tx.clone(),
-            waker: self.waker.try_clone()?,
-        })
-    }
-}
-
-/// Bumps an eventfd.
-pub fn wake(fd: &OwnedFd) {
-    let one: u64 = 1;
-    // SAFETY: writing 8 bytes to an eventfd.
-    unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
-}
-
-/// A non-blocking eventfd.
-pub fn eventfd() -> io::Result<OwnedFd> {
-    use std::os::fd::FromRawFd;
-    // SAFETY: plain syscall.
-    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fresh descriptor.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-/// Empties an eventfd.
-pub fn drain_eventfd(fd: &OwnedFd) {
-    let mut b = [0u8; 8];
-    // SAFETY: reading an eventfd counter into an 8-byte buffer.
-    unsafe { libc::read(fd.as_raw_fd(), b.as_mut_ptr().cast(), 8) };
-}
-
-/// State shared by the acceptor and all workers (read-mostly; counters are atomics).
-pub struct Shared {
-    /// Swapped whole on SIGHUP; read once per CONNECT_OPEN, never per message.
-    pub routes: arc_swap::ArcSwap<RouteTable>,
-    /// Connected clients on all listeners.
-    pub clients: AtomicUsize,
-    /// No listener accepts at this many clients; 0 lets none in (see
-    /// `server::over_max_clients`). Changed by SIGHUP and the admin interface.
-    pub max_clients: AtomicUsize,
-    /// Set when SIGHUP or the admin interface changed the client limits: from then on
-    /// `max_clients = 0` applies even before the first client (libvirt checks it then).
-    pub limits_set: AtomicBool,
-    /// Clients holding an `Unauthenticated`.
-    pub unauthenticated: AtomicUsize,
-    /// 0 = unlimited; changed by SIGHUP and the admin interface. At the limit the listeners
-    /// whose clients arrive unauthenticated stop accepting, the local ones park new anonymous
-    /// clients (see `server::starts_anonymous` and `server::Parked`).
-    pub max_anonymous_clients: AtomicUsize,
-    /// How long a TCP/TLS client may stay before its open completes (TLS handshake included).
-    pub preopen_deadline: Duration,
-    /// Wakes the acceptor when a client stops counting against `max_anonymous_clients` while
-    /// the limit is reached (an eventfd).
-    pub limit_waker: OwnedFd,
-    pub shutdown: AtomicBool,
-    /// How long in-flight frames may take to finish once shutdown starts.
-    pub drain_grace: Duration,
-    pub splice_threshold: usize,
-    /// Present when a TLS listener exists; swapped on SIGHUP (new connections only).
-    pub tls: arc_swap::ArcSwapOption<crate::tls::TlsSettings>,
-    /// Auth per listener kind.
-    pub auth: ListenerAuth,
-    /// Who is connected, for the admin server (written at open, identity change, close).
-    pub registry: crate::registry::Registry,
-    /// SASL settings (fixed at start, as libvirt reads them once).
-    pub sasl: SaslSettings,
-    /// Where local clients' opens went lately, for early connections.
-    pub last_open: LastOpen,
-    /// A restart's hand-over: its request, and the connections the workers carry.
-    pub handover: crate::handover::Handover,
-}
-
-/// A `Shared` with the defaults and no TLS, for unit tests.
-#[cfg(test)]
-pub(crate) fn test_shared() -> Shared {
-    Shared {
-        routes: arc_swap::ArcSwap::from_pointee(RouteTable::new(
-            "/nonexistent".into(),
-            Vec::new(),
-            false,
-        )),
-        clients: AtomicUsize::new(0),
-        max_clients: AtomicUsize::new(5000),
-        limits_set: AtomicBool::new(false),
-        unauthenticated: AtomicUsize::new(0),
-        max_anonymous_clients: AtomicUsize::new(20),
-        preopen_deadline: Duration::from_secs(60),
-        limit_waker: eventfd().expect("eventfd"),
-        shutdown: AtomicBool::new(false),
-        drain_grace: Duration::from_secs(1),
-        splice_threshold: 16 * 1024,
-        tls: arc_swap::ArcSwapOption::empty(),
-        auth: ListenerAuth::NONE,
-        registry: Default::default(),
-        sasl: Default::default(),
-        last_open: Default::default(),
-        handover: Default::default(),
-    }
-}
-
-/// `tcp_min_ssf` and `sasl_allowed_username_list`.
-#[derive(Debug, Clone)]
-pub struct SaslSettings {
-    pub tcp_min_ssf: u32,
-    /// `None` = every user; empty = no one.
-    pub allowed: Option<Arc<[String]>>,
-}
-
-impl Default for SaslSettings {
-    fn default() -> Self {
-        SaslSettings {
-            tcp_min_ssf: 56,
-            allowed: None,
-        }
-    }
-}
-
 /// How long the downstream handshake may take before the client gets an error (connect
 /// retries while the daemon's backlog is full included).
 const DOWNSTREAM_DEADLINE: Duration = Duration::from_secs(30);
-/// A local client is connected downstream as it arrives when the last open on its listener
-/// was this recent: that daemon is up, and most likely the one it opens. A daemon's idle exit
-/// is delayed by this at most (plus `EARLY_UNUSED_FOR`).
-const EARLY_GUESS_FOR: Duration = Duration::from_secs(10);
 /// An early connection the client has not opened by then is closed, so that a client idling
 /// before its open (or waiting on a polkit agent) does not hold a daemon connection.
 const EARLY_UNUSED_FOR: Duration = Duration::from_secs(5);
@@ -360,7 +64,7 @@ const PREOPEN_FRAME_MAX_SASL: usize = 320 * 1024;
 const WAKER_TOKEN: u64 = u64::MAX - 1;
 /// Replies queued for a pre-open client beyond which it is not read any more.
 const PREOPEN_TX_CAP: usize = 64 * 1024;
-/// New clients adopted per loop turn (see `Worker::accept_new`).
+/// New clients adopted per loop turn (see `Worker::adopt_from_inbox`).
 const ADOPT_PER_TURN: usize = 4;
 /// Connections carried over by a restart adopted per loop turn.
 const CARRIED_PER_TURN: usize = 1024;
@@ -376,6 +80,47 @@ fn socketpair() -> io::Result<(OwnedFd, OwnedFd)> {
         SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
     )
     .map_err(io::Error::from)
+}
+
+/// An offload thread's answer for one of this worker's pre-open connections.
+trait OffloadAnswer {
+    /// The connection it is for: slot and generation.
+    fn conn(&self) -> (usize, u32);
+    /// Gives it to the pre-open connection `conn`'s handshake; `out` gets what that does next.
+    fn deliver(self, conn: &mut Conn, meter: Option<&WorkerMeter>, out: &mut Vec<Action>);
+}
+
+impl OffloadAnswer for polkit::Answer {
+    fn conn(&self) -> (usize, u32) {
+        (self.slot, self.gen)
+    }
+
+    fn deliver(self, conn: &mut Conn, meter: Option<&WorkerMeter>, out: &mut Vec<Action>) {
+        let State::Pre(p) = &mut conn.state else {
+            return;
+        };
+        if let (Some(m), Err(_)) = (meter, &self.result) {
+            m.auth("polkit", false);
+        }
+        p.hs.on_polkit_answer(self.result, out);
+    }
+}
+
+impl OffloadAnswer for crate::sasl::Answer {
+    fn conn(&self) -> (usize, u32) {
+        (self.slot, self.gen)
+    }
+
+    fn deliver(self, conn: &mut Conn, meter: Option<&WorkerMeter>, out: &mut Vec<Action>) {
+        let State::Pre(p) = &mut conn.state else {
+            return;
+        };
+        conn.sasl = self.session;
+        if let (Some(m), crate::sasl::Outcome::Failed(_)) = (meter, &self.outcome) {
+            m.auth("sasl", false);
+        }
+        p.hs.on_sasl_answer(self.outcome, out);
+    }
 }
 
 /// One worker's loop.
@@ -395,7 +140,7 @@ pub struct Worker {
     sasl: Option<SaslLink>,
     timers: Timers<TimerKey>,
     /// Its counter block, when metrics are on (`with_metrics`).
-    meter: Option<crate::metrics::meter::WorkerMeter>,
+    meter: Option<WorkerMeter>,
     /// New clients may be waiting in `rx` (the waker fired, or the last turn stopped early).
     inbox_pending: bool,
 }
@@ -432,7 +177,7 @@ impl Worker {
     }
 
     /// Counts into `meter` (metrics on); without it the relay counts nothing.
-    pub fn with_metrics(mut self, meter: Option<crate::metrics::meter::WorkerMeter>) -> Worker {
+    pub fn with_metrics(mut self, meter: Option<WorkerMeter>) -> Worker {
         self.meter = meter;
         self
     }
@@ -487,7 +232,7 @@ impl Worker {
                 }
             }
             if self.inbox_pending {
-                self.inbox_pending = self.accept_new();
+                self.inbox_pending = self.adopt_from_inbox();
             }
             self.fire_timers();
             if let (Some(m), Some(woke)) = (&self.meter, woke) {
@@ -540,7 +285,7 @@ impl Worker {
     /// Adopts up to `ADOPT_PER_TURN` new clients; true if more are waiting. A burst of new
     /// clients (a TLS handshake thread hands them over in batches) is spread over loop turns,
     /// so the established connections' events are served in between.
-    fn accept_new(&mut self) -> bool {
+    fn adopt_from_inbox(&mut self) -> bool {
         let mut adopted = 0;
         // Connections carried from a previous process take no step on adoption (see
         // `adopt_carried`): many of them fit in a turn.
@@ -658,8 +403,8 @@ impl Worker {
         };
         let raw = client.as_raw_fd();
         let watch_all = shuttle.is_some();
-        let mut timers = [None; TIMER_KINDS];
-        timers[TimerKind::PreOpen as usize] = nc.deadline;
+        let mut timers = Deadlines::default();
+        timers[TimerKind::PreOpen] = nc.deadline;
         entry.insert(Conn {
             id: nc.id,
             gen,
@@ -751,7 +496,7 @@ impl Worker {
             tracing::warn!(conn = conn.id, "cannot watch the early daemon socket: {e}");
             if let State::Pre(p) = &mut conn.state {
                 p.hs.on_early_dropped(&mut Vec::new());
-                p.timers[TimerKind::Early as usize] = None;
+                p.timers[TimerKind::Early] = None;
             }
         }
     }
@@ -964,60 +709,30 @@ impl Worker {
 
     /// Answers from the polkit threads for this worker's connections.
     fn polkit_answers(&mut self) {
-        loop {
-            let answer = match self.polkit.as_ref().map(|l| l.rx.try_recv()) {
-                Some(Ok(a)) => a,
-                _ => return,
-            };
-            let mut out = Vec::new();
-            match self.conns.get_mut(answer.slot) {
-                Some(Conn {
-                    gen,
-                    state: State::Pre(p),
-                    ..
-                }) if *gen == answer.gen => {
-                    if let (Some(m), Err(_)) = (&self.meter, &answer.result) {
-                        m.auth("polkit", false);
-                    }
-                    p.hs.on_polkit_answer(answer.result, &mut out)
-                }
-                // The client left while polkitd was thinking.
-                _ => continue,
-            }
-            match self.apply(answer.slot, &mut out) {
-                Ok(()) => self.service(answer.slot, answer.gen),
-                Err(why) => self.close(answer.slot, &why),
-            }
-        }
+        self.offload_answers(|w| w.polkit.as_ref()?.rx.try_recv().ok());
     }
 
     /// Answers from the SASL threads: the session comes back to its connection.
     fn sasl_answers(&mut self) {
-        loop {
-            let answer = match self.sasl.as_ref().map(|l| l.rx.try_recv()) {
-                Some(Ok(a)) => a,
-                _ => return,
-            };
+        self.offload_answers(|w| w.sasl.as_ref()?.rx.try_recv().ok());
+    }
+
+    /// Hands each answer `next` gives to its connection's handshake and carries out what the
+    /// handshake does next. An answer for a client that left meanwhile (its slot empty or
+    /// reused, or past pre-open) is dropped, with the SASL session it carries.
+    fn offload_answers<A: OffloadAnswer>(&mut self, next: impl Fn(&Self) -> Option<A>) {
+        while let Some(answer) = next(self) {
+            let (slot, gen) = answer.conn();
             let mut out = Vec::new();
-            match self.conns.get_mut(answer.slot) {
-                Some(c) if c.gen == answer.gen => {
-                    let State::Pre(p) = &mut c.state else {
-                        continue;
-                    };
-                    c.sasl = answer.session;
-                    if let (Some(m), crate::sasl::Outcome::Failed(_)) =
-                        (&self.meter, &answer.outcome)
-                    {
-                        m.auth("sasl", false);
-                    }
-                    p.hs.on_sasl_answer(answer.outcome, &mut out);
+            match self.conns.get_mut(slot) {
+                Some(c) if c.gen == gen && matches!(c.state, State::Pre(_)) => {
+                    answer.deliver(c, self.meter.as_ref(), &mut out)
                 }
-                // The client left during the exchange; its session is dropped here.
                 _ => continue,
             }
-            match self.apply(answer.slot, &mut out) {
-                Ok(()) => self.service(answer.slot, answer.gen),
-                Err(why) => self.close(answer.slot, &why),
+            match self.apply(slot, &mut out) {
+                Ok(()) => self.service(slot, gen),
+                Err(why) => self.close(slot, &why),
             }
         }
     }

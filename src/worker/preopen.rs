@@ -3,6 +3,8 @@
 //! and the deadlines. The connection's pre-open state and its bounded reads and writes are in
 //! `conn::preopen`.
 
+use std::path::PathBuf;
+
 use super::*;
 use crate::conn::preopen::{flush, frame_at, read_some, retry_delay, ReadState, Retry};
 use crate::handshake::Action;
@@ -40,7 +42,7 @@ impl Worker {
             // Read the client only while the handshake wants input and our replies are not
             // piling up (a client that sends without reading must not grow c_tx): past the
             // cap a flush has hit EAGAIN, so writability will wake us.
-            let throttled = p.timers[TimerKind::Throttle as usize].is_some();
+            let throttled = p.timers[TimerKind::Throttle].is_some();
             if p.hs.wants_client_input()
                 && p.closing.is_none()
                 && p.c_tx.len() < PREOPEN_TX_CAP
@@ -152,272 +154,344 @@ impl Worker {
         }
     }
 
+    /// Carries out the handshake's actions for the connection in `slot`, in order. An action
+    /// the handshake answers at once (a connect, a missing polkit or SASL thread) puts that
+    /// answer before the rest of the batch. Stops when the connection leaves pre-open.
     pub(super) fn apply(&mut self, slot: usize, actions: &mut Vec<Action>) -> Result<(), String> {
         let mut queue: VecDeque<Action> = actions.drain(..).collect();
         while let Some(action) = queue.pop_front() {
             let conn = self.conns.get_mut(slot).ok_or("gone")?;
-            let gen = conn.gen;
             let State::Pre(p) = &mut conn.state else {
                 return Ok(());
             };
-            match action {
-                Action::ToClient(b) => p.queue_client(&b)?,
-                Action::ToDaemon(b) => p.d_tx.extend_from_slice(&b),
-                Action::Close(why) => p.closing = Some(why),
-                // No longer anonymous: stops counting against max_anonymous_clients. SASL
-                // adds the user name, which client-info shows from now on.
-                Action::Authenticated => {
-                    if let Some(m) = &self.meter {
-                        m.auth(auth_label(self.shared.auth.of(conn.kind)), true);
-                    }
-                    drop(conn.unauthenticated.take());
-                    if p.hs.identity().sasl_user_name.is_some() {
-                        self.shared
-                            .registry
-                            .set_identity(conn.id, p.hs.identity().clone());
-                    }
+            let next = match action {
+                Action::ToClient(b) => p.queue_client(&b).map(|()| Vec::new())?,
+                Action::ToDaemon(b) => {
+                    p.d_tx.extend_from_slice(&b);
+                    Vec::new()
                 }
-                Action::Sasl(op) => {
-                    let req = crate::sasl::Request {
-                        worker: self.index,
-                        slot,
-                        gen,
-                        conn: conn.id,
-                        op,
-                        session: conn.sasl.take(),
-                    };
-                    let sent = match self.sasl.as_ref() {
-                        Some(l) => l.tx.send(req).map_err(|e| e.0.session),
-                        None => Err(req.session),
-                    };
-                    if let Err(session) = sent {
-                        // No SASL thread: the call fails as a Cyrus failure would.
-                        conn.sasl = session;
-                        let mut out = Vec::new();
-                        p.hs.on_sasl_answer(
-                            crate::sasl::Outcome::Failed("SASL is not running".into()),
-                            &mut out,
-                        );
-                        for a in out.into_iter().rev() {
-                            queue.push_front(a);
-                        }
-                    }
+                Action::Close(why) => {
+                    p.closing = Some(why);
+                    Vec::new()
                 }
-                Action::SaslEnd => conn.sasl = None,
-                Action::SecurityLayer => {
-                    // The session leaves the connection for the layer that encodes and decodes
-                    // every later client byte (pre-open buffers, then the copy relay).
-                    let Some(session) = conn.sasl.take() else {
-                        return Err("SASL security layer without a session".into());
-                    };
-                    conn.install_layer(Box::new(session))?;
-                    tracing::debug!(conn = conn.id, "SASL security layer on");
+                Action::SaslEnd => {
+                    conn.sasl = None;
+                    Vec::new()
                 }
-                Action::AskPolkit(query) => {
-                    let req = crate::polkit::Request {
-                        worker: self.index,
-                        slot,
-                        gen,
-                        conn: conn.id,
-                        query,
-                    };
-                    let sent = self.polkit.as_ref().map(|l| l.tx.send(req).is_ok());
-                    if sent != Some(true) {
-                        // No polkit thread: fail the call as a D-Bus failure would.
-                        let mut out = Vec::new();
-                        p.hs.on_polkit_answer(
-                            Err(crate::proto::msg::RemoteError::new(
-                                crate::proto::msg::err_code::INTERNAL_ERROR,
-                                crate::proto::msg::err_domain::DBUS,
-                                "Unable to get system bus connection: polkit is not running in this virtproxyd",
-                            )),
-                            &mut out,
-                        );
-                        for a in out.into_iter().rev() {
-                            queue.push_front(a);
-                        }
-                    }
-                }
-                Action::Connect(path) => {
-                    let mut out = Vec::new();
-                    let first = p.connecting.is_none();
-                    WorkerMeter::downstream_started(conn.meter.as_deref_mut());
-                    if first {
-                        // The deadline covers the connect, its retries and the handshake (a
-                        // failed connect disconnects, which cancels it).
-                        let at = Instant::now() + DOWNSTREAM_DEADLINE;
-                        arm_timer(&mut self.timers, p, slot, gen, TimerKind::Downstream, at);
-                    }
-                    match crate::route::connect_nonblocking(&path) {
-                        Ok(sock) => {
-                            conn.uri = p.hs.target().map(|t| t.uri.clone());
-                            conn.daemon_path = Some(path.clone());
-                            p.connecting = None;
-                            p.timers[TimerKind::ConnectRetry as usize] = None;
-                            p.hs.on_connected(&mut out);
-                            if let Some(m) = &self.meter {
-                                m.daemon_connect(
-                                    conn.meter.as_deref_mut(),
-                                    conn.uri.as_deref(),
-                                    true,
-                                );
-                            }
-                            attach_daemon(&mut self.reactor, conn, slot, gen, sock)
-                                .map_err(|e| e.to_string())?;
-                        }
-                        Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
-                            // The daemon's listen backlog is full: park (the client is blocked
-                            // on its open reply and is not read) and try again shortly, within
-                            // the downstream deadline.
-                            let now = Instant::now();
-                            let attempts = p.connecting.as_ref().map_or(0, |r| r.attempts);
-                            if first {
-                                tracing::debug!(
-                                    conn = conn.id,
-                                    "{} is busy (backlog full); retrying",
-                                    path.display()
-                                );
-                            }
-                            let at = now + retry_delay(attempts, conn.id);
-                            p.connecting = Some(Retry {
-                                path,
-                                attempts: attempts.saturating_add(1),
-                            });
-                            arm_timer(&mut self.timers, p, slot, gen, TimerKind::ConnectRetry, at);
-                        }
-                        Err(e) => {
-                            tracing::info!(conn = conn.id, "cannot reach {}: {e}", path.display());
-                            p.connecting = None;
-                            if let Some(m) = &self.meter {
-                                let uri = p.hs.target().map(|t| t.uri.as_str());
-                                m.daemon_connect(None, uri, false);
-                            }
-                            p.hs.on_connect_failed(e.raw_os_error().unwrap_or(libc::EIO), &mut out);
-                        }
-                    }
-                    // What the handshake says next happens before the rest of this batch.
-                    for a in out.into_iter().rev() {
-                        queue.push_front(a);
-                    }
-                }
-                Action::UseEarly => {
-                    conn.uri = p.hs.target().map(|t| t.uri.clone());
-                    conn.daemon_path = p.hs.target().map(|t| t.socket.clone());
-                    if let Some(m) = &self.meter {
-                        WorkerMeter::downstream_started(conn.meter.as_deref_mut());
-                        m.daemon_connect(conn.meter.as_deref_mut(), conn.uri.as_deref(), true);
-                    }
-                    p.timers[TimerKind::Early as usize] = None;
-                    let at = Instant::now() + DOWNSTREAM_DEADLINE;
-                    arm_timer(&mut self.timers, p, slot, gen, TimerKind::Downstream, at);
-                }
-                Action::Disconnect => {
-                    // Every timer of the downstream side; a remote client's own open deadline
-                    // stays.
-                    for kind in [
-                        TimerKind::Downstream,
-                        TimerKind::ConnectRetry,
-                        TimerKind::Early,
-                    ] {
-                        p.timers[kind as usize] = None;
-                    }
-                    p.connecting = None;
-                    p.d_rx.clear();
-                    p.d_tx.clear();
-                    if let Some(m) = &self.meter {
-                        m.daemon_dropped(conn.meter.as_deref_mut());
-                    }
-                    if let Some(d) = conn.daemon.take() {
-                        self.reactor
-                            .remove(d.as_raw_fd(), token(slot, gen, Side::Daemon));
-                    }
-                    conn.uri = None;
-                }
-                Action::StartRelay => {
-                    // The open succeeded: as libvirt, its RO flag makes the client read-only
-                    // for the admin interface.
-                    if let Some(t) = p.hs.opened() {
-                        self.shared
-                            .registry
-                            .set_opened_readonly(conn.id, t.readonly);
-                    }
-                    if let Some(m) = &self.meter {
-                        m.opened(conn.meter.as_deref_mut());
-                    }
-                    // Bytes the client pipelined behind its open must pass the relay's checks;
-                    // if they do not, the client still gets its open reply, then the close.
-                    let kind = conn.kind;
-                    let mut probe = Tracker::new(true, usize::MAX);
-                    if let Err(e) = probe.consume(&p.c_rx, |h| client_frame_verdict(kind, h)) {
-                        p.closing = Some(format!("client side: {e}"));
-                        continue;
-                    }
-                    if p.layer.is_some() {
-                        self.start_layered(slot)?;
-                        continue;
-                    }
-                    let ktls_client = p.cutter.is_some();
-                    let State::Pre(p) = std::mem::replace(
-                        &mut conn.state,
-                        State::Relay {
-                            c2d: Pump::new(true, &self.pools),
-                            d2c: Pump::new(false, &self.pools),
-                            daemon_shut: false,
-                            head: Vec::new(),
-                            head_cutter: None,
-                            owed: Default::default(),
-                        },
-                    ) else {
-                        return Ok(());
-                    };
-                    let State::Relay {
-                        c2d,
-                        d2c,
-                        head,
-                        head_cutter,
-                        ..
-                    } = &mut conn.state
-                    else {
-                        return Ok(());
-                    };
-                    // Replies still queued for the client (the open reply last) go out first,
-                    // as they are; then what the daemon sent past the handshake, which starts
-                    // at a frame boundary.
-                    *head = p.c_tx;
-                    *head_cutter = p.cutter;
-                    if ktls_client {
-                        d2c.cut_writes_at_frames();
-                        c2d.distrust_short_reads();
-                    }
-                    conn.client_readable = true;
-                    conn.daemon_readable = true;
-                    // What the relay takes over is counted as if it had read it.
-                    let counters = self.meter.as_ref().map(|m| m.counters());
-                    let mut m = crate::conn::metered(&mut conn.meter, counters);
-                    d2c.preload(&p.d_rx, &mut self.pools, &mut |h| {
-                        if let Some((m, c)) = m.as_mut() {
-                            m.daemon_frame(c, h);
-                        }
-                        Verdict::Forward
-                    })
-                    .map_err(|e| e.to_string())?;
-                    c2d.preload(&p.c_rx, &mut self.pools, &mut |h| {
-                        crate::conn::counted_verdict(kind, h, &mut m)
-                    })
-                    .map_err(|e| format!("client side: {e}"))?;
-                    tracing::info!(
-                        conn = conn.id,
-                        uri = conn.uri.as_deref().unwrap_or(""),
-                        daemon = %conn.daemon_path.as_deref().unwrap_or(Path::new("")).display(),
-                        "connection opened and handed to the relay"
-                    );
-                    if let Some(target) = p.hs.opened() {
-                        self.shared.last_open.note(conn.kind, target);
-                    }
-                }
-            }
+                Action::Authenticated => self.authenticated(slot),
+                Action::Sasl(op) => self.ask_sasl(slot, op),
+                Action::SecurityLayer => self.security_layer(slot)?,
+                Action::AskPolkit(query) => self.ask_polkit(slot, query),
+                Action::Connect(path) => self.connect_downstream(slot, path)?,
+                Action::UseEarly => self.use_early(slot),
+                Action::Disconnect => self.disconnect_downstream(slot),
+                Action::StartRelay => self.start_relay(slot)?,
+            };
+            push_front_in_order(&mut queue, next);
         }
         Ok(())
+    }
+
+    /// No longer anonymous: stops counting against max_anonymous_clients. SASL adds the user
+    /// name, which client-info shows from now on.
+    fn authenticated(&mut self, slot: usize) -> Vec<Action> {
+        let Some(conn) = self.conns.get_mut(slot) else {
+            return Vec::new();
+        };
+        let State::Pre(p) = &mut conn.state else {
+            return Vec::new();
+        };
+        if let Some(m) = &self.meter {
+            m.auth(auth_label(self.shared.auth.of(conn.kind)), true);
+        }
+        drop(conn.unauthenticated.take());
+        if p.hs.identity().sasl_user_name.is_some() {
+            self.shared
+                .registry
+                .set_identity(conn.id, p.hs.identity().clone());
+        }
+        Vec::new()
+    }
+
+    /// Sends a SASL step to the SASL threads with the connection's session; without them,
+    /// the handshake's answer to the failure.
+    fn ask_sasl(&mut self, slot: usize, op: crate::sasl::Op) -> Vec<Action> {
+        let Some(conn) = self.conns.get_mut(slot) else {
+            return Vec::new();
+        };
+        let State::Pre(p) = &mut conn.state else {
+            return Vec::new();
+        };
+        let req = crate::sasl::Request {
+            worker: self.index,
+            slot,
+            gen: conn.gen,
+            conn: conn.id,
+            op,
+            session: conn.sasl.take(),
+        };
+        let sent = match self.sasl.as_ref() {
+            Some(l) => l.tx.send(req).map_err(|e| e.0.session),
+            None => Err(req.session),
+        };
+        let mut out = Vec::new();
+        if let Err(session) = sent {
+            // No SASL thread: the call fails as a Cyrus failure would.
+            conn.sasl = session;
+            p.hs.on_sasl_answer(
+                crate::sasl::Outcome::Failed("SASL is not running".into()),
+                &mut out,
+            );
+        }
+        out
+    }
+
+    /// The session leaves the connection for the layer that encodes and decodes every later
+    /// client byte (pre-open buffers, then the copy relay).
+    fn security_layer(&mut self, slot: usize) -> Result<Vec<Action>, String> {
+        let conn = self.conns.get_mut(slot).ok_or("gone")?;
+        let Some(session) = conn.sasl.take() else {
+            return Err("SASL security layer without a session".into());
+        };
+        conn.install_layer(Box::new(session))?;
+        tracing::debug!(conn = conn.id, "SASL security layer on");
+        Ok(Vec::new())
+    }
+
+    /// Sends a polkit check to the polkit threads; without them, the handshake's answer to
+    /// the failure.
+    fn ask_polkit(&mut self, slot: usize, query: crate::polkit::Query) -> Vec<Action> {
+        let Some(conn) = self.conns.get_mut(slot) else {
+            return Vec::new();
+        };
+        let State::Pre(p) = &mut conn.state else {
+            return Vec::new();
+        };
+        let req = crate::polkit::Request {
+            worker: self.index,
+            slot,
+            gen: conn.gen,
+            conn: conn.id,
+            query,
+        };
+        let sent = self.polkit.as_ref().map(|l| l.tx.send(req).is_ok());
+        let mut out = Vec::new();
+        if sent != Some(true) {
+            // No polkit thread: fail the call as a D-Bus failure would.
+            p.hs.on_polkit_answer(
+                Err(crate::proto::msg::RemoteError::new(
+                    crate::proto::msg::err_code::INTERNAL_ERROR,
+                    crate::proto::msg::err_domain::DBUS,
+                    "Unable to get system bus connection: polkit is not running in this virtproxyd",
+                )),
+                &mut out,
+            );
+        }
+        out
+    }
+
+    /// Connects to the daemon at `path`: attached when it answers, retried shortly while its
+    /// backlog is full, reported to the handshake when it cannot be reached.
+    fn connect_downstream(&mut self, slot: usize, path: PathBuf) -> Result<Vec<Action>, String> {
+        let conn = self.conns.get_mut(slot).ok_or("gone")?;
+        let gen = conn.gen;
+        let State::Pre(p) = &mut conn.state else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        let first = p.connecting.is_none();
+        WorkerMeter::downstream_started(conn.meter.as_deref_mut());
+        if first {
+            // The deadline covers the connect, its retries and the handshake (a failed
+            // connect disconnects, which cancels it).
+            let at = Instant::now() + DOWNSTREAM_DEADLINE;
+            arm_timer(&mut self.timers, p, slot, gen, TimerKind::Downstream, at);
+        }
+        match crate::route::connect_nonblocking(&path) {
+            Ok(sock) => {
+                conn.uri = p.hs.target().map(|t| t.uri.clone());
+                conn.daemon_path = Some(path.clone());
+                p.connecting = None;
+                p.timers[TimerKind::ConnectRetry] = None;
+                p.hs.on_connected(&mut out);
+                if let Some(m) = &self.meter {
+                    m.daemon_connect(conn.meter.as_deref_mut(), conn.uri.as_deref(), true);
+                }
+                attach_daemon(&mut self.reactor, conn, slot, gen, sock)
+                    .map_err(|e| e.to_string())?;
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
+                // The daemon's listen backlog is full: park (the client is blocked on its
+                // open reply and is not read) and try again shortly, within the downstream
+                // deadline.
+                let now = Instant::now();
+                let attempts = p.connecting.as_ref().map_or(0, |r| r.attempts);
+                if first {
+                    tracing::debug!(
+                        conn = conn.id,
+                        "{} is busy (backlog full); retrying",
+                        path.display()
+                    );
+                }
+                let at = now + retry_delay(attempts, conn.id);
+                p.connecting = Some(Retry {
+                    path,
+                    attempts: attempts.saturating_add(1),
+                });
+                arm_timer(&mut self.timers, p, slot, gen, TimerKind::ConnectRetry, at);
+            }
+            Err(e) => {
+                tracing::info!(conn = conn.id, "cannot reach {}: {e}", path.display());
+                p.connecting = None;
+                if let Some(m) = &self.meter {
+                    let uri = p.hs.target().map(|t| t.uri.as_str());
+                    m.daemon_connect(None, uri, false);
+                }
+                p.hs.on_connect_failed(e.raw_os_error().unwrap_or(libc::EIO), &mut out);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The open goes to the daemon connected as the client was accepted: it now counts as
+    /// the downstream connection, under the downstream deadline.
+    fn use_early(&mut self, slot: usize) -> Vec<Action> {
+        let Some(conn) = self.conns.get_mut(slot) else {
+            return Vec::new();
+        };
+        let gen = conn.gen;
+        let State::Pre(p) = &mut conn.state else {
+            return Vec::new();
+        };
+        conn.uri = p.hs.target().map(|t| t.uri.clone());
+        conn.daemon_path = p.hs.target().map(|t| t.socket.clone());
+        if let Some(m) = &self.meter {
+            WorkerMeter::downstream_started(conn.meter.as_deref_mut());
+            m.daemon_connect(conn.meter.as_deref_mut(), conn.uri.as_deref(), true);
+        }
+        p.timers[TimerKind::Early] = None;
+        let at = Instant::now() + DOWNSTREAM_DEADLINE;
+        arm_timer(&mut self.timers, p, slot, gen, TimerKind::Downstream, at);
+        Vec::new()
+    }
+
+    /// Drops the daemon connection and everything pending on it.
+    fn disconnect_downstream(&mut self, slot: usize) -> Vec<Action> {
+        let Some(conn) = self.conns.get_mut(slot) else {
+            return Vec::new();
+        };
+        let gen = conn.gen;
+        let State::Pre(p) = &mut conn.state else {
+            return Vec::new();
+        };
+        // Every timer of the downstream side; a remote client's own open deadline stays.
+        for kind in [
+            TimerKind::Downstream,
+            TimerKind::ConnectRetry,
+            TimerKind::Early,
+        ] {
+            p.timers[kind] = None;
+        }
+        p.connecting = None;
+        p.d_rx.clear();
+        p.d_tx.clear();
+        if let Some(m) = &self.meter {
+            m.daemon_dropped(conn.meter.as_deref_mut());
+        }
+        if let Some(d) = conn.daemon.take() {
+            self.reactor
+                .remove(d.as_raw_fd(), token(slot, gen, Side::Daemon));
+        }
+        conn.uri = None;
+        Vec::new()
+    }
+
+    /// The open succeeded: the connection is handed to the splice relay (or, under a SASL
+    /// security layer, the copy relay) with what both sides sent past the handshake.
+    fn start_relay(&mut self, slot: usize) -> Result<Vec<Action>, String> {
+        let conn = self.conns.get_mut(slot).ok_or("gone")?;
+        let State::Pre(p) = &mut conn.state else {
+            return Ok(Vec::new());
+        };
+        // As libvirt, the open's RO flag makes the client read-only for the admin interface.
+        if let Some(t) = p.hs.opened() {
+            self.shared
+                .registry
+                .set_opened_readonly(conn.id, t.readonly);
+        }
+        if let Some(m) = &self.meter {
+            m.opened(conn.meter.as_deref_mut());
+        }
+        // Bytes the client pipelined behind its open must pass the relay's checks; if they
+        // do not, the client still gets its open reply, then the close.
+        let kind = conn.kind;
+        let mut probe = Tracker::new(Direction::ToDaemon, usize::MAX);
+        if let Err(e) = probe.consume(&p.c_rx, |h| client_frame_verdict(kind, h)) {
+            p.closing = Some(format!("client side: {e}"));
+            return Ok(Vec::new());
+        }
+        if p.layer.is_some() {
+            self.start_layered(slot)?;
+            return Ok(Vec::new());
+        }
+        let ktls_client = p.cutter.is_some();
+        let State::Pre(p) = std::mem::replace(
+            &mut conn.state,
+            State::Relay {
+                c2d: Pump::new(Direction::ToDaemon, &self.pools),
+                d2c: Pump::new(Direction::ToClient, &self.pools),
+                daemon_shut: false,
+                head: Vec::new(),
+                head_cutter: None,
+                owed: Default::default(),
+            },
+        ) else {
+            return Ok(Vec::new());
+        };
+        let State::Relay {
+            c2d,
+            d2c,
+            head,
+            head_cutter,
+            ..
+        } = &mut conn.state
+        else {
+            return Ok(Vec::new());
+        };
+        // Replies still queued for the client (the open reply last) go out first, as they
+        // are; then what the daemon sent past the handshake, which starts at a frame boundary.
+        *head = p.c_tx;
+        *head_cutter = p.cutter;
+        if ktls_client {
+            d2c.cut_writes_at_frames();
+            c2d.distrust_short_reads();
+        }
+        conn.client_readable = true;
+        conn.daemon_readable = true;
+        // What the relay takes over is counted as if it had read it.
+        let counters = self.meter.as_ref().map(|m| m.counters());
+        let mut m = crate::conn::metered(&mut conn.meter, counters);
+        d2c.preload(&p.d_rx, &mut self.pools, &mut |h| {
+            if let Some((m, c)) = m.as_mut() {
+                m.daemon_frame(c, h);
+            }
+            Verdict::Forward
+        })
+        .map_err(|e| e.to_string())?;
+        c2d.preload(&p.c_rx, &mut self.pools, &mut |h| {
+            crate::conn::counted_verdict(kind, h, &mut m)
+        })
+        .map_err(|e| format!("client side: {e}"))?;
+        tracing::info!(
+            conn = conn.id,
+            uri = conn.uri.as_deref().unwrap_or(""),
+            daemon = %conn.daemon_path.as_deref().unwrap_or(Path::new("")).display(),
+            "connection opened and handed to the relay"
+        );
+        if let Some(target) = p.hs.opened() {
+            self.shared.last_open.note(conn.kind, target);
+        }
+        Ok(Vec::new())
     }
 
     /// Hand-over of a connection under a SASL security layer: the copy relay instead of the
@@ -487,17 +561,17 @@ impl Worker {
             else {
                 continue;
             };
-            if *gen != key.gen || p.timers[key.kind as usize] != Some(at) {
+            if *gen != key.gen || p.timers[key.kind] != Some(at) {
                 continue; // cancelled or re-armed: a stale entry
             }
-            p.timers[key.kind as usize] = None;
+            p.timers[key.kind] = None;
             let mut out = Vec::new();
             match key.kind {
                 TimerKind::Downstream => {
                     if p.connecting.take().is_some() {
                         // Still no room in the daemon's backlog: the client gets EAGAIN's
                         // error, as a connect() that gave up would report it.
-                        p.timers[TimerKind::ConnectRetry as usize] = None;
+                        p.timers[TimerKind::ConnectRetry] = None;
                         p.hs.on_connect_failed(libc::EAGAIN, &mut out);
                     } else {
                         p.hs.on_daemon_lost("did not answer in time", &mut out);
@@ -541,14 +615,22 @@ impl Worker {
             }
         }
         let Self { timers, conns, .. } = self;
-        timers.compact(conns.len() * TIMER_KINDS, |at, k| {
+        timers.compact(conns.len() * Deadlines::KINDS, |at, k| {
             matches!(conns.get(k.slot), Some(Conn { gen, state: State::Pre(p), .. })
-                if *gen == k.gen && p.timers[k.kind as usize] == Some(at))
+                if *gen == k.gen && p.timers[k.kind] == Some(at))
         });
     }
 }
 
 /// The metrics label of a listener's auth method.
+/// Puts `next` at the front of `queue`, keeping its order: what the handshake answers to an
+/// action happens before the rest of the batch it came in.
+fn push_front_in_order(queue: &mut VecDeque<Action>, next: Vec<Action>) {
+    for a in next.into_iter().rev() {
+        queue.push_front(a);
+    }
+}
+
 fn auth_label(auth: Auth) -> &'static str {
     match auth {
         Auth::Polkit => "polkit",
@@ -571,7 +653,7 @@ pub(super) fn arm_timer(
     kind: TimerKind,
     at: Instant,
 ) {
-    p.timers[kind as usize] = Some(at);
+    p.timers[kind] = Some(at);
     timers.arm(at, timer_key(slot, gen, kind));
 }
 

@@ -330,6 +330,16 @@ impl Proxy {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Connections to `uri` the proxy opened downstream and handed to its relay so far (one
+    /// log line each).
+    pub fn relayed(&self, uri: &str) -> usize {
+        let tag = format!("uri=\"{uri}\"");
+        self.log_text()
+            .lines()
+            .filter(|l| l.contains("connection opened and handed to the relay") && l.contains(&tag))
+            .count()
+    }
+
     /// Whether the proxy process is still running.
     pub fn running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
