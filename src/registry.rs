@@ -110,6 +110,8 @@ pub struct Registry {
     /// The `/clients` request being answered (one at a time: the metrics thread asks).
     stats: Mutex<StatsRound>,
     stats_done: std::sync::Condvar,
+    /// Connections refused before a relay worker took them on, by reason (for metrics).
+    rejected: crate::metrics::counters::Rejections,
 }
 
 fn wake(fd: &OwnedFd) {
@@ -313,6 +315,16 @@ impl Registry {
     /// The listener kind of every client (for per-listener counts, without cloning records).
     pub fn kinds(&self) -> Vec<ListenerKind> {
         self.lock().values().map(|r| r.kind).collect()
+    }
+
+    /// Counts `n` connections refused for `why` before a worker took them on.
+    pub fn rejected(&self, why: crate::metrics::counters::Rejected, n: u64) {
+        self.rejected.add(why, n);
+    }
+
+    /// Rejections so far, by `Rejected` index.
+    pub fn rejections(&self) -> [u64; crate::metrics::counters::Rejected::ALL.len()] {
+        self.rejected.read()
     }
 
     /// Records activity that keeps the daemon from idling out without being a client.

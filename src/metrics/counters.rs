@@ -233,6 +233,70 @@ pub const CLOSE_REASONS: [&str; 11] = [
     "internal",
 ];
 
+/// Why a connection was refused before a relay worker took it on
+/// (`virtproxyd_connections_rejected_total{reason}`): a fixed set, whatever the client did.
+/// Connections a worker took on and closed before their open are closes
+/// ([`CLOSE_REASONS`]: `deadline`, `preopen`, `protocol`), not rejections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejected {
+    /// Waited for room under `max_clients` (parked) past the pre-open deadline.
+    MaxClients = 0,
+    /// Waited for an anonymous slot under `max_anonymous_clients` past the pre-open deadline.
+    MaxAnonymousClients,
+    /// A UNIX peer whose credentials (SO_PEERCRED) could not be read.
+    Credentials,
+    /// The TLS handshake or the certificate checks failed, or did not finish by the
+    /// pre-open deadline.
+    Tls,
+    /// client-disconnect before a worker had it.
+    Admin,
+    /// The daemon stopped (or restarted) while it waited.
+    Shutdown,
+    /// The proxy could not take it on (no relay worker, no socket pair, TLS not set up).
+    Internal,
+}
+
+impl Rejected {
+    pub const ALL: [Rejected; 7] = [
+        Rejected::MaxClients,
+        Rejected::MaxAnonymousClients,
+        Rejected::Credentials,
+        Rejected::Tls,
+        Rejected::Admin,
+        Rejected::Shutdown,
+        Rejected::Internal,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Rejected::MaxClients => "max_clients",
+            Rejected::MaxAnonymousClients => "max_anonymous_clients",
+            Rejected::Credentials => "credentials",
+            Rejected::Tls => "tls",
+            Rejected::Admin => "admin",
+            Rejected::Shutdown => "shutdown",
+            Rejected::Internal => "internal",
+        }
+    }
+}
+
+/// Rejections by [`Rejected`]. Several threads count here (the acceptor, the TLS handshake
+/// threads, a worker's adoption), so these are shared atomics, unlike [`Counter`]: a
+/// rejection is rare and never on the relay path, so the locked add costs nothing that
+/// matters. Counted whether or not metrics are on.
+#[derive(Debug, Default)]
+pub struct Rejections([AtomicU64; Rejected::ALL.len()]);
+
+impl Rejections {
+    pub fn add(&self, why: Rejected, n: u64) {
+        self.0[why as usize].fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn read(&self) -> [u64; Rejected::ALL.len()] {
+        std::array::from_fn(|i| self.0[i].load(Ordering::Relaxed))
+    }
+}
+
 /// Listener labels, in `ListenerKind` order of `metrics::listener_index`.
 pub const CONN_LISTENERS: [&str; 4] = ["unix_rw", "unix_ro", "tcp", "tls"];
 

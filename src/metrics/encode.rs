@@ -13,7 +13,7 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
 
 use super::counters::{
-    driver_labels, Direction, HistogramTotals, WorkerTotals, AUTH_METHODS, AUTH_RESULTS,
+    driver_labels, Direction, HistogramTotals, Rejected, WorkerTotals, AUTH_METHODS, AUTH_RESULTS,
     CALL_RESULTS, CLOSE_REASONS, CONN_LISTENERS, DURATION_BOUNDS_NS, FRAME_TYPES,
     LATENCY_BOUNDS_NS,
 };
@@ -57,6 +57,8 @@ pub struct Snapshot {
     pub idle_timeout: u64,
     /// Requests to this endpoint by [`REQUEST_RESULTS`].
     pub requests: [u64; REQUEST_RESULTS.len()],
+    /// Connections refused before a relay worker took them on, by [`Rejected`] index.
+    pub rejected: [u64; Rejected::ALL.len()],
     /// The relay's counters, once a set is attached.
     pub relay: Option<WorkerTotals>,
 }
@@ -201,6 +203,17 @@ impl Collector for Snapshot {
             None,
             "result",
             REQUEST_RESULTS.iter().copied().zip(self.requests),
+        )?;
+        counter_family(
+            &mut e,
+            "virtproxyd_connections_rejected",
+            "Connections refused before a relay worker took them on, by reason",
+            None,
+            "reason",
+            Rejected::ALL
+                .map(Rejected::label)
+                .into_iter()
+                .zip(self.rejected),
         )?;
         if let Some(r) = &self.relay {
             encode_relay(&mut e, r)?;
@@ -490,7 +503,7 @@ fn encode_conns(e: &mut Enc<'_>, r: &WorkerTotals) -> std::fmt::Result {
 }
 
 /// Series reported without the relay's counters (the daemon's own figures).
-pub const FIXED_SERIES: usize = 25;
+pub const FIXED_SERIES: usize = 32;
 
 /// The most series a scrape can hold with `workers` relay workers: the README's bound. Every
 /// term is fixed at start; the procedure terms assume every one of libvirt's procedures (and
@@ -551,6 +564,7 @@ mod tests {
             workers: 2,
             idle_timeout: 120,
             requests: [4, 1, 0, 0, 0, 0, 0],
+            rejected: [0, 2, 0, 0, 0, 0, 0],
             relay: None,
         }
     }
@@ -573,6 +587,9 @@ mod tests {
             "virtproxyd_threadpool_job_queue_depth 0\n",
             "# TYPE virtproxyd_metrics_requests counter\n",
             "virtproxyd_metrics_requests_total{result=\"ok\"} 4\n",
+            "# TYPE virtproxyd_connections_rejected counter\n",
+            "virtproxyd_connections_rejected_total{reason=\"max_anonymous_clients\"} 2\n",
+            "virtproxyd_connections_rejected_total{reason=\"max_clients\"} 0\n",
         ] {
             assert!(s.contains(line), "missing {line:?} in\n{s}");
         }
@@ -692,7 +709,7 @@ mod tests {
         assert_eq!(samples(&text), series_bound(workers), "{}", &text[..2000]);
         assert!(DRIVERS <= 16 && CLOSE_REASONS.len() <= 16);
         // With 2 workers: the number the README states.
-        assert_eq!(series_bound(2), 12_257);
+        assert_eq!(series_bound(2), 12_264);
     }
 
     #[test]

@@ -126,6 +126,7 @@ impl Source {
             workers: self.workers as u64,
             idle_timeout: s.registry.idle_timeout().map_or(0, |d| d.as_secs()),
             requests: std::array::from_fn(|i| self.requests[i].get()),
+            rejected: s.registry.rejections(),
             relay: self.relay.get().map(|b| WorkerTotals::sum(b)),
         }
     }
@@ -160,6 +161,9 @@ mod tests {
             3,
         );
         src.count_request(0);
+        shared
+            .registry
+            .rejected(crate::metrics::counters::Rejected::Tls, 2);
         let s = src.snapshot();
         assert_eq!(
             (
@@ -173,6 +177,7 @@ mod tests {
         assert_eq!(s.by_listener, [0, 1, 1, 0]);
         assert_eq!((s.workers, s.idle_timeout, s.start_time), (3, 30, 10.0));
         assert_eq!(s.requests[0], 1);
+        assert_eq!(s.rejected, [0, 0, 0, 2, 0, 0, 0]);
         assert!(s.relay.is_none());
         src.attach_workers(WorkerCounters::set(3));
         assert_eq!(src.snapshot().relay.map(|r| r.per_worker.len()), Some(3));

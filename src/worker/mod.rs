@@ -566,6 +566,9 @@ impl Worker {
                 "connection closed: disconnected by an admin request"
             );
             self.shared.registry.remove(nc.id);
+            self.shared
+                .registry
+                .rejected(crate::metrics::counters::Rejected::Admin, 1);
             drop(nc);
             self.shared.clients.fetch_sub(1, Ordering::AcqRel);
             return;
@@ -613,6 +616,9 @@ impl Worker {
                     Err(e) => {
                         tracing::warn!(conn = nc.id, "socketpair: {e}");
                         self.shared.registry.remove(nc.id);
+                        self.shared
+                            .registry
+                            .rejected(crate::metrics::counters::Rejected::Internal, 1);
                         self.shared.clients.fetch_sub(1, Ordering::AcqRel);
                         return;
                     }
