@@ -975,12 +975,7 @@ impl Worker {
                     gen,
                     state: State::Pre(p),
                     ..
-                }) if *gen == answer.gen => {
-                    if let (Some(m), Err(_)) = (&self.meter, &answer.result) {
-                        m.auth("polkit", false);
-                    }
-                    p.hs.on_polkit_answer(answer.result, &mut out)
-                }
+                }) if *gen == answer.gen => p.hs.on_polkit_answer(answer.result, &mut out),
                 // The client left while polkitd was thinking.
                 _ => continue,
             }
@@ -1005,11 +1000,6 @@ impl Worker {
                         continue;
                     };
                     c.sasl = answer.session;
-                    if let (Some(m), crate::sasl::Outcome::Failed(_)) =
-                        (&self.meter, &answer.outcome)
-                    {
-                        m.auth("sasl", false);
-                    }
                     p.hs.on_sasl_answer(answer.outcome, &mut out);
                 }
                 // The client left during the exchange; its session is dropped here.

@@ -177,6 +177,11 @@ impl Worker {
                             .set_identity(conn.id, p.hs.identity().clone());
                     }
                 }
+                Action::AuthRefused => {
+                    if let Some(m) = &self.meter {
+                        m.auth(auth_label(self.shared.auth.of(conn.kind)), false);
+                    }
+                }
                 Action::Sasl(op) => {
                     let req = crate::sasl::Request {
                         worker: self.index,
