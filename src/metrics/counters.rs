@@ -453,6 +453,8 @@ pub struct WorkerCounters {
     pub stream_bytes: Box<[[Counter; 2]]>,
     /// Connection-level figures (closes, auth, daemon sockets).
     pub conns: ConnCounters,
+    /// Times this worker gathered its clients' figures (`/clients`, client-info).
+    pub client_stats: Counter,
 }
 
 impl Default for WorkerCounters {
@@ -470,6 +472,7 @@ impl Default for WorkerCounters {
             events: (0..names::SLOTS).map(|_| Default::default()).collect(),
             stream_bytes: (0..names::SLOTS).map(|_| Default::default()).collect(),
             conns: ConnCounters::default(),
+            client_stats: Counter::default(),
         }
     }
 }
@@ -499,6 +502,8 @@ pub struct WorkerTotals {
     /// (slot, bytes by direction) of the procedures with stream bytes.
     pub stream_bytes: Vec<(usize, [u64; 2])>,
     pub conns: ConnTotals,
+    /// [`WorkerCounters::client_stats`] summed.
+    pub client_stats: u64,
 }
 
 impl WorkerTotals {
@@ -514,6 +519,7 @@ impl WorkerTotals {
             events: Vec::new(),
             stream_bytes: Vec::new(),
             conns: ConnTotals::default(),
+            client_stats: 0,
         };
         let mut calls = vec![[0u64; CALL_RESULTS.len()]; names::SLOTS];
         let mut latency = vec![HistogramTotals::<LATENCY_BUCKETS>::default(); names::SLOTS];
@@ -550,6 +556,7 @@ impl WorkerTotals {
             }
             t.calls_untimed = t.calls_untimed.wrapping_add(b.calls_untimed.get());
             t.conns.add(&b.conns);
+            t.client_stats = t.client_stats.wrapping_add(b.client_stats.get());
         }
         t.latency = latency
             .into_iter()

@@ -1014,15 +1014,20 @@ impl Worker {
 
     /// Connections an admin client asked to disconnect (client-disconnect): closed like any
     /// other close, so the client sees EOF and the daemon side is shut.
-    /// Its clients' own figures, when the metrics endpoint's `/clients` asks.
+    /// Its clients' own figures, when `/clients` (all of them) or client-info (one) asks.
     fn client_stats(&mut self) {
-        if !self.shared.registry.stats_wanted(self.index) {
+        let Some(ask) = self.shared.registry.stats_wanted(self.index) else {
             return;
+        };
+        // What `/clients` costs the relay: its bound is checked against this count.
+        if let Some(m) = &self.meter {
+            m.counters().client_stats.inc();
         }
         let now = Instant::now();
         let stats = self
             .conns
             .iter()
+            .filter(|(_, c)| ask.only.map_or(true, |id| id == c.id))
             .filter_map(|(_, c)| {
                 let m = c.meter.as_ref()?;
                 Some(crate::registry::ClientStats {
@@ -1036,7 +1041,7 @@ impl Worker {
                 })
             })
             .collect();
-        self.shared.registry.give_stats(stats);
+        self.shared.registry.give_stats(ask.round, stats);
     }
 
     fn admin_disconnects(&mut self) {
