@@ -1127,3 +1127,72 @@ fn polling_clients_costs_the_relay_workers_a_bounded_amount() {
     assert!(reused > 0.0 && requests > 10, "{requests} requests");
     promtool_accepts(&after);
 }
+
+/// `virtproxyd_connections_rejected_total{reason="tls"}`: N virsh clients over TLS with a
+/// certificate of a CA the proxy does not trust never get past the handshake thread: tls +N,
+/// and no TLS connection reaches a relay worker.
+#[test]
+fn tls_clients_refused_at_the_handshake_are_counted_as_rejected() {
+    const N: usize = 2;
+    use support::pki::{client_dir, Ca};
+    let files = tempfile::tempdir().unwrap();
+    let d = files.path();
+    let ca = Ca::new("Test CA");
+    let (cert, key) = ca.server(false);
+    std::fs::write(d.join("ca.pem"), &ca.cert_pem).unwrap();
+    std::fs::write(d.join("server.pem"), cert).unwrap();
+    std::fs::write(d.join("server.key"), key).unwrap();
+    let stranger = Ca::new("Other CA");
+    // Its certificate is signed by a CA the proxy does not know; it trusts both CAs (libvirt's
+    // client checks its own certificate against its CA file before it connects).
+    let pki = client_dir(d, "stranger", &stranger, &stranger.client("client1", 7));
+    std::fs::write(
+        pki.join("cacert.pem"),
+        format!("{}{}", ca.cert_pem, stranger.cert_pem),
+    )
+    .unwrap();
+    let tls_port = free_port();
+    let (p, port) = start(
+        &format!(
+            "listen_tls = 1\nlisten_addr = \"127.0.0.1\"\ntls_port = \"{tls_port}\"\n\
+             ca_file = \"{d}/ca.pem\"\ncert_file = \"{d}/server.pem\"\nkey_file = \"{d}/server.key\"\n",
+            d = d.display()
+        ),
+        &[],
+    );
+    let before = get(port, Some(TEXT)).body;
+    let uri = format!(
+        "test+tls://localhost:{tls_port}/default?pkipath={}",
+        pki.display()
+    );
+    for _ in 0..N {
+        let out = virsh(&uri, &["version"]);
+        assert!(
+            !out.status.success(),
+            "a stranger got in:\n{}",
+            stdout(&out)
+        );
+    }
+    let tls = r#"virtproxyd_connections_rejected_total{reason="tls"}"#;
+    let mut after = before.clone();
+    assert!(
+        wait_for(Duration::from_secs(5), || {
+            after = get(port, Some(TEXT)).body;
+            v(&after, tls) - v(&before, tls) >= N as f64
+        }),
+        "not counted:\n{after}\n{}",
+        p.log_text()
+    );
+    let d = |s: &str| v(&after, s) - v(&before, s);
+    assert_eq!(d(tls), N as f64, "{after}");
+    assert_eq!(
+        sum_of(&after, "virtproxyd_connections_rejected_total", &[])
+            - sum_of(&before, "virtproxyd_connections_rejected_total", &[]),
+        N as f64
+    );
+    assert_eq!(
+        d(r#"virtproxyd_connections_accepted_total{listener="tls"}"#),
+        0.0
+    );
+    promtool_accepts(&after);
+}
