@@ -44,6 +44,9 @@ pub enum Action {
     /// The client's authentication is complete (it no longer counts as anonymous); its
     /// identity may have grown (the SASL user name).
     Authenticated,
+    /// An authentication attempt by a client that still has to authenticate was refused
+    /// (counted under the listener's method; the refusal itself follows as `ToClient`).
+    AuthRefused,
     /// Run a Cyrus call on the SASL threads with the connection's session (moved there and
     /// back); the answer comes back through `on_sasl_answer`.
     Sasl(sasl::Op),
@@ -266,6 +269,11 @@ impl Handshake {
         if std::mem::take(&mut self.sasl_session) {
             out.push(Action::SaslEnd);
         }
+        // Every refusal of a client that has to authenticate by SASL is a failed attempt
+        // (Cyrus's, the ACL's, the SSF's, or calls out of order); one already through is not.
+        if self.auth == Auth::Sasl && !self.authenticated {
+            out.push(Action::AuthRefused);
+        }
         let e = sasl::auth_failed();
         refused(h, &e);
         out.push(Action::ToClient(msg::error_reply(h, &e)));
@@ -361,6 +369,7 @@ impl Handshake {
             }
             Err(e) => {
                 refused(&h, &e);
+                out.push(Action::AuthRefused);
                 out.push(Action::ToClient(msg::error_reply(&h, &e)));
             }
         }
@@ -427,6 +436,11 @@ impl Handshake {
                 );
             }
             _ => {}
+        }
+        // Refused without asking polkitd (no start time to ask with): still a failed attempt
+        // for a client that has to authenticate.
+        if self.auth == Auth::Polkit && !self.authenticated {
+            out.push(Action::AuthRefused);
         }
         let e = polkit::unexplained_failure();
         refused(h, &e);

@@ -73,17 +73,40 @@ pub struct ClientStats {
     pub idle_ms: Option<u64>,
 }
 
-/// A `/clients` request in progress: which workers still owe their figures.
+impl ClientStats {
+    /// Its last call or reply in seconds since the epoch, given `now_ms` (milliseconds since
+    /// the epoch when the figures were read).
+    pub fn last_activity(&self, now_ms: u64) -> i64 {
+        let at = now_ms.saturating_sub(self.idle_ms.unwrap_or(0)) / 1000;
+        i64::try_from(at).unwrap_or(i64::MAX)
+    }
+}
+
+/// A collection of clients' figures in progress: which workers still owe theirs.
 #[derive(Default)]
 struct StatsRound {
+    /// Numbers the rounds, so that a late answer to a round given up on is not taken for an
+    /// answer to the next one.
+    round: u64,
     owed: usize,
     got: Vec<ClientStats>,
 }
 
+/// What a worker is asked for (see [`Registry::stats_wanted`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StatsAsk {
+    /// To give back with the answer.
+    pub round: u64,
+    /// Only this client's figures (client-info); `None`: all of the worker's (`/clients`).
+    pub only: Option<u64>,
+}
+
 /// One worker's queue of connection ids to close.
 struct Inbox {
-    /// A `/clients` request wants this worker's figures.
-    stats_wanted: AtomicBool,
+    /// The round of a collection that wants this worker's figures; 0 = none.
+    stats_wanted: AtomicU64,
+    /// The client that round asks about; 0 = every client (ids start at 1).
+    stats_only: AtomicU64,
     /// Lets the worker skip the lock when nothing is queued (checked on every eventfd wake).
     pending: AtomicBool,
     ids: Mutex<Vec<u64>>,
@@ -108,9 +131,21 @@ pub struct Registry {
     /// Set by activity that holds no client (a metrics scrape); the acceptor takes it and
     /// restarts its idle period.
     activity: AtomicBool,
-    /// The `/clients` request being answered (one at a time: the metrics thread asks).
+    /// The collection being answered.
     stats: Mutex<StatsRound>,
+    /// Held for a whole collection: the metrics thread (`/clients`) and the admin thread
+    /// (client-info) take turns, so a round is never overwritten while it is waited for.
+    stats_turn: Mutex<()>,
     stats_done: std::sync::Condvar,
+    /// Connections refused before a relay worker took them on, by reason (for metrics).
+    rejected: crate::metrics::counters::Rejections,
+}
+
+/// Milliseconds since the epoch, now.
+pub fn now_epoch_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// Seconds since the epoch, now.
@@ -126,7 +161,8 @@ impl Registry {
         let inboxes = wakers
             .into_iter()
             .map(|waker| Inbox {
-                stats_wanted: AtomicBool::new(false),
+                stats_wanted: AtomicU64::new(0),
+                stats_only: AtomicU64::new(0),
                 pending: AtomicBool::new(false),
                 ids: Mutex::new(Vec::new()),
                 waker,
@@ -234,18 +270,45 @@ impl Registry {
     }
 
     /// Asks every worker for its clients' figures and waits for them (at most `limit`: a
-    /// worker that does not answer in time is left out). Called by the metrics thread only.
+    /// worker that does not answer in time is left out). For `/clients`.
     pub fn collect_stats(&self, limit: Duration) -> Vec<ClientStats> {
-        let Some(inboxes) = self.inboxes.get() else {
+        let n = self.inboxes.get().map_or(0, Vec::len);
+        self.collect(0..n, None, limit)
+    }
+
+    /// One client's figures, from its worker alone (client-info); `None` if it has none
+    /// (not on a worker yet, metrics off) or its worker did not answer within `limit`.
+    pub fn client_stats(&self, id: u64, limit: Duration) -> Option<ClientStats> {
+        let worker = self.get(id)?.worker;
+        self.collect(worker..worker + 1, Some(id), limit)
+            .into_iter()
+            .find(|s| s.id == id)
+    }
+
+    fn collect(
+        &self,
+        workers: std::ops::Range<usize>,
+        only: Option<u64>,
+        limit: Duration,
+    ) -> Vec<ClientStats> {
+        let Some(asked) = self.inboxes.get().and_then(|v| v.get(workers)) else {
             return Vec::new();
         };
+        if asked.is_empty() {
+            return Vec::new();
+        }
+        let _turn = self.stats_turn.lock().unwrap_or_else(|p| p.into_inner());
         let mut round = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+        let number = round.round.wrapping_add(1).max(1);
         *round = StatsRound {
-            owed: inboxes.len(),
+            round: number,
+            owed: asked.len(),
             got: Vec::new(),
         };
-        for inbox in inboxes {
-            inbox.stats_wanted.store(true, Ordering::Release);
+        for inbox in asked {
+            inbox.stats_only.store(only.unwrap_or(0), Ordering::Release);
+            // After `stats_only`: a worker that sees the round sees whom it is about.
+            inbox.stats_wanted.store(number, Ordering::Release);
             wake(&inbox.waker);
         }
         let deadline = std::time::Instant::now() + limit;
@@ -260,30 +323,35 @@ impl Registry {
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
         }
-        for inbox in inboxes {
-            inbox.stats_wanted.store(false, Ordering::Release);
+        for inbox in asked {
+            inbox.stats_wanted.store(0, Ordering::Release);
         }
         round.owed = 0;
         std::mem::take(&mut round.got)
     }
 
-    /// Whether worker `index` owes its figures (checked when its eventfd wakes it).
-    pub fn stats_wanted(&self, index: usize) -> bool {
-        self.inboxes
-            .get()
-            .and_then(|v| v.get(index))
-            .is_some_and(|i| i.stats_wanted.swap(false, Ordering::AcqRel))
+    /// What worker `index` owes, if anything (checked when its eventfd wakes it).
+    pub fn stats_wanted(&self, index: usize) -> Option<StatsAsk> {
+        let inbox = self.inboxes.get()?.get(index)?;
+        let round = inbox.stats_wanted.swap(0, Ordering::AcqRel);
+        (round != 0).then(|| StatsAsk {
+            round,
+            only: match inbox.stats_only.load(Ordering::Acquire) {
+                0 => None,
+                id => Some(id),
+            },
+        })
     }
 
-    /// A worker's answer to `collect_stats`.
-    pub fn give_stats(&self, mut stats: Vec<ClientStats>) {
-        let mut round = self.stats.lock().unwrap_or_else(|p| p.into_inner());
-        if round.owed == 0 {
-            return; // the request gave up waiting
+    /// A worker's answer to round `round` of a collection.
+    pub fn give_stats(&self, round: u64, mut stats: Vec<ClientStats>) {
+        let mut r = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+        if r.owed == 0 || r.round != round {
+            return; // the collection gave up waiting
         }
-        round.got.append(&mut stats);
-        round.owed -= 1;
-        if round.owed == 0 {
+        r.got.append(&mut stats);
+        r.owed -= 1;
+        if r.owed == 0 {
             self.stats_done.notify_all();
         }
     }
@@ -308,6 +376,16 @@ impl Registry {
     /// The listener kind of every client (for per-listener counts, without cloning records).
     pub fn kinds(&self) -> Vec<ListenerKind> {
         self.lock().values().map(|r| r.kind).collect()
+    }
+
+    /// Counts `n` connections refused for `why` before a worker took them on.
+    pub fn rejected(&self, why: crate::metrics::counters::Rejected, n: u64) {
+        self.rejected.add(why, n);
+    }
+
+    /// Rejections so far, by `Rejected` index.
+    pub fn rejections(&self) -> [u64; crate::metrics::counters::Rejected::ALL.len()] {
+        self.rejected.read()
     }
 
     /// Records activity that keeps the daemon from idling out without being a client.
@@ -376,6 +454,55 @@ mod tests {
         assert_eq!((n, u64::from_ne_bytes(b)), (8, 1));
         r.remove(7);
         assert_eq!(r.list().iter().map(|c| c.id).collect::<Vec<_>>(), vec![8]);
+    }
+
+    fn stats(id: u64) -> ClientStats {
+        ClientStats {
+            id,
+            bytes_to_daemon: id,
+            bytes_to_client: 0,
+            calls: 0,
+            idle_ms: None,
+        }
+    }
+
+    /// Answers worker `index`'s next ask (and first a stale one for round `stale`).
+    fn answer_once(
+        r: std::sync::Arc<Registry>,
+        index: usize,
+        stale: u64,
+    ) -> std::thread::JoinHandle<StatsAsk> {
+        std::thread::spawn(move || loop {
+            if let Some(ask) = r.stats_wanted(index) {
+                r.give_stats(stale, vec![stats(99)]);
+                let only = ask.only.unwrap_or(1);
+                r.give_stats(ask.round, vec![stats(only)]);
+                return ask;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        })
+    }
+
+    #[test]
+    fn client_info_asks_only_the_clients_worker_and_late_answers_are_dropped() {
+        let r = std::sync::Arc::new(Registry::default());
+        r.attach_workers(vec![eventfd(), eventfd()]);
+        r.insert(rec(7, 1));
+        let w1 = answer_once(r.clone(), 1, 0);
+        let got = r.client_stats(7, Duration::from_secs(10));
+        let ask = w1.join().unwrap();
+        assert_eq!(ask.only, Some(7));
+        assert_eq!(got, Some(stats(7)));
+        assert!(r.stats_wanted(0).is_none(), "worker 0 was asked too");
+        // Both workers for `/clients`; a stale answer (the last round's) is not counted.
+        let old = ask.round;
+        let w0 = answer_once(r.clone(), 0, old);
+        let w1 = answer_once(r.clone(), 1, old);
+        let mut all = r.collect_stats(Duration::from_secs(10));
+        all.sort_by_key(|s| s.id);
+        assert_eq!(all, vec![stats(1), stats(1)]);
+        assert!(w0.join().unwrap().only.is_none() && w1.join().unwrap().round > old);
+        assert_eq!(r.client_stats(12345, Duration::from_millis(10)), None);
     }
 
     #[test]

@@ -21,6 +21,7 @@ use crate::flood::{Source, SourceRates};
 use crate::handover::{HandOff, HandOffMode, Resumed};
 use crate::identity::{Identity, NameCache};
 use crate::listen::{Listener, ListenerKind};
+use crate::metrics::counters::Rejected;
 use crate::reactor::{self, Reactor};
 use crate::shared::{over_max_clients, Inbox, NewConn, Shared, Unauthenticated};
 use crate::sys::{drain_eventfd, eventfd, wake};
@@ -211,6 +212,7 @@ impl Admission<'_> {
             if self.workers[owner].inbox.send_quiet(nc).is_err() {
                 shared.clients.fetch_sub(1, Ordering::AcqRel);
                 shared.registry.remove(id);
+                shared.registry.rejected(Rejected::Internal, 1);
                 tracing::error!(conn = id, "relay worker is gone; dropping a carried client");
             }
             // The first (busiest) connections go at once; the rest in one wake-up per worker.
@@ -295,6 +297,7 @@ impl Admission<'_> {
         if to.inbox.send(nc).is_err() {
             shared.clients.fetch_sub(1, Ordering::AcqRel);
             shared.registry.remove(id);
+            shared.registry.rejected(Rejected::Internal, 1);
             tracing::error!("relay worker is gone; dropping client");
         }
     }
@@ -382,6 +385,14 @@ fn admit_parked(parked: &mut VecDeque<Parked>, admission: &mut Admission<'_>) {
     while let Some(front) = parked.front() {
         if front.since.elapsed() >= shared.preopen_deadline {
             if let Some(p) = parked.pop_front() {
+                // Charged to the limit that keeps it out now: max_clients if that one is
+                // reached (it holds back everyone), else the anonymous limit.
+                let why = if at_max_clients(shared, admission.admitted_any) {
+                    Rejected::MaxClients
+                } else {
+                    Rejected::MaxAnonymousClients
+                };
+                shared.registry.rejected(why, 1);
                 tracing::info!(
                     listener = ?p.kind,
                     uid = p.identity.unix.as_ref().map(|u| u.uid),
@@ -718,6 +729,7 @@ pub fn run(mut opts: ServerOpts) -> io::Result<Stopped> {
                         // SAFETY: accept4 returned a fresh descriptor.
                         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
                         let Some(identity) = client_identity(l.kind, &fd, &mut names) else {
+                            shared.registry.rejected(Rejected::Credentials, 1);
                             continue;
                         };
                         let anonymous = starts_anonymous(shared, l.kind, &identity);
@@ -760,6 +772,9 @@ pub fn run(mut opts: ServerOpts) -> io::Result<Stopped> {
         }
     };
     // Clients still waiting for an anonymous slot were never admitted: they just close.
+    shared
+        .registry
+        .rejected(Rejected::Shutdown, parked.len() as u64);
     drop(parked);
     if let Some(mode) = handoff_mode {
         let next_id = admission.next_id;

@@ -768,3 +768,431 @@ on_both_backends!(
     clients_page_lists_each_client_with_its_figures,
     relay_counts_a_known_workload_exactly
 );
+
+// ---- Rejections, auth refusals, client-info figures and the /clients bound ----
+
+/// A local client of `sock`, run as user vpdtest, that connects and sends nothing; it holds
+/// the connection until the proxy closes it or the test drops it.
+fn silent_client(sock: &std::path::Path) -> std::process::Child {
+    let script = "import socket,sys\n\
+                  s=socket.socket(socket.AF_UNIX)\n\
+                  s.connect(sys.argv[1])\n\
+                  print('connected',flush=True)\n\
+                  s.settimeout(60)\n\
+                  s.recv(4)\n";
+    let mut c = Command::new("runuser")
+        .args(["-u", "vpdtest", "--", PYTHON, "-c", script])
+        .arg(sock)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("runuser");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(c.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "connected");
+    c
+}
+
+/// `virtproxyd_connections_rejected_total{reason="max_anonymous_clients"}`: with libvirt's
+/// polkit auth and one anonymous slot, a silent user holds the slot and a second one waits
+/// first in line; N virsh clients of that user then wait behind them, past the pre-open
+/// deadline, and are dropped: exactly N rejections of that reason and none of any other.
+#[test]
+fn clients_that_wait_past_the_deadline_for_an_anonymous_slot_are_counted_as_rejected() {
+    const N: usize = 3;
+    let _shared = support::modular::daemons_shared();
+    let port = free_port();
+    let p = support::modular::proxy(
+        &format!(
+            "{DEFAULT_AUTH}\nmax_anonymous_clients = 1\nmetrics_listen = \"127.0.0.1:{port}\"\n"
+        ),
+        &[("VIRTPROXYD_PREOPEN_TIMEOUT_MS", "2500")],
+    );
+    let before = get(port, Some(TEXT)).body;
+    // The holder takes the slot; the second waits first in line and takes it at the
+    // holder's deadline, so the virsh clients behind it never get in.
+    let mut holder = silent_client(&p.ro_sock);
+    std::thread::sleep(Duration::from_millis(300));
+    let mut first = silent_client(&p.ro_sock);
+    std::thread::sleep(Duration::from_millis(300));
+    let uri = unix_uri("qemu+unix:///system", &p.ro_sock);
+    let waiting: Vec<_> = (0..N)
+        .map(|_| {
+            Command::new("runuser")
+                .args(["-u", "vpdtest", "--", "virsh", "-c", &uri, "version"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("virsh")
+        })
+        .collect();
+    for c in waiting {
+        let out = c.wait_with_output().unwrap();
+        assert!(
+            !out.status.success(),
+            "a waiting virsh got in:\n{}",
+            stdout(&out)
+        );
+    }
+    let reason = |body: &str, r: &str| {
+        v(
+            body,
+            &format!("virtproxyd_connections_rejected_total{{reason=\"{r}\"}}"),
+        )
+    };
+    let mut after = get(port, Some(TEXT)).body;
+    assert!(
+        wait_for(Duration::from_secs(5), || {
+            after = get(port, Some(TEXT)).body;
+            reason(&after, "max_anonymous_clients") - reason(&before, "max_anonymous_clients")
+                >= N as f64
+        }),
+        "rejections not counted:\n{after}\n{}",
+        p.log_text()
+    );
+    let reasons = [
+        "max_clients",
+        "max_anonymous_clients",
+        "credentials",
+        "tls",
+        "admin",
+        "shutdown",
+        "internal",
+    ];
+    for r in reasons {
+        let want = if r == "max_anonymous_clients" { N } else { 0 };
+        assert_eq!(
+            reason(&after, r) - reason(&before, r),
+            want as f64,
+            "{r}:\n{after}"
+        );
+    }
+    // The holder and the first in line were taken on by a worker: closes, not rejections.
+    assert_eq!(
+        sum_of(&after, "virtproxyd_connections_rejected_total", &[]),
+        N as f64
+    );
+    let _ = holder.kill();
+    let _ = first.kill();
+    let _ = holder.wait();
+    let _ = first.wait();
+    promtool_accepts(&after);
+}
+
+/// SASL on the rw socket: one open with the right password, two with a wrong one (Cyrus
+/// refuses), three of a user outside `sasl_allowed_username_list` (the ACL refuses after
+/// Cyrus accepted): `virtproxyd_auth_attempts_total{method="sasl"}` grows by 1 ok and 5
+/// failed.
+#[test]
+fn every_sasl_refusal_counts_as_a_failed_attempt() {
+    let _shared = support::modular::daemons_shared();
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("passwd.db");
+    for (user, pass) in [("barsuser", "barspass"), ("otheruser", "otherpass")] {
+        let mut child = Command::new("saslpasswd2")
+            .args(["-p", "-c", "-a", "libvirt", "-f"])
+            .arg(&db)
+            .arg(user)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("saslpasswd2 (sasl2-bin)");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(format!("{pass}\n").as_bytes())
+            .unwrap();
+        assert_success(&child.wait_with_output().unwrap(), "saslpasswd2");
+    }
+    std::fs::write(
+        dir.path().join("libvirt.conf"),
+        format!("mech_list: scram-sha-256\nsasldb_path: {}\n", db.display()),
+    )
+    .unwrap();
+    let conf_dir = dir.path().display().to_string();
+    let port = free_port();
+    let p = support::modular::proxy(
+        &format!(
+            "auth_unix_rw = \"sasl\"\nauth_unix_ro = \"none\"\n\
+             sasl_allowed_username_list = [ \"barsuser\" ]\n\
+             metrics_listen = \"127.0.0.1:{port}\"\n"
+        ),
+        &[("SASL_CONF_PATH", &conf_dir)],
+    );
+    let script = "import sys, libvirt\n\
+                  libvirt.registerErrorHandler(lambda *a: None, None)\n\
+                  def creds(cred, _):\n\
+                  \x20   for c in cred:\n\
+                  \x20       c[4] = sys.argv[2] if c[0] == libvirt.VIR_CRED_AUTHNAME else sys.argv[3]\n\
+                  \x20   return 0\n\
+                  auth = [[libvirt.VIR_CRED_AUTHNAME, libvirt.VIR_CRED_PASSPHRASE], creds, None]\n\
+                  try:\n\
+                  \x20   c = libvirt.openAuth(sys.argv[1], auth, 0)\n\
+                  \x20   print('ok' if c.getLibVersion() > 0 else 'bad')\n\
+                  \x20   c.close()\n\
+                  except libvirt.libvirtError as e:\n\
+                  \x20   print('refused', e.get_error_code())\n";
+    let uri = unix_uri("qemu+unix:///system", &p.rw_sock);
+    let series =
+        |r: &str| format!("virtproxyd_auth_attempts_total{{method=\"sasl\",result=\"{r}\"}}");
+    let before = get(port, Some(TEXT)).body;
+    let cases = [
+        ("barsuser", "barspass", 1, "ok"),
+        ("barsuser", "nope", 2, "refused 45"),
+        ("otheruser", "otherpass", 3, "refused 45"),
+    ];
+    for (user, pass, times, want) in cases {
+        for _ in 0..times {
+            let out = output_with_timeout(
+                Command::new(PYTHON)
+                    .args(["-c", script, &uri, user, pass])
+                    .stdin(Stdio::null()),
+                CLIENT_TIMEOUT,
+            );
+            assert_eq!(stdout(&out).trim(), want, "{user}/{pass}: {}", stderr(&out));
+        }
+    }
+    let after = get(port, Some(TEXT)).body;
+    let d = |s: &str| v(&after, s) - v(&before, s);
+    assert_eq!(d(&series("ok")), 1.0, "{after}");
+    assert_eq!(d(&series("failed")), 5.0, "{after}");
+    assert_eq!(
+        sum_of(
+            &after,
+            "virtproxyd_auth_attempts_total",
+            &["method=\"polkit\""]
+        ),
+        0.0
+    );
+    promtool_accepts(&after);
+}
+
+/// virt-admin `client-info` shows the relay's figures for a client, and they are the
+/// `/clients` page's: after N getLibVersion calls its calls grow by N and its bytes by N
+/// calls of 28 bytes and N replies of 36, and its last activity is the time of the calls.
+#[test]
+fn client_info_shows_the_relays_figures_for_the_client() {
+    const N: u64 = 10;
+    let _shared = support::modular::daemons_shared();
+    let port = free_port();
+    let p = support::modular::proxy(&format!("metrics_listen = \"127.0.0.1:{port}\"\n"), &[]);
+    let admin = p.dir().join("libvirt-admin-sock");
+    let script = "import libvirt,os,sys\n\
+                  c=libvirt.open(sys.argv[1])\n\
+                  print('ready',os.getpid(),flush=True)\n\
+                  sys.stdin.readline()\n\
+                  for _ in range(int(sys.argv[2])): c.getLibVersion()\n\
+                  print('done',flush=True)\n\
+                  sys.stdin.readline()\n\
+                  c.close()\n";
+    let (mut held, line) = Held::start(script, &[&p.uri("qemu:///system"), &N.to_string()]);
+    let pid = line
+        .trim()
+        .strip_prefix("ready ")
+        .expect("ready <pid>")
+        .to_string();
+    let clients = clients_via(|a| virt_admin_sock(&admin, a), "virtproxyd");
+    let (id, _) = clients
+        .iter()
+        .find(|(_, info)| info_field(info, "unix_process_id") == Some(pid.as_str()))
+        .unwrap_or_else(|| panic!("no client of pid {pid}: {clients:?}"))
+        .clone();
+    let info = || {
+        let out = virt_admin_sock(&admin, &["client-info", "virtproxyd", &id.to_string()]);
+        assert_success(&out, "virt-admin client-info");
+        stdout(&out)
+    };
+    let field = |text: &str, k: &str| -> u64 {
+        info_field(text, k)
+            .unwrap_or_else(|| panic!("no {k} in:\n{text}"))
+            .parse()
+            .unwrap()
+    };
+    let b0 = info();
+    let t0 = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert_eq!(held.next().trim(), "done");
+    let t1 = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let b1 = info();
+    let d = |k: &str| field(&b1, k) - field(&b0, k);
+    assert_eq!(d("calls"), N, "{b0}\n{b1}");
+    assert_eq!(d("bytes_to_daemon"), N * 28, "{b1}");
+    assert_eq!(d("bytes_to_client"), N * 36, "{b1}");
+    let last = field(&b1, "last_activity");
+    assert!(
+        (t0..=t1).contains(&last),
+        "{last} not in {t0}..={t1}:\n{b1}"
+    );
+    // The /clients page has the same figures for it (no call in between).
+    let page = get_path(port, "/clients");
+    let doc: serde_json::Value = serde_json::from_str(&page.body).expect("JSON");
+    let me = doc["clients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == id)
+        .unwrap_or_else(|| panic!("client {id} not on /clients: {}", page.body));
+    for k in [
+        "calls",
+        "bytes_to_daemon",
+        "bytes_to_client",
+        "last_activity",
+    ] {
+        assert_eq!(
+            me[k].as_u64(),
+            Some(field(&b1, k)),
+            "{k}: {}\n{b1}",
+            page.body
+        );
+    }
+    println!("client-info after {N} calls:\n{b1}");
+    assert!(held.finish());
+}
+
+/// A client polling `/clients` as fast as it can for 3 s (2 connections at a time): every
+/// answer is valid JSON listing the connected clients, but the relay workers collect their
+/// figures at most once per `CLIENTS_PAGE_REUSE` (1 s) each; the rest are reused answers.
+#[test]
+fn polling_clients_costs_the_relay_workers_a_bounded_amount() {
+    let (_p, port) = start("", &[]);
+    let _clients: Vec<UnixStream> = (0..3)
+        .map(|_| UnixStream::connect(&_p.rw_sock).unwrap())
+        .collect();
+    let body = |b: &str, s: &str| v(b, s);
+    // The acceptor has them in the registry before the first /clients (connect returns once
+    // a client is in the backlog; a page collected before then would be reused for 1 s).
+    let mut before = get(port, Some(TEXT)).body;
+    assert!(
+        wait_for(Duration::from_secs(10), || {
+            before = get(port, Some(TEXT)).body;
+            body(
+                &before,
+                r#"virtproxyd_clients_by_listener{listener="unix_rw"}"#,
+            ) >= 3.0
+        }),
+        "{before}"
+    );
+    let workers = body(&before, "virtproxyd_threadpool_workers");
+    let t = Instant::now();
+    let flood = Duration::from_secs(3);
+    let threads: Vec<_> = (0..2)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while t.elapsed() < flood {
+                    let r = get_path(port, "/clients");
+                    assert_eq!(r.status, "HTTP/1.1 200 OK");
+                    let doc: serde_json::Value = serde_json::from_str(&r.body).expect("valid JSON");
+                    assert!(doc["clients"].as_array().is_some_and(|c| c.len() >= 3));
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    let requests: u64 = threads.into_iter().map(|h| h.join().unwrap()).sum();
+    let elapsed = t.elapsed();
+    let after = get(port, Some(TEXT)).body;
+    let d = |s: &str| body(&after, s) - body(&before, s);
+    let collected = d(r#"virtproxyd_metrics_clients_pages_total{answer="collected"}"#);
+    let reused = d(r#"virtproxyd_metrics_clients_pages_total{answer="reused"}"#);
+    let collections = d("virtproxyd_client_stats_collections_total");
+    println!(
+        "{requests} /clients requests in {elapsed:?}: {collected} collected, {reused} reused; \
+         {collections} worker collections ({workers} workers)"
+    );
+    assert_eq!(collected + reused, requests as f64, "{after}");
+    // One collection per second of flood, plus the first.
+    let bound = elapsed.as_secs_f64().ceil() + 1.0;
+    assert!(
+        collected >= 1.0 && collected <= bound,
+        "{collected} collections in {elapsed:?}"
+    );
+    assert!(
+        collections >= collected && collections <= workers * bound,
+        "{collections} worker collections, bound {}",
+        workers * bound
+    );
+    assert!(reused > 0.0 && requests > 10, "{requests} requests");
+    promtool_accepts(&after);
+}
+
+/// `virtproxyd_connections_rejected_total{reason="tls"}`: N virsh clients over TLS with a
+/// certificate of a CA the proxy does not trust never get past the handshake thread: tls +N,
+/// and no TLS connection reaches a relay worker.
+#[test]
+fn tls_clients_refused_at_the_handshake_are_counted_as_rejected() {
+    const N: usize = 2;
+    use support::pki::{client_dir, Ca};
+    let files = tempfile::tempdir().unwrap();
+    let d = files.path();
+    let ca = Ca::new("Test CA");
+    let (cert, key) = ca.server(false);
+    std::fs::write(d.join("ca.pem"), &ca.cert_pem).unwrap();
+    std::fs::write(d.join("server.pem"), cert).unwrap();
+    std::fs::write(d.join("server.key"), key).unwrap();
+    let stranger = Ca::new("Other CA");
+    // Its certificate is signed by a CA the proxy does not know; it trusts both CAs (libvirt's
+    // client checks its own certificate against its CA file before it connects).
+    let pki = client_dir(d, "stranger", &stranger, &stranger.client("client1", 7));
+    std::fs::write(
+        pki.join("cacert.pem"),
+        format!("{}{}", ca.cert_pem, stranger.cert_pem),
+    )
+    .unwrap();
+    let tls_port = free_port();
+    let (p, port) = start(
+        &format!(
+            "listen_tls = 1\nlisten_addr = \"127.0.0.1\"\ntls_port = \"{tls_port}\"\n\
+             ca_file = \"{d}/ca.pem\"\ncert_file = \"{d}/server.pem\"\nkey_file = \"{d}/server.key\"\n",
+            d = d.display()
+        ),
+        &[],
+    );
+    let before = get(port, Some(TEXT)).body;
+    let uri = format!(
+        "test+tls://localhost:{tls_port}/default?pkipath={}",
+        pki.display()
+    );
+    for _ in 0..N {
+        let out = virsh(&uri, &["version"]);
+        assert!(
+            !out.status.success(),
+            "a stranger got in:\n{}",
+            stdout(&out)
+        );
+    }
+    let tls = r#"virtproxyd_connections_rejected_total{reason="tls"}"#;
+    let mut after = before.clone();
+    assert!(
+        wait_for(Duration::from_secs(5), || {
+            after = get(port, Some(TEXT)).body;
+            v(&after, tls) - v(&before, tls) >= N as f64
+        }),
+        "not counted:\n{after}\n{}",
+        p.log_text()
+    );
+    let d = |s: &str| v(&after, s) - v(&before, s);
+    assert_eq!(d(tls), N as f64, "{after}");
+    assert_eq!(
+        sum_of(&after, "virtproxyd_connections_rejected_total", &[])
+            - sum_of(&before, "virtproxyd_connections_rejected_total", &[]),
+        N as f64
+    );
+    assert_eq!(
+        d(r#"virtproxyd_connections_accepted_total{listener="tls"}"#),
+        0.0
+    );
+    promtool_accepts(&after);
+}

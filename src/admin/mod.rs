@@ -94,6 +94,9 @@ pub struct ClientInfo {
     pub group_name: Option<String>,
     pub pid: Option<i32>,
     pub selinux_context: Option<String>,
+    /// The relay's own figures for it (metrics on, and the client is on a worker), with the
+    /// time they were read (milliseconds since the epoch).
+    pub stats: Option<(crate::registry::ClientStats, u64)>,
 }
 
 /// `virNetServerGetThreadPoolParameters`.
@@ -120,6 +123,10 @@ pub struct Limits {
 pub trait Host {
     fn clients(&self, srv: Server) -> Vec<ClientRef>;
     fn client_info(&self, srv: Server, id: u64) -> Option<ClientInfo>;
+    /// Whether the client exists (without the cost of its info's figures).
+    fn has_client(&self, srv: Server, id: u64) -> bool {
+        self.client_info(srv, id).is_some()
+    }
     /// Closes a client; false if there is none with that id.
     fn close_client(&mut self, srv: Server, id: u64) -> bool;
     fn limits(&self, srv: Server) -> Limits;
@@ -308,6 +315,16 @@ pub fn client_info_params(i: &ClientInfo) -> Vec<(&'static str, Value)> {
     }
     if let Some(c) = &i.selinux_context {
         p.push(("selinux_context", Value::Str(c.clone())));
+    }
+    // Ours, after libvirt's (virt-admin prints every parameter the server returns): the
+    // same figures and names as the metrics endpoint's `/clients` page.
+    if let Some((s, now_ms)) = &i.stats {
+        p.push(("bytes_to_daemon", Value::ULLong(s.bytes_to_daemon)));
+        p.push(("bytes_to_client", Value::ULLong(s.bytes_to_client)));
+        p.push(("calls", Value::ULLong(s.calls)));
+        if s.idle_ms.is_some() {
+            p.push(("last_activity", Value::LLong(s.last_activity(*now_ms))));
+        }
     }
     p
 }
@@ -660,7 +677,7 @@ fn client_info(d: &mut Decoder<'_>, host: &mut dyn Host) -> Reply {
 fn client_close(d: &mut Decoder<'_>, host: &mut dyn Host) -> Reply {
     let (srv, id, flags) = client_args(d)?;
     let srv = srv.map_err(|name| no_server_rpc(&name))?;
-    if host.client_info(srv, id).is_none() {
+    if !host.has_client(srv, id) {
         return Err(no_client_rpc(id).into());
     }
     check_flags(flags, "adminClientClose")?;

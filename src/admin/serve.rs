@@ -363,6 +363,7 @@ fn info_of(identity: &Identity, local: bool, readonly: bool, addr: Option<String
         group_name: u.and_then(|u| u.group_name.clone()),
         pid: u.map(|u| u.pid),
         selinux_context: identity.selinux_context.clone(),
+        stats: None,
     }
 }
 
@@ -397,17 +398,30 @@ impl Host for Live<'_> {
     fn client_info(&self, srv: Server, id: u64) -> Option<ClientInfo> {
         match srv {
             Server::Proxy => {
-                let r = self.server.shared.registry.get(id)?;
+                let registry = &self.server.shared.registry;
+                let r = registry.get(id)?;
                 let local = r.kind.is_unix();
-                Some(match &r.claimed {
+                let mut info = match &r.claimed {
                     Some(params) => super::claimed_info(params, local, r.readonly(), r.peer_addr),
                     None => info_of(&r.identity, local, r.readonly(), r.peer_addr.clone()),
-                })
+                };
+                // Asks the client's worker alone, and waits for it at most this long.
+                info.stats = registry
+                    .client_stats(id, std::time::Duration::from_millis(500))
+                    .map(|s| (s, crate::registry::now_epoch_ms()));
+                Some(info)
             }
             Server::Admin => {
                 let c = self.server.conns.get(&id)?;
                 Some(info_of(&c.identity, true, false, None))
             }
+        }
+    }
+
+    fn has_client(&self, srv: Server, id: u64) -> bool {
+        match srv {
+            Server::Proxy => self.server.shared.registry.get(id).is_some(),
+            Server::Admin => self.server.conns.contains_key(&id),
         }
     }
 

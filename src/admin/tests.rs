@@ -618,6 +618,47 @@ fn a_claimed_identity_is_described_by_what_was_set() {
     assert_eq!(i.pid, Some(77));
 }
 
+#[test]
+fn the_relays_figures_follow_libvirts_parameters_with_their_types() {
+    let mut i = ClientInfo {
+        local: true,
+        uid: Some(0),
+        ..ClientInfo::default()
+    };
+    let mut stats = crate::registry::ClientStats {
+        id: 3,
+        bytes_to_daemon: 280,
+        bytes_to_client: 360,
+        calls: 10,
+        idle_ms: None,
+    };
+    i.stats = Some((stats.clone(), 1_700_000_010_250));
+    // No call yet: no last activity.
+    let names: Vec<&str> = client_info_params(&i).iter().map(|(n, _)| *n).collect();
+    assert_eq!(
+        names,
+        [
+            "readonly",
+            "unix_user_id",
+            "bytes_to_daemon",
+            "bytes_to_client",
+            "calls"
+        ]
+    );
+    stats.idle_ms = Some(2_500);
+    i.stats = Some((stats, 1_700_000_010_250));
+    let p = client_info_params(&i);
+    assert_eq!(
+        &p[2..],
+        [
+            ("bytes_to_daemon", Value::ULLong(280)),
+            ("bytes_to_client", Value::ULLong(360)),
+            ("calls", Value::ULLong(10)),
+            ("last_activity", Value::LLong(1_700_000_007)),
+        ]
+    );
+}
+
 /// Any body for any procedure gets exactly one reply and never a panic.
 #[test]
 fn arbitrary_payloads_get_one_reply_each() {

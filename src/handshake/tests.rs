@@ -314,6 +314,13 @@ fn one_reply(out: &[Action]) -> &[u8] {
         other => panic!("expected one client frame, got {other:?}"),
     }
 }
+/// A refused authentication attempt: counted (`AuthRefused`), then the error to the client.
+fn refused_reply(out: &[Action]) -> &[u8] {
+    match out {
+        [Action::AuthRefused, Action::ToClient(f)] => f,
+        other => panic!("expected a counted refusal and its reply, got {other:?}"),
+    }
+}
 fn offered(out: &[Action]) -> Vec<i32> {
     let f = out
         .iter()
@@ -390,7 +397,7 @@ fn polkit_denial_keeps_the_client_unauthenticated() {
         polkit::verdict(false, true, &Default::default(), polkit::ACTION_MONITOR),
         &mut out,
     );
-    let e = error_of(one_reply(&out));
+    let e = error_of(refused_reply(&out));
     assert_eq!((e.code, e.domain), (94, 60));
     assert!(hs.auth_pending() && hs.wants_client_input());
     let e = error_of(one_reply(&client(&mut hs, call(60, 2), &msg::i32_body(10))));
@@ -419,7 +426,7 @@ fn root_bypasses_polkit_at_auth_list() {
 #[test]
 fn polkit_without_a_start_time_fails_without_asking() {
     let mut hs = Handshake::new(ListenerKind::UnixRw, peer(1000, 0)).with_auth(Auth::Polkit);
-    let e = error_of(one_reply(&client(&mut hs, call(70, 1), &[])));
+    let e = error_of(refused_reply(&client(&mut hs, call(70, 1), &[])));
     assert_eq!((e.code, e.domain), (1, 7));
     assert!(hs.auth_pending());
 }
@@ -558,7 +565,7 @@ fn sasl_user_outside_the_list_is_refused_and_may_start_over() {
     through_start(&mut hs);
     let out = answer(&mut hs, done(0, "intruder", None));
     match out.as_slice() {
-        [Action::SaslEnd, Action::ToClient(f)] => {
+        [Action::SaslEnd, Action::AuthRefused, Action::ToClient(f)] => {
             let e = error_of(f);
             assert_eq!((e.code, e.domain), (45, 7));
             assert_eq!(e.message, "authentication failed: authentication failed");
@@ -572,7 +579,7 @@ fn sasl_user_outside_the_list_is_refused_and_may_start_over() {
         call(remote_proc::AUTH_SASL_STEP, 3),
         &sasl::step_args(None),
     );
-    assert_eq!(error_of(one_reply(&out)).code, 45);
+    assert_eq!(error_of(refused_reply(&out)).code, 45);
     let out = client(&mut hs, call(remote_proc::AUTH_SASL_INIT, 4), &[]);
     assert!(matches!(out.as_slice(), [Action::Sasl(sasl::Op::Init(_))]));
 }
@@ -587,7 +594,7 @@ fn sasl_failures_and_misuse_map_to_auth_failed() {
     ] {
         let out = client(&mut hs, call(p, 1), &body);
         assert_eq!(
-            error_of(one_reply(&out)).message,
+            error_of(refused_reply(&out)).message,
             "authentication failed: authentication failed"
         );
     }
@@ -604,8 +611,7 @@ fn sasl_failures_and_misuse_map_to_auth_failed() {
         &mut hs,
         sasl::Outcome::Failed("SASL(-13): user not found".into()),
     );
-    assert!(matches!(out.as_slice(), [Action::ToClient(_)]), "{out:?}");
-    assert_eq!(error_of(one_reply(&out)).code, 45);
+    assert_eq!(error_of(refused_reply(&out)).code, 45);
     // A server token over 64 KiB is refused rather than sent.
     through_start(&mut hs);
     let big = sasl::Outcome::Exchange {
@@ -616,7 +622,10 @@ fn sasl_failures_and_misuse_map_to_auth_failed() {
     };
     let out = answer(&mut hs, big);
     assert!(
-        matches!(out.as_slice(), [Action::SaslEnd, Action::ToClient(_)]),
+        matches!(
+            out.as_slice(),
+            [Action::SaslEnd, Action::AuthRefused, Action::ToClient(_)]
+        ),
         "{out:?}"
     );
     // INIT on a listener that is not SASL.
@@ -631,7 +640,10 @@ fn sasl_on_plain_tcp_needs_a_security_layer() {
     through_start(&mut hs);
     let out = answer(&mut hs, done(0, "u", None));
     assert!(
-        matches!(out.as_slice(), [Action::SaslEnd, Action::ToClient(_)]),
+        matches!(
+            out.as_slice(),
+            [Action::SaslEnd, Action::AuthRefused, Action::ToClient(_)]
+        ),
         "{out:?}"
     );
     assert!(hs.auth_pending());

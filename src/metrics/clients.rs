@@ -36,8 +36,9 @@ fn quoted(out: &mut String, s: &str) {
 }
 
 /// `{"clients": [...]}`, ordered by id. A client whose worker did not answer in time (or
-/// that is still before its hand-over to a worker) has its registry fields only.
-pub fn render(records: &[ClientRecord], stats: Vec<ClientStats>) -> String {
+/// that is still before its hand-over to a worker) has its registry fields only. `now_ms`:
+/// milliseconds since the epoch when the figures were read, for `last_activity`.
+pub fn render(records: &[ClientRecord], stats: Vec<ClientStats>, now_ms: u64) -> String {
     let by_id: HashMap<u64, ClientStats> = stats.into_iter().map(|s| (s.id, s)).collect();
     let mut records: Vec<&ClientRecord> = records.iter().collect();
     records.sort_by_key(|r| r.id);
@@ -72,7 +73,12 @@ pub fn render(records: &[ClientRecord], stats: Vec<ClientStats>) -> String {
                 s.bytes_to_daemon, s.bytes_to_client, s.calls
             );
             if let Some(ms) = s.idle_ms {
-                let _ = write!(out, ",\"idle_seconds\":{:.3}", ms as f64 / 1000.0);
+                let _ = write!(
+                    out,
+                    ",\"idle_seconds\":{:.3},\"last_activity\":{}",
+                    ms as f64 / 1000.0,
+                    s.last_activity(now_ms)
+                );
             }
         }
         out.push('}');
@@ -121,7 +127,7 @@ mod tests {
             calls: 3,
             idle_ms: Some(1500),
         }];
-        let text = render(&[a, b], stats);
+        let text = render(&[a, b], stats, 1_700_000_100_000);
         assert_eq!(
             text,
             "{\"clients\":[\
@@ -129,12 +135,12 @@ mod tests {
              \"peer\":\"192.0.2.1:5000\",\"x509_dname\":\"CN=a \\\"quoted\\\" \\\\ name\"},\
              {\"id\":2,\"listener\":\"unix_ro\",\"connected_since\":1700000000,\"readonly\":true,\
              \"uid\":1000,\"pid\":42,\"bytes_to_daemon\":100,\"bytes_to_client\":200,\"calls\":3,\
-             \"idle_seconds\":1.500}]}\n"
+             \"idle_seconds\":1.500,\"last_activity\":1700000098}]}\n"
         );
     }
 
     #[test]
     fn no_clients_is_an_empty_list() {
-        assert_eq!(render(&[], Vec::new()), "{\"clients\":[]}\n");
+        assert_eq!(render(&[], Vec::new(), 0), "{\"clients\":[]}\n");
     }
 }

@@ -233,6 +233,70 @@ pub const CLOSE_REASONS: [&str; 11] = [
     "internal",
 ];
 
+/// Why a connection was refused before a relay worker took it on
+/// (`virtproxyd_connections_rejected_total{reason}`): a fixed set, whatever the client did.
+/// Connections a worker took on and closed before their open are closes
+/// ([`CLOSE_REASONS`]: `deadline`, `preopen`, `protocol`), not rejections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejected {
+    /// Waited for room under `max_clients` (parked) past the pre-open deadline.
+    MaxClients = 0,
+    /// Waited for an anonymous slot under `max_anonymous_clients` past the pre-open deadline.
+    MaxAnonymousClients,
+    /// A UNIX peer whose credentials (SO_PEERCRED) could not be read.
+    Credentials,
+    /// The TLS handshake or the certificate checks failed, or did not finish by the
+    /// pre-open deadline.
+    Tls,
+    /// client-disconnect before a worker had it.
+    Admin,
+    /// The daemon stopped (or restarted) while it waited.
+    Shutdown,
+    /// The proxy could not take it on (no relay worker, no socket pair, TLS not set up).
+    Internal,
+}
+
+impl Rejected {
+    pub const ALL: [Rejected; 7] = [
+        Rejected::MaxClients,
+        Rejected::MaxAnonymousClients,
+        Rejected::Credentials,
+        Rejected::Tls,
+        Rejected::Admin,
+        Rejected::Shutdown,
+        Rejected::Internal,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Rejected::MaxClients => "max_clients",
+            Rejected::MaxAnonymousClients => "max_anonymous_clients",
+            Rejected::Credentials => "credentials",
+            Rejected::Tls => "tls",
+            Rejected::Admin => "admin",
+            Rejected::Shutdown => "shutdown",
+            Rejected::Internal => "internal",
+        }
+    }
+}
+
+/// Rejections by [`Rejected`]. Several threads count here (the acceptor, the TLS handshake
+/// threads, a worker's adoption), so these are shared atomics, unlike [`Counter`]: a
+/// rejection is rare and never on the relay path, so the locked add costs nothing that
+/// matters. Counted whether or not metrics are on.
+#[derive(Debug, Default)]
+pub struct Rejections([AtomicU64; Rejected::ALL.len()]);
+
+impl Rejections {
+    pub fn add(&self, why: Rejected, n: u64) {
+        self.0[why as usize].fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn read(&self) -> [u64; Rejected::ALL.len()] {
+        std::array::from_fn(|i| self.0[i].load(Ordering::Relaxed))
+    }
+}
+
 /// Listener labels, in `ListenerKind` order of `metrics::listener_index`.
 pub const CONN_LISTENERS: [&str; 4] = ["unix_rw", "unix_ro", "tcp", "tls"];
 
@@ -389,6 +453,8 @@ pub struct WorkerCounters {
     pub stream_bytes: Box<[[Counter; 2]]>,
     /// Connection-level figures (closes, auth, daemon sockets).
     pub conns: ConnCounters,
+    /// Times this worker gathered its clients' figures (`/clients`, client-info).
+    pub client_stats: Counter,
 }
 
 impl Default for WorkerCounters {
@@ -406,6 +472,7 @@ impl Default for WorkerCounters {
             events: (0..names::SLOTS).map(|_| Default::default()).collect(),
             stream_bytes: (0..names::SLOTS).map(|_| Default::default()).collect(),
             conns: ConnCounters::default(),
+            client_stats: Counter::default(),
         }
     }
 }
@@ -435,6 +502,8 @@ pub struct WorkerTotals {
     /// (slot, bytes by direction) of the procedures with stream bytes.
     pub stream_bytes: Vec<(usize, [u64; 2])>,
     pub conns: ConnTotals,
+    /// [`WorkerCounters::client_stats`] summed.
+    pub client_stats: u64,
 }
 
 impl WorkerTotals {
@@ -450,6 +519,7 @@ impl WorkerTotals {
             events: Vec::new(),
             stream_bytes: Vec::new(),
             conns: ConnTotals::default(),
+            client_stats: 0,
         };
         let mut calls = vec![[0u64; CALL_RESULTS.len()]; names::SLOTS];
         let mut latency = vec![HistogramTotals::<LATENCY_BUCKETS>::default(); names::SLOTS];
@@ -486,6 +556,7 @@ impl WorkerTotals {
             }
             t.calls_untimed = t.calls_untimed.wrapping_add(b.calls_untimed.get());
             t.conns.add(&b.conns);
+            t.client_stats = t.client_stats.wrapping_add(b.client_stats.get());
         }
         t.latency = latency
             .into_iter()

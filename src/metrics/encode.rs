@@ -13,7 +13,7 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
 
 use super::counters::{
-    driver_labels, Direction, HistogramTotals, WorkerTotals, AUTH_METHODS, AUTH_RESULTS,
+    driver_labels, Direction, HistogramTotals, Rejected, WorkerTotals, AUTH_METHODS, AUTH_RESULTS,
     CALL_RESULTS, CLOSE_REASONS, CONN_LISTENERS, DURATION_BOUNDS_NS, FRAME_TYPES,
     LATENCY_BOUNDS_NS,
 };
@@ -33,6 +33,11 @@ pub const REQUEST_RESULTS: [&str; 7] = [
     "version_not_supported",
     "timeout",
 ];
+
+/// How `/clients` requests were answered, in [`Snapshot::clients_pages`] order: with
+/// figures collected from the workers for it, or with the page of an earlier request (see
+/// `serve::CLIENTS_PAGE_REUSE`).
+pub const CLIENTS_PAGE_ANSWERS: [&str; 2] = ["collected", "reused"];
 
 /// Everything one scrape reports, read once (so the two formats and HEAD agree).
 #[derive(Debug, Clone, PartialEq)]
@@ -57,6 +62,10 @@ pub struct Snapshot {
     pub idle_timeout: u64,
     /// Requests to this endpoint by [`REQUEST_RESULTS`].
     pub requests: [u64; REQUEST_RESULTS.len()],
+    /// Connections refused before a relay worker took them on, by [`Rejected`] index.
+    pub rejected: [u64; Rejected::ALL.len()],
+    /// `/clients` answers by [`CLIENTS_PAGE_ANSWERS`].
+    pub clients_pages: [u64; CLIENTS_PAGE_ANSWERS.len()],
     /// The relay's counters, once a set is attached.
     pub relay: Option<WorkerTotals>,
 }
@@ -202,6 +211,26 @@ impl Collector for Snapshot {
             "result",
             REQUEST_RESULTS.iter().copied().zip(self.requests),
         )?;
+        counter_family(
+            &mut e,
+            "virtproxyd_connections_rejected",
+            "Connections refused before a relay worker took them on, by reason",
+            None,
+            "reason",
+            Rejected::ALL
+                .map(Rejected::label)
+                .into_iter()
+                .zip(self.rejected),
+        )?;
+        counter_family(
+            &mut e,
+            "virtproxyd_metrics_clients_pages",
+            "/clients answers: figures collected from the relay workers, or an answer at most \
+             1 s old reused (what bounds the workers' cost)",
+            None,
+            "answer",
+            CLIENTS_PAGE_ANSWERS.iter().copied().zip(self.clients_pages),
+        )?;
         if let Some(r) = &self.relay {
             encode_relay(&mut e, r)?;
         }
@@ -292,6 +321,15 @@ fn encode_relay(e: &mut Enc<'_>, r: &WorkerTotals) -> std::fmt::Result {
         ConstCounter::new(n).encode(m.encode_family(&labels)?)?;
     }
     encode_calls_extra(e, r)?;
+    {
+        let m = e.encode_descriptor(
+            "virtproxyd_client_stats_collections",
+            "Times a relay worker gathered its clients' figures (for /clients and client-info)",
+            None,
+            MetricType::Counter,
+        )?;
+        ConstCounter::new(r.client_stats).encode(m)?;
+    }
     encode_conns(e, r)
 }
 
@@ -490,7 +528,7 @@ fn encode_conns(e: &mut Enc<'_>, r: &WorkerTotals) -> std::fmt::Result {
 }
 
 /// Series reported without the relay's counters (the daemon's own figures).
-pub const FIXED_SERIES: usize = 25;
+pub const FIXED_SERIES: usize = 34;
 
 /// The most series a scrape can hold with `workers` relay workers: the README's bound. Every
 /// term is fixed at start; the procedure terms assume every one of libvirt's procedures (and
@@ -507,6 +545,7 @@ pub fn series_bound(workers: usize) -> usize {
         + 2 * FRAME_TYPES.len()
         + 2
         + 1
+        + 1 // virtproxyd_client_stats_collections_total
         + names::SLOTS * per_procedure
         + 2 * CONN_LISTENERS.len()
         + CLOSE_REASONS.len()
@@ -551,6 +590,8 @@ mod tests {
             workers: 2,
             idle_timeout: 120,
             requests: [4, 1, 0, 0, 0, 0, 0],
+            rejected: [0, 2, 0, 0, 0, 0, 0],
+            clients_pages: [3, 9],
             relay: None,
         }
     }
@@ -573,6 +614,10 @@ mod tests {
             "virtproxyd_threadpool_job_queue_depth 0\n",
             "# TYPE virtproxyd_metrics_requests counter\n",
             "virtproxyd_metrics_requests_total{result=\"ok\"} 4\n",
+            "# TYPE virtproxyd_connections_rejected counter\n",
+            "virtproxyd_connections_rejected_total{reason=\"max_anonymous_clients\"} 2\n",
+            "virtproxyd_connections_rejected_total{reason=\"max_clients\"} 0\n",
+            "virtproxyd_metrics_clients_pages_total{answer=\"reused\"} 9\n",
         ] {
             assert!(s.contains(line), "missing {line:?} in\n{s}");
         }
@@ -692,7 +737,7 @@ mod tests {
         assert_eq!(samples(&text), series_bound(workers), "{}", &text[..2000]);
         assert!(DRIVERS <= 16 && CLOSE_REASONS.len() <= 16);
         // With 2 workers: the number the README states.
-        assert_eq!(series_bound(2), 12_257);
+        assert_eq!(series_bound(2), 12_267);
     }
 
     #[test]

@@ -27,7 +27,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::SystemTime;
 
 use counters::{Counter, WorkerCounters, WorkerTotals};
-use encode::{Snapshot, LISTENERS, REQUEST_RESULTS};
+use encode::{Snapshot, CLIENTS_PAGE_ANSWERS, LISTENERS, REQUEST_RESULTS};
 
 use crate::listen::ListenerKind;
 use crate::shared::Shared;
@@ -41,6 +41,8 @@ pub struct Source {
     relay: OnceLock<Arc<[WorkerCounters]>>,
     /// Written by the metrics thread only.
     requests: [Counter; REQUEST_RESULTS.len()],
+    /// `/clients` answers by [`CLIENTS_PAGE_ANSWERS`]; metrics thread only.
+    clients_pages: [Counter; CLIENTS_PAGE_ANSWERS.len()],
 }
 
 impl std::fmt::Debug for Source {
@@ -55,13 +57,23 @@ impl std::fmt::Debug for Source {
 
 impl Source {
     /// The `/clients` page: the registry's clients with each worker's figures for them
-    /// (waits at most 1 s for the workers).
+    /// (waits at most 1 s for the workers). Each call costs every relay worker a collection;
+    /// `serve` bounds how often it is made.
     pub fn clients_json(&self) -> String {
         let stats = self
             .shared
             .registry
             .collect_stats(std::time::Duration::from_secs(1));
-        clients::render(&self.shared.registry.records(), stats)
+        clients::render(
+            &self.shared.registry.records(),
+            stats,
+            crate::registry::now_epoch_ms(),
+        )
+    }
+
+    /// Counts a `/clients` answer: `collected` for it, or reused. Metrics thread only.
+    pub(crate) fn count_clients_page(&self, collected: bool) {
+        self.clients_pages[usize::from(!collected)].inc();
     }
 
     /// `started`: when the daemon started; `workers`: the relay worker count.
@@ -72,6 +84,7 @@ impl Source {
             workers,
             relay: OnceLock::new(),
             requests: Default::default(),
+            clients_pages: Default::default(),
         }
     }
 
@@ -126,6 +139,8 @@ impl Source {
             workers: self.workers as u64,
             idle_timeout: s.registry.idle_timeout().map_or(0, |d| d.as_secs()),
             requests: std::array::from_fn(|i| self.requests[i].get()),
+            rejected: s.registry.rejections(),
+            clients_pages: std::array::from_fn(|i| self.clients_pages[i].get()),
             relay: self.relay.get().map(|b| WorkerTotals::sum(b)),
         }
     }
@@ -160,6 +175,9 @@ mod tests {
             3,
         );
         src.count_request(0);
+        shared
+            .registry
+            .rejected(crate::metrics::counters::Rejected::Tls, 2);
         let s = src.snapshot();
         assert_eq!(
             (
@@ -173,6 +191,7 @@ mod tests {
         assert_eq!(s.by_listener, [0, 1, 1, 0]);
         assert_eq!((s.workers, s.idle_timeout, s.start_time), (3, 30, 10.0));
         assert_eq!(s.requests[0], 1);
+        assert_eq!(s.rejected, [0, 0, 0, 2, 0, 0, 0]);
         assert!(s.relay.is_none());
         src.attach_workers(WorkerCounters::set(3));
         assert_eq!(src.snapshot().relay.map(|r| r.per_worker.len()), Some(3));

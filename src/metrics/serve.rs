@@ -27,6 +27,10 @@ pub const MAX_CONNS: usize = 64;
 /// From accept to the last byte of the response. Prometheus's default scrape timeout is
 /// 10 s; a client slower than that gets nothing. `VIRTPROXYD_METRICS_DEADLINE_MS` overrides it.
 pub const DEADLINE: Duration = Duration::from_secs(10);
+/// How long a `/clients` answer is reused. A fresh one wakes every relay worker to walk its
+/// connections; reused, a client polling `/clients` in a loop costs the relay at most one
+/// such collection per interval (per worker), and it sees figures at most this old.
+pub const CLIENTS_PAGE_REUSE: Duration = Duration::from_secs(1);
 /// listen(2) backlog of the sockets we create.
 const BACKLOG: i32 = 64;
 /// Mode of a UNIX metrics socket: the owner and `unix_sock_group` may scrape.
@@ -155,6 +159,7 @@ pub fn spawn(
         source,
         deadline,
         conns: Vec::new(),
+        clients_page: None,
         waker: waker.try_clone()?,
         stop: stop.clone(),
     };
@@ -187,8 +192,28 @@ struct Server {
     source: Arc<Source>,
     deadline: Duration,
     conns: Vec<Conn>,
+    /// The last `/clients` body and when its collection ended (see [`CLIENTS_PAGE_REUSE`]).
+    clients_page: Option<(Instant, String)>,
     waker: OwnedFd,
     stop: Arc<AtomicBool>,
+}
+
+/// The `/clients` body: the last one if it is younger than `reuse`, else a fresh collection
+/// (each counted by how it was answered).
+fn clients_page<'a>(
+    source: &Source,
+    cache: &'a mut Option<(Instant, String)>,
+    reuse: Duration,
+) -> &'a str {
+    let fresh = cache.as_ref().is_some_and(|(at, _)| at.elapsed() < reuse);
+    source.count_clients_page(!fresh);
+    if !fresh {
+        let body = source.clients_json();
+        // Stamped when the collection ended: a slow one (a worker late to answer) is not
+        // followed at once by another.
+        *cache = Some((Instant::now(), body));
+    }
+    cache.as_ref().map_or("", |(_, b)| b.as_str())
 }
 
 fn result_index(name: &str) -> usize {
@@ -303,6 +328,7 @@ impl Server {
 
     fn step(&mut self, i: usize) -> Step {
         let source = &self.source;
+        let cache = &mut self.clients_page;
         let c = &mut self.conns[i];
         if c.tx.is_none() {
             let mut buf = [0u8; 2048];
@@ -330,7 +356,7 @@ impl Server {
                 Parsed::Done(Request::Clients { head }) => {
                     source.count_request(result_index("ok"));
                     source.note_activity();
-                    let body = source.clients_json();
+                    let body = clients_page(source, cache, CLIENTS_PAGE_REUSE);
                     http::response(Status::Ok, "application/json", body.as_bytes(), head)
                 }
                 Parsed::Done(Request::MethodNotAllowed) => {
@@ -363,5 +389,28 @@ impl Server {
         // All sent: half-close so the client reads the end of the body, then drop.
         let _ = nix::sys::socket::shutdown(c.fd.as_raw_fd(), nix::sys::socket::Shutdown::Write);
         Step::Close
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clients_page_is_reused_within_its_interval() {
+        let shared = Arc::new(crate::shared::test_shared());
+        let source = Source::new(shared, std::time::SystemTime::now(), 1);
+        let mut cache = None;
+        let reuse = Duration::from_millis(200);
+        for _ in 0..5 {
+            assert_eq!(
+                clients_page(&source, &mut cache, reuse),
+                "{\"clients\":[]}\n"
+            );
+        }
+        assert_eq!(source.snapshot().clients_pages, [1, 4]);
+        std::thread::sleep(reuse + Duration::from_millis(20));
+        clients_page(&source, &mut cache, reuse);
+        assert_eq!(source.snapshot().clients_pages, [2, 4]);
     }
 }

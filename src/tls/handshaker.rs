@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use slab::Slab;
 
 use super::accept::{Established, Step, TlsAccept};
+use crate::metrics::counters::Rejected;
 use crate::reactor::{Event, Interest, Reactor};
 use crate::shared::{Inbox, NewConn, Shared};
 use crate::sys;
@@ -137,7 +138,7 @@ impl Handshaker {
                         "TLS handshake not completed within {:?} (pre-open deadline)",
                         self.shared.preopen_deadline
                     );
-                    self.close(slot, &why);
+                    self.close(slot, Rejected::Tls, &why);
                 }
             }
             let Self { timers, conns, .. } = &mut self;
@@ -149,7 +150,7 @@ impl Handshaker {
             if self.shared.shutdown.load(Ordering::Relaxed) {
                 let slots: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
                 for s in slots {
-                    self.close(s, "proxy shutting down");
+                    self.close(s, Rejected::Shutdown, "proxy shutting down");
                 }
                 return;
             }
@@ -173,13 +174,13 @@ impl Handshaker {
                 Err(e) => {
                     tracing::warn!(conn = nc.id, "cannot start TLS: {e}");
                     // Out of the registry too, or it stays listed as a ghost.
-                    self.closed(nc, &format!("cannot start TLS: {e}"));
+                    self.closed(nc, Rejected::Internal, &format!("cannot start TLS: {e}"));
                     continue;
                 }
             };
             // Marked while queued here (the scan below may have run before it arrived).
             if self.shared.registry.disconnect_requested(nc.id) {
-                self.closed(nc, "disconnected by an admin request");
+                self.closed(nc, Rejected::Admin, "disconnected by an admin request");
                 continue;
             }
             let gen = self.next_gen;
@@ -196,7 +197,11 @@ impl Handshaker {
             });
             self.timers.arm(deadline, (slot, gen));
             if let Err(e) = self.reactor.add(raw, token(slot, gen), Interest::ReadWrite) {
-                self.close(slot, &format!("cannot watch the socket: {e}"));
+                self.close(
+                    slot,
+                    Rejected::Internal,
+                    &format!("cannot watch the socket: {e}"),
+                );
                 continue;
             }
             // Edge-triggered: the ClientHello may already be waiting.
@@ -219,7 +224,7 @@ impl Handshaker {
             .map(|(k, _)| k)
             .collect();
         for slot in marked {
-            self.close(slot, "disconnected by an admin request");
+            self.close(slot, Rejected::Admin, "disconnected by an admin request");
         }
     }
 
@@ -230,7 +235,7 @@ impl Handshaker {
         match p.accept.drive(p.nc.fd.as_fd()) {
             Ok(Step::Blocked) => {}
             Ok(Step::Done) => self.hand_over(slot),
-            Err(e) => self.close(slot, &e),
+            Err(e) => self.close(slot, Rejected::Tls, &e),
         }
     }
 
@@ -248,7 +253,7 @@ impl Handshaker {
         self.reactor.remove(nc.fd.as_raw_fd(), token(slot, gen));
         let established = match accept.finish(&nc.fd) {
             Ok(e) => e,
-            Err(why) => return self.closed(nc, &why),
+            Err(why) => return self.closed(nc, Rejected::Tls, &why),
         };
         match &established {
             Established::Kernel { dn, .. } => {
@@ -258,7 +263,7 @@ impl Handshaker {
                     Ok(1) => {}
                     other => {
                         let why = format!("cannot send the TLS confirmation byte: {other:?}");
-                        return self.closed(nc, &why);
+                        return self.closed(nc, Rejected::Tls, &why);
                     }
                 }
                 tracing::info!(
@@ -276,24 +281,25 @@ impl Handshaker {
         nc.tls = Some(established);
         // The worker the acceptor chose (and registered for admin disconnects).
         let Some(w) = self.workers.get(nc.worker) else {
-            return self.closed(nc, "no relay worker");
+            return self.closed(nc, Rejected::Internal, "no relay worker");
         };
         if let Err(nc) = w.send(nc) {
-            self.closed(*nc, "relay worker is gone");
+            self.closed(*nc, Rejected::Internal, "relay worker is gone");
         }
     }
 
-    fn close(&mut self, slot: usize, why: &str) {
+    fn close(&mut self, slot: usize, reason: Rejected, why: &str) {
         if let Some(p) = self.conns.try_remove(slot) {
             self.reactor.remove(p.nc.fd.as_raw_fd(), token(slot, p.gen));
-            self.closed(p.nc, why);
+            self.closed(p.nc, reason, why);
         }
     }
 
-    /// Drops a client that never reached a relay worker.
-    fn closed(&mut self, nc: NewConn, why: &str) {
+    /// Drops a client that never reached a relay worker (a rejection, for metrics).
+    fn closed(&mut self, nc: NewConn, reason: Rejected, why: &str) {
         tracing::info!(conn = nc.id, "connection closed: {why}");
         self.shared.registry.remove(nc.id);
+        self.shared.registry.rejected(reason, 1);
         drop(nc);
         self.shared.clients.fetch_sub(1, Ordering::AcqRel);
     }

@@ -87,7 +87,7 @@ trait OffloadAnswer {
     /// The connection it is for: slot and generation.
     fn conn(&self) -> (usize, u32);
     /// Gives it to the pre-open connection `conn`'s handshake; `out` gets what that does next.
-    fn deliver(self, conn: &mut Conn, meter: Option<&WorkerMeter>, out: &mut Vec<Action>);
+    fn deliver(self, conn: &mut Conn, out: &mut Vec<Action>);
 }
 
 impl OffloadAnswer for polkit::Answer {
@@ -95,13 +95,10 @@ impl OffloadAnswer for polkit::Answer {
         (self.slot, self.gen)
     }
 
-    fn deliver(self, conn: &mut Conn, meter: Option<&WorkerMeter>, out: &mut Vec<Action>) {
+    fn deliver(self, conn: &mut Conn, out: &mut Vec<Action>) {
         let State::Pre(p) = &mut conn.state else {
             return;
         };
-        if let (Some(m), Err(_)) = (meter, &self.result) {
-            m.auth("polkit", false);
-        }
         p.hs.on_polkit_answer(self.result, out);
     }
 }
@@ -111,14 +108,11 @@ impl OffloadAnswer for crate::sasl::Answer {
         (self.slot, self.gen)
     }
 
-    fn deliver(self, conn: &mut Conn, meter: Option<&WorkerMeter>, out: &mut Vec<Action>) {
+    fn deliver(self, conn: &mut Conn, out: &mut Vec<Action>) {
         let State::Pre(p) = &mut conn.state else {
             return;
         };
         conn.sasl = self.session;
-        if let (Some(m), crate::sasl::Outcome::Failed(_)) = (meter, &self.outcome) {
-            m.auth("sasl", false);
-        }
         p.hs.on_sasl_answer(self.outcome, out);
     }
 }
@@ -317,6 +311,9 @@ impl Worker {
                 "connection closed: disconnected by an admin request"
             );
             self.shared.registry.remove(nc.id);
+            self.shared
+                .registry
+                .rejected(crate::metrics::counters::Rejected::Admin, 1);
             drop(nc);
             self.shared.clients.fetch_sub(1, Ordering::AcqRel);
             return;
@@ -364,6 +361,9 @@ impl Worker {
                     Err(e) => {
                         tracing::warn!(conn = nc.id, "socketpair: {e}");
                         self.shared.registry.remove(nc.id);
+                        self.shared
+                            .registry
+                            .rejected(crate::metrics::counters::Rejected::Internal, 1);
                         self.shared.clients.fetch_sub(1, Ordering::AcqRel);
                         return;
                     }
@@ -726,7 +726,7 @@ impl Worker {
             let mut out = Vec::new();
             match self.conns.get_mut(slot) {
                 Some(c) if c.gen == gen && matches!(c.state, State::Pre(_)) => {
-                    answer.deliver(c, self.meter.as_ref(), &mut out)
+                    answer.deliver(c, &mut out)
                 }
                 _ => continue,
             }
@@ -739,15 +739,20 @@ impl Worker {
 
     /// Connections an admin client asked to disconnect (client-disconnect): closed like any
     /// other close, so the client sees EOF and the daemon side is shut.
-    /// Its clients' own figures, when the metrics endpoint's `/clients` asks.
+    /// Its clients' own figures, when `/clients` (all of them) or client-info (one) asks.
     fn client_stats(&mut self) {
-        if !self.shared.registry.stats_wanted(self.index) {
+        let Some(ask) = self.shared.registry.stats_wanted(self.index) else {
             return;
+        };
+        // What `/clients` costs the relay: its bound is checked against this count.
+        if let Some(m) = &self.meter {
+            m.counters().client_stats.inc();
         }
         let now = Instant::now();
         let stats = self
             .conns
             .iter()
+            .filter(|(_, c)| ask.only.map_or(true, |id| id == c.id))
             .filter_map(|(_, c)| {
                 let m = c.meter.as_ref()?;
                 Some(crate::registry::ClientStats {
@@ -761,7 +766,7 @@ impl Worker {
                 })
             })
             .collect();
-        self.shared.registry.give_stats(stats);
+        self.shared.registry.give_stats(ask.round, stats);
     }
 
     fn admin_disconnects(&mut self) {

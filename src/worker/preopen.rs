@@ -174,6 +174,12 @@ impl Worker {
                     p.closing = Some(why);
                     Vec::new()
                 }
+                Action::AuthRefused => {
+                    if let Some(m) = &self.meter {
+                        m.auth(auth_label(self.shared.auth.of(conn.kind)), false);
+                    }
+                    Vec::new()
+                }
                 Action::SaslEnd => {
                     conn.sasl = None;
                     Vec::new()
