@@ -128,6 +128,21 @@ mod tests {
     }
 
     #[test]
+    fn man_page_describes_every_option() {
+        let man = include_str!("../doc/virtproxyd.8").replace("\\-", "-");
+        let usage = usage("virtproxyd");
+        // The option lines of the usage text: "  -h | --help   Display program help".
+        let options = usage
+            .lines()
+            .filter(|l| l.trim_start().starts_with('-'))
+            .flat_map(|l| l.split_whitespace().filter(|w| w.starts_with('-')))
+            .chain(["--handover-check"]);
+        for opt in options {
+            assert!(man.contains(opt), "{opt} missing from doc/virtproxyd.8");
+        }
+    }
+
+    #[test]
     fn rejects_bad_options_and_stray_arguments() {
         assert!(run(&["--listen"]).is_err());
         assert!(run(&["stray"]).is_err());

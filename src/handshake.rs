@@ -1,5 +1,5 @@
 //! The pre-open phase as a sans-IO state machine: client frames and daemon frames in, actions
-//! out. See `relay/LIFECYCLE.md` for where it sits in a connection's life.
+//! out. See `conn/LIFECYCLE.md` for where it sits in a connection's life.
 //!
 //! Before CONNECT_OPEN the proxy answers the client itself the way virtproxyd does
 //! (libvirt-rpc.md §3.4). On CONNECT_OPEN it connects to the driver daemon, performs the

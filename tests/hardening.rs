@@ -15,8 +15,8 @@ use std::time::Duration;
 use support::modular::{daemons_exclusive, proxy, testbed};
 use support::*;
 
-/// The README's bound on what one connection can make the proxy hold, for every kind of
-/// connection this test attacks (pre-open, relayed UNIX, admin): see "Hostile clients".
+/// The bound in `doc/administration.md` ("Hostile clients") on what one connection can make the
+/// proxy hold, for every kind of connection this test attacks (pre-open, relayed UNIX, admin).
 const BOUND_PER_CONN: usize = 512 * 1024;
 
 /// What each flooding client tries to write before giving up; a proxy that keeps reading

@@ -566,8 +566,8 @@ fn peers_may_not_send_frames_over_64_kib_before_open() {
         "oversized pre-open frame from a TCP peer not refused"
     );
     // A local client is held to the same bound (any local user reaches the ro socket; see
-    // README "Hostile clients"): its 100 KiB call closes the connection instead of being
-    // buffered, and a 60 KiB one is still answered.
+    // doc/administration.md "Hostile clients"): its 100 KiB call closes the connection instead
+    // of being buffered, and a 60 KiB one is still answered.
     let mut u = std::os::unix::net::UnixStream::connect(&e.proxy.rw_sock).unwrap();
     u.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let _ = u.write_all(&frame(66, 0, 0, &vec![0u8; 100 * 1024 - 28]));

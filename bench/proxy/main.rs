@@ -12,6 +12,9 @@
 //!   VPD_BENCH_ONLY=tls,idlecpu cargo bench …  only those sections
 //!   VPD_BENCH_PROXY_BIN=/path/virtproxyd      measure another build of the proxy
 //!   VPD_BENCH_ONLY=soak VPD_SOAK_SECS=1800 …  the soak alone (`soak.rs`; not in a full run)
+//!   cargo bench --bench proxy -- --write-doc  also a quick or partial run rewrites the doc
+//!   cargo bench --bench proxy -- --doc-from target/bench-proxy.json
+//!                                             measure nothing: the doc from a stored run
 //!
 //! Measures: cheap-call rate and latency (1 and 8 clients) and the relay's CPU per call,
 //! connect-open time, volume download/upload throughput (virtqemud → virtstoraged) and the
@@ -19,7 +22,9 @@
 //! and N idle proxied connections (fds, RSS, iou-wrk threads, a busy client's p99 and the
 //! proxy's CPU per call), and a busy client's p99 during bursts of TLS handshakes.
 //! Prints one table and writes `target/bench-proxy.json` (plus a dated copy under
-//! `target/bench-proxy-history/`).
+//! `target/bench-proxy-history/`). A full run of every section then renders that JSON's table
+//! into `doc/performance.md` between its markers (`report::markdown`), with the commit and
+//! the machine it ran on.
 
 mod env;
 mod logflood;
@@ -134,6 +139,16 @@ fn main() {
         println!("proxy: measures only under `cargo bench` (add -- --quick for a short run)");
         return;
     }
+    if let Some(i) = args.iter().position(|a| a == "--doc-from") {
+        let from = args
+            .get(i + 1)
+            .expect("--doc-from needs a bench-proxy.json path");
+        let text = std::fs::read_to_string(from).expect("read the bench JSON");
+        let doc: Value = serde_json::from_str(&text).expect("parse the bench JSON");
+        report::write_doc(&doc, &doc_page()).unwrap_or_else(|e| panic!("{e}"));
+        println!("{} written from {from}", doc_page().display());
+        return;
+    }
     let quick = args.iter().any(|a| a == "--quick")
         || std::env::var("VPD_BENCH_QUICK").is_ok_and(|v| !v.is_empty() && v != "0");
     let t_start = Instant::now();
@@ -155,6 +170,11 @@ fn main() {
 
     // what was measured: taken before anything runs (the tree may change meanwhile)
     let mut meta = meta(&p);
+    meta["sections"] = json!(if only.trim().is_empty() {
+        "all"
+    } else {
+        only.trim()
+    });
     let mut laps = Laps(serde_json::Map::new(), Instant::now());
     env::remove_stale_tmp();
     let client = Client {
@@ -591,6 +611,19 @@ fn main() {
         &text,
     );
     println!("\nJSON: {}", out.display());
+    // Only a full run of every section replaces the page's table unless asked: a quick or
+    // partial run has fewer repetitions or rows.
+    if (!p.quick && only.trim().is_empty()) || args.iter().any(|a| a == "--write-doc") {
+        match report::write_doc(&doc, &doc_page()) {
+            Ok(()) => println!("table written to {}", doc_page().display()),
+            Err(e) => eprintln!("doc not written: {e}"),
+        }
+    }
+}
+
+/// The page whose table a run rewrites.
+fn doc_page() -> PathBuf {
+    PathBuf::from(env::MANIFEST_DIR).join("doc/performance.md")
 }
 
 fn p_summary(p: &Params) -> Value {

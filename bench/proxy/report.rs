@@ -1,7 +1,10 @@
 //! Turns the raw runs into medians, ratios to direct and target verdicts; prints the table
-//! and returns the JSON document.
+//! and returns the JSON document. The same table is rendered from that JSON (its runs are all
+//! in it) into `doc/performance.md`, between the markers below, so the page cannot drift from
+//! a run.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 
 use serde_json::{json, Value};
 
@@ -66,7 +69,8 @@ impl Table {
         }
     }
 
-    fn print(&self) {
+    /// The table as Markdown, one line per row.
+    fn render(&self) -> String {
         let head = [
             "measurement",
             "direct",
@@ -97,7 +101,7 @@ impl Table {
             }
             s
         };
-        println!("{}", line(head));
+        let mut out = line(head) + "\n";
         let mut sep = String::from("|");
         for (i, n) in w.iter().enumerate() {
             if i == 0 || i == NCOLS + 1 {
@@ -106,14 +110,41 @@ impl Table {
                 sep += &format!("{}:|", "-".repeat(n + 1));
             }
         }
-        println!("{sep}");
+        out += &sep;
+        out.push('\n');
         for (what, c, goal) in &self.rows {
-            println!(
-                "{}",
-                line([what, &c[0], &c[1], &c[2], &c[3], &c[4], &c[5], goal])
-            );
+            out += &line([what, &c[0], &c[1], &c[2], &c[3], &c[4], &c[5], goal]);
+            out.push('\n');
         }
+        out
     }
+
+    fn met(&self) -> usize {
+        self.targets
+            .iter()
+            .filter(|v| v["met"] == json!(true))
+            .count()
+    }
+
+    fn missed(&self) -> Vec<&str> {
+        self.targets
+            .iter()
+            .filter(|v| v["met"] != json!(true))
+            .filter_map(|v| v["target"].as_str())
+            .collect()
+    }
+}
+
+/// What the cells mean; printed under the table and written under it in the doc.
+fn legend(met: usize, total: usize) -> String {
+    format!(
+        "targets met: {met}/{total}. Cells: median over repetitions; (x×) = median of \
+         per-repetition ratios to the direct run beside it (CPU: to socat's; busy p99: to the \
+         same endpoint with 0 idle); (+x) = added µs. Calls, connect-open and streams: \
+         qemu:///system on libvirt 9.0.0's modular daemons (direct = virtqemud-sock; libvirt \
+         virtproxyd = libvirt's own, same build); scale and TLS rows: private libvirtd. Relay \
+         CPU: proxy threads (schedstat), socat incl. its forked relays (cutime, 10 ms ticks)."
+    )
 }
 
 fn dash() -> String {
@@ -141,6 +172,39 @@ pub fn build(
     tls: &Value,
     stream_bytes: u64,
 ) -> Value {
+    let (t, summary) = tabulate(calls, opens, streams, scale, idle_cpu, tls, stream_bytes);
+    print!("{}", t.render());
+    println!("\n{}", legend(t.met(), t.targets.len()));
+    let missed = t.missed();
+    if !missed.is_empty() {
+        println!("missed: {}", missed.join("; "));
+    }
+    let rendered = t.render();
+
+    let doc = json!({
+        "meta": meta,
+        "params": params,
+        "targets": t.targets,
+        "summary": summary,
+        "raw": {"scale": scale, "idle_cpu": idle_cpu, "tls_burst": tls},
+    });
+    // The page is rendered from this document: it must give the table just printed.
+    if tabulate_json(&doc).render() != rendered {
+        eprintln!("warning: the table rendered from the JSON differs from the printed one");
+    }
+    doc
+}
+
+/// The table and the summary from the runs.
+fn tabulate(
+    calls: &BTreeMap<(&str, usize, &str), Vec<Value>>,
+    opens: &BTreeMap<&str, Vec<Value>>,
+    streams: &BTreeMap<(&str, &str), Vec<Value>>,
+    scale: &[Value],
+    idle_cpu: &Value,
+    tls: &Value,
+    stream_bytes: u64,
+) -> (Table, Value) {
     let mut t = Table {
         rows: vec![],
         targets: vec![],
@@ -599,32 +663,113 @@ pub fn build(
         });
     }
 
-    t.print();
-    let met = t.targets.iter().filter(|v| v["met"] == json!(true)).count();
-    println!(
-        "\ntargets met: {met}/{}. Cells: median over repetitions; (x×) = median of per-repetition \
-         ratios to the direct run beside it (CPU: to socat's; busy p99: to the same endpoint \
-         with 0 idle); (+x) = added µs. Calls, connect-open and streams: qemu:///system on \
-         libvirt 9.0.0's modular daemons (direct = virtqemud-sock; libvirt virtproxyd = libvirt's \
-         own, same build); scale and TLS rows: private libvirtd. Relay CPU: proxy threads \
-         (schedstat), socat incl. its forked relays (cutime, 10 ms ticks).",
-        t.targets.len()
-    );
-    let missed: Vec<&str> = t
-        .targets
-        .iter()
-        .filter(|v| v["met"] != json!(true))
-        .filter_map(|v| v["target"].as_str())
-        .collect();
-    if !missed.is_empty() {
-        println!("missed: {}", missed.join("; "));
-    }
+    (t, summary)
+}
 
-    json!({
-        "meta": meta,
-        "params": params,
-        "targets": t.targets,
-        "summary": summary,
-        "raw": {"scale": scale, "idle_cpu": idle_cpu, "tls_burst": tls},
-    })
+/// The table again from a document `build` returned (or its JSON file): every run it is made
+/// of is in there, under `summary` and `raw`.
+fn tabulate_json(doc: &Value) -> Table {
+    let s = &doc["summary"];
+    let arr = |v: &Value| v.as_array().cloned().unwrap_or_default();
+    let mut calls = BTreeMap::new();
+    for c in s["calls"].as_array().into_iter().flatten() {
+        let proc_ = c["proc"].as_str().unwrap_or("?");
+        let clients = c["clients"].as_u64().unwrap_or(0) as usize;
+        for (end, runs) in c["runs"].as_object().into_iter().flatten() {
+            calls.insert((proc_, clients, end.as_str()), arr(runs));
+        }
+    }
+    let mut opens = BTreeMap::new();
+    for (end, o) in s["open"].as_object().into_iter().flatten() {
+        opens.insert(end.as_str(), arr(&o["runs"]));
+    }
+    let mut streams = BTreeMap::new();
+    let mut stream_bytes = doc["params"]["stream_bytes"].as_u64().unwrap_or(0);
+    for st in s["streams"].as_array().into_iter().flatten() {
+        let dir = st["dir"].as_str().unwrap_or("?");
+        stream_bytes = st["bytes"].as_u64().unwrap_or(stream_bytes);
+        for end in COLS {
+            if !st[end]["runs"].is_null() {
+                streams.insert((dir, end), arr(&st[end]["runs"]));
+            }
+        }
+    }
+    let raw = &doc["raw"];
+    let scale = arr(&raw["scale"]);
+    tabulate(
+        &calls,
+        &opens,
+        &streams,
+        &scale,
+        &raw["idle_cpu"],
+        &raw["tls_burst"],
+        stream_bytes,
+    )
+    .0
+}
+
+/// Where the generated part of `doc/performance.md` starts and ends.
+pub const DOC_BEGIN: &str = "<!-- BEGIN bench proxy: written by `cargo bench --bench proxy` from \
+                             target/bench-proxy.json; edits between these markers are overwritten -->";
+pub const DOC_END: &str = "<!-- END bench proxy -->";
+
+/// The generated part of the performance page: which run (commit, date, machine), the table,
+/// what its cells mean and which targets were missed.
+pub fn markdown(doc: &Value) -> String {
+    let m = &doc["meta"];
+    let s = |k: &str| m[k].as_str().unwrap_or("?").to_string();
+    let commit: String = s("git_commit").chars().take(7).collect();
+    let dirty = m["git_dirty"].as_array().map_or(0, Vec::len);
+    let dirty = match dirty {
+        0 => String::new(),
+        1 => " plus 1 uncommitted change".to_string(),
+        n => format!(" plus {n} uncommitted changes"),
+    };
+    let reps = match doc["params"]["reps"].as_u64().unwrap_or(0) {
+        1 => "1 repetition".to_string(),
+        n => format!("{n} repetitions"),
+    };
+    let mins = m["elapsed_secs"].as_f64().unwrap_or(f64::NAN) / 60.0;
+    // Runs from before the field was recorded do not say which sections they ran.
+    let sections = m["sections"]
+        .as_str()
+        .map(|s| format!(", sections: {s}"))
+        .unwrap_or_default();
+    let t = tabulate_json(doc);
+    let mut out = format!(
+        "Run of {} at commit `{commit}`{dirty}: {} run ({reps}, {mins:.0} minutes{sections}), \
+         on {} CPUs ({}), kernel {}, {}.\n\n",
+        s("date"),
+        s("mode"),
+        m["cpus"].as_u64().unwrap_or(0),
+        s("cpu_model"),
+        s("kernel"),
+        s("libvirt"),
+    );
+    if t.rows.is_empty() {
+        out += "This run measured none of the table's sections (its figures are in its JSON \
+                only).\n\n";
+    }
+    out += &t.render();
+    out += &format!("\n{}\n", legend(t.met(), t.targets.len()));
+    let missed = t.missed();
+    if !missed.is_empty() {
+        out += &format!("\nMissed: {}.\n", missed.join("; "));
+    }
+    out
+}
+
+/// Replaces what lies between the markers in `text` with `block`; `None` without both markers.
+pub fn splice_block(text: &str, block: &str) -> Option<String> {
+    let b = text.find(DOC_BEGIN)? + DOC_BEGIN.len();
+    let e = b + text[b..].find(DOC_END)?;
+    Some(format!("{}\n{}{}", &text[..b], block, &text[e..]))
+}
+
+/// Writes the table of `doc` into the page at `path`, between its markers.
+pub fn write_doc(doc: &Value, path: &Path) -> Result<(), String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let new = splice_block(&text, &markdown(doc))
+        .ok_or_else(|| format!("{}: no `{DOC_BEGIN}` … `{DOC_END}` markers", path.display()))?;
+    std::fs::write(path, new).map_err(|e| format!("{}: {e}", path.display()))
 }

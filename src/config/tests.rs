@@ -72,6 +72,14 @@ fn template_mentions_every_known_key_and_parses_as_shipped() {
 }
 
 #[test]
+fn man_page_describes_every_known_key() {
+    let man = include_str!("../../doc/virtproxyd.8");
+    for key in keys::KNOWN_KEYS {
+        assert!(man.contains(key), "{key} missing from doc/virtproxyd.8");
+    }
+}
+
+#[test]
 fn first_duplicate_key_wins() {
     let c = cfg("listen_tcp = 0\nlisten_tcp = 1\n").unwrap();
     assert!(!c.listen_tcp);

@@ -2,7 +2,7 @@
 //! it: the userspace TLS shuttle step, the pre-open buffers and reads (`preopen`), and the
 //! relay step that drives its two pumps. The worker (`worker/`) owns the connections and
 //! their loop: the reactor, the inbox, deadlines, the runnable queue, pools, adopting and
-//! closing. See `relay/LIFECYCLE.md`.
+//! closing. See `LIFECYCLE.md` beside this file.
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::time::Instant;

@@ -530,9 +530,10 @@ fn encode_conns(e: &mut Enc<'_>, r: &WorkerTotals) -> std::fmt::Result {
 /// Series reported without the relay's counters (the daemon's own figures).
 pub const FIXED_SERIES: usize = 34;
 
-/// The most series a scrape can hold with `workers` relay workers: the README's bound. Every
-/// term is fixed at start; the procedure terms assume every one of libvirt's procedures (and
-/// `unknown`) was called, failed, timed, sent an event and streamed both ways.
+/// The most series a scrape can hold with `workers` relay workers: the bound
+/// `doc/administration.md` states. Every term is fixed at start; the procedure terms assume
+/// every one of libvirt's procedures (and `unknown`) was called, failed, timed, sent an event
+/// and streamed both ways.
 pub fn series_bound(workers: usize) -> usize {
     use super::counters::{DRIVERS, DURATION_BUCKETS, LATENCY_BUCKETS};
     // A histogram sample: its buckets, `_sum` and `_count`.
@@ -736,7 +737,7 @@ mod tests {
         let text = render(&snap, Format::Text);
         assert_eq!(samples(&text), series_bound(workers), "{}", &text[..2000]);
         assert!(DRIVERS <= 16 && CLOSE_REASONS.len() <= 16);
-        // With 2 workers: the number the README states.
+        // With 2 workers: the number `doc/administration.md` states.
         assert_eq!(series_bound(2), 12_267);
     }
 

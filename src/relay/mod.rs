@@ -1,5 +1,5 @@
 //! The data path after CONNECT_OPEN: two frame-aware pumps per connection (client→daemon and
-//! daemon→client). See LIFECYCLE.md beside this file.
+//! daemon→client). A connection's life is in `conn/LIFECYCLE.md`.
 
 pub mod copy;
 pub mod layer;
