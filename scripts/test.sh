@@ -7,6 +7,9 @@ cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh
 # tests/clients.rs runs against libvirt's modular daemons: built once per machine into a cache.
 bash scripts/modular-testbed.sh build >/dev/null
+# tests/restart.rs upgrades a running proxy from the previous commit's binary: built once per
+# commit into a cache.
+bash scripts/previous-binary.sh >/dev/null
 cargo fmt --check
 cargo clippy --all-targets -- -D warnings
 # The fuzz targets (run with cargo-fuzz) must keep compiling against the library.

@@ -64,6 +64,69 @@ fn restart(p: &support::Proxy, backend: &str) {
 fn sigusr2_keeps_every_connection(backend: &str) {
     let _shared = daemons_shared();
     let mut p = proxy("", &[("VIRTPROXYD_IO_BACKEND", backend)]);
+    workload_across_sigusr2(&mut p, backend, || {});
+}
+
+/// A package upgrade without systemd: the proxy runs the previous commit's binary, the new
+/// one is put at its path, and SIGUSR2 carries every connection of the workload into it.
+/// (Should the two ever write different hand-over formats, the old one must refuse and
+/// serve on, which is asserted instead.)
+fn upgrading_from_the_previous_commits_binary_keeps_every_connection(backend: &str) {
+    let _shared = daemons_shared();
+    let built = Command::new("bash")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/scripts/previous-binary.sh"
+        ))
+        .output()
+        .unwrap();
+    assert_success(&built, "scripts/previous-binary.sh");
+    let previous = std::path::PathBuf::from(stdout(&built).trim());
+    let current = Path::new(env!("CARGO_BIN_EXE_virtproxyd"));
+    let dir = tempfile::tempdir().unwrap();
+    let exe = dir.path().join("virtproxyd");
+    std::fs::copy(&previous, &exe).unwrap();
+    let check = |bin: &Path| stdout(&Command::new(bin).arg("--handover-check").output().unwrap());
+    let same_format = check(&previous) == check(current);
+    let mut p =
+        support::modular::proxy_with_binary(&exe, "", &[("VIRTPROXYD_IO_BACKEND", backend)]);
+    let install = || {
+        // As a package manager does: a new file renamed over the old path.
+        let staged = dir.path().join("virtproxyd.new");
+        std::fs::copy(current, &staged).unwrap();
+        std::fs::rename(&staged, &exe).unwrap();
+    };
+    if !same_format {
+        install();
+        p.signal("USR2");
+        assert!(
+            wait_for(Duration::from_secs(15), || p
+                .log_text()
+                .contains("not restarting on SIGUSR2")),
+            "{backend}: formats differ ({:?} against {:?}) and no refusal was logged:\n{}",
+            check(&previous),
+            check(current),
+            p.log_text()
+        );
+        assert_success(&virsh(&p.uri("qemu:///system"), &["version"]), "serving on");
+        return;
+    }
+    workload_across_sigusr2(&mut p, backend, install);
+    // The process now runs the new binary.
+    let running = std::fs::read(format!("/proc/{}/exe", p.pid())).unwrap();
+    assert!(
+        running == std::fs::read(current).unwrap(),
+        "{backend}: after the upgrade the proxy does not run this tree's binary"
+    );
+    assert!(
+        running != std::fs::read(&previous).unwrap(),
+        "{backend}: the previous commit's binary is this one: nothing was upgraded"
+    );
+}
+
+/// Runs restart_workload.py through `p`, calls `before_signal`, restarts with SIGUSR2 and
+/// checks that every connection went on in the same process.
+fn workload_across_sigusr2(p: &mut support::Proxy, backend: &str, before_signal: impl FnOnce()) {
     let pid = p.pid();
     let pools = pool_dir();
     let flags = tempfile::tempdir().unwrap();
@@ -78,9 +141,10 @@ fn sigusr2_keeps_every_connection(backend: &str) {
             &restarted.display().to_string(),
         ],
     );
-    let child = start_until_ready(workload, &ready, &p, backend);
+    let child = start_until_ready(workload, &ready, p, backend);
+    before_signal();
     let t = Instant::now();
-    restart(&p, backend);
+    restart(p, backend);
     let took = t.elapsed();
     std::fs::write(&restarted, "yes").unwrap();
     let out = child.wait_with_output().unwrap();
@@ -237,8 +301,109 @@ fn a_binary_that_cannot_start_leaves_the_old_one_serving(backend: &str) {
     );
 }
 
+/// A state this build cannot read (another format's version, as systemd's fd store could
+/// hold after a downgrade): the connections it carried are closed — their clients see EOF —
+/// with the reason in the log, and the process serves new clients as usual.
+fn a_state_of_an_unknown_format_closes_its_connections_and_serves_the_rest(backend: &str) {
+    use std::io::Read;
+    use std::os::fd::{AsFd, AsRawFd};
+    use virtproxyd::handover::{state, transfer, ConnRecord, State};
+    let _shared = daemons_shared();
+    let (mut client, carried) = std::os::unix::net::UnixStream::pair().unwrap();
+    let mut bytes = state::encode(&State {
+        producer: "a later virtproxyd-rs".into(),
+        next_id: 10,
+        listeners: Vec::new(),
+        conns: vec![ConnRecord {
+            id: 5,
+            kind: virtproxyd::listen::ListenerKind::UnixRw,
+            timestamp: 0,
+            age_ms: 0,
+            identity: Default::default(),
+            peer_addr: None,
+            claimed: None,
+            opened_readonly: false,
+            uri: None,
+            daemon_path: None,
+            client_done: false,
+            daemon_done: false,
+            daemon_shut: false,
+            ktls: false,
+            fresh: true,
+        }],
+        inherited: Vec::new(),
+    });
+    bytes[11] = 9; // the version word's low byte: format 9
+    let out = transfer::pack(&bytes, &[carried.as_fd()]).unwrap();
+    drop(carried);
+    // The two fds reach the proxy as systemd passes a hand-over: activation fds 3 and 4 by
+    // name. They are inheritable only while the wrapper is spawned.
+    let (st, q) = (out.state.as_raw_fd(), out.fds.as_raw_fd());
+    let dir = tempfile::tempdir().unwrap();
+    let wrapper = dir.path().join("virtproxyd");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/bash\n\
+             exec 100<&{st} 101<&{q}\n\
+             exec {st}<&- {q}<&-\n\
+             exec 3<&100 4<&101 100<&- 101<&-\n\
+             LISTEN_PID=$$ LISTEN_FDS=2 \
+             LISTEN_FDNAMES=virtproxyd-handover-state:virtproxyd-handover-fds \
+             exec {} \"$@\"\n",
+            env!("CARGO_BIN_EXE_virtproxyd")
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &wrapper,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let inheritable = |on: bool| {
+        for fd in [st, q] {
+            // SAFETY: fcntl on descriptors this test owns.
+            unsafe { libc::fcntl(fd, libc::F_SETFD, if on { 0 } else { libc::FD_CLOEXEC }) };
+        }
+    };
+    inheritable(true);
+    let p = std::panic::catch_unwind(|| {
+        support::modular::proxy_with_binary(&wrapper, "", &[("VIRTPROXYD_IO_BACKEND", backend)])
+    });
+    inheritable(false);
+    let p = p.unwrap_or_else(|e| std::panic::resume_unwind(e));
+    drop(out);
+    assert!(
+        wait_for(Duration::from_secs(10), || p
+            .log_text()
+            .contains("cannot take the previous process's connections over")),
+        "{backend}: no reason logged:\n{}",
+        p.log_text()
+    );
+    assert!(
+        p.log_text().contains("format 9 is not known here"),
+        "{backend}: the reason does not name the format:\n{}",
+        p.log_text()
+    );
+    client
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut buf = [0u8; 1];
+    assert_eq!(
+        client.read(&mut buf).unwrap(),
+        0,
+        "{backend}: the carried client did not see EOF"
+    );
+    assert_success(
+        &virsh(&p.uri("qemu:///system"), &["version"]),
+        &format!("{backend}: virsh after an unreadable hand-over"),
+    );
+}
+
 on_both_backends!(
     sigusr2_keeps_every_connection,
+    a_state_of_an_unknown_format_closes_its_connections_and_serves_the_rest,
+    upgrading_from_the_previous_commits_binary_keeps_every_connection,
     a_client_that_sent_nothing_is_carried_too,
     an_autodestroy_guest_survives_the_restart,
     a_binary_that_cannot_start_leaves_the_old_one_serving,

@@ -1,8 +1,10 @@
 //! `systemctl restart virtproxyd.service` keeps every client: a real systemd 252 (booted in
 //! private namespaces by scripts/systemd-box.sh) runs the project's own units, the proxy
 //! hands its connections over through the fd store, and the clients of the activated
-//! `libvirt-sock` and TCP socket go on — calls, events, a download in flight. `stop` then
-//! `start` still closes them, as the fd store is emptied then.
+//! `libvirt-sock` and TCP socket go on — calls, events, a 1 GiB download and upload in
+//! flight, a guest started with AUTODESTROY, an fd passed right after. `reload` keeps the
+//! process; `stop` then `start` still closes the clients, as the fd store is emptied then,
+//! and leaves no process; `--timeout` ends an idle service, which the next client starts.
 
 mod support;
 
@@ -62,11 +64,7 @@ impl SystemdBox {
     /// TCP socket on a free port) and a config routing to the test bed's daemons.
     fn install(&self, driver_socket_dir: &Path) {
         let root = self.root();
-        let put = |path: &str, text: &str| {
-            let p = root.join(path.trim_start_matches('/'));
-            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-            std::fs::write(&p, text).unwrap();
-        };
+        let put = |path: &str, text: &str| self.put(path, text);
         std::fs::copy(
             env!("CARGO_BIN_EXE_virtproxyd"),
             root.join("usr/sbin/virtproxyd"),
@@ -112,6 +110,24 @@ impl SystemdBox {
         );
     }
 
+    /// Writes a file inside the box.
+    fn put(&self, path: &str, text: &str) {
+        let p = self.root().join(path.trim_start_matches('/'));
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(&p, text).unwrap();
+    }
+
+    /// Pids of the box's processes called `name`.
+    fn processes_named(&self, name: &str) -> Vec<String> {
+        let pid = self.pid.to_string();
+        let mut cmd = Command::new("nsenter");
+        cmd.args(["-t", &pid, "-m", "-p", "-r", "-w", "pgrep", "-x", name]);
+        stdout(&output_with_timeout(&mut cmd, Duration::from_secs(10)))
+            .split_whitespace()
+            .map(str::to_string)
+            .collect()
+    }
+
     fn log(&self) -> String {
         std::fs::read_to_string(self.root().join("run/virtproxyd.log")).unwrap_or_default()
     }
@@ -144,6 +160,7 @@ fn workload(
     pools: &Path,
     flags: &Path,
     tag: &str,
+    size_mib: &str,
 ) -> (std::process::Child, PathBuf, PathBuf) {
     let (ready, restarted) = (
         flags.join(format!("{tag}-ready")),
@@ -154,7 +171,7 @@ fn workload(
         &[
             uri,
             &pools.join(tag).display().to_string(),
-            "32",
+            size_mib,
             &ready.display().to_string(),
             &restarted.display().to_string(),
         ],
@@ -183,10 +200,30 @@ fn systemctl_restart_keeps_unix_and_tcp_clients_and_stop_closes_them() {
     let pools = pool_dir();
     let flags = tempfile::tempdir().unwrap();
     let (unix_child, unix_ready, unix_restarted) =
-        workload(&b.unix_uri(), pools.path(), flags.path(), "unix");
+        workload(&b.unix_uri(), pools.path(), flags.path(), "unix", "1024");
     let (tcp_child, tcp_ready, tcp_restarted) =
-        workload(&b.tcp_uri(), pools.path(), flags.path(), "tcp");
-    for r in [&unix_ready, &tcp_ready] {
+        workload(&b.tcp_uri(), pools.path(), flags.path(), "tcp", "32");
+    // A guest started with AUTODESTROY on a connection through the activated socket: it must
+    // outlive the restart, and an fd passed on that connection right after it must arrive.
+    let (guard_ready, guard_restarted) = (
+        flags.path().join("autodestroy-ready"),
+        flags.path().join("autodestroy-restarted"),
+    );
+    let guard = py_command(
+        "restart_autodestroy.py",
+        &[
+            &b.unix_uri(),
+            &tb.direct_uri("qemu:///system", "virtqemud"),
+            &tb.pid("virtqemud").to_string(),
+            &guard_ready.display().to_string(),
+            &guard_restarted.display().to_string(),
+        ],
+    )
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    for r in [&unix_ready, &tcp_ready, &guard_ready] {
         assert!(
             wait_for(Duration::from_secs(60), || r.exists()),
             "a workload never got ready; log:\n{}",
@@ -226,7 +263,7 @@ fn systemctl_restart_keeps_unix_and_tcp_clients_and_stop_closes_them() {
         "the new process took nothing over; log:\n{}",
         b.log()
     );
-    for f in [&unix_restarted, &tcp_restarted] {
+    for f in [&unix_restarted, &tcp_restarted, &guard_restarted] {
         std::fs::write(f, "yes").unwrap();
     }
     let line = ro.next();
@@ -248,6 +285,13 @@ fn systemctl_restart_keeps_unix_and_tcp_clients_and_stop_closes_them() {
         );
         eprintln!("{what}: {}", stdout(&out).trim());
     }
+    assert_success(
+        &guard.wait_with_output().unwrap(),
+        &format!(
+            "the AUTODESTROY guest and the fd passed across systemctl restart (log:\n{})",
+            b.log()
+        ),
+    );
     let log = b.log();
     assert!(
         !log.contains("connection closed: restart"),
@@ -259,6 +303,20 @@ fn systemctl_restart_keeps_unix_and_tcp_clients_and_stop_closes_them() {
         "the new process left its hand-over in the store"
     );
     eprintln!("systemctl restart took {restart_took:?}");
+
+    // reload (ExecReload: SIGHUP): the same process re-reads its configuration.
+    assert_success(
+        &b.systemctl(&["reload", "virtproxyd.service"]),
+        "systemctl reload",
+    );
+    assert!(
+        wait_for(Duration::from_secs(10), || b
+            .log()
+            .contains("Reloading configuration on SIGHUP")),
+        "no reload in the log:\n{}",
+        b.log()
+    );
+    assert_eq!(b.show("virtproxyd.service", "MainPID"), second_pid);
 
     // stop, then start: the store is emptied; a held client sees its connection end.
     let (mut held, line) = Held::start(
@@ -280,8 +338,47 @@ fn systemctl_restart_keeps_unix_and_tcp_clients_and_stop_closes_them() {
     let line = held.next();
     assert_eq!(line.trim(), "closed", "a client survived systemctl stop");
     held.finish();
+    // Nothing left behind: no process of the service in the box.
+    assert_eq!(b.show("virtproxyd.service", "MainPID"), "0");
+    assert_eq!(b.show("virtproxyd.service", "ActiveState"), "inactive");
+    assert!(
+        b.processes_named("virtproxyd").is_empty(),
+        "virtproxyd processes left after stop: {:?}",
+        b.processes_named("virtproxyd")
+    );
     assert_success(
         &virsh(&b.unix_uri(), &["version"]),
         "virsh after stop and a new activation",
+    );
+
+    // Idle exit (--timeout, from the unit's $VIRTPROXYD_ARGS, here set in
+    // /etc/sysconfig/virtproxyd as on Fedora): with no client the service ends by itself,
+    // and the next client activates it again.
+    b.put(
+        "/etc/sysconfig/virtproxyd",
+        "VIRTPROXYD_ARGS=\"--timeout 3\"\n",
+    );
+    assert_success(
+        &b.systemctl(&["restart", "virtproxyd.service"]),
+        "restart with --timeout 3",
+    );
+    let idle_pid = b.show("virtproxyd.service", "MainPID");
+    assert_ne!(idle_pid, "0");
+    assert!(
+        wait_for(Duration::from_secs(20), || b
+            .show("virtproxyd.service", "ActiveState")
+            == "inactive"),
+        "the service did not exit when idle; log:\n{}",
+        b.log()
+    );
+    assert!(b.log().contains("no client for the idle timeout; exiting"));
+    assert_success(
+        &virsh(&b.unix_uri(), &["version"]),
+        "virsh after the idle exit",
+    );
+    let again = b.show("virtproxyd.service", "MainPID");
+    assert!(
+        again != "0" && again != idle_pid,
+        "not activated again: {again}"
     );
 }
