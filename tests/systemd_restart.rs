@@ -199,10 +199,23 @@ fn systemctl_restart_keeps_unix_and_tcp_clients_and_stop_closes_them() {
 
     let pools = pool_dir();
     let flags = tempfile::tempdir().unwrap();
+    // Started one after the other, each once the previous is ready: the 1 GiB workload takes
+    // a while to upload its volume, and the others' slow transfers must still run at the
+    // restart.
+    let ready_or_fail = |mut child: std::process::Child, ready: &Path| {
+        if !wait_for(Duration::from_secs(120), || ready.exists()) {
+            let _ = child.kill();
+            let mut err = String::new();
+            if let Some(e) = child.stderr.as_mut() {
+                let _ = std::io::Read::read_to_string(e, &mut err);
+            }
+            panic!("{} never got ready: {err}\nlog:\n{}", ready.display(), b.log());
+        }
+        child
+    };
     let (unix_child, unix_ready, unix_restarted) =
         workload(&b.unix_uri(), pools.path(), flags.path(), "unix", "1024");
-    let (tcp_child, tcp_ready, tcp_restarted) =
-        workload(&b.tcp_uri(), pools.path(), flags.path(), "tcp", "32");
+    let unix_child = ready_or_fail(unix_child, &unix_ready);
     // A guest started with AUTODESTROY on a connection through the activated socket: it must
     // outlive the restart, and an fd passed on that connection right after it must arrive.
     let (guard_ready, guard_restarted) = (
@@ -223,13 +236,10 @@ fn systemctl_restart_keeps_unix_and_tcp_clients_and_stop_closes_them() {
     .stderr(std::process::Stdio::piped())
     .spawn()
     .unwrap();
-    for r in [&unix_ready, &tcp_ready, &guard_ready] {
-        assert!(
-            wait_for(Duration::from_secs(60), || r.exists()),
-            "a workload never got ready; log:\n{}",
-            b.log()
-        );
-    }
+    let guard = ready_or_fail(guard, &guard_ready);
+    let (tcp_child, tcp_ready, tcp_restarted) =
+        workload(&b.tcp_uri(), pools.path(), flags.path(), "tcp", "32");
+    let tcp_child = ready_or_fail(tcp_child, &tcp_ready);
     // A read-only client of the activated libvirt-sock-ro, open across the restart: it still
     // reads afterwards, and a write is still refused.
     let ro_uri = unix_uri(

@@ -24,6 +24,13 @@ import time
 from _common import fail, libvirt, run, setup, transient_volume, unique, usage, wait_for
 
 
+def random_bytes(seed, size):
+    """size random bytes; randbytes() alone takes at most 2**28 bytes (its bit count is a C int)."""
+    rng = random.Random(seed)
+    step = 1 << 24
+    return b"".join(rng.randbytes(min(step, size - at)) for at in range(0, size, step))
+
+
 def main():
     if len(sys.argv) != 6:
         usage("URI POOL_DIR SIZE_MIB READY_FILE RESTARTED_FILE")
@@ -69,7 +76,7 @@ def main():
     size = size_mib * 1024 * 1024
     name = unique("restart")
     with transient_volume(streamer, name, pool_dir, name + ".img", size) as (_pool, vol):
-        data = random.Random(os.getpid()).randbytes(size)
+        data = random_bytes(os.getpid(), size)
         up = streamer.newStream(0)
         vol.upload(up, 0, size, 0)
         sent = 0
@@ -85,7 +92,7 @@ def main():
         vol2 = _pool.createXML(
             "<volume><name>%s-up.img</name><capacity>%d</capacity>"
             "<target><format type='raw'/></target></volume>" % (name, size), 0)
-        data2 = random.Random(os.getpid() + 1).randbytes(size)
+        data2 = random_bytes(os.getpid() + 1, size)
         up_result = {}
 
         def slow_upload():
