@@ -209,7 +209,11 @@ fn systemctl_restart_keeps_unix_and_tcp_clients_and_stop_closes_them() {
             if let Some(e) = child.stderr.as_mut() {
                 let _ = std::io::Read::read_to_string(e, &mut err);
             }
-            panic!("{} never got ready: {err}\nlog:\n{}", ready.display(), b.log());
+            panic!(
+                "{} never got ready: {err}\nlog:\n{}",
+                ready.display(),
+                b.log()
+            );
         }
         child
     };
