@@ -15,7 +15,7 @@ use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use support::modular::{testbed, Testbed};
-use support::{output_with_timeout, wait_for, Proxy, MANIFEST_DIR};
+use support::{golibvirt_bin, output_with_timeout, wait_for, Proxy, MANIFEST_DIR};
 
 fn root() -> &'static Path {
     Path::new(MANIFEST_DIR)
@@ -72,18 +72,6 @@ fn sshd() -> &'static Sshd {
             port: get("PORT=").parse().unwrap(),
             uri_params: get("URI_PARAMS="),
         }
-    })
-}
-
-fn golibvirt_bin() -> &'static Path {
-    static B: OnceLock<PathBuf> = OnceLock::new();
-    B.get_or_init(|| {
-        let o = Command::new("bash")
-            .arg(root().join("scripts/golibvirt.sh"))
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "golibvirt.sh: {}", text(&o));
-        PathBuf::from(String::from_utf8_lossy(&o.stdout).trim())
     })
 }
 

@@ -2,7 +2,8 @@
 //! private namespaces by scripts/systemd-box.sh) runs the project's own units, the proxy
 //! hands its connections over through the fd store, and the clients of the activated
 //! `libvirt-sock` and TCP socket go on — calls, events, a 1 GiB download and upload in
-//! flight, a guest started with AUTODESTROY, an fd passed right after. `reload` keeps the
+//! flight, a guest started with AUTODESTROY, an fd passed right after, a go-libvirt client
+//! pipelining calls. `reload` keeps the
 //! process; `stop` then `start` still closes the clients, as the fd store is emptied then,
 //! and leaves no process; `--timeout` ends an idle service, which the next client starts.
 
@@ -244,6 +245,24 @@ fn systemctl_restart_keeps_unix_and_tcp_clients_and_stop_closes_them() {
     let (tcp_child, tcp_ready, tcp_restarted) =
         workload(&b.tcp_uri(), pools.path(), flags.path(), "tcp", "32");
     let tcp_child = ready_or_fail(tcp_child, &tcp_ready);
+    // go-libvirt (its own RPC implementation) pipelining calls from 8 goroutines on one
+    // connection through libvirt-sock, with a domain event callback registered before.
+    let (go_ready, go_restarted) = (
+        flags.path().join("go-ready"),
+        flags.path().join("go-restarted"),
+    );
+    let go = Command::new(golibvirt_bin())
+        .arg("-socket")
+        .arg(b.root().join("run/libvirt/libvirt-sock"))
+        .arg("-across")
+        .arg(format!("{},{}", go_ready.display(), go_restarted.display()))
+        .args(["-timeout", "120s"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let go = ready_or_fail(go, &go_ready);
     // A read-only client of the activated libvirt-sock-ro, open across the restart: it still
     // reads afterwards, and a write is still refused.
     let ro_uri = unix_uri(
@@ -277,7 +296,12 @@ fn systemctl_restart_keeps_unix_and_tcp_clients_and_stop_closes_them() {
         "the new process took nothing over; log:\n{}",
         b.log()
     );
-    for f in [&unix_restarted, &tcp_restarted, &guard_restarted] {
+    for f in [
+        &unix_restarted,
+        &tcp_restarted,
+        &guard_restarted,
+        &go_restarted,
+    ] {
         std::fs::write(f, "yes").unwrap();
     }
     let line = ro.next();
@@ -299,6 +323,24 @@ fn systemctl_restart_keeps_unix_and_tcp_clients_and_stop_closes_them() {
         );
         eprintln!("{what}: {}", stdout(&out).trim());
     }
+    let go = go.wait_with_output().unwrap();
+    assert_success(&go, "go-libvirt pipelining across systemctl restart");
+    let v: serde_json::Value = serde_json::from_str(stdout(&go).trim()).unwrap();
+    let (before, after) = (
+        v["pipelined_ok"].as_u64().unwrap_or(0),
+        v["pipelined_after_restart"].as_u64().unwrap_or(0),
+    );
+    assert!(
+        v["ok"] == true
+            && before > 0
+            && after > 0
+            && v["events"].as_array().map(Vec::len) == Some(2),
+        "go-libvirt across the restart: {v}"
+    );
+    eprintln!(
+        "go-libvirt: {before} pipelined calls before the restart, {after} after; events {}",
+        v["events"]
+    );
     assert_success(
         &guard.wait_with_output().unwrap(),
         &format!(

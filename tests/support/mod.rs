@@ -812,3 +812,17 @@ impl Held {
         self.child.wait().is_ok_and(|s| s.success())
     }
 }
+
+/// The go-libvirt client (`tests/go/golibvirt-workload`), built once per machine by
+/// scripts/golibvirt.sh.
+pub fn golibvirt_bin() -> &'static Path {
+    static B: OnceLock<PathBuf> = OnceLock::new();
+    B.get_or_init(|| {
+        let o = Command::new("bash")
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/golibvirt.sh"))
+            .output()
+            .expect("run scripts/golibvirt.sh");
+        assert_success(&o, "scripts/golibvirt.sh");
+        PathBuf::from(String::from_utf8_lossy(&o.stdout).trim())
+    })
+}

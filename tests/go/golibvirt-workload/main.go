@@ -3,6 +3,12 @@
 // non-zero when any step fails, so a test can run it through a proxy and compare.
 //
 //	golibvirt-workload -socket PATH -pool-dir DIR [-uri qemu:///system] [-mib 10]
+//	golibvirt-workload -socket PATH -across READY_FILE,RESTARTED_FILE
+//
+// With -across it holds one connection through a proxy restart instead: events registered
+// and 8 goroutines pipelining calls on it before, READY_FILE written; once RESTARTED_FILE
+// appears, a second more of calls, then a domain defined and undefined whose events must
+// arrive on the registration made before.
 package main
 
 import (
@@ -15,6 +21,7 @@ import (
 	"flag"
 	"fmt"
 	"os"
+	"strings"
 	"sync"
 	"time"
 
@@ -38,6 +45,7 @@ type result struct {
 	DownloadSHA256 string   `json:"download_sha256"`
 	StreamMatch    bool     `json:"stream_match"`
 	Pipelined      int      `json:"pipelined_ok"`
+	PipelinedAfter int      `json:"pipelined_after_restart"`
 	ElapsedMs      int64    `json:"elapsed_ms"`
 }
 
@@ -48,6 +56,7 @@ func main() {
 	poolDir := flag.String("pool-dir", "", "directory for a transient dir pool (stream test)")
 	mib := flag.Int("mib", 10, "MiB uploaded and downloaded back")
 	timeout := flag.Duration("timeout", 60*time.Second, "whole-run deadline")
+	across := flag.String("across", "", "READY,RESTARTED: hold pipelined calls across a restart")
 	flag.Parse()
 
 	res := &result{URI: *uri, Errors: []string{}, Pools: []string{}, Networks: []string{},
@@ -58,7 +67,16 @@ func main() {
 		res.Errors = append(res.Errors, fmt.Sprintf("deadline of %s exceeded", *timeout))
 		finish(res, start)
 	})
-	run(res, *sock, *tcpPort, *uri, *poolDir, *mib)
+	if *across != "" {
+		files := strings.SplitN(*across, ",", 2)
+		if len(files) != 2 {
+			res.Errors = append(res.Errors, "-across wants READY,RESTARTED")
+		} else {
+			holdAcross(res, dial(*sock, *tcpPort), *uri, files[0], files[1])
+		}
+	} else {
+		run(res, *sock, *tcpPort, *uri, *poolDir, *mib)
+	}
 	timer.Stop()
 	finish(res, start)
 }
@@ -81,13 +99,7 @@ func finish(res *result, start time.Time) {
 func run(res *result, sock, tcpPort, uri, poolDir string, mib int) {
 	fail := func(step string, err error) { res.Errors = append(res.Errors, step+": "+err.Error()) }
 
-	var dialer socket.Dialer = dialers.NewLocal(dialers.WithSocket(sock),
-		dialers.WithLocalTimeout(10*time.Second))
-	if tcpPort != "" {
-		dialer = dialers.NewRemote("127.0.0.1", dialers.UsePort(tcpPort),
-			dialers.WithRemoteTimeout(10*time.Second))
-	}
-	l := libvirt.NewWithDialer(dialer)
+	l := libvirt.NewWithDialer(dial(sock, tcpPort))
 	if err := l.ConnectToURI(libvirt.ConnectURI(uri)); err != nil {
 		fail("connect", err)
 		return
@@ -127,6 +139,98 @@ func run(res *result, sock, tcpPort, uri, poolDir string, mib int) {
 	pipelined(res, l, fail)
 }
 
+func dial(sock, tcpPort string) socket.Dialer {
+	if tcpPort != "" {
+		return dialers.NewRemote("127.0.0.1", dialers.UsePort(tcpPort),
+			dialers.WithRemoteTimeout(10*time.Second))
+	}
+	return dialers.NewLocal(dialers.WithSocket(sock), dialers.WithLocalTimeout(10*time.Second))
+}
+
+// holdAcross keeps one connection busy with pipelined calls across a proxy restart (see the
+// package comment).
+func holdAcross(res *result, dialer socket.Dialer, uri, ready, restarted string) {
+	fail := func(step string, err error) { res.Errors = append(res.Errors, step+": "+err.Error()) }
+	l := libvirt.NewWithDialer(dialer)
+	if err := l.ConnectToURI(libvirt.ConnectURI(uri)); err != nil {
+		fail("connect", err)
+		return
+	}
+	defer func() {
+		if err := l.Disconnect(); err != nil {
+			fail("disconnect", err)
+		}
+	}()
+	var err error
+	if res.LibVersion, err = l.ConnectGetLibVersion(); err != nil {
+		fail("lib version", err)
+		return
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	events, err := l.LifecycleEvents(ctx)
+	if err != nil {
+		fail("lifecycle events", err)
+		return
+	}
+	var mu sync.Mutex
+	var stop, after bool
+	var wg sync.WaitGroup
+	for i := 0; i < 8; i++ {
+		wg.Add(1)
+		go func(i int) {
+			defer wg.Done()
+			for {
+				mu.Lock()
+				done, counted := stop, after
+				mu.Unlock()
+				if done {
+					return
+				}
+				v, err := l.ConnectGetLibVersion()
+				if err == nil && v != res.LibVersion {
+					err = fmt.Errorf("version %d, earlier %d", v, res.LibVersion)
+				}
+				mu.Lock()
+				if err != nil {
+					fail(fmt.Sprintf("pipelined call on goroutine %d", i), err)
+					stop = true
+				} else if counted {
+					res.PipelinedAfter++
+				} else {
+					res.Pipelined++
+				}
+				mu.Unlock()
+			}
+		}(i)
+	}
+	if err := os.WriteFile(ready, []byte("ready\n"), 0o644); err != nil {
+		fail("ready file", err)
+	}
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		if _, err := os.Stat(restarted); err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			fail("restart", fmt.Errorf("no %s within 60 s", restarted))
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	mu.Lock()
+	after = true
+	mu.Unlock()
+	time.Sleep(time.Second)
+	mu.Lock()
+	stop = true
+	mu.Unlock()
+	wg.Wait()
+	if len(res.Errors) == 0 {
+		domainEventsOn(res, l, events, fail)
+	}
+}
+
 // domainEvents defines and undefines an inactive domain with a lifecycle callback registered:
 // go-libvirt routes only domain events, so this is the event it can see.
 func domainEvents(res *result, l *libvirt.Libvirt, fail func(string, error)) {
@@ -137,6 +241,12 @@ func domainEvents(res *result, l *libvirt.Libvirt, fail func(string, error)) {
 		fail("lifecycle events", err)
 		return
 	}
+	domainEventsOn(res, l, events, fail)
+}
+
+// domainEventsOn defines and undefines a domain and waits for both events on `events`.
+func domainEventsOn(res *result, l *libvirt.Libvirt, events <-chan libvirt.DomainEventLifecycleMsg,
+	fail func(string, error)) {
 	name := fmt.Sprintf("golibvirt-%d", os.Getpid())
 	xml := "<domain type='qemu'><name>" + name + "</name><memory unit='MiB'>32</memory>" +
 		"<os><type arch='x86_64'>hvm</type></os></domain>"
