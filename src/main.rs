@@ -232,16 +232,8 @@ fn run(argv0: &str, cli: cli::Cli) -> i32 {
         Ok(r) => r,
         Err(code) => return code,
     };
-    let Prepared {
-        _pid_file,
-        listeners,
-        was_activated,
-        resumed,
-        metrics_sockets,
-        shared,
-        workers,
-        backend,
-    } = match prepare(&cli, &env, &cfg, restart.began_ns) {
+    // Its pid file stays held while `prepared` lives: to the end.
+    let prepared = match prepare(&cli, &env, &cfg, restart.began_ns) {
         Ok(p) => p,
         Err((code, msg)) => return fail(argv0, ready, code, &msg),
     };
@@ -264,20 +256,24 @@ fn run(argv0: &str, cli: cli::Cli) -> i32 {
         tracing::warn!("cannot start the log writer thread ({e}); logging inline");
     }
     // Metrics endpoint (issue 18): its own thread, after the signals are blocked.
-    let (metrics, metrics_source) = match start_metrics(metrics_sockets, &shared, started, workers)
-    {
+    let (metrics, metrics_source) = match start_metrics(
+        prepared.metrics_sockets,
+        &prepared.shared,
+        started,
+        prepared.workers,
+    ) {
         Ok(m) => m,
         Err(msg) => return fail(argv0, None, EXIT_NETWORK, &msg),
     };
     let serving = Serving {
         restart,
         config_path: cli.config.clone(),
-        workers,
-        backend,
+        workers: prepared.workers,
+        backend: prepared.backend,
         idle_timeout: (cli.timeout > 0).then(|| Duration::from_secs(cli.timeout.into())),
-        shared,
+        shared: prepared.shared,
         handover: cfg.restart_handover,
-        was_activated,
+        was_activated: prepared.was_activated,
         metrics: metrics_source,
         make_admin,
         flush_log: log.clone(),
@@ -290,7 +286,7 @@ fn run(argv0: &str, cli: cli::Cli) -> i32 {
             log,
         })),
     };
-    let stopped = serving.serve(listeners, resumed);
+    let stopped = serving.serve(prepared.listeners, prepared.resumed);
     if let Some(m) = metrics {
         m.stop();
     }

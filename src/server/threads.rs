@@ -19,6 +19,14 @@ pub(super) struct WorkerHandle {
     pub(super) thread: JoinHandle<()>,
 }
 
+impl WorkerHandle {
+    /// Starts a thread named `name` that takes clients from `inbox`.
+    fn spawn(name: String, inbox: Inbox, run: impl FnOnce() + Send + 'static) -> io::Result<Self> {
+        let thread = std::thread::Builder::new().name(name).spawn(run)?;
+        Ok(WorkerHandle { inbox, thread })
+    }
+}
+
 /// The threads the acceptor feeds: relay workers, TLS handshake threads, the admin thread.
 pub(super) struct Threads {
     pub(super) workers: Vec<WorkerHandle>,
@@ -152,13 +160,11 @@ fn start_workers(
                 .clone()
                 .and_then(|set| crate::metrics::meter::WorkerMeter::new(set, index)),
         );
-        let thread = std::thread::Builder::new()
-            .name(format!("relay-{index}"))
-            .spawn(move || worker.run())?;
-        workers.push(WorkerHandle {
-            inbox: Inbox { tx, waker },
-            thread,
-        });
+        workers.push(WorkerHandle::spawn(
+            format!("relay-{index}"),
+            Inbox { tx, waker },
+            move || worker.run(),
+        )?);
     }
     Ok((workers, backend_name))
 }
@@ -182,13 +188,11 @@ fn start_handshakers(
             .map(|w| w.inbox.try_clone())
             .collect::<io::Result<Vec<_>>>()?;
         let h = Handshaker::new(index, rx, waker.try_clone()?, shared.clone(), inboxes)?;
-        let thread = std::thread::Builder::new()
-            .name(format!("tls-handshake-{index}"))
-            .spawn(move || h.run())?;
-        handshakers.push(WorkerHandle {
-            inbox: Inbox { tx, waker },
-            thread,
-        });
+        handshakers.push(WorkerHandle::spawn(
+            format!("tls-handshake-{index}"),
+            Inbox { tx, waker },
+            move || h.run(),
+        )?);
     }
     shared.registry.attach_handshakers(
         handshakers
