@@ -1,5 +1,6 @@
 //! `virtproxyd`: CLI → config → listeners → relay workers.
 
+use std::io;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -221,71 +222,201 @@ impl Reloader {
 
 fn run(argv0: &str, cli: cli::Cli) -> i32 {
     let started = std::time::SystemTime::now();
+    let (env, cfg, log) = match load(argv0, &cli) {
+        Ok(loaded) => loaded,
+        Err(code) => return code,
+    };
+    let restart = Restart::from_process(argv0);
+    // Fork before any thread exists.
+    let ready = match daemonize(argv0, cli.daemon && !restart.re_executed) {
+        Ok(r) => r,
+        Err(code) => return code,
+    };
+    // Its pid file stays held while `prepared` lives: to the end.
+    let prepared = match prepare(&cli, &env, &cfg, restart.began_ns) {
+        Ok(p) => p,
+        Err((code, msg)) => return fail(argv0, ready, code, &msg),
+    };
+    if let Some(r) = ready {
+        r.report(0);
+    }
+    let make_admin = admin_opts(&cfg, &env, &cli, &log);
+    // Past the fork and the start-up checks: from here a slow log output costs lines, not
+    // the relay workers' time. The writer thread, like every other, must not take the
+    // signals the acceptor reads from its signalfd: they are blocked before it starts.
+    if let Err(e) = server::handled_signals().thread_block() {
+        return fail(
+            argv0,
+            None,
+            EXIT_CONFIG,
+            &format!("cannot block signals: {e}"),
+        );
+    }
+    if let Err(e) = log.start_writer() {
+        tracing::warn!("cannot start the log writer thread ({e}); logging inline");
+    }
+    // Metrics endpoint (issue 18): its own thread, after the signals are blocked.
+    let (metrics, metrics_source) = match start_metrics(
+        prepared.metrics_sockets,
+        &prepared.shared,
+        started,
+        prepared.workers,
+    ) {
+        Ok(m) => m,
+        Err(msg) => return fail(argv0, None, EXIT_NETWORK, &msg),
+    };
+    let serving = Serving {
+        restart,
+        config_path: cli.config.clone(),
+        workers: prepared.workers,
+        backend: prepared.backend,
+        idle_timeout: (cli.timeout > 0).then(|| Duration::from_secs(cli.timeout.into())),
+        shared: prepared.shared,
+        handover: cfg.restart_handover,
+        was_activated: prepared.was_activated,
+        metrics: metrics_source,
+        make_admin,
+        flush_log: log.clone(),
+        reloader: std::rc::Rc::new(std::cell::RefCell::new(Reloader {
+            path: cli.config.clone(),
+            env: env.clone(),
+            verbose: cli.verbose,
+            daemon: cli.daemon,
+            current: cfg,
+            log,
+        })),
+    };
+    let stopped = serving.serve(prepared.listeners, prepared.resumed);
+    if let Some(m) = metrics {
+        m.stop();
+    }
+    let code = exit_code(stopped);
+    serving.flush_log.flush(Duration::from_secs(2));
+    code
+}
+
+/// `-d` (not again after a restart's execve: the process is the daemon already): the pipe
+/// to tell the waiting parent how the start went.
+fn daemonize(argv0: &str, fork: bool) -> Result<Option<daemon::ReadyPipe>, i32> {
+    if !fork {
+        return Ok(None);
+    }
+    match daemon::daemonize(argv0) {
+        Ok(p) => Ok(Some(p)),
+        Err(e) => {
+            eprintln!("{argv0}: error: cannot daemonize: {e}");
+            Err(EXIT_CONFIG)
+        }
+    }
+}
+
+/// Logs a start-up failure, tells the waiting parent of `-d` (`ready`), and gives the exit
+/// status.
+fn fail(argv0: &str, ready: Option<daemon::ReadyPipe>, code: i32, msg: &str) -> i32 {
+    tracing::error!("{msg}");
+    eprintln!("{argv0}: error: {msg}");
+    if let Some(r) = ready {
+        r.report(code as u8);
+    }
+    code
+}
+
+/// The configuration and logging (before anything else: every later step logs); the exit
+/// status on failure.
+fn load(argv0: &str, cli: &cli::Cli) -> Result<(Env, Config, logging::LogControl), i32> {
     let env = Env::from_process();
     let cfg = match Config::load(cli.config.as_deref(), &env) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("{argv0}: error: Can't load config file: {e}");
-            return EXIT_CONFIG;
+            return Err(EXIT_CONFIG);
         }
     };
     let log = match logging::install(&log_settings(&cfg, &env, cli.verbose, cli.daemon)) {
         Ok(l) => l,
         Err(e) => {
             eprintln!("{argv0}: error: {e}");
-            return EXIT_CONFIG;
+            return Err(EXIT_CONFIG);
         }
     };
     for key in &cfg.unknown_keys {
         tracing::debug!("ignoring unknown config key '{key}'");
     }
+    Ok((env, cfg, log))
+}
 
-    // What SIGUSR2 re-executes: this binary's path (a package upgrade puts the new one
-    // there) with the same arguments.
-    let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from(argv0));
-    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
-    // Started by a hand-over's execve: the daemon already, with its PID.
-    let exec_marker = std::env::var(handover::process::EXEC_ENV).ok();
-    let re_executed = exec_marker.is_some();
-    // "<quiesce began>:<execve called>" (CLOCK_MONOTONIC ns); older binaries say just "1".
-    let marker_ns = |i: usize| {
-        exec_marker
-            .as_deref()
+/// What a SIGUSR2 restart re-executes, and what the previous process's execve told us.
+struct Restart {
+    /// This binary's path (a package upgrade puts the new one there).
+    exe: PathBuf,
+    /// The same arguments.
+    args: Vec<std::ffi::OsString>,
+    /// Started by a hand-over's execve: the daemon already, with its PID.
+    re_executed: bool,
+    /// When the previous process began to quiesce (CLOCK_MONOTONIC ns).
+    began_ns: Option<u64>,
+}
+
+impl Restart {
+    /// Reads (and clears, so that no child inherits it) the hand-over's marker.
+    fn from_process(argv0: &str) -> Restart {
+        let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from(argv0));
+        let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+        let exec_marker = std::env::var(handover::process::EXEC_ENV).ok();
+        let re_executed = exec_marker.is_some();
+        let (began_ns, exec_ns) = marker_times(exec_marker.as_deref());
+        std::env::remove_var(handover::process::EXEC_ENV);
+        if re_executed {
+            tracing::info!(
+                since_quiesce_began_ms = handover::ms_since(began_ns),
+                since_execve_ms = handover::ms_since(exec_ns),
+                "started by a restart's hand-over (SIGUSR2)"
+            );
+        }
+        Restart {
+            exe,
+            args,
+            re_executed,
+            began_ns,
+        }
+    }
+}
+
+/// "<quiesce began>:<execve called>" (CLOCK_MONOTONIC ns); older binaries say just "1".
+fn marker_times(marker: Option<&str>) -> (Option<u64>, Option<u64>) {
+    let ns = |i: usize| {
+        marker
             .filter(|v| v.contains(':'))
             .and_then(|v| v.split(':').nth(i))
             .and_then(|v| v.parse::<u64>().ok())
     };
-    let (began_ns, exec_ns) = (marker_ns(0), marker_ns(1));
-    std::env::remove_var(handover::process::EXEC_ENV);
+    (ns(0), ns(1))
+}
 
-    if re_executed {
-        tracing::info!(
-            since_quiesce_began_ms = handover::ms_since(began_ns),
-            since_execve_ms = handover::ms_since(exec_ns),
-            "started by a restart's hand-over (SIGUSR2)"
-        );
-    }
-    // Fork before any thread exists.
-    let ready = if cli.daemon && !re_executed {
-        match daemon::daemonize(argv0) {
-            Ok(p) => Some(p),
-            Err(e) => {
-                eprintln!("{argv0}: error: cannot daemonize: {e}");
-                return EXIT_CONFIG;
-            }
-        }
-    } else {
-        None
-    };
-    let fail = |ready: Option<daemon::ReadyPipe>, code: i32, msg: &str| {
-        tracing::error!("{msg}");
-        eprintln!("{argv0}: error: {msg}");
-        if let Some(r) = ready {
-            r.report(code as u8);
-        }
-        code
-    };
+/// A start-up failure: the exit status and what to say.
+type Failure = (i32, String);
 
+/// What the start-up checks leave for serving.
+struct Prepared {
+    /// Held (locked) until the process exits.
+    _pid_file: PidFile,
+    listeners: Vec<listen::Listener>,
+    was_activated: bool,
+    resumed: Option<handover::Resumed>,
+    metrics_sockets: Vec<virtproxyd::metrics::serve::MetricsSocket>,
+    shared: Arc<Shared>,
+    workers: usize,
+    backend: reactor::Kind,
+}
+
+/// Everything that can fail the start before the parent of `-d` is told it went well: the
+/// pid file, the sockets (activated, carried over or created), TLS material, the shared state.
+fn prepare(
+    cli: &cli::Cli,
+    env: &Env,
+    cfg: &Config,
+    began_ns: Option<u64>,
+) -> Result<Prepared, Failure> {
     // Taken before any socket is created, as libvirt does.
     let pid_path = cli.pid_file.clone().unwrap_or_else(|| {
         daemon::default_pid_file(
@@ -294,15 +425,9 @@ fn run(argv0: &str, cli: cli::Cli) -> i32 {
             env.home.as_deref(),
         )
     });
-    let _pid_file = match PidFile::acquire(&pid_path) {
-        Ok(p) => p,
-        Err(e) => return fail(ready, EXIT_CONFIG, &e.to_string()),
-    };
-
-    let activated = match activation::take_listeners(&activation::ActivationEnv::from_process()) {
-        Err(e) => return fail(ready, EXIT_NETWORK, &e.to_string()),
-        Ok(a) => a,
-    };
+    let _pid_file = PidFile::acquire(&pid_path).map_err(|e| (EXIT_CONFIG, e.to_string()))?;
+    let activated = activation::take_listeners(&activation::ActivationEnv::from_process())
+        .map_err(|e| (EXIT_NETWORK, e.to_string()))?;
     let (mut listeners, activated_metrics, arriving) = match activated {
         Some(a) => (
             a.listeners,
@@ -319,54 +444,81 @@ fn run(argv0: &str, cli: cli::Cli) -> i32 {
             }
         }
     }
-    // A restart's hand-over: the listeners that were not systemd's, and the connections.
-    let mut resumed = None;
-    if let Some((state_fd, queue)) = arriving {
-        handover::transfer::forget_in_systemd();
-        let t = std::time::Instant::now();
-        match handover::process::arrive(state_fd, queue) {
-            Ok(a) => {
-                tracing::info!(
-                    from = %a.producer,
-                    conns = a.resumed.carried.len(),
-                    listeners = a.listeners.len(),
-                    unpack_ms = t.elapsed().as_millis() as u64,
-                    since_quiesce_began_ms = handover::ms_since(began_ns),
-                    "taking over from the previous process"
-                );
-                listeners.extend(a.listeners);
-                resumed = Some(handover::Resumed {
-                    began_ns,
-                    ..a.resumed
-                });
-            }
-            Err(e) => tracing::error!("cannot take the previous process's connections over: {e}"),
-        }
-    }
+    let resumed =
+        arriving.and_then(|(state_fd, queue)| take_over(state_fd, queue, began_ns, &mut listeners));
     // Metrics endpoint (issue 18): bound before any socket file is created,
     // so that a bad or taken address fails the start with nothing left behind.
-    let metrics_sockets = match metrics_sockets(&cfg, activated_metrics) {
-        Ok(m) => m,
-        Err(e) => return fail(ready, EXIT_NETWORK, &e.to_string()),
-    };
+    let metrics_sockets =
+        metrics_sockets(cfg, activated_metrics).map_err(|e| (EXIT_NETWORK, e.to_string()))?;
     if listeners.is_empty() {
-        match create_listeners(&cfg, &env) {
-            Ok(l) => listeners = l,
-            Err(e) => return fail(ready, EXIT_NETWORK, &e.to_string()),
-        }
+        listeners = create_listeners(cfg, env).map_err(|e| (EXIT_NETWORK, e.to_string()))?;
     }
     for listener in &listeners {
         if let Some(w) = activation::open_socket_warning(listener, cfg.auth_for(listener.kind).1) {
             tracing::warn!("{w}");
         }
     }
+    let shared = build_shared(cfg, env, &listeners)?;
+    let (workers, backend) = (worker_count(cfg), backend(cfg));
+    // SIGPIPE must not kill us when a peer vanishes mid-splice.
+    // SAFETY: setting a signal disposition to ignore.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+    Ok(Prepared {
+        _pid_file,
+        listeners,
+        was_activated,
+        resumed,
+        metrics_sockets,
+        shared,
+        workers,
+        backend,
+    })
+}
 
-    // TLS material is loaded (and sanity-checked) only when a TLS listener exists.
-    let tls = if listeners.iter().any(|l| l.kind == ListenerKind::Tls) {
-        match tls::TlsSettings::from_config(&cfg) {
-            Ok(t) => Some(Arc::new(t)),
-            Err(e) => return fail(ready, EXIT_NETWORK, &e.to_string()),
+/// A restart's hand-over: the listeners that were not systemd's (added to `listeners`), and
+/// the connections; `None` when they cannot be taken (then the previous process's clients
+/// are lost, and this one serves on).
+fn take_over(
+    state_fd: std::os::fd::OwnedFd,
+    queue: Option<std::os::fd::OwnedFd>,
+    began_ns: Option<u64>,
+    listeners: &mut Vec<listen::Listener>,
+) -> Option<handover::Resumed> {
+    handover::transfer::forget_in_systemd();
+    let t = std::time::Instant::now();
+    match handover::process::arrive(state_fd, queue) {
+        Ok(a) => {
+            tracing::info!(
+                from = %a.producer,
+                conns = a.resumed.carried.len(),
+                listeners = a.listeners.len(),
+                unpack_ms = t.elapsed().as_millis() as u64,
+                since_quiesce_began_ms = handover::ms_since(began_ns),
+                "taking over from the previous process"
+            );
+            listeners.extend(a.listeners);
+            Some(handover::Resumed {
+                began_ns,
+                ..a.resumed
+            })
         }
+        Err(e) => {
+            tracing::error!("cannot take the previous process's connections over: {e}");
+            None
+        }
+    }
+}
+
+/// The state every thread shares, with the TLS material (loaded and sanity-checked only when
+/// a TLS listener exists).
+fn build_shared(
+    cfg: &Config,
+    env: &Env,
+    listeners: &[listen::Listener],
+) -> Result<Arc<Shared>, Failure> {
+    let tls = if listeners.iter().any(|l| l.kind == ListenerKind::Tls) {
+        let t = tls::TlsSettings::from_config(cfg).map_err(|e| (EXIT_NETWORK, e.to_string()))?;
+        Some(Arc::new(t))
     } else {
         None
     };
@@ -379,37 +531,45 @@ fn run(argv0: &str, cli: cli::Cli) -> i32 {
         drain_grace: DRAIN_GRACE,
         splice_threshold,
     };
-    let shared = match Shared::new(&cfg, route_table(&cfg, &env), tls, tuning) {
-        Ok(s) => Arc::new(s),
-        Err(e) => return fail(ready, EXIT_NETWORK, &format!("eventfd: {e}")),
-    };
-    let workers = match cfg.worker_threads {
-        // One per two CPUs: the daemons behind the proxy need CPU as much as the relay, and
-        // fewer workers each take more events per wake-up. On 2 vCPUs, 1 worker against 2
-        // cost 15-20 % less CPU per relayed call at 8 clients (fewer context switches: 0.6
-        // per call against 1.1), at an equal or better call rate; equal at 1 client.
+    match Shared::new(cfg, route_table(cfg, env), tls, tuning) {
+        Ok(s) => Ok(Arc::new(s)),
+        Err(e) => Err((EXIT_NETWORK, format!("eventfd: {e}"))),
+    }
+}
+
+/// `worker_threads`, or one per two CPUs when 0: the daemons behind the proxy need CPU as much
+/// as the relay, and fewer workers each take more events per wake-up. On 2 vCPUs, 1 worker
+/// against 2 cost 15-20 % less CPU per relayed call at 8 clients (fewer context switches: 0.6
+/// per call against 1.1), at an equal or better call rate; equal at 1 client.
+fn worker_count(cfg: &Config) -> usize {
+    match cfg.worker_threads {
         0 => std::thread::available_parallelism()
             .map(|n| n.get().div_ceil(2))
             .unwrap_or(1),
         n => n as usize,
-    };
-    let backend = match cfg.io_backend {
+    }
+}
+
+fn backend(cfg: &Config) -> reactor::Kind {
+    match cfg.io_backend {
         IoBackend::Auto => reactor::Kind::Auto,
         IoBackend::IoUring => reactor::Kind::IoUring,
         IoBackend::Epoll => reactor::Kind::Epoll,
-    };
-    // SIGPIPE must not kill us when a peer vanishes mid-splice.
-    // SAFETY: setting a signal disposition to ignore.
-    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
-
-    if let Some(r) = ready {
-        r.report(0);
     }
-    // srv-update-tls re-reads the files named by the configuration the daemon started with.
+}
+
+/// What each server run gives the admin thread. srv-update-tls re-reads the files named by
+/// the configuration the daemon started with.
+fn admin_opts(
+    cfg: &Config,
+    env: &Env,
+    cli: &cli::Cli,
+    log: &logging::LogControl,
+) -> Box<dyn Fn() -> virtproxyd::admin::serve::AdminOpts> {
     let admin_cfg = cfg.clone();
     let admin_log = log.clone();
-    let admin_settings = log_settings(&cfg, &env, cli.verbose, cli.daemon);
-    let make_admin = move || {
+    let admin_settings = log_settings(cfg, env, cli.verbose, cli.daemon);
+    Box::new(move || {
         let tls_cfg = admin_cfg.clone();
         virtproxyd::admin::serve::AdminOpts {
             log: Some(admin_log.clone()),
@@ -419,108 +579,151 @@ fn run(argv0: &str, cli: cli::Cli) -> i32 {
             })),
             max_clients: admin_cfg.admin_max_clients,
         }
-    };
-    // Past the fork and the start-up checks: from here a slow log output costs lines, not
-    // the relay workers' time. The writer thread, like every other, must not take the
-    // signals the acceptor reads from its signalfd: they are blocked before it starts.
-    if let Err(e) = server::handled_signals().thread_block() {
-        return fail(None, EXIT_CONFIG, &format!("cannot block signals: {e}"));
+    })
+}
+
+/// The metrics thread, and the source the relay workers count into; none when metrics are off.
+#[allow(clippy::type_complexity)]
+fn start_metrics(
+    sockets: Vec<virtproxyd::metrics::serve::MetricsSocket>,
+    shared: &Arc<Shared>,
+    started: std::time::SystemTime,
+    workers: usize,
+) -> Result<
+    (
+        Option<virtproxyd::metrics::serve::Handle>,
+        Option<Arc<virtproxyd::metrics::Source>>,
+    ),
+    String,
+> {
+    if sockets.is_empty() {
+        return Ok((None, None));
     }
-    if let Err(e) = log.start_writer() {
-        tracing::warn!("cannot start the log writer thread ({e}); logging inline");
+    let source = Arc::new(virtproxyd::metrics::Source::new(
+        shared.clone(),
+        started,
+        workers,
+    ));
+    let deadline = virtproxyd::metrics::serve::deadline_from_env();
+    match virtproxyd::metrics::serve::spawn(sockets, source.clone(), deadline) {
+        Ok(h) => Ok((Some(h), Some(source))),
+        Err(e) => Err(format!("cannot start metrics: {e}")),
     }
-    // Metrics endpoint (issue 18): its own thread, after the signals are blocked.
-    let mut metrics_source = None;
-    let metrics = if metrics_sockets.is_empty() {
-        None
-    } else {
-        let source = Arc::new(virtproxyd::metrics::Source::new(
-            shared.clone(),
-            started,
-            workers,
-        ));
-        metrics_source = Some(source.clone());
-        let deadline = virtproxyd::metrics::serve::deadline_from_env();
-        match virtproxyd::metrics::serve::spawn(metrics_sockets, source, deadline) {
-            Ok(h) => Some(h),
-            Err(e) => return fail(None, EXIT_NETWORK, &format!("cannot start metrics: {e}")),
+}
+
+/// What stays the same across the server runs of one process (a failed restart serves on in
+/// a new run).
+struct Serving {
+    restart: Restart,
+    config_path: Option<PathBuf>,
+    workers: usize,
+    backend: reactor::Kind,
+    idle_timeout: Option<Duration>,
+    shared: Arc<Shared>,
+    handover: bool,
+    was_activated: bool,
+    metrics: Option<Arc<virtproxyd::metrics::Source>>,
+    make_admin: Box<dyn Fn() -> virtproxyd::admin::serve::AdminOpts>,
+    flush_log: logging::LogControl,
+    reloader: std::rc::Rc<std::cell::RefCell<Reloader>>,
+}
+
+/// Where a hand-over leaves this process.
+enum AfterHandOff {
+    Exit(io::Result<Stopped>),
+    /// The restart failed: serve on with everything as it was.
+    ServeOn(Vec<listen::Listener>, handover::Resumed),
+}
+
+impl Serving {
+    /// Serves until the process is to exit: runs the server again after a failed restart.
+    fn serve(
+        &self,
+        mut listeners: Vec<listen::Listener>,
+        mut resumed: Option<handover::Resumed>,
+    ) -> io::Result<Stopped> {
+        loop {
+            match server::run(self.opts(std::mem::take(&mut listeners), resumed.take())) {
+                Ok(Stopped::HandOver(h)) => match self.leave(h) {
+                    AfterHandOff::Exit(stopped) => return stopped,
+                    AfterHandOff::ServeOn(l, r) => (listeners, resumed) = (l, Some(r)),
+                },
+                other => return other,
+            }
         }
-    };
-    let flush_log = log.clone();
-    let handover_enabled = cfg.restart_handover;
-    let config_path = cli.config.clone();
-    let reloader = std::rc::Rc::new(std::cell::RefCell::new(Reloader {
-        path: cli.config.clone(),
-        env: env.clone(),
-        verbose: cli.verbose,
-        daemon: cli.daemon,
-        current: cfg,
-        log,
-    }));
-    let mut listeners = listeners;
-    let stopped = loop {
-        let check_exe = exe.clone();
-        let check_config = config_path.clone();
-        let reloader = reloader.clone();
-        let opts = ServerOpts {
-            listeners: std::mem::take(&mut listeners),
-            workers,
-            backend,
-            idle_timeout: (cli.timeout > 0).then(|| Duration::from_secs(cli.timeout.into())),
-            shared: shared.clone(),
+    }
+
+    fn opts(
+        &self,
+        listeners: Vec<listen::Listener>,
+        resumed: Option<handover::Resumed>,
+    ) -> ServerOpts {
+        let check_exe = self.restart.exe.clone();
+        let check_config = self.config_path.clone();
+        let reloader = self.reloader.clone();
+        ServerOpts {
+            listeners,
+            workers: self.workers,
+            backend: self.backend,
+            idle_timeout: self.idle_timeout,
+            shared: self.shared.clone(),
             on_reload: Box::new(move |shared| reloader.borrow_mut().reload(shared)),
-            admin: make_admin(),
-            resumed: resumed.take(),
-            metrics: metrics_source.clone(),
-            handover: handover_enabled,
+            admin: (self.make_admin)(),
+            resumed,
+            metrics: self.metrics.clone(),
+            handover: self.handover,
             handover_check: Box::new(move || {
                 handover::process::check_binary(&check_exe, check_config.as_deref())
             }),
-        };
-        match server::run(opts) {
-            Ok(Stopped::HandOver(mut h)) => {
-                if h.mode == handover::HandOffMode::FdStore && was_activated {
-                    // systemd passes its sockets to the next process itself.
-                    h.listeners.clear();
-                }
-                flush_log.flush(Duration::from_secs(2));
-                match handover::process::leave(&h, &exe, &args) {
-                    Ok(()) => {
-                        tracing::info!(
-                            conns = h.carried.len(),
-                            "connections handed to systemd's fd store"
-                        );
-                        break Ok(Stopped::Signal(libc::SIGTERM));
-                    }
-                    Err(why) if h.mode == handover::HandOffMode::Exec => {
-                        // Serve on with everything as it was.
-                        tracing::error!("restart failed, still serving: {why}");
-                        let mut h = *h;
-                        if let Some(t) = h.admin_thread.take() {
-                            let _ = t.join();
-                        }
-                        shared.handover.requested.store(false, Ordering::Release);
-                        shared.shutdown.store(false, Ordering::Release);
-                        listeners = h.listeners;
-                        resumed = Some(handover::Resumed {
-                            carried: h.carried,
-                            next_id: h.next_id,
-                            began_ns: None,
-                        });
-                    }
-                    Err(why) => {
-                        tracing::error!("restart hand-over failed; clients are closed: {why}");
-                        break Ok(Stopped::Signal(libc::SIGTERM));
-                    }
-                }
-            }
-            other => break other,
         }
-    };
-    if let Some(m) = metrics {
-        m.stop();
     }
-    let code = match stopped {
+
+    /// Hands the connections to the next process (execve or systemd's fd store).
+    fn leave(&self, mut h: Box<handover::HandOff>) -> AfterHandOff {
+        if h.mode == handover::HandOffMode::FdStore && self.was_activated {
+            // systemd passes its sockets to the next process itself.
+            h.listeners.clear();
+        }
+        self.flush_log.flush(Duration::from_secs(2));
+        match handover::process::leave(&h, &self.restart.exe, &self.restart.args) {
+            Ok(()) => {
+                tracing::info!(
+                    conns = h.carried.len(),
+                    "connections handed to systemd's fd store"
+                );
+                AfterHandOff::Exit(Ok(Stopped::Signal(libc::SIGTERM)))
+            }
+            Err(why) if h.mode == handover::HandOffMode::Exec => {
+                tracing::error!("restart failed, still serving: {why}");
+                let mut h = *h;
+                if let Some(t) = h.admin_thread.take() {
+                    let _ = t.join();
+                }
+                self.shared
+                    .handover
+                    .requested
+                    .store(false, Ordering::Release);
+                self.shared.shutdown.store(false, Ordering::Release);
+                AfterHandOff::ServeOn(
+                    h.listeners,
+                    handover::Resumed {
+                        carried: h.carried,
+                        next_id: h.next_id,
+                        began_ns: None,
+                    },
+                )
+            }
+            Err(why) => {
+                tracing::error!("restart hand-over failed; clients are closed: {why}");
+                AfterHandOff::Exit(Ok(Stopped::Signal(libc::SIGTERM)))
+            }
+        }
+    }
+}
+
+/// The process's exit status (libvirt-rpc.md §8.6).
+fn exit_code(stopped: io::Result<Stopped>) -> i32 {
+    match stopped {
         Ok(Stopped::IdleTimeout) => {
             // The limit may have come from daemon-timeout rather than --timeout.
             tracing::info!("no client for the idle timeout; exiting");
@@ -531,9 +734,7 @@ fn run(argv0: &str, cli: cli::Cli) -> i32 {
             tracing::error!("server failed: {e}");
             EXIT_NETWORK
         }
-    };
-    flush_log.flush(Duration::from_secs(2));
-    code
+    }
 }
 
 /// The metrics endpoint's sockets: an activated `virtproxyd-metrics.socket` wins over
@@ -608,4 +809,18 @@ fn create_listeners(cfg: &Config, env: &Env) -> Result<Vec<listen::Listener>, li
         }
     }
     Ok(listeners)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::marker_times;
+
+    #[test]
+    fn exec_marker_gives_quiesce_and_execve_times() {
+        assert_eq!(marker_times(Some("12:34")), (Some(12), Some(34)));
+        // An older binary's marker says only that it re-executed.
+        assert_eq!(marker_times(Some("1")), (None, None));
+        assert_eq!(marker_times(Some("x:34")), (None, Some(34)));
+        assert_eq!(marker_times(None), (None, None));
+    }
 }

@@ -41,7 +41,7 @@ pub struct Shared {
     pub unauthenticated: AtomicUsize,
     /// 0 = unlimited; changed by SIGHUP and the admin interface. At the limit the listeners
     /// whose clients arrive unauthenticated stop accepting, the local ones park new anonymous
-    /// clients (see `server::starts_anonymous` and `server::Parked`).
+    /// clients (see `server::limits::starts_anonymous` and `server::limits::Parked`).
     pub max_anonymous_clients: AtomicUsize,
     /// How long a TCP/TLS client may stay before its open completes (TLS handshake included).
     pub preopen_deadline: Duration,

@@ -143,6 +143,11 @@ fn check(model: &mut Model, cause: Cause, out: Vec<Action>) {
                 model.over = true;
             }
             Action::Close(_) => model.over = true,
+            // Counted as a failed attempt: only for a client that still has to authenticate.
+            Action::AuthRefused => assert!(
+                !model.authenticated,
+                "an auth refusal counted for an authenticated client"
+            ),
             Action::AskPolkit(q) => {
                 assert_eq!(
                     model.auth,

@@ -92,6 +92,7 @@ fuzz_target!(|data: &[u8]| {
                 }
                 // SASL calls wait for the SASL threads; the fuzzer leaves them pending.
                 Action::Authenticated
+                | Action::AuthRefused
                 | Action::Sasl(_)
                 | Action::SaslEnd
                 | Action::SecurityLayer => {}
