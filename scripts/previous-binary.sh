@@ -16,6 +16,10 @@ if ! sha=$(git rev-parse --verify --quiet "$rev^{commit}"); then
   }
 fi
 out=$cache/$sha/virtproxyd
+mkdir -p "$cache"
+# One build at a time (the two backends' tests may ask at once); the second finds it made.
+exec 9>"$cache/.lock"
+flock 9
 if [ ! -x "$out" ]; then
   src=$(mktemp -d)
   trap 'rm -rf "$src"' EXIT
@@ -24,7 +28,7 @@ if [ ! -x "$out" ]; then
   echo "previous-binary: building virtproxyd at $sha" >&2
   CARGO_TARGET_DIR=$cache/target cargo build --quiet --manifest-path "$src/Cargo.toml" --bin virtproxyd >&2
   mkdir -p "$cache/$sha"
-  cp "$cache/target/debug/virtproxyd" "$out.tmp"
-  mv "$out.tmp" "$out"
+  cp "$cache/target/debug/virtproxyd" "$out.tmp.$$"
+  mv "$out.tmp.$$" "$out"
 fi
 echo "$out"

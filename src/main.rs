@@ -696,7 +696,7 @@ impl Serving {
             Err(why) if h.mode == handover::HandOffMode::Exec => {
                 tracing::error!("restart failed, still serving: {why}");
                 let mut h = *h;
-                if let Some(t) = h.admin_thread.take() {
+                for t in std::mem::take(&mut h.stopping) {
                     let _ = t.join();
                 }
                 self.shared

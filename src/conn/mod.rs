@@ -71,6 +71,9 @@ pub(crate) struct Conn {
     pub(crate) kind: ListenerKind,
     /// Already on the runnable queue (one entry per connection at most).
     pub(crate) queued: bool,
+    /// Its relayed sockets lack close-on-exec already (cleared when the relay started): a
+    /// restart's `execve` then keeps them without a syscall each in the pause.
+    pub(crate) inheritable: bool,
     /// The userspace TLS record layer (a TLS client without kTLS).
     pub(crate) tls: Option<Box<Shuttle>>,
     /// Whether the client / daemon socket may have data: set by readable events, cleared when

@@ -39,6 +39,8 @@ pub const GRACE: Duration = Duration::from_secs(2);
 /// arriving at one.
 #[derive(Debug)]
 pub struct Carried {
+    /// Its sockets lack close-on-exec already (see `exec_inheriting`).
+    pub inheritable: bool,
     pub record: ConnRecord,
     pub client: OwnedFd,
     /// `None` for a `fresh` client.
@@ -62,11 +64,16 @@ pub struct Handover {
     began_ns: std::sync::atomic::AtomicU64,
     /// The workers' carried connections.
     pub carried: Mutex<Vec<Carried>>,
+    /// Workers done with their part (their connections carried or closed); they still tear
+    /// down, which the acceptor does not wait for (see `wait_for_workers`).
+    left: Mutex<usize>,
+    left_changed: std::sync::Condvar,
 }
 
 impl Handover {
     /// Asks every worker to quiesce, from now on.
     pub fn request(&self) -> u64 {
+        *self.left.lock().unwrap_or_else(|e| e.into_inner()) = 0;
         let now = monotonic_ns();
         self.began_ns
             .store(now, std::sync::atomic::Ordering::Relaxed);
@@ -83,6 +90,28 @@ impl Handover {
     pub fn leave(&self, mut conns: Vec<Carried>) {
         let mut all = self.carried.lock().unwrap_or_else(|e| e.into_inner());
         all.append(&mut conns);
+    }
+
+    /// Called by a worker once its connections are carried or closed, before it tears down.
+    pub fn worker_left(&self) {
+        *self.left.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        self.left_changed.notify_all();
+    }
+
+    /// Waits until `n` workers left, or every thread in `threads` ended (a worker that died
+    /// without saying so must not hold the hand-over up). Dropping a worker's reactor with
+    /// 18,000 registrations and its buffers takes milliseconds that every client's pause
+    /// would wait for; an `execve` ends that work instead, and a failed hand-over joins the
+    /// threads before serving on.
+    pub fn wait_for_workers(&self, n: usize, threads: &[std::thread::JoinHandle<()>]) {
+        let mut left = self.left.lock().unwrap_or_else(|e| e.into_inner());
+        while *left < n && !threads.iter().all(|t| t.is_finished()) {
+            left = self
+                .left_changed
+                .wait_timeout(left, Duration::from_millis(20))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
     }
 
     /// Takes every carried connection.
@@ -138,9 +167,10 @@ pub struct HandOff {
     pub next_id: u64,
     /// When the quiesce began (`monotonic_ns`).
     pub began_ns: u64,
-    /// The admin thread, stopping (it polls every 200 ms): not waited for before leaving,
-    /// only before serving on when the hand-over failed.
-    pub admin_thread: Option<std::thread::JoinHandle<()>>,
+    /// Threads still stopping — the admin thread (it polls every 200 ms), relay workers
+    /// tearing down: not waited for before leaving, only before serving on when the
+    /// hand-over failed.
+    pub stopping: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for HandOff {

@@ -33,6 +33,14 @@ pub fn check_answer() -> String {
 pub fn check_binary(exe: &Path, config: Option<&Path>) -> Result<(), String> {
     let mut cmd = Command::new(exe);
     cmd.arg("--handover-check");
+    // Relayed sockets are inheritable (see `exec_inheriting`): the check must not hold them.
+    // SAFETY: close_range is async-signal-safe; stdin/out/err are in place by now.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+            Ok(())
+        });
+    }
     if let Some(c) = config {
         cmd.arg("-f").arg(c);
     }
@@ -79,7 +87,8 @@ pub fn check_binary(exe: &Path, config: Option<&Path>) -> Result<(), String> {
     Ok(())
 }
 
-/// The state of a hand-over (with `inherited` empty) and its fds in stream order.
+/// The state of a hand-over without its connection records (encoded from `h.carried` by
+/// `encode`) and with `inherited` empty, and its fds in stream order.
 fn describe(h: &HandOff) -> (State, Vec<BorrowedFd<'_>>) {
     let state = State {
         producer: producer(),
@@ -92,7 +101,7 @@ fn describe(h: &HandOff) -> (State, Vec<BorrowedFd<'_>>) {
                 path: l.path.as_ref().map(|p| p.to_string_lossy().into_owned()),
             })
             .collect(),
-        conns: h.carried.iter().map(|c| c.record.clone()).collect(),
+        conns: Vec::new(),
         inherited: Vec::new(),
     };
     let mut fds: Vec<BorrowedFd<'_>> = h.listeners.iter().map(|l| l.fd.as_fd()).collect();
@@ -105,10 +114,15 @@ fn describe(h: &HandOff) -> (State, Vec<BorrowedFd<'_>>) {
     (state, fds)
 }
 
+/// The whole state of `h`, given `describe`'s head.
+fn encode(head: &State, h: &HandOff) -> Vec<u8> {
+    state::encode_with(head, h.carried.iter().map(|c| &c.record))
+}
+
 /// Packs a hand-over for another process: the state in a memfd, every fd in the queue.
 pub fn pack(h: &HandOff) -> std::io::Result<Outgoing> {
     let (state, fds) = describe(h);
-    transfer::pack(&state::encode(&state), &fds)
+    transfer::pack(&encode(&state, h), &fds)
 }
 
 /// Leaves for the next process. `Exec` only returns on failure (with this process's
@@ -126,10 +140,20 @@ pub fn leave(h: &HandOff, exe: &Path, args: &[OsString]) -> Result<(), String> {
 
 /// `execve` keeps every fd without CLOEXEC where it is: the carried fds stay at their
 /// numbers and the state lists them, so nothing crosses a socket queue (18,000 fds in flight
-/// keep the kernel's AF_UNIX garbage collector busy for tens of milliseconds). Only fd 3,
-/// where the state goes, is moved first. On failure every fd is as it was.
+/// keep the kernel's AF_UNIX garbage collector busy for tens of milliseconds). Relayed
+/// sockets are inheritable since their relay started (`Carried::inheritable`): clearing
+/// CLOEXEC here, one fcntl per fd, cost 9,000 idle connections ~20 ms of the pause. Only
+/// fd 3, where the state goes, is moved first. On failure every fd is as it was.
 fn exec_inheriting(h: &HandOff, exe: &Path, args: &[OsString]) -> String {
     let (mut state, fds) = describe(h);
+    // Which of `fds` (in their order) are inheritable already.
+    let ready =
+        h.listeners
+            .iter()
+            .map(|_| false)
+            .chain(h.carried.iter().flat_map(|c| {
+                std::iter::repeat(c.inheritable).take(1 + usize::from(c.daemon.is_some()))
+            }));
     // Copies of fds that sat on 3 (kept until the exec), and the fds whose CLOEXEC we cleared.
     let mut moved: Vec<OwnedFd> = Vec::new();
     let mut cleared: Vec<i32> = Vec::with_capacity(fds.len());
@@ -139,8 +163,12 @@ fn exec_inheriting(h: &HandOff, exe: &Path, args: &[OsString]) -> String {
             unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
         }
     };
-    for fd in &fds {
+    for (fd, ready) in fds.iter().zip(ready) {
         let mut raw = fd.as_raw_fd();
+        if ready && raw != 3 {
+            state.inherited.push(raw);
+            continue;
+        }
         if raw == 3 {
             // SAFETY: F_DUPFD_CLOEXEC on a descriptor we hold; the copy is ours.
             let copy = unsafe { libc::fcntl(raw, libc::F_DUPFD_CLOEXEC, 5) };
@@ -160,7 +188,7 @@ fn exec_inheriting(h: &HandOff, exe: &Path, args: &[OsString]) -> String {
         cleared.push(raw);
         state.inherited.push(raw);
     }
-    let memfd = match transfer::pack_state(&state::encode(&state)) {
+    let memfd = match transfer::pack_state(&encode(&state, h)) {
         Ok(m) => m,
         Err(e) => {
             restore(&cleared);
@@ -331,6 +359,7 @@ pub fn arrive(state_fd: OwnedFd, queue: Option<OwnedFd>) -> Result<Arrived, Stri
         }
         match check_client(&record, &client) {
             Ok(()) => carried.push(Carried {
+                inheritable: false,
                 record,
                 client,
                 daemon,

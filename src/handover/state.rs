@@ -195,22 +195,31 @@ fn put_params(e: &mut Encoder, params: &[TypedParam]) {
 
 /// Encodes `state` (pure).
 pub fn encode(state: &State) -> Vec<u8> {
+    encode_with(state, state.conns.iter())
+}
+
+/// Encodes `head` with `conns` instead of its own (pure): a hand-over's records are
+/// encoded where they are, not copied into a `State` first.
+pub fn encode_with<'a>(
+    head: &State,
+    conns: impl ExactSizeIterator<Item = &'a ConnRecord>,
+) -> Vec<u8> {
     let mut e = Encoder::new();
     e.buf.extend_from_slice(MAGIC);
     e.u32(FORMAT_VERSION);
-    e.string(&state.producer);
-    e.u64(state.next_id);
-    e.u32(state.listeners.len() as u32);
-    for l in &state.listeners {
+    e.string(&head.producer);
+    e.u64(head.next_id);
+    e.u32(head.listeners.len() as u32);
+    for l in &head.listeners {
         e.u32(kind_code(l.kind));
         e.opt_string(l.path.as_deref());
     }
-    e.u32(state.inherited.len() as u32);
-    for &fd in &state.inherited {
+    e.u32(head.inherited.len() as u32);
+    for &fd in &head.inherited {
         e.i32(fd);
     }
-    e.u32(state.conns.len() as u32);
-    for c in &state.conns {
+    e.u32(conns.len() as u32);
+    for c in conns {
         e.u64(c.id)
             .u32(kind_code(c.kind))
             .i64(c.timestamp)

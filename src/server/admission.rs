@@ -11,7 +11,7 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use super::limits::starts_anonymous;
 use super::threads::WorkerHandle;
 use crate::flood::{Source, SourceRates};
-use crate::handover::Resumed;
+use crate::handover::{Carried, Resumed};
 use crate::identity::Identity;
 use crate::listen::ListenerKind;
 use crate::metrics::counters::Rejected;
@@ -61,66 +61,33 @@ pub(super) struct Admission<'a> {
 
 impl Admission<'_> {
     /// Takes in the connections a previous process carried over: the same ids in the
-    /// registry, each straight to a worker's relay.
+    /// registry, each straight to a worker's relay. They are polled in chunks: those with
+    /// bytes waiting go to their worker at once (a client mid-call waits for that), the idle
+    /// rest once every chunk was polled, with one wake-up per worker.
     pub(super) fn resume(&mut self, r: Resumed) {
-        let shared = self.shared;
         let t = Instant::now();
         self.next_id = self.next_id.max(r.next_id);
         let n = r.carried.len();
-        let mut sent = 0;
         let mut first_ms = None;
-        for c in busy_first(r.carried) {
-            let rec = c.record;
-            let Some(daemon) = c.daemon else {
-                // A client that had sent nothing yet: as if just accepted.
-                self.admit(c.client, rec.kind, rec.identity);
-                continue;
-            };
-            self.next_id = self.next_id.max(rec.id + 1);
-            let owner = self.next_worker % self.workers.len();
-            self.next_worker = self.next_worker.wrapping_add(1);
-            shared.clients.fetch_add(1, Ordering::AcqRel);
-            shared.registry.insert(crate::registry::ClientRecord {
-                id: rec.id,
-                timestamp: rec.timestamp,
-                kind: rec.kind,
-                identity: rec.identity.clone(),
-                peer_addr: rec.peer_addr.clone(),
-                worker: owner,
-                claimed: rec.claimed.clone(),
-                opened_readonly: rec.opened_readonly,
-                disconnect_requested: false,
-            });
-            let id = rec.id;
-            let nc = NewConn {
-                id,
-                fd: c.client,
-                kind: rec.kind,
-                identity: rec.identity.clone(),
-                deadline: None,
-                tls: None,
-                unauthenticated: None,
-                worker: owner,
-                auth: shared.auth.of(rec.kind),
-                early: None,
-                rate: None,
-                carried: Some(Box::new(crate::handover::Resume {
-                    record: rec,
-                    daemon,
-                })),
-            };
-            if self.workers[owner].inbox.send_quiet(nc).is_err() {
-                shared.clients.fetch_sub(1, Ordering::AcqRel);
-                shared.registry.remove(id);
-                shared.registry.rejected(Rejected::Internal, 1);
-                tracing::error!(conn = id, "relay worker is gone; dropping a carried client");
+        let mut idle = Vec::with_capacity(n);
+        let mut carried = r.carried.into_iter();
+        loop {
+            let chunk: Vec<Carried> = carried.by_ref().take(BUSY_POLL_CHUNK).collect();
+            if chunk.is_empty() {
+                break;
             }
-            // The first (busiest) connections go at once; the rest in one wake-up per worker.
-            if sent < self.workers.len() {
-                wake(&self.workers[owner].inbox.waker);
-                first_ms = first_ms.or_else(|| crate::handover::ms_since(r.began_ns));
+            let busy = busy_flags(&chunk);
+            for (c, busy) in chunk.into_iter().zip(busy) {
+                if busy {
+                    self.resume_one(c, true);
+                    first_ms = first_ms.or_else(|| crate::handover::ms_since(r.began_ns));
+                } else {
+                    idle.push(c);
+                }
             }
-            sent += 1;
+        }
+        for c in idle {
+            self.resume_one(c, false);
         }
         for w in self.workers {
             wake(&w.inbox.waker);
@@ -133,6 +100,58 @@ impl Admission<'_> {
                 since_quiesce_began_ms = crate::handover::ms_since(r.began_ns),
                 "carried connections resumed"
             );
+        }
+    }
+
+    /// One carried connection to a worker (`wake_now`: its worker is woken for it).
+    fn resume_one(&mut self, c: Carried, wake_now: bool) {
+        let shared = self.shared;
+        let rec = c.record;
+        let Some(daemon) = c.daemon else {
+            // A client that had sent nothing yet: as if just accepted.
+            self.admit(c.client, rec.kind, rec.identity);
+            return;
+        };
+        self.next_id = self.next_id.max(rec.id + 1);
+        let owner = self.next_worker % self.workers.len();
+        self.next_worker = self.next_worker.wrapping_add(1);
+        shared.clients.fetch_add(1, Ordering::AcqRel);
+        shared.registry.insert(crate::registry::ClientRecord {
+            id: rec.id,
+            timestamp: rec.timestamp,
+            kind: rec.kind,
+            identity: rec.identity.clone(),
+            peer_addr: rec.peer_addr.clone(),
+            worker: owner,
+            claimed: rec.claimed.clone(),
+            opened_readonly: rec.opened_readonly,
+            disconnect_requested: false,
+        });
+        let id = rec.id;
+        let nc = NewConn {
+            id,
+            fd: c.client,
+            kind: rec.kind,
+            identity: rec.identity.clone(),
+            deadline: None,
+            tls: None,
+            unauthenticated: None,
+            worker: owner,
+            auth: shared.auth.of(rec.kind),
+            early: None,
+            rate: None,
+            carried: Some(Box::new(crate::handover::Resume {
+                record: rec,
+                daemon,
+            })),
+        };
+        if self.workers[owner].inbox.send_quiet(nc).is_err() {
+            shared.clients.fetch_sub(1, Ordering::AcqRel);
+            shared.registry.remove(id);
+            shared.registry.rejected(Rejected::Internal, 1);
+            tracing::error!(conn = id, "relay worker is gone; dropping a carried client");
+        } else if wake_now {
+            wake(&self.workers[owner].inbox.waker);
         }
     }
 
@@ -203,35 +222,32 @@ impl Admission<'_> {
     }
 }
 
-/// Carried connections with bytes waiting on either socket first: a client in the middle of
-/// a call waits for its connection's adoption, an idle one does not (one poll() over every
-/// socket, not a syscall per connection).
-fn busy_first(carried: Vec<crate::handover::Carried>) -> Vec<crate::handover::Carried> {
-    let busy: Vec<bool> = {
-        let mut fds: Vec<PollFd<'_>> = Vec::with_capacity(carried.len() * 2);
-        for c in &carried {
-            fds.push(PollFd::new(c.client.as_fd(), PollFlags::POLLIN));
-            if let Some(d) = &c.daemon {
-                fds.push(PollFd::new(d.as_fd(), PollFlags::POLLIN));
-            }
+/// Carried connections polled per `poll()` call while resuming: a busy one goes to its
+/// worker after its chunk's poll, not after 18,000 sockets' worth.
+const BUSY_POLL_CHUNK: usize = 256;
+
+/// Which of `carried` have bytes waiting on either socket (one poll() per chunk, not a
+/// syscall per connection); all false if poll fails.
+fn busy_flags(carried: &[Carried]) -> Vec<bool> {
+    let mut fds: Vec<PollFd<'_>> = Vec::with_capacity(carried.len() * 2);
+    for c in carried {
+        fds.push(PollFd::new(c.client.as_fd(), PollFlags::POLLIN));
+        if let Some(d) = &c.daemon {
+            fds.push(PollFd::new(d.as_fd(), PollFlags::POLLIN));
         }
-        if poll(&mut fds, PollTimeout::ZERO).is_err() {
-            return carried;
-        }
-        let mut ready = fds
-            .iter()
-            .map(|f| f.revents().is_some_and(|r| !r.is_empty()));
-        carried
-            .iter()
-            .map(|c| {
-                let client = ready.next().unwrap_or(false);
-                let daemon = c.daemon.is_some() && ready.next().unwrap_or(false);
-                client || daemon
-            })
-            .collect()
-    };
-    let (mut first, rest): (Vec<_>, Vec<_>) =
-        carried.into_iter().zip(busy).partition(|(_, busy)| *busy);
-    first.extend(rest);
-    first.into_iter().map(|(c, _)| c).collect()
+    }
+    if poll(&mut fds, PollTimeout::ZERO).is_err() {
+        return vec![false; carried.len()];
+    }
+    let mut ready = fds
+        .iter()
+        .map(|f| f.revents().is_some_and(|r| !r.is_empty()));
+    carried
+        .iter()
+        .map(|c| {
+            let client = ready.next().unwrap_or(false);
+            let daemon = c.daemon.is_some() && ready.next().unwrap_or(false);
+            client || daemon
+        })
+        .collect()
 }

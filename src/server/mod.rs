@@ -181,7 +181,7 @@ fn hand_over(
     let began_ns = shared.handover.request();
     shared.shutdown.store(true, Ordering::Release);
     let started = Instant::now();
-    let admin_thread = threads.stop_relay();
+    let stopping = threads.leave_relay(shared);
     let carried = shared.handover.take();
     tracing::info!(
         carried = carried.len(),
@@ -195,7 +195,7 @@ fn hand_over(
         carried,
         next_id,
         began_ns,
-        admin_thread,
+        stopping,
     }))
 }
 

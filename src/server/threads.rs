@@ -69,6 +69,34 @@ impl Threads {
         })
     }
 
+    /// For a hand-over: stops the handshake threads, then waits until every worker has
+    /// carried or closed its connections (not for its teardown). Returns the threads still
+    /// stopping: the workers and the admin thread.
+    pub(super) fn leave_relay(self, shared: &Shared) -> Vec<JoinHandle<()>> {
+        for w in &self.handshakers {
+            wake(&w.inbox.waker);
+        }
+        for w in self.handshakers {
+            drop(w.inbox);
+            let _ = w.thread.join();
+        }
+        for w in &self.workers {
+            wake(&w.inbox.waker);
+        }
+        let n = self.workers.len();
+        let mut stopping: Vec<JoinHandle<()>> = self
+            .workers
+            .into_iter()
+            .map(|w| {
+                drop(w.inbox);
+                w.thread
+            })
+            .collect();
+        shared.handover.wait_for_workers(n, &stopping);
+        stopping.extend(self.admin);
+        stopping
+    }
+
     /// Stops the handshake threads, then the workers (`shared.shutdown` set), and returns
     /// the admin thread, still running. Handshakes in progress are dropped first, so no
     /// client reaches a worker after it left.

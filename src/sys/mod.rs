@@ -210,6 +210,13 @@ pub fn would_block(e: &io::Error) -> bool {
     e.raw_os_error() == Some(libc::EAGAIN)
 }
 
+/// Sets or clears `fd`'s close-on-exec flag; false if fcntl failed.
+pub fn set_cloexec(fd: BorrowedFd<'_>, on: bool) -> bool {
+    let flags = if on { libc::FD_CLOEXEC } else { 0 };
+    // SAFETY: fcntl on a descriptor the caller holds.
+    unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, flags) == 0 }
+}
+
 /// A non-blocking eventfd: how a thread that may sleep in its reactor is woken by another (a
 /// new client, a polkit or SASL answer, an admin request, a client leaving under the limit).
 pub fn eventfd() -> io::Result<OwnedFd> {

@@ -141,6 +141,7 @@ impl Worker {
         };
         tracing::debug!(conn = conn.id, "connection carried to the next process");
         Some(Carried {
+            inheritable: conn.inheritable && !fresh,
             record: ConnRecord {
                 id: conn.id,
                 kind: conn.kind,
@@ -195,6 +196,7 @@ impl Worker {
             gen,
             kind: r.kind,
             queued: false,
+            inheritable: inheritable(&client, &daemon),
             tls: None,
             client_readable: false,
             daemon_readable: false,
@@ -233,4 +235,11 @@ impl Worker {
             }
         }
     }
+}
+
+/// Clears close-on-exec on a relayed connection's two sockets (see `Conn::inheritable`):
+/// true if both are now inheritable. Off the pause: once per connection, as its relay
+/// starts. Only `--handover-check` is ever spawned, and it closes what it inherits.
+pub(super) fn inheritable(client: &OwnedFd, daemon: &OwnedFd) -> bool {
+    crate::sys::set_cloexec(client.as_fd(), false) && crate::sys::set_cloexec(daemon.as_fd(), false)
 }

@@ -240,6 +240,7 @@ impl Worker {
                             crate::handover::ms_since(Some(self.shared.handover.began_ns())),
                         "worker quiesced"
                     );
+                    self.shared.handover.worker_left();
                     return;
                 }
                 continue;
@@ -410,6 +411,7 @@ impl Worker {
             gen,
             kind: nc.kind,
             queued: false,
+            inheritable: false,
             tls: shuttle,
             client_readable: true,
             daemon_readable: true,

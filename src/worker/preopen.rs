@@ -474,6 +474,9 @@ impl Worker {
         }
         conn.client_readable = true;
         conn.daemon_readable = true;
+        if let Some(d) = &conn.daemon {
+            conn.inheritable = super::handover::inheritable(&conn.client, d);
+        }
         // What the relay takes over is counted as if it had read it.
         let counters = self.meter.as_ref().map(|m| m.counters());
         let mut m = crate::conn::metered(&mut conn.meter, counters);
