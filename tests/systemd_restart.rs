@@ -14,6 +14,7 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use support::modular::{daemons_shared, testbed};
+use support::pki::{client_dir, Ca};
 use support::*;
 
 const BOX_SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/systemd-box.sh");
@@ -23,6 +24,7 @@ struct SystemdBox {
     dir: tempfile::TempDir,
     pid: u32,
     tcp_port: u16,
+    tls_port: u16,
 }
 
 impl SystemdBox {
@@ -40,6 +42,7 @@ impl SystemdBox {
             dir,
             pid,
             tcp_port: free_port(),
+            tls_port: free_port(),
         }
     }
 
@@ -62,8 +65,9 @@ impl SystemdBox {
     }
 
     /// The binary, the shipped units (each made independent of the boot's early units, the
-    /// TCP socket on a free port) and a config routing to the test bed's daemons.
-    fn install(&self, driver_socket_dir: &Path) {
+    /// TCP and TLS sockets on free ports), a server certificate and a config routing to the
+    /// test bed's daemons. Returns the pkipath of a client certificate the server trusts.
+    fn install(&self, driver_socket_dir: &Path) -> PathBuf {
         let root = self.root();
         let put = |path: &str, text: &str| self.put(path, text);
         std::fs::copy(
@@ -90,11 +94,26 @@ impl SystemdBox {
             ),
         );
         put(
+            "/etc/systemd/system/virtproxyd-tls.socket.d/port.conf",
+            &format!(
+                "[Socket]\nListenStream=\nListenStream=127.0.0.1:{}\n",
+                self.tls_port
+            ),
+        );
+        let ca = Ca::new("Box CA");
+        let (cert, key) = ca.server(false);
+        put("/etc/pki/virtproxyd-box/ca.pem", &ca.cert_pem);
+        put("/etc/pki/virtproxyd-box/server.pem", &cert);
+        put("/etc/pki/virtproxyd-box/server.key", &key);
+        put(
             "/etc/libvirt/virtproxyd.conf",
             &format!(
                 "auth_unix_rw = \"none\"\nauth_unix_ro = \"none\"\nauth_tcp = \"none\"\n\
                  driver_socket_dir = \"{}\"\nlog_level = 2\n\
-                 log_outputs = \"2:file:/run/virtproxyd.log\"\n",
+                 log_outputs = \"2:file:/run/virtproxyd.log\"\n\
+                 ca_file = \"/etc/pki/virtproxyd-box/ca.pem\"\n\
+                 cert_file = \"/etc/pki/virtproxyd-box/server.pem\"\n\
+                 key_file = \"/etc/pki/virtproxyd-box/server.key\"\n",
                 driver_socket_dir.display()
             ),
         );
@@ -109,6 +128,7 @@ impl SystemdBox {
             ]),
             "start the sockets",
         );
+        client_dir(self.dir.path(), "client", &ca, &ca.client("client1", 1001))
     }
 
     /// Writes a file inside the box.
@@ -189,7 +209,7 @@ fn systemctl_restart_keeps_unix_and_tcp_clients_and_stop_closes_them() {
     let _shared = daemons_shared();
     let tb = testbed();
     let b = SystemdBox::boot(&[&tb.sock_dir]);
-    b.install(&tb.sock_dir);
+    let pki = b.install(&tb.sock_dir);
     // The first client activates the service.
     assert_success(
         &virsh(&b.unix_uri(), &["version"]),
@@ -394,6 +414,12 @@ fn systemctl_restart_keeps_unix_and_tcp_clients_and_stop_closes_them() {
     let line = held.next();
     assert_eq!(line.trim(), "closed", "a client survived systemctl stop");
     held.finish();
+    // `systemctl start virtproxyd-tls.socket`, as the man page says for TLS: the next
+    // activation passes it to the service, and a client with a certificate gets in.
+    assert_success(
+        &b.systemctl(&["start", "virtproxyd-tls.socket"]),
+        "systemctl start virtproxyd-tls.socket",
+    );
     // Nothing left behind: no process of the service in the box.
     assert_eq!(b.show("virtproxyd.service", "MainPID"), "0");
     assert_eq!(b.show("virtproxyd.service", "ActiveState"), "inactive");
@@ -401,6 +427,20 @@ fn systemctl_restart_keeps_unix_and_tcp_clients_and_stop_closes_them() {
         b.processes_named("virtproxyd").is_empty(),
         "virtproxyd processes left after stop: {:?}",
         b.processes_named("virtproxyd")
+    );
+    let tls_uri = format!(
+        "qemu+tls://localhost:{}/system?pkipath={}",
+        b.tls_port,
+        pki.display()
+    );
+    assert_success(
+        &virsh(&tls_uri, &["version"]),
+        "virsh over the activated TLS socket after stop",
+    );
+    assert!(
+        b.log().contains("name=virtproxyd-tls.socket kind=Tls"),
+        "the TLS socket was not passed to the service:\n{}",
+        b.log()
     );
     assert_success(
         &virsh(&b.unix_uri(), &["version"]),
