@@ -897,30 +897,10 @@ fn clients_that_wait_past_the_deadline_for_an_anonymous_slot_are_counted_as_reje
 fn every_sasl_refusal_counts_as_a_failed_attempt() {
     let _shared = support::modular::daemons_shared();
     let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("passwd.db");
-    for (user, pass) in [("barsuser", "barspass"), ("otheruser", "otherpass")] {
-        let mut child = Command::new("saslpasswd2")
-            .args(["-p", "-c", "-a", "libvirt", "-f"])
-            .arg(&db)
-            .arg(user)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("saslpasswd2 (sasl2-bin)");
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(format!("{pass}\n").as_bytes())
-            .unwrap();
-        assert_success(&child.wait_with_output().unwrap(), "saslpasswd2");
-    }
-    std::fs::write(
-        dir.path().join("libvirt.conf"),
-        format!("mech_list: scram-sha-256\nsasldb_path: {}\n", db.display()),
-    )
-    .unwrap();
+    support::sasl_scram_conf(
+        dir.path(),
+        &[("barsuser", "barspass"), ("otheruser", "otherpass")],
+    );
     let conf_dir = dir.path().display().to_string();
     let port = free_port();
     let p = support::modular::proxy(

@@ -48,6 +48,13 @@ fn start_until_ready(
     child
 }
 
+/// Whether the proxy logs, within 15 s, that it refused a SIGUSR2 restart and serves on.
+fn refused(p: &support::Proxy) -> bool {
+    wait_for(Duration::from_secs(15), || {
+        p.log_text().contains("not restarting on SIGUSR2")
+    })
+}
+
 /// SIGUSR2, then waits until the new process says it took over.
 fn restart(p: &support::Proxy, backend: &str) {
     p.signal("USR2");
@@ -100,9 +107,7 @@ fn upgrading_from_the_previous_commits_binary_keeps_every_connection(backend: &s
         install();
         p.signal("USR2");
         assert!(
-            wait_for(Duration::from_secs(15), || p
-                .log_text()
-                .contains("not restarting on SIGUSR2")),
+            refused(&p),
             "{backend}: formats differ ({:?} against {:?}) and no refusal was logged:\n{}",
             check(&previous),
             check(current),
@@ -280,9 +285,7 @@ fn a_binary_that_cannot_start_leaves_the_old_one_serving(backend: &str) {
     std::fs::set_permissions(&exe, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     p.signal("USR2");
     assert!(
-        wait_for(Duration::from_secs(15), || p
-            .log_text()
-            .contains("not restarting on SIGUSR2")),
+        refused(&p),
         "{backend}: no refusal logged:\n{}",
         p.log_text()
     );

@@ -60,31 +60,10 @@ fn sasl() -> &'static Sasl {
             .prefix("vpd-sasl-")
             .tempdir()
             .unwrap();
-        let db = dir.path().join("passwd.db");
-        for (user, pass) in [(ALLOWED, "barspass"), ("otheruser", "otherpass")] {
-            let mut cmd = Command::new("saslpasswd2");
-            cmd.args(["-p", "-c", "-a", "libvirt", "-f"])
-                .arg(&db)
-                .arg(user)
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped());
-            let mut child = cmd.spawn().expect("saslpasswd2 (sasl2-bin)");
-            use std::io::Write;
-            child
-                .stdin
-                .take()
-                .unwrap()
-                .write_all(format!("{pass}\n").as_bytes())
-                .unwrap();
-            let o = child.wait_with_output().unwrap();
-            assert_success(&o, "saslpasswd2");
-        }
-        std::fs::write(
-            dir.path().join("libvirt.conf"),
-            format!("mech_list: scram-sha-256\nsasldb_path: {}\n", db.display()),
-        )
-        .unwrap();
+        support::sasl_scram_conf(
+            dir.path(),
+            &[(ALLOWED, "barspass"), ("otheruser", "otherpass")],
+        );
         let script = dir.path().join("client.py");
         std::fs::write(&script, CLIENT_PY).unwrap();
         let ca = support::pki::Ca::new("Test CA");

@@ -173,13 +173,13 @@ pub fn build(
     stream_bytes: u64,
 ) -> Value {
     let (t, summary) = tabulate(calls, opens, streams, scale, idle_cpu, tls, stream_bytes);
-    print!("{}", t.render());
+    let rendered = t.render();
+    print!("{rendered}");
     println!("\n{}", legend(t.met(), t.targets.len()));
     let missed = t.missed();
     if !missed.is_empty() {
         println!("missed: {}", missed.join("; "));
     }
-    let rendered = t.render();
 
     let doc = json!({
         "meta": meta,

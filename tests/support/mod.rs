@@ -826,3 +826,36 @@ pub fn golibvirt_bin() -> &'static Path {
         PathBuf::from(String::from_utf8_lossy(&o.stdout).trim())
     })
 }
+
+/// A Cyrus SASL config for the service "libvirt" in `dir`: SCRAM-SHA-256 over a sasldb
+/// holding `users` (name, password), written by saslpasswd2. Point SASL_CONF_PATH at `dir`.
+pub fn sasl_scram_conf(dir: &Path, users: &[(&str, &str)]) {
+    use std::io::Write;
+    let db = dir.join("passwd.db");
+    for (user, pass) in users {
+        let mut child = Command::new("saslpasswd2")
+            .args(["-p", "-c", "-a", "libvirt", "-f"])
+            .arg(&db)
+            .arg(user)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("saslpasswd2 (sasl2-bin)");
+        child
+            .stdin
+            .take()
+            .expect("saslpasswd2's stdin")
+            .write_all(format!("{pass}\n").as_bytes())
+            .expect("write the password to saslpasswd2");
+        assert_success(
+            &child.wait_with_output().expect("wait for saslpasswd2"),
+            "saslpasswd2",
+        );
+    }
+    fs::write(
+        dir.join("libvirt.conf"),
+        format!("mech_list: scram-sha-256\nsasldb_path: {}\n", db.display()),
+    )
+    .expect("write libvirt.conf");
+}

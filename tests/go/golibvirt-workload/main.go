@@ -96,10 +96,12 @@ func finish(res *result, start time.Time) {
 	})
 }
 
-func run(res *result, sock, tcpPort, uri, poolDir string, mib int) {
+// connected opens uri through dialer, runs body on the connection and closes it; each
+// failure is recorded in res.
+func connected(res *result, dialer socket.Dialer, uri string,
+	body func(l *libvirt.Libvirt, fail func(string, error))) {
 	fail := func(step string, err error) { res.Errors = append(res.Errors, step+": "+err.Error()) }
-
-	l := libvirt.NewWithDialer(dial(sock, tcpPort))
+	l := libvirt.NewWithDialer(dialer)
 	if err := l.ConnectToURI(libvirt.ConnectURI(uri)); err != nil {
 		fail("connect", err)
 		return
@@ -109,7 +111,16 @@ func run(res *result, sock, tcpPort, uri, poolDir string, mib int) {
 			fail("disconnect", err)
 		}
 	}()
+	body(l, fail)
+}
 
+func run(res *result, sock, tcpPort, uri, poolDir string, mib int) {
+	connected(res, dial(sock, tcpPort), uri, func(l *libvirt.Libvirt, fail func(string, error)) {
+		workload(res, l, poolDir, mib, fail)
+	})
+}
+
+func workload(res *result, l *libvirt.Libvirt, poolDir string, mib int, fail func(string, error)) {
 	var err error
 	if res.LibVersion, err = l.ConnectGetLibVersion(); err != nil {
 		fail("lib version", err)
@@ -150,17 +161,13 @@ func dial(sock, tcpPort string) socket.Dialer {
 // holdAcross keeps one connection busy with pipelined calls across a proxy restart (see the
 // package comment).
 func holdAcross(res *result, dialer socket.Dialer, uri, ready, restarted string) {
-	fail := func(step string, err error) { res.Errors = append(res.Errors, step+": "+err.Error()) }
-	l := libvirt.NewWithDialer(dialer)
-	if err := l.ConnectToURI(libvirt.ConnectURI(uri)); err != nil {
-		fail("connect", err)
-		return
-	}
-	defer func() {
-		if err := l.Disconnect(); err != nil {
-			fail("disconnect", err)
-		}
-	}()
+	connected(res, dialer, uri, func(l *libvirt.Libvirt, fail func(string, error)) {
+		pipelineAcross(res, l, ready, restarted, fail)
+	})
+}
+
+func pipelineAcross(res *result, l *libvirt.Libvirt, ready, restarted string,
+	fail func(string, error)) {
 	var err error
 	if res.LibVersion, err = l.ConnectGetLibVersion(); err != nil {
 		fail("lib version", err)
