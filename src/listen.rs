@@ -62,6 +62,10 @@ fn io_err(path: &Path) -> impl Fn(io::Error) -> ListenError + '_ {
 
 /// Creates a UNIX listener at `path` with `mode`, owned by `group` when given.
 /// A stale socket file is replaced; one with a live daemon behind it is an error.
+///
+/// The socket is bound and set up under a staging name and renamed into place once it
+/// listens: a client (or a script) that sees `path` can connect to it. Bound at `path`
+/// itself, a connect between `bind` and `listen` would be refused.
 pub fn bind_unix(
     path: &Path,
     mode: u32,
@@ -78,39 +82,80 @@ pub fn bind_unix(
         if meta.file_type().is_socket() && UnixStream::connect(path).is_ok() {
             return Err(ListenError::InUse(path.to_path_buf()));
         }
-        std::fs::remove_file(path).map_err(io_err(path))?;
     }
+    let staging = staging_path(path);
+    let bind_at = staging.as_deref().unwrap_or(path);
+    // A staging file left by a crash of this pid's predecessor, or the stale socket itself.
+    if std::fs::symlink_metadata(bind_at).is_ok() {
+        std::fs::remove_file(bind_at).map_err(io_err(bind_at))?;
+    }
+    let set_up = listen_at(bind_at, mode, group, backlog);
+    let fd = match (set_up, &staging) {
+        (Ok(fd), Some(staging)) => match std::fs::rename(staging, path) {
+            Ok(()) => fd,
+            Err(e) => {
+                let _ = std::fs::remove_file(staging);
+                return Err(io_err(path)(e));
+            }
+        },
+        (Ok(fd), None) => fd,
+        (Err(e), _) => {
+            if staging.is_some() {
+                let _ = std::fs::remove_file(bind_at);
+            }
+            return Err(e);
+        }
+    };
+    Ok(Listener {
+        fd,
+        kind,
+        path: Some(path.to_path_buf()),
+    })
+}
+
+/// `dir/.name.<pid>.new` beside `path`, or `None` when that would not fit in a
+/// `sockaddr_un` (then the socket is bound at `path` directly).
+fn staging_path(path: &Path) -> Option<PathBuf> {
+    let name = path.file_name()?.to_str()?;
+    let staging = path.with_file_name(format!(".{name}.{}.new", std::process::id()));
+    // sun_path holds 108 bytes including the terminating NUL.
+    (staging.as_os_str().len() < 108).then_some(staging)
+}
+
+/// A listening socket bound at `at` with `mode` and `group`.
+fn listen_at(
+    at: &Path,
+    mode: u32,
+    group: Option<&str>,
+    backlog: u32,
+) -> Result<OwnedFd, ListenError> {
     let fd = socket(
         AddressFamily::Unix,
         SockType::Stream,
         SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
         None,
     )
-    .map_err(|e| io_err(path)(e.into()))?;
-    let addr = UnixAddr::new(path).map_err(|e| io_err(path)(e.into()))?;
+    .map_err(|e| io_err(at)(e.into()))?;
+    let addr = UnixAddr::new(at).map_err(|e| io_err(at)(e.into()))?;
     // The umask keeps the socket from ever being more open than `mode`, even briefly.
     let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(!mode & 0o777));
     let bound = bind(fd.as_raw_fd(), &addr);
     nix::sys::stat::umask(old);
-    bound.map_err(|e| io_err(path)(e.into()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io_err(path))?;
+    bound.map_err(|e| io_err(at)(e.into()))?;
+    std::fs::set_permissions(at, std::fs::Permissions::from_mode(mode)).map_err(io_err(at))?;
     if let Some(g) = group {
         let grp = nix::unistd::Group::from_name(g)
             .ok()
             .flatten()
             .ok_or_else(|| ListenError::UnknownGroup(g.to_string()))?;
         if grp.gid.as_raw() != 0 {
-            nix::unistd::chown(path, None, Some(grp.gid)).map_err(|e| io_err(path)(e.into()))?;
+            nix::unistd::chown(at, None, Some(grp.gid)).map_err(|e| io_err(at)(e.into()))?;
         }
     }
     let backlog =
         Backlog::new(backlog.clamp(1, i32::MAX as u32) as i32).unwrap_or(Backlog::MAXCONN);
-    listen(&fd, backlog).map_err(|e| io_err(path)(e.into()))?;
-    Ok(Listener {
-        fd,
-        kind,
-        path: Some(path.to_path_buf()),
-    })
+    listen(&fd, backlog).map_err(|e| io_err(at)(e.into()))?;
+    Ok(fd)
 }
 
 /// Creates TCP listeners on `addrs` (all addresses when empty: one IPv4 and one v6-only IPv6
@@ -210,5 +255,30 @@ mod tests {
         );
         again.unlink();
         assert!(!path.exists());
+    }
+
+    #[test]
+    fn the_socket_file_appears_listening_and_no_staging_file_stays() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("libvirt-sock");
+        let l = bind_unix(&path, 0o600, None, 16, ListenerKind::UnixRw).unwrap();
+        assert!(UnixStream::connect(&path).is_ok());
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("libvirt-sock")]);
+        l.unlink();
+    }
+
+    #[test]
+    fn a_path_too_long_to_stage_is_bound_directly() {
+        let dir = tempfile::tempdir().unwrap();
+        let room = 107 - dir.path().as_os_str().len() - 1;
+        let path = dir.path().join("s".repeat(room));
+        assert!(staging_path(&path).is_none());
+        let l = bind_unix(&path, 0o600, None, 16, ListenerKind::UnixRw).unwrap();
+        assert!(UnixStream::connect(&path).is_ok());
+        l.unlink();
     }
 }
