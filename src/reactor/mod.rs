@@ -77,6 +77,24 @@ impl Reactor {
         }
     }
 
+    /// How interest switches are made, and why: for the startup log.
+    pub fn path(&self) -> &'static str {
+        match self {
+            Reactor::Uring(u) => match u.features() {
+                uring::Features {
+                    poll_update: true,
+                    skip_success: true,
+                } => "poll masks updated in place, no completion for a switch",
+                uring::Features {
+                    poll_update: true,
+                    skip_success: false,
+                } => "poll masks updated in place (kernel lacks CQE_SKIP_SUCCESS: a completion per switch)",
+                _ => "polls replaced on each switch (kernel lacks poll update)",
+            },
+            Reactor::Epoll(_) => "epoll_ctl(MOD) on each switch",
+        }
+    }
+
     /// Starts watching `fd` for readability and writability.
     pub fn add(&mut self, fd: RawFd, token: u64, interest: Interest) -> io::Result<()> {
         match self {

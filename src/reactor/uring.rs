@@ -1,6 +1,11 @@
 //! The io_uring backend: one multishot POLL_ADD per registration, re-armed if the kernel ends
 //! it.
 //!
+//! An interest switch updates the armed poll's mask in place (POLL_REMOVE with
+//! `IORING_POLL_UPDATE_EVENTS`, 5.13) and asks for no completion when it succeeds
+//! (`IOSQE_CQE_SKIP_SUCCESS`, 5.17): nothing but news ends the next wait. Kernels without
+//! either get a new poll for each switch, and the old one's removal.
+//!
 //! Every registration gets its own `user_data` id, never reused: a completion that arrives
 //! after its registration was removed (the final -ECANCELED, or a CQE already in the ring)
 //! then matches nothing and is dropped, even when the owner's token was registered again for
@@ -15,8 +20,18 @@ use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
 use super::{Event, Interest};
 
-/// user_data of POLL_REMOVE requests themselves; their completions carry no news.
+/// user_data of POLL_REMOVE and poll-update requests themselves; their completions carry no
+/// news.
 const REMOVE_TAG: u64 = u64::MAX;
+
+/// What this kernel's io_uring offers beyond multishot poll.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Features {
+    /// A poll's mask can be changed in place.
+    pub poll_update: bool,
+    /// A request can succeed without posting a completion.
+    pub skip_success: bool,
+}
 
 struct Registration {
     token: u64,
@@ -31,6 +46,10 @@ pub struct Uring {
     regs: HashMap<u64, Registration>,
     /// token → registration id, to find what to remove.
     by_token: HashMap<u64, u64>,
+    features: Features,
+    /// Completions reaped that carried no news (a removal's, a cancelled poll's last one):
+    /// each may have ended a wait for nothing.
+    stale: u64,
 }
 
 fn mask(interest: Interest) -> u32 {
@@ -62,9 +81,61 @@ impl Uring {
             next_id: 1,
             regs: HashMap::new(),
             by_token: HashMap::new(),
+            features: Features::default(),
+            stale: 0,
         };
         u.probe_multishot_poll()?;
+        u.features.skip_success = u.ring.params().is_feature_skip_cqe_on_success();
+        u.features.poll_update = u.probe_poll_update()?;
         Ok(u)
+    }
+
+    pub fn features(&self) -> Features {
+        self.features
+    }
+
+    /// Whether a poll's mask can be updated in place: an update of an armed poll on an eventfd
+    /// must complete with 0 (EINVAL before 5.13).
+    fn probe_poll_update(&mut self) -> io::Result<bool> {
+        // SAFETY: plain syscall; the fd is owned right away.
+        let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if efd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fresh descriptor.
+        let efd = unsafe { OwnedFd::from_raw_fd(efd) };
+        let probe_id = 0;
+        let add = opcode::PollAdd::new(types::Fd(efd.as_raw_fd()), libc::POLLIN as u32)
+            .multi(true)
+            .build()
+            .user_data(probe_id);
+        self.push(add)?;
+        self.push(poll_update(probe_id, libc::POLLOUT as u32).user_data(REMOVE_TAG - 1))?;
+        self.ring.submit_and_wait(1)?;
+        let mut updated = false;
+        for cqe in self.ring.completion() {
+            if cqe.user_data() == REMOVE_TAG - 1 {
+                updated = cqe.result() == 0;
+            }
+        }
+        // Tear the probe down before the eventfd goes.
+        self.push(
+            opcode::PollRemove::new(probe_id)
+                .build()
+                .user_data(REMOVE_TAG),
+        )?;
+        self.ring.submit_and_wait(1)?;
+        self.ring.completion().for_each(drop);
+        Ok(updated)
+    }
+
+    /// `flags` for requests whose success carries no news.
+    fn quiet(&self) -> squeue::Flags {
+        if self.features.skip_success {
+            squeue::Flags::SKIP_SUCCESS
+        } else {
+            squeue::Flags::empty()
+        }
     }
 
     /// Multishot POLL_ADD needs 5.13; older kernels fail it with EINVAL. Try it once on an
@@ -154,17 +225,39 @@ impl Uring {
     /// fd stays open meanwhile). The new poll checks readiness when armed, so an edge the old
     /// one posted after our last reap (its completion is dropped as stale) is seen again.
     pub fn modify(&mut self, fd: RawFd, token: u64, interest: Interest) -> io::Result<()> {
+        if self.features.poll_update {
+            if let Some(id) = self.by_token.get(&token).copied() {
+                if let Some(r) = self.regs.get_mut(&id).filter(|r| r.fd == fd) {
+                    r.mask = mask(interest);
+                    // The update re-arms the poll, which checks readiness as a new one would.
+                    // Should the poll have ended meanwhile (-ENOENT), its last completion is
+                    // still to be reaped, and the re-arm in `wait` takes the new mask.
+                    let e = poll_update(id, r.mask).user_data(REMOVE_TAG);
+                    let quiet = self.quiet();
+                    return self.push(e.flags(quiet));
+                }
+            }
+        }
         let (id, old) = self.register(fd, token, interest);
         if let Some(old) = old {
             self.regs.remove(&old);
-            self.push(opcode::PollRemove::new(old).build().user_data(REMOVE_TAG))?;
+            let quiet = self.quiet();
+            self.push(
+                opcode::PollRemove::new(old)
+                    .build()
+                    .user_data(REMOVE_TAG)
+                    .flags(quiet),
+            )?;
         }
         self.arm(id)
     }
 
     fn cancel(&mut self, id: u64) {
         self.regs.remove(&id);
-        let e = opcode::PollRemove::new(id).build().user_data(REMOVE_TAG);
+        let e = opcode::PollRemove::new(id)
+            .build()
+            .user_data(REMOVE_TAG)
+            .flags(self.quiet());
         // The poll holds a file reference: the socket stays open until the removal is
         // processed, so submit it right away rather than at the next wait.
         if self.push(e).is_ok() {
@@ -176,6 +269,16 @@ impl Uring {
         if let Some(id) = self.by_token.remove(&token) {
             self.cancel(id);
         }
+    }
+
+    #[cfg(test)]
+    pub fn set_features(&mut self, features: Features) {
+        self.features = features;
+    }
+
+    /// Completions so far that carried no news.
+    pub fn stale_completions(&self) -> u64 {
+        self.stale
     }
 
     pub fn wait(&mut self, out: &mut Vec<Event>, timeout: Option<Duration>) -> io::Result<()> {
@@ -200,10 +303,11 @@ impl Uring {
         for cqe in self.ring.completion() {
             let id = cqe.user_data();
             let Some(r) = self.regs.get(&id) else {
+                self.stale += 1; // removed: stale news
                 continue;
-            }; // removed: stale news
-               // A poll completion's result is the ready mask; an error counts as readable so the
-               // owner's next read reports it.
+            };
+            // A poll completion's result is the ready mask; an error counts as readable so the
+            // owner's next read reports it.
             let res = cqe.result();
             let readable = res < 0
                 || res as u32
@@ -242,5 +346,79 @@ impl Uring {
             }
         }
         Ok(())
+    }
+}
+
+/// A request to set the mask of the multishot poll armed with user_data `id` (liburing's
+/// `io_uring_prep_poll_update`; the crate has no builder for it): POLL_REMOVE with the
+/// update flags in `len` and the new events in `poll32_events`.
+fn poll_update(id: u64, mask: u32) -> squeue::Entry {
+    const LEN: std::ops::Range<usize> = 24..28;
+    const POLL32_EVENTS: std::ops::Range<usize> = 28..32;
+    // include/uapi/linux/io_uring.h (the crate keeps its copies private).
+    const IORING_POLL_ADD_MULTI: u32 = 1 << 0;
+    const IORING_POLL_UPDATE_EVENTS: u32 = 1 << 1;
+    let flags = IORING_POLL_UPDATE_EVENTS | IORING_POLL_ADD_MULTI;
+    // SAFETY: `squeue::Entry` is `repr(C)` around the 64-byte `io_uring_sqe`, every field of
+    // which is a plain integer (or a union of them): any byte pattern is a valid value.
+    let mut raw: [u8; 64] = unsafe { std::mem::transmute(opcode::PollRemove::new(id).build()) };
+    raw[LEN].copy_from_slice(&flags.to_ne_bytes());
+    raw[POLL32_EVENTS].copy_from_slice(&mask.to_ne_bytes());
+    // SAFETY: as above.
+    unsafe { std::mem::transmute::<[u8; 64], squeue::Entry>(raw) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+
+    /// Switches `ours` between write interest and none `rounds` times, each time after the
+    /// peer read what we wrote; returns the events seen and the stale completions reaped.
+    fn switch_rounds(u: &mut Uring, rounds: usize) -> (usize, u64) {
+        let (ours, mut peer) = UnixStream::pair().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        let fd = ours.as_raw_fd();
+        u.add(fd, 9, Interest::ReadWrite).unwrap();
+        let mut out = Vec::new();
+        let stale_before = u.stale_completions();
+        for _ in 0..rounds {
+            (&ours).write_all(b"call").unwrap();
+            let mut b = [0u8; 4];
+            peer.read_exact(&mut b).unwrap();
+            u.modify(fd, 9, Interest::ReadOnly).unwrap();
+            u.wait(&mut out, Some(Duration::ZERO)).unwrap();
+            u.modify(fd, 9, Interest::ReadWrite).unwrap();
+            u.wait(&mut out, Some(Duration::from_millis(200))).unwrap();
+        }
+        u.remove(9);
+        (out.len(), u.stale_completions() - stale_before)
+    }
+
+    /// An interest switch updates the poll in place: writability is still reported after each
+    /// switch back, and no completion without news is reaped (the replacing fallback reaps
+    /// a removal's and a cancelled poll's completion for each switch).
+    #[test]
+    fn interest_switches_update_the_poll_in_place_and_reap_nothing_stale() {
+        let Ok(mut u) = Uring::new() else {
+            return; // io_uring disabled here
+        };
+        let native = u.features();
+        assert!(native.poll_update, "kernel 5.13+ updates polls: {native:?}");
+        let (events, stale) = switch_rounds(&mut u, 20);
+        assert!(events >= 20, "writable after each switch back: {events}");
+        assert_eq!(stale, 0, "{native:?}");
+
+        u.set_features(Features::default());
+        let (events, stale) = switch_rounds(&mut u, 20);
+        assert!(
+            events >= 20,
+            "fallback: writable after each switch back: {events}"
+        );
+        assert!(
+            stale >= 20,
+            "fallback reaps the replaced polls' ends: {stale}"
+        );
     }
 }

@@ -41,11 +41,12 @@ impl Threads {
         admin_listeners: Vec<Listener>,
     ) -> io::Result<Threads> {
         let nworkers = opts.workers.max(1);
-        let (workers, backend_name) = start_workers(opts, nworkers)?;
+        let (workers, (backend_name, backend_path)) = start_workers(opts, nworkers)?;
         let handshakers = start_handshakers(&opts.shared, &opts.listeners, &workers)?;
         tracing::info!(
             workers = workers.len(),
             backend = backend_name,
+            interest_switch = backend_path,
             since_quiesce_began_ms = opts
                 .resumed
                 .as_ref()
@@ -140,9 +141,9 @@ fn offload_links<T>(
 fn start_workers(
     opts: &ServerOpts,
     nworkers: usize,
-) -> io::Result<(Vec<WorkerHandle>, &'static str)> {
+) -> io::Result<(Vec<WorkerHandle>, (&'static str, &'static str))> {
     let mut workers = Vec::with_capacity(opts.workers);
-    let mut backend_name = "";
+    let mut backend_name = ("", "");
     let wakers = (0..nworkers)
         .map(|_| eventfd())
         .collect::<io::Result<Vec<_>>>()?;
@@ -172,7 +173,7 @@ fn start_workers(
         wakers.into_iter().zip(links).zip(sasl_links).enumerate()
     {
         let reactor = Reactor::new(opts.backend)?;
-        backend_name = reactor.name();
+        backend_name = (reactor.name(), reactor.path());
         let (tx, rx) = channel();
         let worker = Worker::new(
             index,
