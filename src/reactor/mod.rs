@@ -77,21 +77,26 @@ impl Reactor {
         }
     }
 
-    /// How interest switches are made, and why: for the startup log.
-    pub fn path(&self) -> &'static str {
+    /// Which path the backend runs, and why: for the startup log.
+    pub fn path(&self) -> String {
         match self {
-            Reactor::Uring(u) => match u.features() {
-                uring::Features {
-                    poll_update: true,
-                    skip_success: true,
-                } => "poll masks updated in place, no completion for a switch",
-                uring::Features {
-                    poll_update: true,
-                    skip_success: false,
-                } => "poll masks updated in place (kernel lacks CQE_SKIP_SUCCESS: a completion per switch)",
-                _ => "polls replaced on each switch (kernel lacks poll update)",
-            },
-            Reactor::Epoll(_) => "epoll_ctl(MOD) on each switch",
+            Reactor::Uring(u) => {
+                let f = u.features();
+                let switch = match (f.poll_update, f.skip_success) {
+                    (true, true) => "poll masks updated in place without a completion",
+                    (true, false) => {
+                        "poll masks updated in place, a completion each (no CQE_SKIP_SUCCESS)"
+                    }
+                    (false, _) => "polls replaced on each switch (no poll update)",
+                };
+                let completions = if f.defer_taskrun {
+                    "completions posted at the wait (DEFER_TASKRUN)"
+                } else {
+                    "completions posted by task work (no DEFER_TASKRUN)"
+                };
+                format!("{switch}; {completions}")
+            }
+            Reactor::Epoll(_) => "epoll_ctl(MOD) on each switch".into(),
         }
     }
 

@@ -14,15 +14,21 @@
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
 use super::{Event, Interest};
 
-/// user_data of POLL_REMOVE and poll-update requests themselves; their completions carry no
-/// news.
-const REMOVE_TAG: u64 = u64::MAX;
+/// user_data of a request to remove the poll with id `id` is `REMOVING | id`, of one to
+/// update its mask `UPDATING | id` (ids count up from 1 and never reach these bits). Their
+/// completions carry no news, only a failure to act on: a poll whose wake-up is being
+/// processed answers -EALREADY and is left as it was, so the request is made again.
+const REMOVING: u64 = 1 << 63;
+const UPDATING: u64 = 1 << 62;
+/// Probes' own requests.
+const PROBE_TAG: u64 = REMOVING - 1;
 
 /// What this kernel's io_uring offers beyond multishot poll.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -31,6 +37,26 @@ pub struct Features {
     pub poll_update: bool,
     /// A request can succeed without posting a completion.
     pub skip_success: bool,
+    /// Completions are posted when the worker asks for them (`IORING_SETUP_DEFER_TASKRUN`,
+    /// 6.1), not by interrupting whatever syscall it is in.
+    pub defer_taskrun: bool,
+}
+
+/// A ring whose task work runs only when its one issuer waits; created disabled, so that
+/// the issuer is the thread that first waits on it (see `Uring::enable`).
+fn deferring_ring(entries: u32) -> io::Result<IoUring> {
+    IoUring::builder()
+        .setup_single_issuer()
+        .setup_defer_taskrun()
+        .setup_r_disabled()
+        .build(entries)
+}
+
+fn plain_ring() -> io::Result<IoUring> {
+    IoUring::builder()
+        .setup_coop_taskrun()
+        .build(1024)
+        .or_else(|_| IoUring::new(1024))
 }
 
 struct Registration {
@@ -47,6 +73,10 @@ pub struct Uring {
     /// token → registration id, to find what to remove.
     by_token: HashMap<u64, u64>,
     features: Features,
+    /// False until the first `wait` of a deferring ring: nothing is submitted before.
+    enabled: bool,
+    /// Removals and updates that found their poll busy (-EALREADY) and were made again.
+    retried: u64,
     /// Completions reaped that carried no news (a removal's, a cancelled poll's last one):
     /// each may have ended a wait for nothing.
     stale: u64,
@@ -60,12 +90,44 @@ fn mask(interest: Interest) -> u32 {
     }
 }
 
+/// What `Uring::probe` found, once per process: every worker's ring is alike.
+static PROBED: OnceLock<Result<Features, (io::ErrorKind, String)>> = OnceLock::new();
+
 impl Uring {
+    /// A ring for one worker. With deferred task work it starts disabled, and the first
+    /// `wait` enables it on the worker's own thread: that thread becomes its only issuer.
     pub fn new() -> io::Result<Self> {
-        let ring = IoUring::builder()
-            .setup_coop_taskrun()
-            .build(1024)
-            .or_else(|_| IoUring::new(1024))?;
+        let features = PROBED
+            .get_or_init(|| Self::probe().map_err(|e| (e.kind(), e.to_string())))
+            .clone()
+            .map_err(|(kind, why)| io::Error::new(kind, why))?;
+        let ring = if features.defer_taskrun {
+            deferring_ring(1024)?
+        } else {
+            plain_ring()?
+        };
+        Ok(Self::with_ring(ring, features))
+    }
+
+    fn with_ring(ring: IoUring, features: Features) -> Self {
+        // No op we submit needs io-wq; cap it anyway so nothing can grow a thread per socket.
+        let mut max = [1u32, 1u32];
+        let _ = ring.submitter().register_iowq_max_workers(&mut max);
+        Self {
+            ring,
+            next_id: 1,
+            regs: HashMap::new(),
+            by_token: HashMap::new(),
+            enabled: !features.defer_taskrun,
+            features,
+            stale: 0,
+            retried: 0,
+        }
+    }
+
+    /// What this kernel offers, found on a throwaway ring.
+    fn probe() -> io::Result<Features> {
+        let ring = plain_ring()?;
         // Waiting with a timeout needs IORING_ENTER_EXT_ARG (5.11).
         if !ring.params().is_feature_ext_arg() {
             return Err(io::Error::new(
@@ -73,21 +135,14 @@ impl Uring {
                 "io_uring lacks EXT_ARG (kernel < 5.11)",
             ));
         }
-        // No op we submit needs io-wq; cap it anyway so nothing can grow a thread per socket.
-        let mut max = [1u32, 1u32];
-        let _ = ring.submitter().register_iowq_max_workers(&mut max);
-        let mut u = Self {
-            ring,
-            next_id: 1,
-            regs: HashMap::new(),
-            by_token: HashMap::new(),
-            features: Features::default(),
-            stale: 0,
-        };
+        let skip_success = ring.params().is_feature_skip_cqe_on_success();
+        let mut u = Self::with_ring(ring, Features::default());
         u.probe_multishot_poll()?;
-        u.features.skip_success = u.ring.params().is_feature_skip_cqe_on_success();
-        u.features.poll_update = u.probe_poll_update()?;
-        Ok(u)
+        Ok(Features {
+            poll_update: u.probe_poll_update()?,
+            skip_success,
+            defer_taskrun: deferring_ring(2).is_ok(),
+        })
     }
 
     pub fn features(&self) -> Features {
@@ -110,11 +165,11 @@ impl Uring {
             .build()
             .user_data(probe_id);
         self.push(add)?;
-        self.push(poll_update(probe_id, libc::POLLOUT as u32).user_data(REMOVE_TAG - 1))?;
+        self.push(poll_update(probe_id, libc::POLLOUT as u32).user_data(PROBE_TAG))?;
         self.ring.submit_and_wait(1)?;
         let mut updated = false;
         for cqe in self.ring.completion() {
-            if cqe.user_data() == REMOVE_TAG - 1 {
+            if cqe.user_data() == PROBE_TAG {
                 updated = cqe.result() == 0;
             }
         }
@@ -122,7 +177,7 @@ impl Uring {
         self.push(
             opcode::PollRemove::new(probe_id)
                 .build()
-                .user_data(REMOVE_TAG),
+                .user_data(REMOVING | probe_id),
         )?;
         self.ring.submit_and_wait(1)?;
         self.ring.completion().for_each(drop);
@@ -159,7 +214,7 @@ impl Uring {
             .as_ref()
             .is_some_and(|c| c.result() >= 0 && cqueue::more(c.flags()));
         // Tear the probe down before the eventfd goes.
-        self.push(opcode::PollRemove::new(0).build().user_data(REMOVE_TAG))?;
+        self.push(opcode::PollRemove::new(0).build().user_data(REMOVING))?;
         self.ring.submit_and_wait(1)?;
         self.ring.completion().for_each(drop);
         if ok {
@@ -178,8 +233,30 @@ impl Uring {
             if unsafe { self.ring.submission().push(&entry) }.is_ok() {
                 return Ok(());
             }
+            if !self.enabled {
+                return Err(io::Error::other(
+                    "io_uring queue full before its first wait",
+                ));
+            }
             self.ring.submit()?;
         }
+    }
+
+    /// Submits what is queued, unless the ring waits for its issuer's first `wait`.
+    fn submit_now(&mut self) -> io::Result<()> {
+        if self.enabled {
+            self.ring.submit()?;
+        }
+        Ok(())
+    }
+
+    /// Makes the calling thread the ring's issuer (a deferring ring is created disabled).
+    fn enable(&mut self) -> io::Result<()> {
+        if !self.enabled {
+            self.ring.submitter().register_enable_rings()?;
+            self.enabled = true;
+        }
+        Ok(())
     }
 
     fn arm(&mut self, id: u64) -> io::Result<()> {
@@ -214,7 +291,7 @@ impl Uring {
             // The owner re-registered a token without removing it first: drop the old one.
             self.cancel(old);
         }
-        if let Err(e) = self.arm(id).and_then(|_| self.ring.submit().map(drop)) {
+        if let Err(e) = self.arm(id).and_then(|_| self.submit_now()) {
             self.remove(token);
             return Err(e);
         }
@@ -232,36 +309,59 @@ impl Uring {
                     // The update re-arms the poll, which checks readiness as a new one would.
                     // Should the poll have ended meanwhile (-ENOENT), its last completion is
                     // still to be reaped, and the re-arm in `wait` takes the new mask.
-                    let e = poll_update(id, r.mask).user_data(REMOVE_TAG);
-                    let quiet = self.quiet();
-                    return self.push(e.flags(quiet));
+                    let mask = r.mask;
+                    return self.push_update(id, mask);
                 }
             }
         }
         let (id, old) = self.register(fd, token, interest);
         if let Some(old) = old {
             self.regs.remove(&old);
-            let quiet = self.quiet();
-            self.push(
-                opcode::PollRemove::new(old)
-                    .build()
-                    .user_data(REMOVE_TAG)
-                    .flags(quiet),
-            )?;
+            self.push_removal(old)?;
         }
         self.arm(id)
     }
 
+    fn push_update(&mut self, id: u64, mask: u32) -> io::Result<()> {
+        let e = poll_update(id, mask).user_data(UPDATING | id);
+        let quiet = self.quiet();
+        self.push(e.flags(quiet))
+    }
+
+    fn push_removal(&mut self, id: u64) -> io::Result<()> {
+        let e = opcode::PollRemove::new(id).build().user_data(REMOVING | id);
+        let quiet = self.quiet();
+        self.push(e.flags(quiet))
+    }
+
     fn cancel(&mut self, id: u64) {
         self.regs.remove(&id);
-        let e = opcode::PollRemove::new(id)
-            .build()
-            .user_data(REMOVE_TAG)
-            .flags(self.quiet());
         // The poll holds a file reference: the socket stays open until the removal is
         // processed, so submit it right away rather than at the next wait.
-        if self.push(e).is_ok() {
-            let _ = self.ring.submit();
+        if self.push_removal(id).is_ok() {
+            let _ = self.submit_now();
+        }
+    }
+
+    /// Acts on a removal's or an update's completion (it has none when it succeeded and the
+    /// kernel skips those).
+    fn on_request_done(&mut self, user_data: u64, res: i32) {
+        if res != -libc::EALREADY {
+            // 0; -ENOENT: the poll had ended already (its last completion re-arms it with
+            // the new mask, or finds it removed); anything else would fail again.
+            return;
+        }
+        self.retried += 1;
+        let id = user_data & !(REMOVING | UPDATING);
+        let again = if user_data & REMOVING != 0 {
+            self.push_removal(id)
+        } else if let Some(mask) = self.regs.get(&id).map(|r| r.mask) {
+            self.push_update(id, mask)
+        } else {
+            Ok(()) // removed since: the removal is under way
+        };
+        if let Err(e) = again {
+            tracing::error!("io_uring: cannot queue a poll request again: {e}");
         }
     }
 
@@ -281,7 +381,13 @@ impl Uring {
         self.stale
     }
 
+    /// Removals and updates made again after finding their poll busy.
+    pub fn retried_requests(&self) -> u64 {
+        self.retried
+    }
+
     pub fn wait(&mut self, out: &mut Vec<Event>, timeout: Option<Duration>) -> io::Result<()> {
+        self.enable()?;
         let res = match timeout {
             Some(d) => {
                 let ts = types::Timespec::new()
@@ -300,8 +406,13 @@ impl Uring {
         }
         let mut rearm = Vec::new();
         let mut dead = Vec::new();
+        let mut done = Vec::new();
         for cqe in self.ring.completion() {
             let id = cqe.user_data();
+            if id & (REMOVING | UPDATING) != 0 {
+                done.push((id, cqe.result()));
+                continue;
+            }
             let Some(r) = self.regs.get(&id) else {
                 self.stale += 1; // removed: stale news
                 continue;
@@ -344,6 +455,9 @@ impl Uring {
             if let Err(e) = self.arm(id) {
                 tracing::error!("io_uring re-arm failed: {e}");
             }
+        }
+        for (user_data, res) in done {
+            self.on_request_done(user_data, res);
         }
         Ok(())
     }
@@ -410,7 +524,11 @@ mod tests {
         assert!(events >= 20, "writable after each switch back: {events}");
         assert_eq!(stale, 0, "{native:?}");
 
-        u.set_features(Features::default());
+        let mut u = Uring::new().unwrap();
+        u.set_features(Features {
+            defer_taskrun: native.defer_taskrun,
+            ..Features::default()
+        });
         let (events, stale) = switch_rounds(&mut u, 20);
         assert!(
             events >= 20,
@@ -420,5 +538,45 @@ mod tests {
             stale >= 20,
             "fallback reaps the replaced polls' ends: {stale}"
         );
+    }
+
+    /// A poll whose wake-up is still being processed refuses to be removed (-EALREADY); the
+    /// removal is made again, so the socket we closed really closes: the poll holds a
+    /// reference to it until removed.
+    #[test]
+    fn a_busy_poll_is_still_removed_and_the_socket_closes() {
+        let Ok(mut u) = Uring::new() else {
+            return;
+        };
+        let mut out = Vec::new();
+        u.wait(&mut out, Some(Duration::ZERO)).unwrap();
+        let mut retried = 0;
+        for round in 0..20 {
+            let (ours, mut peer) = UnixStream::pair().unwrap();
+            ours.set_nonblocking(true).unwrap();
+            u.add(ours.as_raw_fd(), round, Interest::ReadWrite).unwrap();
+            u.wait(&mut out, Some(Duration::from_millis(100))).unwrap();
+            // A wake-up (write space after the peer's read) not yet reaped, then the removal.
+            (&ours).write_all(b"call").unwrap();
+            let mut b = [0u8; 4];
+            peer.read_exact(&mut b).unwrap();
+            let before = u.retried_requests();
+            u.remove(round);
+            drop(ours);
+            for _ in 0..3 {
+                u.wait(&mut out, Some(Duration::from_millis(10))).unwrap();
+            }
+            retried += u.retried_requests() - before;
+            peer.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            assert_eq!(
+                peer.read(&mut b).unwrap(),
+                0,
+                "round {round}: the peer sees EOF"
+            );
+        }
+        // With deferred task work the wake-up is pending at every removal.
+        if u.features().defer_taskrun {
+            assert!(retried >= 20, "{retried}");
+        }
     }
 }

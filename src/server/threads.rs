@@ -46,7 +46,7 @@ impl Threads {
         tracing::info!(
             workers = workers.len(),
             backend = backend_name,
-            interest_switch = backend_path,
+            path = %backend_path,
             since_quiesce_began_ms = opts
                 .resumed
                 .as_ref()
@@ -141,9 +141,9 @@ fn offload_links<T>(
 fn start_workers(
     opts: &ServerOpts,
     nworkers: usize,
-) -> io::Result<(Vec<WorkerHandle>, (&'static str, &'static str))> {
+) -> io::Result<(Vec<WorkerHandle>, (&'static str, String))> {
     let mut workers = Vec::with_capacity(opts.workers);
-    let mut backend_name = ("", "");
+    let mut backend_name = ("", String::new());
     let wakers = (0..nworkers)
         .map(|_| eventfd())
         .collect::<io::Result<Vec<_>>>()?;
